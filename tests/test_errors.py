@@ -1,0 +1,98 @@
+"""Bad input gets a clear error naming what was received and what is valid, before any forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_latentspaces as tll
+from tl_latentspaces import hook_counts
+
+
+def test_empty_prompt(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        tll.logit_lens(tiny, "")
+    with pytest.raises(ValueError, match="empty"):
+        tll.logit_lens(tiny, ["fine", "   "])
+    with pytest.raises(ValueError, match="empty"):
+        tll.logit_lens(tiny, torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_input_longer_than_context(tiny):
+    n_ctx = tiny.cfg.n_ctx
+    with pytest.raises(ValueError, match=f"{n_ctx + 1} tokens long.*n_ctx={n_ctx}"):
+        tll.logit_lens(tiny, torch.zeros(1, n_ctx + 1, dtype=torch.long))
+
+
+def test_token_ids_outside_vocabulary(tiny):
+    with pytest.raises(ValueError, match=r"\[0, 100\).*100"):
+        tll.logit_lens(tiny, torch.tensor([[1, 100]]))
+
+
+def test_unknown_layer_or_site(tiny, tokens):
+    with pytest.raises(ValueError, match="out of range.*0_pre"):
+        tll.logit_lens(tiny, tokens, layers=[17])
+    with pytest.raises(ValueError, match="unknown stack entry '9_mid'"):
+        tll.logit_lens(tiny, tokens, layers=["9_mid"])
+    with pytest.raises(ValueError, match="unknown residual site 'resid_middle'"):
+        tll.ModelAccess(tiny).site_name(0, "resid_middle")
+
+
+def test_position_out_of_range(tiny, tokens):
+    with pytest.raises(ValueError, match="position 9 is out of range.*9 tokens"):
+        tll.logit_lens(tiny, tokens, pos=[0, 9])
+
+
+@pytest.mark.parametrize("k", [0, 101, -1, 2.5, True])
+def test_top_k_out_of_range(tiny, tokens, k):
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 100\]"):
+        tll.logit_lens(tiny, tokens, top_k=k)
+
+
+def test_bad_targets(tiny, tokens):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tll.logit_lens(tiny, tokens, targets=[3, 1000])
+    with pytest.raises(ValueError, match="target tensor must be"):
+        tll.logit_lens(tiny, tokens, targets=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokenizer"):
+        tll.logit_lens(tiny, tokens, targets=" Paris")  # tiny models have no tokenizer
+
+
+def test_training_mode_is_refused(tiny, tokens):
+    tiny.train()
+    with pytest.raises(ValueError, match="training mode.*model.eval()"):
+        tll.logit_lens(tiny, tokens)
+
+
+def test_not_a_transformer_lens_model(tokens):
+    with pytest.raises(TypeError, match="expected a TransformerLens model.*torch.nn.modules.linear.Linear"):
+        tll.logit_lens(torch.nn.Linear(2, 2), tokens)
+
+
+def test_nan_in_residual_names_the_layer(tiny, tokens):
+    def poison(act, hook=None):
+        act = act.clone()
+        act[0, 3, 0] = float("nan")
+        return act
+
+    tiny.add_hook("blocks.1.hook_resid_post", poison)
+    before = hook_counts(tiny)
+    with pytest.raises(ValueError, match=r"NaN or inf at 2_pre \(blocks.2.hook_resid_pre\)"):
+        tll.logit_lens(tiny, tokens)
+    assert hook_counts(tiny) == before
+
+
+def test_cache_without_residuals(tiny, tokens):
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with pytest.raises(ValueError, match="cache has no activation 'blocks.2.hook_resid_post'"):
+        tll.logit_lens(tiny, tokens, cache=cache)
+    with pytest.raises(ValueError, match="input the cache was made from"):
+        tll.logit_lens(tiny, tokens[:, :5], cache=cache, layers=[0])
+
+
+def test_bad_lens_and_temperature(tiny, tokens):
+    with pytest.raises(ValueError, match="unknown lens 'tuned'"):
+        tll.read_lenses(tiny, tokens, lenses=("tuned",))
+    with pytest.raises(ValueError, match="temperature must be a positive"):
+        tll.embedding_lens(tiny, tokens, temperature=0)

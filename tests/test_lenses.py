@@ -1,0 +1,145 @@
+"""Logit and embedding lens readouts checked against the model's own outputs and direct formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_latentspaces as tll
+from tl_latentspaces.model import ModelAccess
+
+
+def _reference_logits(model, resid: torch.Tensor) -> torch.Tensor:
+    """The model's own final norm module + unembedding, in float64 (independent of our norm)."""
+    with torch.no_grad():
+        normed = model.ln_final(resid)
+        return (normed.double() @ model.W_U.double() + model.b_U.double())
+
+
+def _residuals(model, tokens):
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return logits, torch.stack([cache[n] for n in names])
+
+
+def test_final_entry_reproduces_model_log_probs(tiny, tokens):
+    everything = torch.arange(100).expand(*tokens.shape, 100)
+    r = tll.logit_lens(tiny, tokens, top_k=5, targets=everything)
+    with torch.no_grad():
+        log_probs = tiny(tokens).log_softmax(-1)
+    assert r.labels[-1] == "final_post"
+    torch.testing.assert_close(r.target_probs[-1].log(), log_probs, atol=1e-4, rtol=0)
+    assert r.kl_to_final[-1].abs().max() < 1e-5
+    top = log_probs.topk(5, dim=-1)
+    assert torch.equal(r.top_ids[-1], top.indices)
+    torch.testing.assert_close(r.top_probs[-1], top.values.exp(), atol=1e-5, rtol=0)
+    assert torch.equal(r.final_top1, log_probs.argmax(-1))
+    assert bool(r.agrees_with_final[-1].all())
+
+
+def test_every_entry_matches_direct_formulas(tiny, tokens):
+    logits, stack = _residuals(tiny, tokens)
+    r = tll.logit_lens(tiny, tokens, top_k=4, targets=[3, 17])
+    p_final = torch.softmax(logits.double(), -1)
+    for e in range(stack.shape[0]):
+        z = _reference_logits(tiny, stack[e])
+        logp = torch.log_softmax(z, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        kl = (p_final * (torch.log(p_final) - logp)).sum(-1)
+        torch.testing.assert_close(r.entropy[e].double(), entropy, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(r.kl_to_final[e].double(), kl.clamp_min(0), atol=2e-5, rtol=1e-5)
+        top = z.topk(4, -1)
+        assert torch.equal(r.top_ids[e], top.indices)
+        torch.testing.assert_close(r.top_scores[e].double(), top.values, atol=1e-4, rtol=1e-5)
+        for t, tid in enumerate([3, 17]):
+            torch.testing.assert_close(r.target_probs[e, ..., t].double(), logp[..., tid].exp(), atol=1e-6, rtol=1e-4)
+            rank = (z > z[..., tid : tid + 1]).sum(-1)
+            assert torch.equal(r.target_ranks[e, ..., t], rank)
+
+
+def test_embedding_lens_matches_cosine_reference(tiny, tokens):
+    _, stack = _residuals(tiny, tokens)
+    r = tll.embedding_lens(tiny, tokens, top_k=3)
+    W_E = tiny.W_E.detach().double()
+    for e in range(stack.shape[0]):
+        cos = torch.nn.functional.cosine_similarity(stack[e].double().unsqueeze(-2), W_E, dim=-1)
+        top = cos.topk(3, -1)
+        assert torch.equal(r.top_ids[e], top.indices)
+        torch.testing.assert_close(r.top_scores[e].double(), top.values, atol=1e-5, rtol=0)
+        own = cos.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(r.own_scores[e].double(), own, atol=1e-5, rtol=0)
+        assert torch.equal(r.own_ranks[e], (cos > own.unsqueeze(-1)).sum(-1))
+        # probabilities are softmax(cos * sqrt(d_model)) at temperature 1
+        logp = torch.log_softmax(cos * tiny.cfg.d_model**0.5, -1)
+        torch.testing.assert_close(r.entropy[e].double(), -(logp.exp() * logp).sum(-1), atol=2e-5, rtol=1e-5)
+
+
+def test_embedding_lens_own_token_at_layer_0_without_positional_embedding():
+    """On a rotary model resid_pre of layer 0 *is* the token embedding: cosine 1, rank 0."""
+    from conftest import FLAVOURS
+
+    name, build = next((n, b) for n, b in FLAVOURS if "llama" in n and "compat" not in n)
+    model = build()
+    toks = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    r = tll.embedding_lens(model, toks, layers=["0_pre"])
+    torch.testing.assert_close(r.own_scores[0], torch.ones(1, 12), atol=1e-5, rtol=0)
+    # rank 0 up to exact duplicates of the embedding, which random init does not produce
+    assert int(r.own_ranks.max()) == 0
+
+
+def test_cache_path_equals_hook_path(tiny, tokens):
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens)
+    a = tll.read_lenses(tiny, tokens, cache=cache, targets=[5])
+    b = tll.read_lenses(tiny, tokens, targets=[5])
+    for name in ("logit", "embedding"):
+        torch.testing.assert_close(a[name].kl_to_final, b[name].kl_to_final, atol=1e-6, rtol=0)
+        assert torch.equal(a[name].top_ids, b[name].top_ids)
+
+
+def test_layer_and_position_selection(tiny, tokens):
+    full = tll.logit_lens(tiny, tokens)
+    part = tll.logit_lens(tiny, tokens, layers=[1, "final_post"], pos=[0, -1])
+    assert part.labels == ["1_pre", "final_post"]
+    assert part.positions == [0, tokens.shape[1] - 1]
+    torch.testing.assert_close(part.kl_to_final, full.kl_to_final[[1, -1]][:, :, [0, -1]], atol=1e-6, rtol=0)
+    mid = tll.logit_lens(tiny, tokens, incl_mid=True)
+    assert mid.labels[:3] == ["0_pre", "0_mid", "1_pre"]
+
+
+def test_chunking_does_not_change_results(tiny, tokens):
+    a = tll.read_lenses(tiny, tokens, chunk_rows=1, targets=[1, 2])
+    b = tll.read_lenses(tiny, tokens, chunk_rows=1000, targets=[1, 2])
+    for name in a:
+        # float32 matmuls blocked differently round differently; KL is a difference of O(1) terms
+        torch.testing.assert_close(a[name].entropy, b[name].entropy, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[name].kl_to_final, b[name].kl_to_final, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a[name].target_ranks, b[name].target_ranks)
+
+
+def test_results_dataframes_and_summary(tiny, tokens):
+    r = tll.logit_lens(tiny, tokens, targets=[4])
+    df = r.to_dataframe()
+    E, B, P = r.entropy.shape
+    assert len(df) == E * B * P
+    assert set(["label", "pos", "token", "top1", "kl_to_final", "target0_prob"]) <= set(df.columns)
+    row = df[(df.label == "1_pre") & (df.batch == 1) & (df.pos == 3)].iloc[0]
+    assert row.kl_to_final == pytest.approx(float(r.kl_to_final[1, 1, 3]))
+    summary = r.summary()
+    assert list(summary.index) == r.labels
+    assert summary.loc["final_post", "top1_agreement"] == 1.0
+    assert summary.loc["1_pre", "kl_to_final"] == pytest.approx(float(r.kl_to_final[1].mean()), rel=1e-5)
+
+
+def test_half_precision_is_read_in_float32(tokens):
+    from conftest import FLAVOURS
+
+    _, build = FLAVOURS[0]
+    model = build().to(torch.bfloat16)
+    r = tll.logit_lens(model, tokens)
+    assert r.top_probs.dtype == torch.float32 and r.entropy.dtype == torch.float32
+    with torch.no_grad():
+        lp = model(tokens).float().log_softmax(-1)
+    torch.testing.assert_close(r.top_probs[-1, ..., 0], lp.max(-1).values.exp(), atol=2e-2, rtol=0)

@@ -1,0 +1,523 @@
+"""Lenses and the calls that read a model through them.
+
+A lens maps a residual vector to vocabulary scores:
+
+* :class:`LogitLens`: the model's own readout, ``ln_final(x) @ W_U + b_U``, with the final norm
+  applied exactly as the model applies it;
+* :class:`EmbeddingLens`: the residual against the *input* embedding ``W_E``: cosine similarity
+  with every token's embedding. Its distribution is ``softmax(cos * sqrt(d_model) / T)``: a random
+  direction has cosine of standard deviation ``1/sqrt(d_model)`` with any embedding, so the scores
+  are cosines in units of chance and the default temperature ``T = 1`` gives a distribution that
+  is flat for noise and sharp for a vector that sits on one token's embedding.
+
+Data flows one way: model + input -> residual stack (from hooks or a cache) -> lens ->
+:mod:`~tl_latentspaces.readout` -> :class:`~tl_latentspaces.results.LensResult`.
+
+Example:
+    >>> import tl_latentspaces as tll
+    >>> model = tll.load_default_model()  # doctest: +SKIP
+    >>> result = tll.logit_lens(model, "The Eiffel Tower is in the city of", top_k=5)  # doctest: +SKIP
+    >>> result.top_tokens()[-1][0][-1]  # doctest: +SKIP
+    ' Paris'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from tl_latentspaces.hooks import HookSession, ResidualCollector
+from tl_latentspaces.model import ModelAccess, Tokens
+from tl_latentspaces.readout import Lens, final_distribution, stream_readout
+from tl_latentspaces.results import LensResult
+
+__all__ = [
+    "LogitLens",
+    "EmbeddingLens",
+    "logit_lens",
+    "embedding_lens",
+    "read_lenses",
+    "LensSession",
+    "lens_session",
+]
+
+Input = Union[str, Sequence[str], torch.Tensor]
+Targets = Union[str, int, Sequence[Union[str, int]], torch.Tensor, None]
+Positions = Union[int, slice, Sequence[int], None]
+LayerSel = Union[Sequence[Union[int, str]], None]
+
+DEFAULT_CHUNK_ROWS = 256
+
+
+class LogitLens:
+    """``ln_final(x) @ W_U + b_U``: the model's own readout applied to any residual vector.
+
+    Args:
+        access: The model.
+    """
+
+    name = "logit"
+    score_scale = 1.0
+
+    def __init__(self, access: ModelAccess):
+        self.access = access
+        self.weight = access.W_U.detach().to(torch.float32)
+        b = access.b_U.detach().to(torch.float32)
+        # A zero bias costs a full pass per chunk; skip it.
+        self.bias = None if not bool(b.any()) else b
+
+    def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
+        return self.access.final_norm(x)
+
+
+class EmbeddingLens:
+    """Cosine similarity of the residual with every token's input embedding (``W_E`` rows).
+
+    Args:
+        access: The model.
+        temperature: Divides the chance-scaled cosines ``cos * sqrt(d_model)`` before the
+            softmax that defines the lens's probabilities. Scores reported as ``top_scores`` are
+            the plain cosines whatever the temperature.
+    """
+
+    name = "embedding"
+
+    def __init__(self, access: ModelAccess, temperature: float = 1.0):
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+        W_E = access.W_E.detach().to(torch.float32)
+        norms = W_E.norm(dim=-1, keepdim=True)
+        # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
+        self.weight = (W_E / norms.clamp_min(1e-12)).T.contiguous()
+        self.bias = None
+        self.score_scale = math.sqrt(access.d_model) / float(temperature)
+
+    def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.score_scale
+
+
+# ---------------------------------------------------------------------- argument checks
+def _check_top_k(top_k: Any, d_vocab: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+        raise ValueError(f"top_k must be an int in [1, {d_vocab}], got {top_k!r}.")
+    return top_k
+
+
+def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
+    if layers is None:
+        return list(range(len(all_labels)))
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    out = []
+    for item in layers:
+        if isinstance(item, str):
+            if item not in all_labels:
+                raise ValueError(f"unknown stack entry {item!r}; valid labels are {all_labels}.")
+            out.append(all_labels.index(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            idx = item + len(all_labels) if item < 0 else item
+            if not 0 <= idx < len(all_labels):
+                raise ValueError(
+                    f"layer {item} is out of range for the stack of {len(all_labels)} entries "
+                    f"(valid: -{len(all_labels)}..{len(all_labels) - 1}, or a label from {all_labels})."
+                )
+            out.append(idx)
+        else:
+            raise ValueError(f"layers must hold ints or stack labels, got {item!r}.")
+    return out
+
+
+def _select_positions(pos: Positions, seq_len: int) -> list[int]:
+    if pos is None:
+        return list(range(seq_len))
+    if isinstance(pos, slice):
+        out = list(range(seq_len))[pos]
+        if not out:
+            raise ValueError(f"position slice {pos} selects nothing from a sequence of {seq_len} tokens.")
+        return out
+    items = [pos] if isinstance(pos, int) else list(pos)
+    out = []
+    for p in items:
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise ValueError(f"positions must be ints, got {p!r}.")
+        idx = p + seq_len if p < 0 else p
+        if not 0 <= idx < seq_len:
+            raise ValueError(
+                f"position {p} is out of range for an input of {seq_len} tokens "
+                f"(valid: -{seq_len}..{seq_len - 1})."
+            )
+        out.append(idx)
+    if not out:
+        raise ValueError("positions is empty; pass at least one position or None for all.")
+    return out
+
+
+def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, int]) -> Optional[torch.Tensor]:
+    """Targets as ``[batch, pos, T]`` ids: shared tokens are broadcast to every position."""
+    if targets is None:
+        return None
+    B, P = shape
+    if isinstance(targets, torch.Tensor):
+        t = targets.long()
+        if t.ndim == 2:
+            t = t.unsqueeze(-1)
+        if t.ndim != 3 or tuple(t.shape[:2]) != (B, P):
+            raise ValueError(
+                f"a target tensor must be [batch, pos] or [batch, pos, T] matching the read "
+                f"positions {(B, P)}, got shape {tuple(targets.shape)}."
+            )
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= access.d_vocab:
+            raise ValueError(f"target ids must lie in [0, {access.d_vocab}), got values in [{lo}, {hi}].")
+        return t
+    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if not items:
+        raise ValueError("targets is empty; pass a token, a list of tokens, or None.")
+    ids = torch.tensor([access.to_single_token(t) for t in items], dtype=torch.long)
+    return ids.view(1, 1, -1).expand(B, P, -1).contiguous()
+
+
+def _stack_from_cache(cache: Any, names: dict[str, str], labels: list[str], tokens: Tokens) -> torch.Tensor:
+    slabs = []
+    for label in labels:
+        name = names[label]
+        try:
+            act = cache[name]
+        except (KeyError, ValueError) as err:
+            raise ValueError(
+                f"the cache has no activation {name!r} (needed for {label}). Cache the residual "
+                f"stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."
+            ) from err
+        if act.ndim != 3 or tuple(act.shape[:2]) != tuple(tokens.ids.shape):
+            raise ValueError(
+                f"cached {name} has shape {tuple(act.shape)}, but the input tokenizes to "
+                f"{tuple(tokens.ids.shape)}; pass the input the cache was made from (mind prepend_bos)."
+            )
+        if not torch.isfinite(act).all():
+            raise ValueError(f"the residual stream holds NaN or inf at {label} ({name}) in the cache.")
+        slabs.append(act.detach())
+    return torch.stack(slabs, 0)
+
+
+# ---------------------------------------------------------------------- the shared reader
+@dataclass
+class _Plan:
+    """Everything checked before a forward pass is paid for."""
+
+    access: ModelAccess
+    tokens: Tokens
+    all_labels: list[str]
+    names: dict[str, str]
+    entries: list[int]
+    collect: list[str]
+    top_k: int
+    targets: Targets
+    pos: Positions
+    chunk_rows: int
+
+    @property
+    def final_label(self) -> str:
+        return self.all_labels[-1]
+
+
+def _plan(
+    model: Any,
+    input: Input,
+    *,
+    operation: str,
+    top_k: int,
+    targets: Targets,
+    prepend_bos: bool,
+    layers: LayerSel,
+    incl_mid: bool,
+    pos: Positions,
+    chunk_rows: int,
+) -> _Plan:
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access.require_eval(operation)
+    if not isinstance(prepend_bos, bool):
+        raise ValueError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}.")
+    if input is None:
+        raise ValueError(f"{operation} needs an input: a string, a list of strings or a token tensor.")
+    top_k = _check_top_k(top_k, access.d_vocab)
+    tokens = access.to_tokens(input, prepend_bos=prepend_bos)
+    sites = access.stack_sites(incl_mid=incl_mid)
+    all_labels = [label for label, _ in sites]
+    names = dict(sites)
+    entries = _select_entries(all_labels, layers)
+    _select_positions(pos, tokens.ids.shape[1])
+    collect = sorted(set(all_labels[i] for i in entries) | {all_labels[-1]}, key=all_labels.index)
+    # Resolve targets now so a bad target fails before the forward pass.
+    _resolve_targets(access, targets, (tokens.ids.shape[0], len(_select_positions(pos, tokens.ids.shape[1]))))
+    return _Plan(access, tokens, all_labels, names, entries, collect, top_k, targets, pos, chunk_rows)
+
+
+def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str, LensResult]:
+    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses."""
+    access, tokens = plan.access, plan.tokens
+    positions = _select_positions(plan.pos, tokens.ids.shape[1])
+    B, P = tokens.ids.shape[0], len(positions)
+    by_label = {label: i for i, label in enumerate(plan.collect)}
+    dev = access.device
+    with torch.no_grad():
+        stack = stack[:, :, positions].to(dev)
+        flat = stack.reshape(stack.shape[0], B * P, stack.shape[-1])
+        final_idx = len(plan.all_labels) - 1
+        reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None) or LogitLens(access)
+        final = final_distribution(
+            flat[by_label[plan.final_label]], reference, lenses, entry=final_idx, chunk_rows=plan.chunk_rows
+        )
+        targets = _resolve_targets(access, plan.targets, (B, P))
+        flat_targets = None if targets is None else targets.reshape(B * P, -1).to(dev)
+        own = tokens.ids[:, positions].reshape(-1).to(dev)
+        read_rows = torch.tensor([by_label[plan.all_labels[i]] for i in plan.entries])
+        sub = flat[read_rows]
+        results = {}
+        for li, lens in enumerate(lenses):
+            r = stream_readout(
+                sub,
+                lens,
+                plan.entries,
+                final,
+                li,
+                top_k=plan.top_k,
+                targets=flat_targets,
+                own_ids=own if isinstance(lens, EmbeddingLens) else None,
+                chunk_rows=plan.chunk_rows,
+            )
+            E = len(plan.entries)
+            shape3 = (E, B, P)
+            opt = lambda t, extra=(): None if t is None else t.reshape(*shape3, *extra).cpu()  # noqa: E731
+            results[lens.name] = LensResult(
+                lens=lens.name,
+                labels=[plan.all_labels[i] for i in plan.entries],
+                tokens=tokens.ids.cpu(),
+                positions=positions,
+                mask=tokens.mask[:, positions].cpu(),
+                top_ids=r.top_ids.reshape(*shape3, -1).cpu(),
+                top_probs=r.top_probs.reshape(*shape3, -1).cpu(),
+                top_scores=r.top_scores.reshape(*shape3, -1).cpu(),
+                entropy=r.entropy.reshape(shape3).cpu(),
+                kl_to_final=r.kl_to_final.reshape(shape3).cpu(),
+                final_top1=final.top1.reshape(B, P).cpu(),
+                target_ids=None if targets is None else targets.cpu(),
+                target_probs=opt(r.target_probs, (-1,)),
+                target_ranks=opt(r.target_ranks, (-1,)),
+                own_scores=opt(r.own_scores),
+                own_ranks=opt(r.own_ranks),
+                model_name=access.name,
+                decode=access.decoder(),
+            )
+    return results
+
+
+def _build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float) -> list[Lens]:
+    built: list[Lens] = []
+    for lens in lenses:
+        if lens == "logit":
+            built.append(LogitLens(access))
+        elif lens == "embedding":
+            built.append(EmbeddingLens(access, temperature=temperature))
+        elif hasattr(lens, "bind") and callable(lens.bind):
+            built.append(lens.bind(access))  # a TunedLens binds itself to this model
+        else:
+            raise ValueError(
+                f"unknown lens {lens!r}; pass 'logit', 'embedding' or a tl_latentspaces.TunedLens."
+            )
+    names = [lens.name for lens in built]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each lens can be read once per call; got {names}.")
+    return built
+
+
+def _collect(plan: _Plan, cache: Any) -> torch.Tensor:
+    if cache is not None:
+        return _stack_from_cache(cache, plan.names, plan.collect, plan.tokens)
+    with HookSession(plan.access) as session:
+        collector = ResidualCollector(session, {label: plan.names[label] for label in plan.collect})
+        with torch.no_grad():
+            plan.access.forward(plan.tokens.ids)
+    return collector.stack(plan.collect)
+
+
+def read_lenses(
+    model: Any,
+    input: Input,
+    *,
+    lenses: Sequence[Any] = ("logit", "embedding"),
+    top_k: int = 5,
+    targets: Targets = None,
+    prepend_bos: bool = True,
+    cache: Any = None,
+    layers: LayerSel = None,
+    incl_mid: bool = False,
+    pos: Positions = None,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, LensResult]:
+    """Read several lenses from one forward pass (or one cache): ``{lens name: LensResult}``.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        input: A string, a list of strings (right-padded) or a ``[batch, pos]`` token tensor.
+        lenses: Any of ``"logit"``, ``"embedding"`` and :class:`~tl_latentspaces.TunedLens` objects.
+        top_k: Top tokens kept per cell.
+        targets: Tokens whose probability and rank to report: a token string (one token), an
+            id, a list of them (shared by every position), or a ``[batch, pos(, T)]`` id tensor.
+        prepend_bos: Prepend the BOS token to string inputs (ignored for token tensors).
+        cache: An ``ActivationCache`` holding the residual stream of ``input``; no forward pass
+            is run then.
+        layers: Stack entries to read (indices, negative allowed, or labels like ``"5_pre"``).
+        incl_mid: Also read every layer's ``resid_mid``.
+        pos: Positions to read (an int, a slice, a list), default all.
+        temperature: The embedding lens's softmax temperature.
+        chunk_rows: Rows per ``[rows, d_vocab]`` score matrix.
+
+    The forward pass is the model's own: hooks the user registered fire, so an ablation before
+    layer ``l`` changes what the lens reads from layer ``l + 1`` on. The lens's capture hooks are
+    removed afterwards, exactly, even on error.
+    """
+    plan = _plan(
+        model, input, operation="read_lenses", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+        layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
+    )
+    built = _build_lenses(plan.access, lenses, temperature)
+    return _read(plan, _collect(plan, cache), built)
+
+
+def logit_lens(
+    model: Any,
+    input: Input,
+    *,
+    top_k: int = 5,
+    targets: Targets = None,
+    prepend_bos: bool = True,
+    cache: Any = None,
+    layers: LayerSel = None,
+    incl_mid: bool = False,
+    pos: Positions = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> LensResult:
+    """Read every residual-stack entry through the final norm and unembedding.
+
+    Arguments as in :func:`read_lenses`. The ``final_post`` entry reproduces the model's own
+    log-probabilities, and its KL to final is 0.
+
+    Example:
+        >>> r = logit_lens(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
+        >>> r.summary()  # doctest: +SKIP
+    """
+    return read_lenses(
+        model, input, lenses=("logit",), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+        cache=cache, layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
+    )["logit"]
+
+
+def embedding_lens(
+    model: Any,
+    input: Input,
+    *,
+    top_k: int = 5,
+    targets: Targets = None,
+    prepend_bos: bool = True,
+    cache: Any = None,
+    layers: LayerSel = None,
+    incl_mid: bool = False,
+    pos: Positions = None,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> LensResult:
+    """Compare every residual-stack entry with the input embedding matrix ``W_E``.
+
+    The top-k are the nearest tokens by cosine (``top_scores`` holds the cosines); ``own_scores``
+    and ``own_ranks`` give, for every position, the cosine to and rank of its own input token's
+    embedding: how far the latent vector has drifted from where it started. KL to final compares
+    the model's final distribution with the lens's ``softmax(cos * sqrt(d_model) / temperature)``.
+    Other arguments as in :func:`read_lenses`.
+    """
+    return read_lenses(
+        model, input, lenses=("embedding",), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+        cache=cache, layers=layers, incl_mid=incl_mid, pos=pos, temperature=temperature,
+        chunk_rows=chunk_rows,
+    )["embedding"]
+
+
+class LensSession:
+    """Lenses attached to a live model as hooks, read from a forward pass the user runs.
+
+    Use :func:`lens_session`. Inside the ``with`` block run the model on ``session.tokens`` in any
+    way (``model(...)``, with your own hooks registered, ``run_with_hooks`` on other hook points);
+    on leaving the block the lens hooks are removed, exactly, and ``session.results`` holds
+    ``{lens name: LensResult}`` for the last forward pass. On an exception inside the block the
+    hooks are removed and no result is computed.
+    """
+
+    def __init__(self, plan: _Plan, lenses: list[Lens]):
+        self._plan = plan
+        self._lenses = lenses
+        self._session: Optional[HookSession] = None
+        self._collector: Optional[ResidualCollector] = None
+        self.results: dict[str, LensResult] = {}
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The token ids to run the model on (BOS handled as requested)."""
+        return self._plan.tokens.ids
+
+    def __enter__(self) -> "LensSession":
+        self._session = HookSession(self._plan.access)
+        try:
+            self._collector = ResidualCollector(
+                self._session, {label: self._plan.names[label] for label in self._plan.collect}
+            )
+        except BaseException:
+            self._session.remove()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self._session is not None and self._collector is not None
+        self._session.remove()
+        if exc_type is None:
+            stack = self._collector.stack(self._plan.collect)
+            if tuple(stack.shape[1:3]) != tuple(self._plan.tokens.ids.shape):
+                raise ValueError(
+                    f"the forward pass inside the session ran on input of shape "
+                    f"{tuple(stack.shape[1:3])}, not session.tokens {tuple(self._plan.tokens.ids.shape)}."
+                )
+            self.results = _read(self._plan, stack, self._lenses)
+
+
+def lens_session(
+    model: Any,
+    input: Input,
+    *,
+    lenses: Sequence[Any] = ("logit",),
+    top_k: int = 5,
+    targets: Targets = None,
+    prepend_bos: bool = True,
+    layers: LayerSel = None,
+    incl_mid: bool = False,
+    pos: Positions = None,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> LensSession:
+    """Attach lenses to ``model`` as hooks for a forward pass the caller runs.
+
+    Example:
+        >>> with lens_session(model, "The Eiffel Tower is in", lenses=("logit", "embedding")) as s:  # doctest: +SKIP
+        ...     model.run_with_hooks(s.tokens, fwd_hooks=[("blocks.3.hook_attn_out", ablate)])
+        >>> s.results["logit"].summary()  # doctest: +SKIP
+
+    Arguments as in :func:`read_lenses`.
+    """
+    plan = _plan(
+        model, input, operation="lens_session", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+        layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
+    )
+    return LensSession(plan, _build_lenses(plan.access, lenses, temperature))

@@ -1,0 +1,434 @@
+"""Model access: the one module that knows `HookedTransformer` from `TransformerBridge`.
+
+Everything else in the package reads a model through :class:`ModelAccess`, so no other module
+branches on the TransformerLens version. It gives:
+
+* the residual-stream sites as hook names (``resid_pre`` of every layer, ``resid_mid``,
+  ``resid_post``; the final pre-norm stream is the last layer's ``resid_post``) and their
+  TransformerLens stack labels (``"0_pre"`` ... ``"final_post"``);
+* the weights ``W_E``, ``W_pos`` (where there is one), ``W_U``, ``b_U``;
+* the final normalization applied exactly as the model applies it, weights included, in float32
+  and without firing any hook the user placed on ``ln_final``;
+* tokenization with explicit BOS handling, identical on every TransformerLens line.
+
+Example:
+    >>> from tl_latentspaces.model import ModelAccess
+    >>> access = ModelAccess(model)  # doctest: +SKIP
+    >>> access.stack_sites()[:2]  # doctest: +SKIP
+    [('0_pre', 'blocks.0.hook_resid_pre'), ('1_pre', 'blocks.1.hook_resid_pre')]
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+
+__all__ = [
+    "ModelAccess",
+    "Tokens",
+    "transformer_lens_version",
+    "SITES",
+]
+
+#: Residual-stream sites a lens can read, as TransformerLens names them.
+SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def transformer_lens_version() -> tuple[int, ...]:
+    """The installed TransformerLens version as a tuple of ints (there is no ``__version__``)."""
+    try:
+        raw = version("transformer-lens")
+    except PackageNotFoundError:  # pragma: no cover - the package is a hard dependency
+        raw = version("transformer_lens")
+    parts = []
+    for piece in raw.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _hooked_transformer_class() -> Optional[type]:
+    # TransformerLens 4.x raises ImportError on this import; 2.x and 3.x have it.
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def _bridge_class() -> Optional[type]:
+    # 2.x has no bridge at all.
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A tokenized batch: right-padded ids and the mask of real (non-pad) positions.
+
+    Attributes:
+        ids: ``[batch, pos]`` token ids, right-padded.
+        mask: ``[batch, pos]`` bool, True where the position holds a real token.
+        prepend_bos: Whether a BOS token was prepended to each sequence.
+    """
+
+    ids: Int[torch.Tensor, "batch pos"]
+    mask: torch.Tensor
+    prepend_bos: bool
+
+
+class ModelAccess:
+    """A read-only view of a TransformerLens model that hides the version differences.
+
+    Args:
+        model: A ``HookedTransformer`` (TransformerLens 2.x/3.x) or a ``TransformerBridge``
+            (3.x/4.x), raw or in compatibility mode.
+
+    Raises:
+        TypeError: If ``model`` is neither kind.
+    """
+
+    def __init__(self, model: Any):
+        ht_cls, bridge_cls = _hooked_transformer_class(), _bridge_class()
+        if bridge_cls is not None and isinstance(model, bridge_cls):
+            self.kind = "bridge"
+        elif ht_cls is not None and isinstance(model, ht_cls):
+            self.kind = "hooked"
+        else:
+            known = [c.__name__ for c in (ht_cls, bridge_cls) if c is not None]
+            raise TypeError(
+                f"expected a TransformerLens model ({' or '.join(known)}), got "
+                f"{type(model).__module__}.{type(model).__name__}. Load one with "
+                "tl_latentspaces.load_default_model(), TransformerBridge.boot_transformers(...) "
+                "or HookedTransformer.from_pretrained(...)."
+            )
+        self.model = model
+        self.cfg = model.cfg
+
+    # ------------------------------------------------------------------ sizes and state
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.W_U.shape[1])
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.cfg, "model_name", None) or type(self.model).__name__)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_U.dtype
+
+    @property
+    def compatibility_mode(self) -> bool:
+        return bool(getattr(self.model, "compatibility_mode", False))
+
+    def require_eval(self, operation: str) -> None:
+        """Refuse a model in training mode: dropout would make every readout random."""
+        if self.model.training:
+            raise ValueError(
+                f"{operation} needs the model in eval mode, but it is in training mode "
+                "(dropout would change every readout). Call model.eval() first."
+            )
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.model.W_E
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        return self.model.W_U
+
+    @property
+    def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
+        b = getattr(self.model, "b_U", None)
+        if b is None:
+            return torch.zeros(self.W_U.shape[1], dtype=self.W_U.dtype, device=self.W_U.device)
+        return b
+
+    @property
+    def W_pos(self) -> Optional[Float[torch.Tensor, "n_ctx d_model"]]:
+        """The learned positional embedding, or None (rotary models, the 3.9 bridge's alias)."""
+        if getattr(self.cfg, "positional_embedding_type", "standard") != "standard":
+            return None
+        pos_embed = getattr(self.model, "pos_embed", None)
+        for owner in (pos_embed, self.model):
+            if owner is None:
+                continue
+            try:
+                w = getattr(owner, "W_pos")
+            except (AttributeError, RuntimeError, NotImplementedError):
+                continue
+            if isinstance(w, torch.Tensor):
+                return w
+        return None
+
+    def unembedding_fingerprint(self) -> str:
+        """A short hash of ``W_U`` and ``b_U``: identifies the readout a saved lens was fitted for."""
+        h = hashlib.sha256()
+        for t in (self.W_U, self.b_U):
+            data = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(data.shape)).encode())
+            h.update(data.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ hook sites
+    @cached_property
+    def hook_dict(self) -> dict[str, Any]:
+        return dict(self.model.hook_dict)
+
+    def site_name(self, layer: int, site: str) -> str:
+        """The TransformerLens hook name of ``site`` at ``layer`` (``blocks.{layer}.hook_{site}``)."""
+        if site not in SITES:
+            raise ValueError(f"unknown residual site {site!r}; valid sites are {list(SITES)}.")
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer {layer!r} is out of range: this model has layers 0..{self.n_layers - 1}."
+            )
+        return f"blocks.{layer}.hook_{site}"
+
+    def stack_sites(self, incl_mid: bool = False) -> list[tuple[str, str]]:
+        """The accumulated residual stack as ``(label, hook_name)`` pairs, TransformerLens order.
+
+        Labels follow ``ActivationCache.accumulated_resid``: ``"{l}_pre"`` (and ``"{l}_mid"``) for
+        every layer, then ``"final_post"`` for the last layer's ``resid_post`` (the stream the
+        final norm reads).
+        """
+        out = []
+        for layer in range(self.n_layers):
+            out.append((f"{layer}_pre", self.site_name(layer, "resid_pre")))
+            if incl_mid:
+                out.append((f"{layer}_mid", self.site_name(layer, "resid_mid")))
+        out.append(("final_post", self.site_name(self.n_layers - 1, "resid_post")))
+        return out
+
+    def hook_point(self, name: str) -> Any:
+        """The ``HookPoint`` called ``name``; an unknown name is an error listing close matches."""
+        hp = self.hook_dict.get(name)
+        if hp is None:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.6)
+            hint = f" Did you mean one of {close}?" if close else ""
+            raise ValueError(
+                f"this model has no hook point named {name!r}.{hint} "
+                f"Valid names are listed by model.hook_dict ({len(self.hook_dict)} entries)."
+            )
+        return hp
+
+    # ------------------------------------------------------------------ final norm
+    @cached_property
+    def _final_norm_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        norm_type = getattr(self.cfg, "normalization_type", None)
+        ln_final = getattr(self.model, "ln_final", None)
+        if self.kind == "bridge":
+            # The wrapped Hugging Face / native module is what the model runs; it carries no
+            # HookPoints, so calling it fires none of the user's hooks. A float32 copy reads
+            # half-precision models in float32.
+            original = getattr(ln_final, "_original_component", None) or getattr(
+                ln_final, "original_component", None
+            )
+            if original is None:
+                if norm_type is None or ln_final is None:
+                    return lambda x: x
+                raise ValueError(
+                    f"cannot apply the final norm of {self.name}: ln_final is "
+                    f"{type(ln_final).__name__} without an original component."
+                )
+            module = copy.deepcopy(original).to(torch.float32)
+            module.requires_grad_(False)
+            return module
+        # HookedTransformer: recompute the norm from its parameters instead of calling the
+        # module, whose hook_scale / hook_normalized would fire the user's hooks.
+        eps = float(getattr(self.cfg, "eps", 1e-5))
+        if norm_type is None or ln_final is None:
+            return lambda x: x
+        w = getattr(ln_final, "w", None)
+        b = getattr(ln_final, "b", None)
+        w = None if w is None else w.detach().to(torch.float32)
+        b = None if b is None else b.detach().to(torch.float32)
+        if norm_type in ("LN", "LNPre"):
+
+            def layer_norm(x: torch.Tensor) -> torch.Tensor:
+                x = x - x.mean(-1, keepdim=True)
+                x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+                if w is not None:
+                    x = x * w.to(x.device)
+                if b is not None:
+                    x = x + b.to(x.device)
+                return x
+
+            return layer_norm
+        if norm_type in ("RMS", "RMSPre"):
+
+            def rms_norm(x: torch.Tensor) -> torch.Tensor:
+                x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+                if w is not None:
+                    x = x * w.to(x.device)
+                return x
+
+            return rms_norm
+        raise ValueError(
+            f"cannot apply normalization_type={norm_type!r} of {self.name}; supported: "
+            "LN, LNPre, RMS, RMSPre or None."
+        )
+
+    def final_norm(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"]:
+        """Apply the model's final normalization (weights included) to ``x`` in float32."""
+        return self._final_norm_fn(x.to(torch.float32))
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.model, "tokenizer", None)
+
+    def _require_tokenizer(self, what: str) -> Any:
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError(
+                f"{what} needs a tokenizer, but this model has none (model.tokenizer is None). "
+                "Pass token ids as a [batch, pos] LongTensor instead."
+            )
+        return tok
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        if bos is None:
+            bos = getattr(self.cfg, "bos_token_id", None)
+        return None if bos is None else int(bos)
+
+    def to_tokens(
+        self, input: Union[str, Sequence[str], torch.Tensor], *, prepend_bos: bool
+    ) -> Tokens:
+        """Tokenize ``input`` (a string, a list of strings or a ``[batch, pos]`` id tensor).
+
+        BOS handling is explicit: strings get ``bos_token_id`` prepended when ``prepend_bos`` is
+        True and never otherwise (the tokenizer's own special tokens are not added); a token
+        tensor is taken as it is. Several strings are right-padded; ``Tokens.mask`` marks the real
+        positions (right padding never changes a causal model's outputs at real positions).
+        """
+        if isinstance(input, torch.Tensor):
+            ids = input
+            if ids.ndim == 1:
+                ids = ids.unsqueeze(0)
+            if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ValueError(
+                    f"token input must be an integer tensor of shape [batch, pos], got dtype "
+                    f"{ids.dtype} and shape {tuple(input.shape)}."
+                )
+            if ids.numel() == 0:
+                raise ValueError(f"token input is empty (shape {tuple(input.shape)}); pass at least one token.")
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.d_vocab:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.d_vocab}), got values in [{lo}, {hi}]."
+                )
+            ids = ids.long()
+            tokens = Tokens(ids=ids, mask=torch.ones_like(ids, dtype=torch.bool), prepend_bos=False)
+        else:
+            texts = [input] if isinstance(input, str) else list(input)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError(
+                    f"input must be a non-empty string, a non-empty list of strings or a token "
+                    f"tensor; got {type(input).__name__} {input!r:.80}."
+                )
+            empty = [i for i, t in enumerate(texts) if not t.strip()]
+            if empty:
+                raise ValueError(
+                    f"prompt(s) at index {empty} are empty or whitespace only: there is nothing "
+                    "to read. Pass text."
+                )
+            tok = self._require_tokenizer("a string input")
+            bos = self.bos_token_id
+            if prepend_bos and bos is None:
+                raise ValueError(
+                    "prepend_bos=True but the tokenizer defines no BOS token; pass prepend_bos=False."
+                )
+            rows = []
+            for text in texts:
+                ids = list(tok(text, add_special_tokens=False)["input_ids"])
+                rows.append(([bos] if prepend_bos else []) + ids)
+            length = max(len(r) for r in rows)
+            pad = getattr(tok, "pad_token_id", None)
+            pad = int(pad) if pad is not None else (bos if bos is not None else 0)
+            ids = torch.full((len(rows), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, : len(r)] = True
+            tokens = Tokens(ids=ids, mask=mask, prepend_bos=prepend_bos)
+        if tokens.ids.shape[1] > self.n_ctx:
+            raise ValueError(
+                f"the input is {tokens.ids.shape[1]} tokens long (BOS included: "
+                f"{tokens.prepend_bos}), longer than the model's context n_ctx={self.n_ctx}. "
+                "Shorten the prompt or split it."
+            )
+        return tokens
+
+    def to_single_token(self, token: Union[str, int]) -> int:
+        """The id of ``token`` (a string that must encode to exactly one token, or an id)."""
+        if isinstance(token, bool) or not isinstance(token, (str, int)):
+            raise ValueError(f"a target must be a token string or an int id, got {token!r}.")
+        if isinstance(token, int):
+            if not 0 <= token < self.d_vocab:
+                raise ValueError(f"target id {token} is outside the vocabulary [0, {self.d_vocab}).")
+            return token
+        tok = self._require_tokenizer("a string target")
+        ids = list(tok(token, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            pieces = [self.decode_token(i) for i in ids]
+            raise ValueError(
+                f"target {token!r} encodes to {len(ids)} tokens {pieces}, not one. Pass a single "
+                "token (mind the leading space, e.g. ' Paris') or its id."
+            )
+        return int(ids[0])
+
+    def decode_token(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return f"<{int(token_id)}>"
+        return tok.decode([int(token_id)])
+
+    def decoder(self) -> Callable[[int], str]:
+        """A picklable-free id -> string function with a cache, for result objects."""
+        cache: dict[int, str] = {}
+
+        def decode(i: int) -> str:
+            i = int(i)
+            if i not in cache:
+                cache[i] = self.decode_token(i)
+            return cache[i]
+
+        return decode
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the model's own forward pass on token ids (the user's hooks fire as usual)."""
+        return self.model(ids.to(self.device))

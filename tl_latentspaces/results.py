@@ -1,0 +1,225 @@
+"""Result dataclasses: what a lens readout returns, and the difference of two readouts.
+
+Shapes use ``entry`` for the stack entries (labels ``"0_pre"`` ... ``"final_post"``), ``batch``
+and ``pos`` for the selected positions of the input, ``k`` for top-k and ``T`` for targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+__all__ = ["LensResult", "LensDiff"]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over (batch, pos) of ``[entry, batch, pos]`` values where ``mask`` is True."""
+    m = mask.to(values.dtype)
+    return (values * m).sum((1, 2)) / m.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class LensResult:
+    """One lens read at every entry of the residual stack, for one input.
+
+    Attributes:
+        lens: ``"logit"``, ``"embedding"`` or ``"tuned"``.
+        labels: Stack labels, TransformerLens style (``"0_pre"`` ... ``"final_post"``).
+        tokens: ``[batch, seq]`` input ids (all positions).
+        positions: The positions read, indices into ``seq``.
+        mask: ``[batch, pos]`` True where the read position is a real token (not padding).
+        top_ids: ``[entry, batch, pos, k]`` top-k token ids under the lens.
+        top_probs: ``[entry, batch, pos, k]`` their probabilities.
+        top_scores: ``[entry, batch, pos, k]`` their raw scores: logits for the logit and tuned
+            lenses, cosine similarity for the embedding lens.
+        entropy: ``[entry, batch, pos]`` entropy of the lens distribution (nats).
+        kl_to_final: ``[entry, batch, pos]`` KL(final || lens) in nats; 0 at ``final_post`` for
+            the logit lens.
+        final_top1: ``[batch, pos]`` the model's own top-1 prediction.
+        target_ids: ``[batch, pos, T]`` requested target ids, or None.
+        target_probs: ``[entry, batch, pos, T]`` their probabilities under the lens, or None.
+        target_ranks: ``[entry, batch, pos, T]`` their ranks (0 = top), or None.
+        own_scores: ``[entry, batch, pos]`` embedding lens only: cosine between the residual and
+            the input embedding of the position's own token.
+        own_ranks: ``[entry, batch, pos]`` embedding lens only: that token's rank by cosine.
+        model_name: The model's name.
+    """
+
+    lens: str
+    labels: list[str]
+    tokens: Int[torch.Tensor, "batch seq"]
+    positions: list[int]
+    mask: Bool[torch.Tensor, "batch pos"]
+    top_ids: Int[torch.Tensor, "entry batch pos k"]
+    top_probs: Float[torch.Tensor, "entry batch pos k"]
+    top_scores: Float[torch.Tensor, "entry batch pos k"]
+    entropy: Float[torch.Tensor, "entry batch pos"]
+    kl_to_final: Float[torch.Tensor, "entry batch pos"]
+    final_top1: Int[torch.Tensor, "batch pos"]
+    target_ids: Optional[Int[torch.Tensor, "batch pos T"]] = None
+    target_probs: Optional[Float[torch.Tensor, "entry batch pos T"]] = None
+    target_ranks: Optional[Int[torch.Tensor, "entry batch pos T"]] = None
+    own_scores: Optional[Float[torch.Tensor, "entry batch pos"]] = None
+    own_ranks: Optional[Int[torch.Tensor, "entry batch pos"]] = None
+    model_name: str = ""
+    decode: Callable[[int], str] = field(default=str, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def agrees_with_final(self) -> Bool[torch.Tensor, "entry batch pos"]:
+        """Whether the lens's top-1 equals the model's final top-1."""
+        return self.top_ids[..., 0] == self.final_top1.unsqueeze(0)
+
+    @property
+    def input_ids(self) -> Int[torch.Tensor, "batch pos"]:
+        """The token at each read position."""
+        return self.tokens[:, self.positions]
+
+    @property
+    def str_tokens(self) -> list[list[str]]:
+        """Decoded input tokens at the read positions, ``[batch][pos]``."""
+        return [[self.decode(int(i)) for i in row] for row in self.input_ids]
+
+    def top_tokens(self, rank: int = 0) -> list[list[list[str]]]:
+        """Decoded top-``rank`` tokens, ``[entry][batch][pos]``."""
+        ids = self.top_ids[..., rank]
+        return [[[self.decode(int(i)) for i in row] for row in entry] for entry in ids]
+
+    def index(self, label: str) -> int:
+        """Stack index of ``label``; an unknown label is an error listing the valid ones."""
+        if label not in self.labels:
+            raise ValueError(f"unknown stack label {label!r}; this result has {self.labels}.")
+        return self.labels.index(label)
+
+    # ------------------------------------------------------------------ summaries
+    def summary(self) -> Any:
+        """Per-entry means over real positions: entropy, KL to final, top-1 agreement, and for the
+        embedding lens the mean own-token cosine and rank. A ``pandas.DataFrame`` indexed by label.
+        """
+        import pandas as pd
+
+        cols = {
+            "entropy": _masked_mean(self.entropy, self.mask),
+            "kl_to_final": _masked_mean(self.kl_to_final, self.mask),
+            "top1_agreement": _masked_mean(self.agrees_with_final.float(), self.mask),
+        }
+        if self.own_scores is not None and self.own_ranks is not None:
+            cols["own_cosine"] = _masked_mean(self.own_scores, self.mask)
+            cols["own_rank"] = _masked_mean(self.own_ranks.float(), self.mask)
+        frame = pd.DataFrame({k: v.cpu().numpy() for k, v in cols.items()}, index=self.labels)
+        frame.index.name = "label"
+        return frame
+
+    def to_dataframe(self) -> Any:
+        """One row per (entry, batch, pos) real position: tokens, top-1, entropy, KL and the rest."""
+        import pandas as pd
+
+        E, B, P = self.entropy.shape
+        e_idx, b_idx, p_idx = torch.meshgrid(torch.arange(E), torch.arange(B), torch.arange(P), indexing="ij")
+        keep = self.mask.unsqueeze(0).expand(E, B, P).reshape(-1).cpu()
+        e_idx, b_idx, p_idx = (t.reshape(-1)[keep] for t in (e_idx, b_idx, p_idx))
+        pos = torch.tensor(self.positions)[p_idx]
+        flat = lambda t: t.reshape(E * B * P, *t.shape[3:]).cpu()[keep]  # noqa: E731
+        data: dict[str, Any] = {
+            "label": [self.labels[i] for i in e_idx.tolist()],
+            "entry": e_idx.numpy(),
+            "batch": b_idx.numpy(),
+            "pos": pos.numpy(),
+            "token": [self.decode(int(self.tokens[b, p])) for b, p in zip(b_idx.tolist(), pos.tolist())],
+            "top1": [self.decode(int(i)) for i in flat(self.top_ids[..., 0]).tolist()],
+            "top1_prob": flat(self.top_probs[..., 0]).numpy(),
+            "entropy": flat(self.entropy).numpy(),
+            "kl_to_final": flat(self.kl_to_final).numpy(),
+            "agrees_with_final": flat(self.agrees_with_final).numpy(),
+        }
+        if self.own_scores is not None and self.own_ranks is not None:
+            data["own_cosine"] = flat(self.own_scores).numpy()
+            data["own_rank"] = flat(self.own_ranks).numpy()
+        if self.target_ids is not None and self.target_probs is not None and self.target_ranks is not None:
+            for t in range(self.target_ids.shape[-1]):
+                data[f"target{t}_prob"] = flat(self.target_probs[..., t]).numpy()
+                data[f"target{t}_rank"] = flat(self.target_ranks[..., t]).numpy()
+        return pd.DataFrame(data)
+
+    # ------------------------------------------------------------------ comparison
+    def diff(self, other: "LensResult") -> "LensDiff":
+        """``other`` minus ``self`` for the same input and lens (e.g. patched minus clean)."""
+        return LensDiff.between(self, other)
+
+    def __sub__(self, other: "LensResult") -> "LensDiff":
+        return other.diff(self)
+
+
+@dataclass(frozen=True)
+class LensDiff:
+    """The difference between two readouts of the same input: ``other - base``.
+
+    Attributes:
+        base: The reference run (e.g. clean).
+        other: The compared run (e.g. patched).
+        kl_delta: ``[entry, batch, pos]`` change in KL to each run's own final distribution.
+        entropy_delta: ``[entry, batch, pos]`` change in entropy.
+        top1_changed: ``[entry, batch, pos]`` whether the lens's top-1 token changed.
+        target_prob_delta: ``[entry, batch, pos, T]`` change in target probabilities, or None.
+    """
+
+    base: LensResult
+    other: LensResult
+    kl_delta: torch.Tensor
+    entropy_delta: torch.Tensor
+    top1_changed: torch.Tensor
+    target_prob_delta: Optional[torch.Tensor]
+
+    @classmethod
+    def between(cls, base: LensResult, other: LensResult) -> "LensDiff":
+        problems = []
+        if base.lens != other.lens:
+            problems.append(f"lens {base.lens!r} vs {other.lens!r}")
+        if base.labels != other.labels:
+            problems.append(f"labels {base.labels} vs {other.labels}")
+        if base.positions != other.positions:
+            problems.append("the read positions differ")
+        if base.tokens.shape != other.tokens.shape or not torch.equal(base.tokens, other.tokens):
+            problems.append("the input tokens differ")
+        if problems:
+            raise ValueError(
+                "a difference needs two readouts of the same input with the same lens and "
+                f"entries; these differ in: {'; '.join(problems)}. Read both runs with the same call."
+            )
+        tpd = None
+        if base.target_probs is not None and other.target_probs is not None:
+            if base.target_ids is not None and other.target_ids is not None and torch.equal(base.target_ids, other.target_ids):
+                tpd = other.target_probs - base.target_probs
+        return cls(
+            base=base,
+            other=other,
+            kl_delta=other.kl_to_final - base.kl_to_final,
+            entropy_delta=other.entropy - base.entropy,
+            top1_changed=other.top_ids[..., 0] != base.top_ids[..., 0],
+            target_prob_delta=tpd,
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return self.base.labels
+
+    def changed_entries(self) -> list[str]:
+        """Labels of the entries where any real position's top-1 token changed."""
+        changed = (self.top1_changed & self.base.mask.unsqueeze(0)).flatten(1).any(1)
+        return [label for label, c in zip(self.labels, changed.tolist()) if c]
+
+    def to_dataframe(self) -> Any:
+        """One row per (entry, batch, pos) real position: both top-1 tokens and the deltas."""
+        frame = self.base.to_dataframe()[["label", "entry", "batch", "pos", "token", "top1"]].rename(
+            columns={"top1": "top1_base"}
+        )
+        other = self.other.to_dataframe()
+        frame["top1_other"] = other["top1"].values
+        keep = self.base.mask.unsqueeze(0).expand_as(self.kl_delta).reshape(-1).cpu()
+        frame["kl_delta"] = self.kl_delta.reshape(-1).cpu()[keep].numpy()
+        frame["entropy_delta"] = self.entropy_delta.reshape(-1).cpu()[keep].numpy()
+        frame["top1_changed"] = self.top1_changed.reshape(-1).cpu()[keep].numpy()
+        return frame
