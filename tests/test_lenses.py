@@ -143,3 +143,19 @@ def test_half_precision_is_read_in_float32(tokens):
     with torch.no_grad():
         lp = model(tokens).float().log_softmax(-1)
     torch.testing.assert_close(r.top_probs[-1, ..., 0], lp.max(-1).values.exp(), atol=2e-2, rtol=0)
+
+
+def test_blocked_row_dot_is_as_accurate_as_float64():
+    from tl_latentspaces.readout import _dot_block, _row_dot
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(8, 49152, generator=g)
+    b = -10 * torch.rand(8, 49152, generator=g)
+    blk = _dot_block(49152)
+    assert blk > 0 and 49152 % blk == 0
+    exact = (a.double() * b.double()).sum(-1, keepdim=True)
+    got = _row_dot(a, b, blk)
+    assert ((got.double() - exact).abs() / exact.abs()).max() < 1e-6
+    assert _dot_block(101) == 0  # a prime vocabulary falls back to vecdot
+    torch.testing.assert_close(_row_dot(a[:, :101].contiguous(), b[:, :101].contiguous(), 0).double(),
+                               (a[:, :101].double() * b[:, :101].double()).sum(-1, keepdim=True), rtol=1e-6, atol=0)

@@ -135,10 +135,8 @@ def load_default_model(
         >>> model.cfg.n_layers  # doctest: +SKIP
         30
     """
-    from tqdm.auto import tqdm
-
     try:
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
         import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_transformers)
     except ImportError as err:
         raise ImportError(
@@ -147,9 +145,24 @@ def load_default_model(
         ) from err
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = _model_folder(default_cache_dir(cache_dir))
+    # transformers draws its own per-tensor bars; ours says what is happening.
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load(folder, device, dtype, progress)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load(folder: Path, device: Union[str, torch.device], dtype: Optional[torch.dtype], progress: bool) -> Any:
+    from tqdm.auto import tqdm
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     steps = 2 if _cache_complete(folder) else 4
     with tqdm(total=steps, desc="loading SmolLM2-135M-Instruct", disable=not progress) as bar:
         if not _cache_complete(folder):

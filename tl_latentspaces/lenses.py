@@ -64,7 +64,9 @@ class LogitLens:
 
     def __init__(self, access: ModelAccess):
         self.access = access
-        self.weight = access.W_U.detach().to(torch.float32)
+        # A contiguous [d_model, d_vocab] copy: the bridge's W_U is a transposed view, and the
+        # matmul against it ran slower in our benchmark.
+        self.weight = access.W_U.detach().to(torch.float32).contiguous()
         b = access.b_U.detach().to(torch.float32)
         # A zero bias costs a full pass per chunk; skip it.
         self.bias = None if not bool(b.any()) else b

@@ -80,6 +80,28 @@ class ReadoutTensors:
     own_ranks: Optional[torch.Tensor]
 
 
+def _dot_block(d_vocab: int) -> int:
+    """The largest block size in [256, 4096] dividing ``d_vocab`` (0 if none)."""
+    for blk in range(4096, 255, -1):
+        if d_vocab % blk == 0:
+            return blk
+    return 0
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, blk: int) -> torch.Tensor:
+    """Row-wise dot products of two contiguous ``[n, V]`` matrices, as ``[n, 1]``.
+
+    A blocked batched matmul is about twice as fast as ``vecdot`` on the CPU; summing the
+    per-block partials keeps its float32 error at vecdot's level (a single sequential dot over
+    49K terms loses ~1e-4 nats of entropy).
+    """
+    n, V = a.shape
+    if blk == 0:
+        return torch.linalg.vecdot(a, b).unsqueeze(1)
+    parts = torch.bmm(a.view(n * (V // blk), 1, blk), b.view(n * (V // blk), blk, 1))
+    return parts.view(n, V // blk).sum(-1, keepdim=True)
+
+
 def _scores(lens: Lens, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if lens.bias is None:
         return torch.mm(y, lens.weight, out=out)
@@ -166,6 +188,8 @@ def stream_readout(
     rows = min(chunk_rows, N)
     z_buf = torch.empty(rows, V, **f32)
     e_buf = torch.empty(rows, V, **f32)
+    b_buf = torch.empty(rows, V, dtype=torch.bool, device=dev) if (targets is not None or own_ids is not None) else None
+    blk = _dot_block(V)
     u, c = final.u[lens_index], final.c[lens_index]
     for e_pos, entry in enumerate(entries):
         for start in range(0, N, chunk_rows):
@@ -175,19 +199,21 @@ def stream_readout(
             z = _scores(lens, y, z_buf[:n])
             top = torch.topk(z, top_k, dim=-1, sorted=True)
             m = top.values[:, :1]
+            # ranks: comparisons into a reused bool buffer, counted in int32 (twice as fast)
             if targets is not None:
                 zt = torch.gather(z, 1, targets[start:stop])
                 for t in range(T):
-                    t_ranks[e_pos, start:stop, t] = (z > zt[:, t : t + 1]).sum(-1)
+                    gt = torch.gt(z, zt[:, t : t + 1], out=b_buf[:n])
+                    t_ranks[e_pos, start:stop, t] = gt.sum(-1, dtype=torch.int32)
             if own_ids is not None:
                 zo = torch.gather(z, 1, own_ids[start:stop, None])
-                o_ranks[e_pos, start:stop] = (z > zo).sum(-1)
+                gt = torch.gt(z, zo, out=b_buf[:n])
+                o_ranks[e_pos, start:stop] = gt.sum(-1, dtype=torch.int32)
             # entropy = logsumexp(z) - E_p[z] = log s - sum(e * w) / s with w = z - max, e = exp(w)
             w = z.sub_(m)
             ex = torch.exp(w, out=e_buf[:n])
             s = ex.sum(-1, keepdim=True)
-            # vecdot sums pairwise; a bmm dot accumulates sequentially and loses ~1e-4 nats here
-            ew = torch.linalg.vecdot(ex, w).unsqueeze(1)
+            ew = _row_dot(ex, w, blk)
             log_s = s.log()
             lse = m + log_s
             entropy[e_pos, start:stop] = (log_s - ew / s).squeeze(1)

@@ -1,0 +1,174 @@
+"""Benchmark: the streaming logit-lens readout against TransformerLens 4.3 and the matmul floor.
+
+Work: the default model (SmolLM2-135M-Instruct), one 512-token sequence of held-out text, all 31
+stack entries, top-5 + entropy + KL to final for every (entry, position).
+
+* ``ours``: ``tl_latentspaces.logit_lens(model, tokens, cache=cache, top_k=5)``.
+* ``transformer_lens``: TransformerLens 4.3's ``tools.analysis.logit_lens`` producing the same
+  quantities. It needs two calls: ``top_k=5`` (top-5 and entropy) and ``return_type="log_probs"``
+  over the whole vocabulary, from which KL to final is computed.
+* ``floor``: the bare ``[31*512, 576] @ [576, 49152]`` float32 matmul on already-normalized
+  inputs (one shot), the least any exact readout has to do.
+
+Times are medians over ``--repeats`` runs; peak extra memory is the highest resident set size
+seen during the call (sampled every 2 ms from /proc/self/statm) minus the size at its start.
+
+Run:  python benchmarks/readout.py [--repeats 5] [--out benchmarks/results/readout.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import tl_latentspaces as tll
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread; ``extra`` is the peak minus the start."""
+
+    def __enter__(self):
+        self.start = rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+        self.extra = self.peak - self.start
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformer-lens {version('transformer-lens')}, Python {platform.python_version()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--out", default="benchmarks/results/readout.md")
+    args = parser.parse_args()
+
+    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+    model = tll.load_default_model(progress=False)
+    access = tll.ModelAccess(model)
+    tokens = tokenize_corpus(model, default_corpus("heldout"), seq_len=args.tokens)[:1]
+    names = [name for _, name in access.stack_sites()]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    E = len(names)
+    normed = torch.cat([access.final_norm(cache[n][0]) for n in names])  # for the floor only
+    W_U = access.W_U.detach().contiguous()
+
+    def ours():
+        return tll.logit_lens(model, tokens, cache=cache, top_k=5)
+
+    def transformer_lens():
+        with torch.no_grad():
+            top = tl_logit_lens(model, cache=cache, positions=None, top_k=5, return_type="probs")
+            full = tl_logit_lens(model, cache=cache, positions=None, return_type="log_probs")
+            log_q = full.readout.values  # [E, 1, pos, d_vocab]
+            log_p = log_q[-1:]
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return top, kl
+
+    def floor():
+        with torch.no_grad():
+            return normed @ W_U
+
+    # Same answers before timing anything.
+    r = ours()
+    top, kl = transformer_lens()
+    assert torch.equal(r.top_ids, top.readout.top_ids), "top-5 ids differ from TransformerLens"
+    prob_err = (r.top_probs - top.readout.values).abs().max().item()
+    kl_err = (r.kl_to_final - kl).abs().max().item()
+    ent_err = (r.entropy - top.readout.entropy).abs().max().item()
+    del r, top, kl
+
+    rows = []
+    for name, fn in (("floor", floor), ("ours", ours), ("transformer_lens", transformer_lens)):
+        times, extras = [], []
+        for _ in range(args.repeats):
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+            extras.append(mem.extra)
+            del out
+        rows.append((name, statistics.median(times), min(times), max(times), statistics.median(extras)))
+
+    floor_t = rows[0][1]
+    lines = [
+        "# Logit-lens readout: 31 entries x 512 tokens, top-5 + entropy + KL to final",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python benchmarks/readout.py --repeats {args.repeats} --tokens {args.tokens}`; "
+        f"{E} stack entries x {tokens.shape[1]} tokens of held-out text; medians over {args.repeats} runs.",
+        "",
+        "| method | median s | min s | max s | x floor | peak extra memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, med, lo, hi, extra in rows:
+        lines.append(f"| {name} | {med:.2f} | {lo:.2f} | {hi:.2f} | {med / floor_t:.2f} | {extra / 2**20:,.0f} MiB |")
+    lines += [
+        "",
+        f"Agreement with TransformerLens on this input: identical top-5 ids; max |Δ top-5 prob| = {prob_err:.1e}, "
+        f"max |Δ entropy| = {ent_err:.1e} nats, max |Δ KL to final| = {kl_err:.1e} nats.",
+        "",
+        "floor: the one-shot float32 matmul of the already-normalized stack with W_U (its output alone is "
+        f"{E * tokens.shape[1] * W_U.shape[1] * 4 / 2**30:.1f} GiB). transformer_lens: two calls of "
+        "`tools.analysis.logit_lens` (top_k=5; full-vocabulary log-probs for KL).",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

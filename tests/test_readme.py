@@ -1,0 +1,25 @@
+"""The README's notebook example runs as written on the default model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_readme_python_example_runs(smol, monkeypatch):
+    import tl_latentspaces as tll
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has no python example"
+    monkeypatch.setattr(tll, "load_default_model", lambda *a, **k: smol)  # reuse the loaded model
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    lens = namespace["lens"]
+    assert list(lens.top_ids.shape) == [31, 1, 10, 5]
+    assert namespace["diff"].changed_entries()  # the ablation changes something downstream
