@@ -252,10 +252,10 @@ def _plan(
     all_labels = [label for label, _ in sites]
     names = dict(sites)
     entries = _select_entries(all_labels, layers)
-    _select_positions(pos, tokens.ids.shape[1])
+    positions = _select_positions(pos, tokens.ids.shape[1])
     collect = sorted(set(all_labels[i] for i in entries) | {all_labels[-1]}, key=all_labels.index)
     # Resolve targets now so a bad target fails before the forward pass.
-    _resolve_targets(access, targets, (tokens.ids.shape[0], len(_select_positions(pos, tokens.ids.shape[1]))))
+    _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
     return _Plan(access, tokens, all_labels, names, entries, collect, top_k, targets, pos, chunk_rows)
 
 

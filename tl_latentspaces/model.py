@@ -417,7 +417,7 @@ class ModelAccess:
         return tok.decode([int(token_id)])
 
     def decoder(self) -> Callable[[int], str]:
-        """A picklable-free id -> string function with a cache, for result objects."""
+        """An id -> string function that caches what it decoded, for result objects."""
         cache: dict[int, str] = {}
 
         def decode(i: int) -> str:

@@ -1,0 +1,61 @@
+"""Multi-process runs with torchrun (gloo on CPU) equal single-process runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tl_latentspaces.distributed import _decode_state, _encode_state, check_port_free
+
+WORKER = Path(__file__).parent / "dist" / "stats_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_state_encoding_round_trips():
+    state = {"a": torch.randn(3, 4, dtype=torch.float64), "n": 7, "flag": True, "x": 0.5, "none": None}
+    back = _decode_state(_encode_state(state))
+    assert torch.equal(back["a"], state["a"]) and back["n"] == 7 and back["flag"] is True
+    assert back["x"] == 0.5 and back["none"] is None
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_port_free(port)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
+    subprocess.run([sys.executable, str(WORKER), str(single)], check=True, env=_env(), timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(multi)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=300)
+    a, b = load_file(single), load_file(multi)
+    assert int(a["world"]) == 1 and int(b["world"]) == 2
+    for key in a:
+        if key != "world":
+            torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=0, msg=key)

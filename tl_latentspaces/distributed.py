@@ -1,0 +1,221 @@
+"""Data-parallel runs with ``torch.distributed``: sharding, reduction of statistics, rank-0 writes.
+
+Launch any script or the command line with ``torchrun`` (gloo on CPU, NCCL on GPUs)::
+
+    torchrun --nproc_per_node 2 -m tl_latentspaces.cli report --out out/          # one machine
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
+             --nproc_per_node 8 -m tl_latentspaces.cli report --out out/          # node 0 of 2
+
+Each rank takes every ``world_size``-th batch of the corpus (batch-level sharding keeps the
+minibatches, and so the minibatch statistics, identical to a single-process run), accumulates its
+statistics locally, and the states are reduced across ranks; only rank 0 writes files.
+
+States travel as safetensors bytes in uint8 tensors: no pickling between processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, TypeVar
+
+import torch
+
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "current_context",
+    "shard_batches",
+    "all_reduce_sum",
+    "gather_states",
+    "reduce_accumulator",
+    "check_port_free",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` (1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only rank that writes files and prints summaries."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def current_context() -> DistContext:
+    """The context of an initialized process group, or the single-process context."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            backend=str(dist.get_backend()),
+        )
+    return DistContext()
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise a clear error if ``port`` on ``host`` is already taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(
+                f"port {port} on {host} is already in use, so the process group cannot start there. "
+                "Pick a free one (torchrun --master_port PORT) or stop the process holding it."
+            ) from err
+
+
+def init_distributed(backend: Optional[str] = None) -> DistContext:
+    """Join the process group ``torchrun`` set up through the environment, if there is one.
+
+    Without ``WORLD_SIZE > 1`` in the environment this is a single-process run and nothing is
+    initialized. The backend defaults to NCCL when CUDA is available and gloo otherwise.
+    """
+    dist = _dist()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if dist.is_initialized():
+        return current_context()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}.")
+    if backend == "nccl" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        dist.init_process_group(backend=backend)
+    except (RuntimeError, ValueError) as err:
+        port = os.environ.get("MASTER_PORT", "?")
+        if "in use" in str(err).lower() or "EADDRINUSE" in str(err):
+            raise RuntimeError(
+                f"the process group could not bind MASTER_PORT={port}: it is already in use. "
+                "Pass another port (torchrun --master_port PORT)."
+            ) from err
+        raise
+    return current_context()
+
+
+def shard_batches(n_batches: int, ctx: Optional[DistContext] = None) -> range:
+    """The batch indices this rank processes: ``rank, rank + world_size, ...``."""
+    ctx = ctx or current_context()
+    return range(ctx.rank, n_batches, ctx.world_size)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op without a process group); returns it."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _encode_state(state: dict[str, Any]) -> torch.Tensor:
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+        elif isinstance(value, bool):
+            tensors[f"__bool__{key}"] = torch.tensor(int(value))
+        elif isinstance(value, int):
+            tensors[f"__int__{key}"] = torch.tensor(value, dtype=torch.int64)
+        elif isinstance(value, float):
+            tensors[f"__float__{key}"] = torch.tensor(value, dtype=torch.float64)
+        elif value is None:
+            tensors[f"__none__{key}"] = torch.zeros(0)
+        else:
+            raise TypeError(f"state entry {key!r} is a {type(value).__name__}; states hold tensors and numbers.")
+    return torch.frombuffer(bytearray(save(tensors)), dtype=torch.uint8)
+
+
+def _decode_state(buf: torch.Tensor) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    raw = load(bytes(buf.numpy().tobytes()))
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("__bool__"):
+            out[key[8:]] = bool(value.item())
+        elif key.startswith("__int__"):
+            out[key[7:]] = int(value.item())
+        elif key.startswith("__float__"):
+            out[key[9:]] = float(value.item())
+        elif key.startswith("__none__"):
+            out[key[8:]] = None
+        else:
+            out[key] = value
+    return out
+
+
+def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``state`` (tensors and numbers), in rank order, on every rank."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    buf = _encode_state(state)
+    world = dist.get_world_size()
+    # gloo moves CPU tensors; NCCL needs them on this rank's GPU.
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([buf.numel()], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
+    padded[: buf.numel()] = buf.to(dev)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return [_decode_state(p[: int(s.item())].cpu()) for p, s in zip(parts, sizes)]
+
+
+class _Mergeable(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def merge(self, other: Any) -> Any: ...
+
+
+A = TypeVar("A", bound=_Mergeable)
+
+
+def reduce_accumulator(acc: A, fresh: Any) -> A:
+    """Merge ``acc``'s statistics from every rank, in rank order, into ``acc`` on every rank.
+
+    Args:
+        acc: This rank's accumulator (``state_dict``/``load_state_dict``/``merge``).
+        fresh: A zero-argument callable returning an empty accumulator of the same settings.
+
+    Returns:
+        ``acc``, now holding the statistics of all ranks (identical on every rank).
+    """
+    states = gather_states(acc.state_dict())
+    if len(states) == 1:
+        return acc
+    merged = fresh()
+    for state in states:
+        part = fresh()
+        part.load_state_dict(state)
+        merged.merge(part)
+    acc.load_state_dict(merged.state_dict())
+    return acc
