@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["load_default_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE"]
+__all__ = ["load_default_model", "load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,3 +182,89 @@ def _load(folder: Path, device: Union[str, torch.device], dtype: Optional[torch.
         model.eval()
         bar.update(1)
     return model
+
+
+def _boot_hf(hf: Any, tokenizer: Any, name: str, device: Union[str, torch.device]) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
+    return model.eval()
+
+
+def load_model(
+    spec: str = "default",
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    cache_dir: Union[str, Path, None] = None,
+    progress: bool = True,
+) -> Any:
+    """Load a model for the command line and the report, from one string.
+
+    Args:
+        spec: ``"default"`` (SmolLM2-135M-Instruct, offline); a local Hugging Face folder holding
+            a causal language model; a ``.gguf`` file; or a TransformerLens model name (needs the
+            Hugging Face hub).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        dtype: float32 (default), float16, bfloat16 or float64.
+        cache_dir: The default model's cache folder.
+        progress: Show progress bars.
+
+    Returns:
+        A ``TransformerBridge`` in eval mode.
+    """
+    dev = _check_device(device)
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}.")
+    if spec == "default":
+        return load_default_model(cache_dir=cache_dir, device=dev, dtype=dtype, progress=progress)
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+        import transformer_lens.model_bridge.sources  # noqa: F401
+    except ImportError as err:
+        raise ImportError("loading models by name or path needs TransformerLens >= 3.0 (TransformerBridge).") from err
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+            if not hf.config.architectures:
+                hf.config.architectures = [type(hf).__name__]
+            return _boot_hf(hf.to(dev), tokenizer, path.stem, dev)
+        if path.exists():
+            if not path.is_dir() or not (path / "config.json").is_file():
+                raise ValueError(
+                    f"--model {spec!r} is neither a .gguf file nor a Hugging Face model folder (no config.json). "
+                    "Pass 'default', a folder saved with save_pretrained, a .gguf file or a model name."
+                )
+            config = AutoConfig.from_pretrained(str(path))
+            archs = list(getattr(config, "architectures", None) or [])
+            if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+                raise ValueError(
+                    f"the model folder {spec!r} holds {archs or 'no architecture'} ({config.model_type}), "
+                    "not a causal language model; the lenses read a decoder's next-token prediction."
+                )
+            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            return _boot_hf(hf.to(dev), tokenizer, path.name, dev)
+        model = TransformerBridge.boot_transformers(spec, device=str(dev), dtype=dtype or torch.float32)
+        return model.eval()
+
+
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return dev
