@@ -18,10 +18,24 @@ from tl_latentspaces.lenses import (
 )
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.results import LensDiff, LensResult
+from tl_latentspaces.views import (
+    HTMLView,
+    cka_matrix_view,
+    drift_tokens,
+    layer_curves_view,
+    layer_predictions,
+    lens_grid,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HTMLView",
+    "cka_matrix_view",
+    "drift_tokens",
+    "layer_curves_view",
+    "layer_predictions",
+    "lens_grid",
     "EmbeddingLens",
     "HookSession",
     "LensDiff",

@@ -1,0 +1,9 @@
+/**
+ * tl_latentspaces views: React components rendered from Python, CircuitsVis style.
+ *
+ * The bundle defines the global `TLLatentSpaces`; Python renders a component with
+ * `TLLatentSpaces.render("div-id", TLLatentSpaces.LensGrid, props)`.
+ */
+export { render } from "./render-helper";
+export { LensGrid } from "./LensGrid";
+export type { LensGridProps, LensGridLens, LensGridMetric } from "./LensGrid";

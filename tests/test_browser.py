@@ -1,0 +1,407 @@
+"""The views in a real browser: headless Chromium opens saved pages with the network off.
+
+Needs the PyPI package ``playwright`` (its driver only: no browser download) and a Chromium
+binary (Debian: ``apt-get install chromium``; elsewhere set ``TLL_CHROMIUM`` to one). Without
+either, every test here is skipped with the reason. Each page must render with no console error,
+no uncaught exception and no request other than the page's own file. Screenshots go to
+``out/browser/`` (or ``$TLL_ARTIFACTS``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_latentspaces as tll
+from tl_latentspaces import views
+
+from conftest import EIFFEL, FLAVOURS
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # the unit tier runs without it
+    sync_playwright = None
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("TLL_ARTIFACTS", REPO / "out" / "browser"))
+# As root, Chromium needs --no-sandbox; the rest keeps it from phoning home (which, offline,
+# floods the log with refused connections).
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+POSITIVE = (30, 136, 229)  # js/src/colors.ts POSITIVE
+TARGETS = [5, 7]
+
+
+def _chromium() -> str | None:
+    if os.environ.get("TLL_CHROMIUM"):
+        return os.environ["TLL_CHROMIUM"] if os.path.exists(os.environ["TLL_CHROMIUM"]) else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        pytest.skip("the Python package playwright is not installed (pip install playwright; no browser download needed)")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium binary found (apt-get install chromium, or set TLL_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Page:
+    """A saved view opened offline; records console errors, uncaught exceptions and requests."""
+
+    def __init__(self, browser, path: Path, width: int = 1400, height: int = 1000):
+        self.problems: list[str] = []
+        self.context = browser.new_context(offline=True, viewport={"width": width, "height": height})
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("console", lambda m: self.problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"uncaught: {e}"))
+        self.page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url}"))
+        self.url = path.resolve().as_uri()
+        self.page.goto(self.url)
+
+    def _route(self, route):
+        if route.request.url == self.url:
+            route.continue_()
+        else:
+            self.problems.append(f"request: {route.request.url}")
+            route.abort()
+
+    def assert_clean(self) -> None:
+        assert self.problems == [], "\n".join(self.problems)
+
+    def cells(self, root: str = "") -> list[tuple[int, int, str]]:
+        return self.page.eval_on_selector_all(
+            f"{root} [data-testid=cell]".strip(),
+            "els => els.map(e => [+e.dataset.entry, +e.dataset.pos,"
+            " e.querySelector('[data-testid=cell-token]').textContent])",
+        )
+
+    def cell(self, e: int, p: int, root: str = ""):
+        return self.page.locator(f'{root} [data-testid=cell][data-entry="{e}"][data-pos="{p}"]'.strip())
+
+    def topk(self) -> list[list[tuple[str, str]]]:
+        """The details panel's top-k tables: per table, (token, probability text) rows."""
+        return self.page.eval_on_selector_all(
+            "[data-testid=topk]",
+            "els => els.map(t => [...t.querySelectorAll('[data-testid=topk-row]')].map(r =>"
+            " [r.querySelector('[data-testid=topk-token]').textContent,"
+            " r.querySelector('[data-testid=topk-prob]').textContent]))",
+        )
+
+    def background(self, e: int, p: int) -> tuple[int, ...]:
+        css = self.cell(e, p).evaluate("el => getComputedStyle(el).backgroundColor")
+        return tuple(int(x) for x in re.findall(r"\d+", css)[:3])
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def open_page(browser):
+    pages: list[Page] = []
+
+    def opener(path: Path, **kwargs) -> Page:
+        page = Page(browser, path, **kwargs)
+        pages.append(page)
+        return page
+
+    yield opener
+    for page in pages:
+        page.context.close()
+    for page in pages:
+        page.assert_clean()
+
+
+JS_WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+
+
+def shown(token: str) -> str:
+    """What the grid draws for a token (js/src/LensGrid.tsx displayToken)."""
+    if token == "":
+        return "\u2205"
+    s = token.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    if not all(c in JS_WHITESPACE for c in s):
+        return s
+    return "".join({" ": "\u2423", "\u00a0": "\u237d"}.get(c, "\u00b7") for c in s)
+
+
+def expected_colour(value: float, metric: dict) -> tuple[int, ...]:
+    """A sequential, linear metric's cell colour (js/src/colors.ts)."""
+    t = min(max((value - metric["min"]) / (metric["max"] - metric["min"]), 0.0), 1.0)
+    t = 1 - t if metric["reverse"] else t
+    return tuple(math.floor(255 + (c - 255) * t + 0.5) for c in POSITIVE)
+
+
+def _percent(text: str) -> float:
+    return float(text.rstrip("%"))
+
+
+def _model():
+    return FLAVOURS[0][1]()
+
+
+def _perturb(act, hook=None):
+    return act + 3.0 * torch.sin(torch.arange(act.shape[-1], dtype=act.dtype))
+
+
+@pytest.fixture(scope="module")
+def runs():
+    tokens = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(7))
+    clean = tll.read_lenses(_model(), tokens, targets=TARGETS)
+    patched_model = _model()
+    patched_model.add_hook("blocks.1.hook_resid_post", _perturb)
+    return clean, tll.read_lenses(patched_model, tokens, targets=TARGETS)
+
+
+def _top1(r, b: int = 0) -> dict[tuple[int, int], str]:
+    return {(e, p): shown(r.decode(int(i))) for e, row in enumerate(r.top_ids[:, b, :, 0].tolist()) for p, i in enumerate(row)}
+
+
+# ---------------------------------------------------------------------- lens grid
+def test_grid_cells_and_lens_switch(open_page, runs, tmp_path):
+    clean, _ = runs
+    logit, emb = clean["logit"], clean["embedding"]
+    E, _, P, _ = logit.top_ids.shape
+    pg = open_page(views.lens_grid(clean).save(tmp_path / "grid.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    cells = pg.cells()
+    assert len(cells) == E * P
+    assert {(e, p) for e, p, _ in cells} == {(e, p) for e in range(E) for p in range(P)}
+    assert {(e, p): text for e, p, text in cells} == _top1(logit)
+    headers = pg.page.locator("[data-testid=row-header]").all_text_contents()
+    assert headers == logit.labels
+    columns = pg.page.locator("[data-testid=col-header]").all_text_contents()
+    assert columns == [f"{p}{shown(t)}" for p, t in zip(logit.positions, logit.str_tokens[0])]
+
+    assert _top1(emb) != _top1(logit)  # otherwise the switch could not show anything
+    pg.page.click('[data-testid=lens-button][data-name="embedding"]')
+    pg.page.wait_for_selector('[data-testid=lens-grid][data-lens="embedding"]')
+    assert {(e, p): text for e, p, text in pg.cells()} == _top1(emb)
+    assert pg.page.get_attribute('[data-testid=lens-button][data-name="embedding"]', "aria-pressed") == "true"
+    # The embedding lens adds its own metrics; back on the logit lens they are gone again.
+    metrics = pg.page.eval_on_selector_all("[data-testid=metric-button]", "els => els.map(e => e.dataset.value)")
+    assert "own_scores" in metrics and "own_ranks" in metrics
+    pg.page.click('[data-testid=lens-button][data-name="logit"]')
+    assert {(e, p): text for e, p, text in pg.cells()} == _top1(logit)
+    pg.assert_clean()
+
+
+def test_whitespace_tokens_are_visible(open_page, runs, tmp_path):
+    import dataclasses
+
+    clean, _ = runs
+    specials = ["\n", " ", "  ", "\u00a0", "", "a\tb", " Paris", "\r\n", "\u3000"]
+    r = dataclasses.replace(clean["logit"], decode=lambda i: specials[int(i) % len(specials)])
+    pg = open_page(views.lens_grid(r).save(tmp_path / "spaces.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    texts = {(e, p): t for e, p, t in pg.cells()}
+    assert texts == _top1(r)
+    assert all(t.strip() for t in texts.values())  # no cell looks empty
+    assert [shown(t) for t in specials] == ["\u21b5", "\u2423", "\u2423\u2423", "\u237d", "\u2205", "a\u21e5b", " Paris",
+                                            "\u240d\u21b5", "\u00b7"]
+    pg.assert_clean()
+
+
+def test_hover_and_click_show_topk(open_page, runs, tmp_path):
+    clean, _ = runs
+    r = clean["logit"]
+    k = r.top_ids.shape[-1]
+    pg = open_page(views.lens_grid(clean).save(tmp_path / "grid.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert "Hover over a cell" in pg.page.text_content("[data-testid=details]")
+
+    def expected(e, p):
+        return [shown(r.decode(int(i))) for i in r.top_ids[e, 0, p]], [100 * float(x) for x in r.top_probs[e, 0, p]]
+
+    pg.cell(2, 4).hover()
+    (table,) = pg.topk()
+    tokens, probs = expected(2, 4)
+    assert len(table) == k and [t for t, _ in table] == tokens
+    assert [_percent(x) for _, x in table] == pytest.approx(probs, abs=0.051)
+    details = pg.page.text_content("[data-testid=details]")
+    assert details.startswith(f"{r.labels[2]} · position 4")
+    assert "top-1 probability" in details
+    pg.screenshot("lens_grid_tiny_hover.png")
+
+    # Moving away clears it; a click keeps a cell shown until it is clicked again.
+    pg.page.hover("[data-testid=legend]")
+    assert pg.topk() == []
+    pg.cell(3, 1).click()
+    pg.page.hover("[data-testid=legend]")
+    assert [t for t, _ in pg.topk()[0]] == expected(3, 1)[0]
+    pg.cell(0, 0).hover()
+    assert [t for t, _ in pg.topk()[0]] == expected(0, 0)[0]
+    pg.cell(3, 1).click()
+    pg.page.hover("[data-testid=legend]")
+    assert pg.topk() == []
+    pg.assert_clean()
+
+
+def test_metric_switch_recolours(open_page, runs, tmp_path):
+    clean, _ = runs
+    view = views.lens_grid(clean)
+    lens = view.props["lenses"][0]
+    metric = {m["key"]: m for m in lens["metrics"]}
+    pg = open_page(view.save(tmp_path / "grid.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    some = [(0, 0), (1, 3), (2, 8), (3, 5)]
+
+    def check(key):
+        m = metric[key]
+        for e, p in some:
+            got, want = pg.background(e, p), expected_colour(m["values"][e][p], m)
+            assert all(abs(a - b) <= 1 for a, b in zip(got, want)), (key, e, p, got, want)
+
+    check("top1_prob")
+    assert pg.page.text_content("[data-testid=legend-max]") == "100.0%"
+    pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
+    check("kl_to_final")
+    assert pg.page.text_content("[data-testid=legend-max]") == f"{metric['kl_to_final']['max']:.3f} nats"
+    pg.page.click('[data-testid=metric-button][data-value="entropy"]')
+    check("entropy")
+    pg.page.click('[data-testid=metric-button][data-value="target_probs:1"]')
+    check("target_probs:1")
+    assert 'probability of the target "<7>"' in pg.page.text_content("[data-testid=legend]")
+    pg.assert_clean()
+
+
+def test_difference_mode(open_page, runs, tmp_path):
+    clean, patched = runs
+    base, other = clean["logit"], patched["logit"]
+    d = base.diff(other)
+    pg = open_page(views.lens_grid(clean, patched, diff=True).save(tmp_path / "diff.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert pg.page.locator("[data-testid=view-button]").all_text_contents() == [
+        "difference (patched − clean)", "clean", "patched"]
+    assert {(e, p): t for e, p, t in pg.cells()} == _top1(other)
+    changed = pg.page.eval_on_selector_all(
+        "[data-testid=cell][data-changed=true]",
+        "els => els.map(e => [+e.dataset.entry, +e.dataset.pos,"
+        " e.querySelector('[data-testid=cell-base-token]').textContent])")
+    want = {(e, p) for e, p in d.top1_changed[:, 0].nonzero().tolist()}
+    assert want and {(e, p) for e, p, _ in changed} == want
+    assert all(text == _top1(base)[(e, p)] for e, p, text in changed)
+    e, p = sorted(want)[0]
+    pg.cell(e, p).hover()
+    tables = pg.topk()
+    assert [[t for t, _ in tab] for tab in tables] == [
+        [shown(r.decode(int(i))) for i in r.top_ids[e, 0, p]] for r in (base, other)]
+    assert pg.page.locator("[data-testid=topk]").evaluate_all("els => els.map(e => e.dataset.run)") == ["0", "1"]
+    pg.screenshot("lens_grid_tiny_diff.png")
+    pg.page.click('[data-testid=view-button][data-name="clean"]')
+    assert {(e, p): t for e, p, t in pg.cells()} == _top1(base)
+    assert pg.page.locator("[data-testid=cell][data-changed=true]").count() == 0
+    pg.assert_clean()
+
+
+def test_two_grids_and_other_views_share_a_notebook_page(open_page, runs, tmp_path):
+    """Like notebook outputs: several views' HTML on one page, each rendering on its own."""
+    clean, _ = runs
+    fragments = [
+        views.lens_grid(clean, title="first"),
+        views.lens_grid(clean["embedding"], clean["logit"], title="second"),
+        views.drift_tokens(clean["embedding"]),
+        views.cka_matrix_view(torch.eye(4), clean["logit"].labels),
+    ]
+    page = views.HTMLView("\n".join(v._repr_html_() for v in fragments), title="notebook").to_html()
+    path = tmp_path / "notebook.html"
+    path.write_text(page, encoding="utf-8")
+    pg = open_page(path)
+    pg.page.wait_for_selector("[data-testid=cell]")
+    roots = pg.page.locator("[data-testid=lens-grid-root]")
+    assert roots.count() == 2
+    E, _, P, _ = clean["logit"].top_ids.shape
+    assert pg.page.locator("[data-testid=cell]").count() == 2 * E * P
+    first, second = (f"#{roots.nth(i).evaluate('el => el.parentElement.id')}" for i in range(2))
+    assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["embedding"])
+    pg.page.click(f'{first} [data-testid=lens-button][data-name="embedding"]')
+    assert {(e, p): t for e, p, t in pg.cells(first)} == _top1(clean["embedding"])
+    assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["embedding"])  # untouched
+    pg.page.click(f'{second} [data-testid=lens-button][data-name="logit"]')
+    assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["logit"])
+    assert pg.page.locator("rect.cell").count() == 16
+    pg.assert_clean()
+
+
+# ---------------------------------------------------------------------- the other views
+def test_circuitsvis_views_render_offline(open_page, runs, tmp_path):
+    clean, _ = runs
+    emb = clean["embedding"]
+    pg = open_page(views.drift_tokens(emb).save(tmp_path / "drift.html"))
+    pg.page.wait_for_selector("text=final_post")
+    body = pg.page.text_content("body")
+    assert all(label in body for label in emb.labels)
+    assert all(tok in body for tok in emb.str_tokens[0])
+    pg.assert_clean()
+
+    ids = clean["logit"].tokens
+    r = tll.logit_lens(_model(), ids, targets=ids.roll(-1, dims=1))
+    pg = open_page(views.layer_predictions(r, "2_pre").save(tmp_path / "predictions.html"))
+    pg.page.wait_for_selector(f"text={r.str_tokens[0][1]}")
+    body = pg.page.text_content("body")
+    assert all(tok in body for tok in r.str_tokens[0][1:])
+    pg.assert_clean()
+
+
+def test_svg_figures_render(open_page, tmp_path):
+    labels = ["0_pre", "1_pre", "2_pre", "final_post"]
+    cka = views.cka_matrix_view(torch.rand(4, 4, generator=torch.Generator().manual_seed(0)), labels)
+    curves = views.layer_curves_view(labels, {"angle": [0.9, 0.6, 0.4, 0.2]}, {"angle": (0.3, 0.05)}, ylabel="cos")
+    page = views.HTMLView(cka.local_src + curves.local_src, title="figures").to_html()
+    path = tmp_path / "figures.html"
+    path.write_text(page, encoding="utf-8")
+    pg = open_page(path, width=900, height=900)
+    assert pg.page.locator("rect.cell").count() == 16
+    box = pg.page.locator("rect.cell").first.bounding_box()
+    assert box["width"] > 5 and box["height"] > 5
+    assert pg.page.locator("polygon.null-band").count() == 1
+    pg.screenshot("figures_tiny.png")
+    pg.assert_clean()
+
+
+# ---------------------------------------------------------------------- the real model
+@pytest.mark.integration
+def test_eiffel_grid_reads_paris(open_page, smol, tmp_path):
+    results = tll.read_lenses(smol, EIFFEL, targets=" Paris")
+    logit = results["logit"]
+    view = views.lens_grid(results, metric="target_ranks:0")
+    pg = open_page(view.save(tmp_path / "eiffel.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    E, _, P, _ = logit.top_ids.shape
+    assert len(pg.cells()) == E * P == 31 * len(smol.to_tokens(EIFFEL, prepend_bos=True)[0])
+    final = logit.labels.index("final_post")
+    last = pg.cell(final, P - 1)
+    assert last.locator("[data-testid=cell-token]").text_content() == " Paris"
+    assert {(e, p): t for e, p, t in pg.cells()} == _top1(logit)
+    last.hover()
+    (table,) = pg.topk()
+    assert table[0][0] == " Paris" and 30 < _percent(table[0][1]) < 60
+    assert pg.page.text_content("[data-testid=details-metric]") == 'rank(" Paris"): 0'
+    path = pg.screenshot("lens_grid_eiffel.png")
+    assert path.stat().st_size > 10_000
+    pg.page.click('[data-testid=lens-button][data-name="embedding"]')
+    assert {(e, p): t for e, p, t in pg.cells()} == _top1(results["embedding"])
+    pg.assert_clean()
