@@ -3,20 +3,33 @@
 With no arguments it loads the default model and prints, for a default prompt, every layer's top
 logit-lens and embedding-lens tokens with their KL to the model's final distribution.
 
+Subcommands:
+    lens            per-layer logit-lens and embedding-lens tokens for a prompt (the default)
+    report          the full report: lens grids, logit vs tuned lens, alignment suite (HTML + JSON)
+    fit-tuned-lens  fit a tuned lens and save it
+    eval            held-out metrics of the logit (and a tuned) lens per layer
+    align           the alignment suite over a corpus
+
 Example:
     $ tl-latentspaces
-    $ tl-latentspaces lens --prompt "The capital of France is" --pos -1 --top-k 3
+    $ tl-latentspaces report --out report/
+    $ torchrun --nproc_per_node 2 -m tl_latentspaces.cli align --out align.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "DEFAULT_PROMPT"]
+__all__ = ["main", "build_parser", "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
 
 
 def _fmt_token(s: str, width: int = 14) -> str:
@@ -42,10 +55,70 @@ def lens_table(results: dict[str, Any], pos: int) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- shared pieces
+def _load(args: argparse.Namespace) -> Any:
+    import torch
+
+    from tl_latentspaces.default_model import load_model
+
+    dtype = None if args.dtype is None else getattr(torch, _DTYPES[args.dtype])
+    if args.model == "default" and args.device == "cpu" and dtype is None:
+        import tl_latentspaces as tll
+
+        return tll.load_default_model(cache_dir=args.cache_dir, progress=not args.quiet)
+    return load_model(args.model, device=args.device, dtype=dtype, cache_dir=args.cache_dir, progress=not args.quiet)
+
+
+def _corpus(args: argparse.Namespace) -> Any:
+    from tl_latentspaces.corpus import default_corpus, read_texts
+
+    if not getattr(args, "corpus", None):
+        return default_corpus("heldout")
+    texts: list[str] = []
+    for path in args.corpus:
+        texts += read_texts(path)
+    return texts
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {str(path)!r} does not exist.")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file {str(path)!r} holds no prompt (one per line).")
+    return prompts
+
+
+def _write_json(path: str, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, allow_nan=False)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _check_out_file(path: Optional[str], suffix: str) -> None:
+    if path is not None and not path.endswith(suffix):
+        raise ValueError(f"--out {path!r} must name a {suffix} file.")
+
+
+# ---------------------------------------------------------------------- subcommands
 def _cmd_lens(args: argparse.Namespace) -> int:
     import tl_latentspaces as tll
 
-    model = tll.load_default_model(cache_dir=args.cache_dir, progress=not args.quiet)
+    model = _load(args)
     results = tll.read_lenses(
         model, args.prompt, lenses=("logit", "embedding"), top_k=args.top_k, prepend_bos=not args.no_bos
     )
@@ -62,30 +135,162 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tl_latentspaces.distributed import init_distributed
+    from tl_latentspaces.report import DEFAULT_PROMPTS, build_report, write_report
+
+    ctx = init_distributed()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
+    prompts = _prompts(args) or list(DEFAULT_PROMPTS)
+    corpus = _corpus(args)
+    model = _load(args)
+    report = build_report(
+        model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto",
+        eval_tokens=args.eval_tokens, align_tokens=args.align_tokens, cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
+    if not ctx.is_main:
+        return 0
+    page, data = write_report(report, out)
+    ev = report.data["evaluation"]
+    print(f"\nwrote {page} and {data}\n")
+    print(f"{'entry':>10}" + "".join(f"{'KL ' + n:>14}" for n in ev["lenses"]))
+    for e, label in enumerate(ev["labels"]):
+        print(f"{label:>10}" + "".join(f"{ev['kl_to_final'][i][e]:>14.3f}" for i in range(len(ev["lenses"]))))
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from tl_latentspaces.distributed import init_distributed
+    from tl_latentspaces.fitting import fit_tuned_lens
+
+    ctx = init_distributed()
+    corpus = _corpus(args) if args.corpus else None
+    if corpus is None:
+        from tl_latentspaces.corpus import default_corpus
+
+        corpus = default_corpus("train")
+    model = _load(args)
+    lens = fit_tuned_lens(
+        model, corpus, max_tokens=args.max_tokens, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+        progress=not args.quiet,
+    )
+    if ctx.is_main:
+        print(f"saved the tuned lens to {lens.save(args.out)}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tl_latentspaces.evaluation import evaluate_lenses
+    from tl_latentspaces.report import to_jsonable, tuned_lens_for
+    from tl_latentspaces.tuned_lens import TunedLens
+
+    _check_out_file(args.out, ".json")
+    corpus = _corpus(args)
+    model = _load(args)
+    lenses: list[Any] = ["logit"]
+    if args.lens:
+        lenses.append(TunedLens.load(args.lens, model))
+    elif not args.no_tuned:
+        lenses.append(tuned_lens_for(model, cache_dir=args.cache_dir, progress=not args.quiet))
+    evaluation = evaluate_lenses(model, lenses, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
+    print(evaluation.to_dataframe().round(3).to_string())
+    if args.out:
+        print(f"\nwrote {_write_json(args.out, to_jsonable(evaluation))}")
+    return 0
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from tl_latentspaces.alignment import alignment_suite
+    from tl_latentspaces.report import _alignment_data
+
+    _check_out_file(args.out, ".json")
+    corpus = _corpus(args)
+    model = _load(args)
+    result = alignment_suite(model, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
+    print(result.to_dataframe().round(3).to_string())
+    if args.out:
+        print(f"\nwrote {_write_json(args.out, _alignment_data(result))}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face model folder, a .gguf file, "
+                        "or a TransformerLens model name (needs the hub)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="model dtype (default float32)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default ~/.cache/tl_latentspaces)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _lens_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to read (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--pos", type=int, default=-1, help="position to print (default: the last)")
+    p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-latentspaces",
-        description="Read every layer of a language model through the logit and embedding lenses.",
+        description="Read every layer of a language model through the logit, tuned and embedding lenses.",
     )
+    _model_options(parser)
+    _lens_options(parser)
     sub = parser.add_subparsers(dest="command")
+
     lens = sub.add_parser("lens", help="per-layer logit-lens and embedding-lens tokens for a prompt (default)")
-    for p in (parser, lens):
-        p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text to read (default: {DEFAULT_PROMPT!r})")
-        p.add_argument("--pos", type=int, default=-1, help="position to print (default: the last)")
-        p.add_argument("--top-k", type=int, default=5, help="top tokens kept per cell (default 5)")
-        p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
-        p.add_argument("--cache-dir", default=None, help="model cache folder (default: ~/.cache/tl_latentspaces)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_options(lens)
+    _lens_options(lens)
+
+    report = sub.add_parser("report", help="lens grids, logit vs tuned lens, alignment suite: report.html + report.json")
+    _model_options(report)
+    report.add_argument("--out", default="tl_latentspaces_report", help="output folder (default ./tl_latentspaces_report)")
+    report.add_argument("--prompt", action="append", help="a prompt for the lens grids (repeatable)")
+    report.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
+    report.add_argument("--corpus", action="append", help="held-out text: a .txt or .jsonl file (repeatable)")
+    report.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for logit vs tuned (default 4096)")
+    report.add_argument("--align-tokens", type=int, default=4096, help="tokens for the alignment suite (default 4096)")
+    report.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
+
+    fit = sub.add_parser("fit-tuned-lens", help="fit a tuned lens and save it")
+    _model_options(fit)
+    fit.add_argument("--out", required=True, help="folder to save the lens in")
+    fit.add_argument("--corpus", action="append", help="training text: .txt or .jsonl files (default: the offline corpus)")
+    fit.add_argument("--max-tokens", type=int, default=65536, help="training tokens (default 65536)")
+    fit.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
+    fit.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("eval", help="held-out metrics per layer: logit lens vs tuned lens")
+    _model_options(ev)
+    ev.add_argument("--lens", default=None, help="a saved tuned lens folder (default: the cached one, fitted if missing)")
+    ev.add_argument("--no-tuned", action="store_true", help="evaluate the logit lens only")
+    ev.add_argument("--corpus", action="append", help="held-out text: .txt or .jsonl files")
+    ev.add_argument("--max-tokens", type=int, default=8192)
+    ev.add_argument("--out", default=None, help="also write the numbers to this .json file")
+
+    al = sub.add_parser("align", help="the alignment suite over a corpus")
+    _model_options(al)
+    al.add_argument("--corpus", action="append", help="text: .txt or .jsonl files")
+    al.add_argument("--max-tokens", type=int, default=16384)
+    al.add_argument("--out", default=None, help="also write the numbers to this .json file")
     return parser
+
+
+_COMMANDS = {None: _cmd_lens, "lens": _cmd_lens, "report": _cmd_report, "fit-tuned-lens": _cmd_fit,
+             "eval": _cmd_eval, "align": _cmd_align}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl-latentspaces`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return _cmd_lens(args)
-    except (ValueError, ModuleNotFoundError, FileNotFoundError, ImportError) as err:
+        return _COMMANDS[args.command](args)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"tl-latentspaces: error: {err}", file=sys.stderr)
         return 2
 
