@@ -59,3 +59,12 @@ def test_two_processes_equal_one(tmp_path):
     for key in a:
         if key != "world":
             torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=0, msg=key)
+
+
+def test_nested_state_encoding_round_trips():
+    state = {"cov": [{"mean": torch.arange(3.0), "n": 4}, {"mean": torch.zeros(2), "n": 0}], "pending": [],
+             "empty": {}, "name": "x", "pairs": {"0,1": (torch.ones(1), 2.5)}}
+    back = _decode_state(_encode_state(state))
+    assert torch.equal(back["cov"][0]["mean"], torch.arange(3.0)) and back["cov"][1]["n"] == 0
+    assert back["pending"] == [] and back["empty"] == {} and back["name"] == "x"
+    assert back["pairs"]["0,1"][1] == 2.5 and torch.equal(back["pairs"]["0,1"][0], torch.ones(1))

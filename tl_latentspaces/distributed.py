@@ -129,43 +129,90 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+_SEP = "|"
+
+
+def _flatten(value: Any, path: str, out: dict[str, torch.Tensor]) -> None:
+    """Nested dicts/lists of tensors and scalars as flat safetensors entries with typed paths."""
+    if isinstance(value, torch.Tensor):
+        out[path + _SEP + "t"] = value.detach().cpu().contiguous()
+    elif isinstance(value, dict):
+        out[path + _SEP + "d"] = torch.tensor(len(value))
+        for key, item in value.items():
+            key = str(key)
+            if _SEP in key:
+                raise ValueError(f"state keys may not contain {_SEP!r}: {key!r}")
+            _flatten(item, f"{path}{_SEP}k{key}", out)
+    elif isinstance(value, (list, tuple)):
+        out[path + _SEP + "l"] = torch.tensor(len(value))
+        for i, item in enumerate(value):
+            _flatten(item, f"{path}{_SEP}i{i}", out)
+    elif isinstance(value, bool):
+        out[path + _SEP + "b"] = torch.tensor(int(value))
+    elif isinstance(value, int):
+        out[path + _SEP + "n"] = torch.tensor(value, dtype=torch.int64)
+    elif isinstance(value, float):
+        out[path + _SEP + "f"] = torch.tensor(value, dtype=torch.float64)
+    elif isinstance(value, str):
+        out[path + _SEP + "s"] = torch.tensor(list(value.encode("utf-8")), dtype=torch.uint8)
+    elif value is None:
+        out[path + _SEP + "z"] = torch.zeros(0)
+    else:
+        raise TypeError(f"state entry {path!r} is a {type(value).__name__}; states hold tensors, numbers, "
+                        "strings, lists and dicts.")
+
+
+def _leaf(kind: str, t: torch.Tensor) -> Any:
+    return {"t": lambda: t, "b": lambda: bool(t.item()), "n": lambda: int(t.item()), "f": lambda: float(t.item()),
+            "s": lambda: bytes(t.tolist()).decode("utf-8"), "z": lambda: None}[kind]()
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> Any:
+    containers: dict[str, Any] = {}
+    leaves: list[tuple[list[str], Any]] = []
+    for key, t in flat.items():
+        parts = key.split(_SEP)
+        parent, kind = parts[:-1], parts[-1]
+        if kind == "d":
+            containers[_SEP.join(parent)] = {}
+        elif kind == "l":
+            containers[_SEP.join(parent)] = [None] * int(t.item())
+        else:
+            leaves.append((parent, _leaf(kind, t)))
+
+    def put(parent: list[str], value: Any) -> None:
+        owner = containers[_SEP.join(parent[:-1])]
+        last = parent[-1]
+        if last.startswith("k"):
+            owner[last[1:]] = value
+        else:
+            owner[int(last[1:])] = value
+
+    # Containers from the shallowest up, so every owner exists before its items are placed.
+    for path in sorted(containers, key=lambda p: p.count(_SEP)):
+        parts = path.split(_SEP)
+        if len(parts) > 1:
+            put(parts, containers[path])
+    for parent, value in leaves:
+        if len(parent) == 1:
+            containers[parent[0]] = value
+        else:
+            put(parent, value)
+    return containers[""]
+
+
 def _encode_state(state: dict[str, Any]) -> torch.Tensor:
     from safetensors.torch import save
 
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().cpu().contiguous()
-        elif isinstance(value, bool):
-            tensors[f"__bool__{key}"] = torch.tensor(int(value))
-        elif isinstance(value, int):
-            tensors[f"__int__{key}"] = torch.tensor(value, dtype=torch.int64)
-        elif isinstance(value, float):
-            tensors[f"__float__{key}"] = torch.tensor(value, dtype=torch.float64)
-        elif value is None:
-            tensors[f"__none__{key}"] = torch.zeros(0)
-        else:
-            raise TypeError(f"state entry {key!r} is a {type(value).__name__}; states hold tensors and numbers.")
-    return torch.frombuffer(bytearray(save(tensors)), dtype=torch.uint8)
+    flat: dict[str, torch.Tensor] = {}
+    _flatten(state, "", flat)
+    return torch.frombuffer(bytearray(save(flat)), dtype=torch.uint8)
 
 
 def _decode_state(buf: torch.Tensor) -> dict[str, Any]:
     from safetensors.torch import load
 
-    raw = load(bytes(buf.numpy().tobytes()))
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key.startswith("__bool__"):
-            out[key[8:]] = bool(value.item())
-        elif key.startswith("__int__"):
-            out[key[7:]] = int(value.item())
-        elif key.startswith("__float__"):
-            out[key[9:]] = float(value.item())
-        elif key.startswith("__none__"):
-            out[key[8:]] = None
-        else:
-            out[key] = value
-    return out
+    return _unflatten(load(bytes(buf.numpy().tobytes())))
 
 
 def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
