@@ -1,0 +1,843 @@
+"""Fitting a tuned lens fast: closed-form least squares, then Gauss-Newton steps on the KL.
+
+:func:`fit_tuned_lens` fits one affine translator per layer so that
+``ln_final(h_l + W_l h_l + b_l) @ W_U`` predicts the model's own next-token distribution. It works
+in three phases, each streaming or bounded in memory:
+
+1. **Collection.** The corpus is packed into ``seq_len``-token sequences; a deterministic
+   ``validation_fraction`` of them (at most 1024 tokens) is held out. The sequences run through
+   the model's own forward pass and the plugin's hooks capture every layer's ``resid_pre`` and
+   the final residual (:func:`~tl_latentspaces.corpus.stream_residuals`). Position 0 (BOS, an
+   attention sink) and *massive-activation* positions are left out: a position whose residual
+   norm at any layer exceeds ``massive_factor`` (default 6) times that layer's median norm over
+   the batch's other positions. (In SmolLM2-135M BOS sits at about 190x the median and about 2%
+   of the other positions, mostly document separators, at 5-75x; every other position stays
+   under 3x.) For the training positions the normal equations ``X^T X`` and ``X^T Y`` of each
+   layer (``X`` = ``[h_l, 1]``, ``Y`` = the final residual) accumulate in float64, so memory does
+   not grow with the number of tokens; a ``refine_tokens`` subset and the validation positions
+   are kept as float32 activations.
+2. **Closed form.** Per layer, ridge-regularised least squares of the final residual on
+   ``[h_l, 1]``, the penalty pulling ``W_l`` toward 0 (the translator toward the identity). The
+   ridge strength is chosen from ``ridge`` (relative to the mean squared activation) by the
+   validation KL.
+3. **Refinement on the real objective.** A few Gauss-Newton steps on KL(final || lens) through
+   the final norm and ``W_U``, with a Kronecker-factored curvature (Martens & Grosse 2015): the
+   input factor is the exact second-moment matrix from phase 1, the output factor the
+   Gauss-Newton matrix of the softmax averaged over the refinement tokens. Scores are computed in
+   chunks of rows over a working vocabulary (the ``refine_vocab`` tokens that carry the most
+   final probability mass on the refinement tokens, typically 98% of it), so memory stays bounded
+   and a step costs a few seconds per layer on a CPU. The step size is chosen on validation
+   tokens; a refined translator is kept only if its full-vocabulary validation KL beats the
+   closed form.
+
+The result is deterministic for a seed. With ``checkpoint_dir`` the fit saves its state after
+every few collected batches and every refined layer, and a later call with the same arguments
+resumes from there and returns the same lens as an uninterrupted run. On a GPU the vocabulary
+matmuls of the refinement run under ``torch.autocast`` (bfloat16); on a CPU everything runs in
+float32 and float64.
+
+Example:
+    >>> import tl_latentspaces as tll
+    >>> model = tll.load_default_model()  # doctest: +SKIP
+    >>> lens = tll.fit_tuned_lens(model)  # default offline corpus, about 3-4 minutes on 2 CPU cores  # doctest: +SKIP
+    >>> tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens).summary()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+
+from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.tuned_lens import ModelIdentity, TunedLens
+
+__all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
+
+_MAX_VALIDATION_TOKENS = 1024
+_CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (working vocabulary)
+_FULL_CHECK_TOKENS = 256  # of those, the ones whose full-vocabulary KL decides what is kept
+_VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
+_CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
+_CKPT_VERSION = 1
+
+
+class TunedLensFitError(RuntimeError):
+    """The fit cannot go on (a non-finite loss or statistic); the message names where."""
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings of one fit (saved in the lens's ``info`` and keyed into checkpoints)."""
+
+    max_tokens: int
+    seq_len: int
+    batch_size: int
+    validation_fraction: float
+    ridge: tuple[float, ...]
+    refine_steps: int
+    refine_tokens: int
+    refine_vocab: int
+    damping: float
+    massive_factor: float
+    seed: int
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    return value
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    return float(value)
+
+
+# ---------------------------------------------------------------------- norm and scores
+class _Readout:
+    """The final norm, ``W_U`` and ``b_U`` of one model, for fitting (float32, on ``device``)."""
+
+    def __init__(self, access: ModelAccess, device: torch.device):
+        self.access = access
+        self.device = device
+        self.W_U = access.W_U.detach().to(device, torch.float32)
+        b = access.b_U.detach().to(device, torch.float32)
+        self.b_U = b if bool(b.any()) else None
+        self.autocast = device.type == "cuda"
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.access.final_norm(h.to(self.access.device)).to(self.device)
+
+    def logits(self, n: torch.Tensor, W: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        W = self.W_U if W is None else W
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                z = (n @ W).float()
+        else:
+            z = n @ W
+        return z if b is None else z + b
+
+    @property
+    def _has_norm(self) -> bool:
+        return getattr(self.access.cfg, "normalization_type", None) is not None
+
+    def _rms(self, h: torch.Tensor) -> torch.Tensor:
+        """The per-row scale the final norm divides by (after centring, for LayerNorm)."""
+        if not self._has_norm:
+            return torch.ones(*h.shape[:-1], 1, dtype=h.dtype, device=h.device)
+        if str(getattr(self.access.cfg, "normalization_type", "")).startswith("LN"):
+            h = h - h.mean(-1, keepdim=True)
+        return (h.pow(2).mean(-1, keepdim=True) + float(getattr(self.access.cfg, "eps", 1e-5))).sqrt()
+
+    def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(J^T g, rms)`` for ``n = ln_final(h)``: the exact gradient through the norm, and the
+        per-row scale with ``J ~ diag(gain) / rms`` (the norm's Jacobian without its projection)."""
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.norm(h), h, g)
+        return grad, self._rms(h.detach())
+
+    def gain(self) -> torch.Tensor:
+        """The per-feature gain of the final norm (its weight; ones without a norm or when folded).
+
+        Read off the norm itself, so LayerNorm, RMSNorm, folded (``LNPre``) and missing norms
+        need no knowledge of parameter names: for a zero-mean vector ``v`` of ``+-1``,
+        ``(norm(v) - norm(-v)) / 2 = gain * v / rms(v)`` (any bias cancels).
+        """
+        d = self.access.d_model
+        if not self._has_norm:
+            return torch.ones(d, device=self.device)
+        v = torch.ones(1, d, device=self.device)
+        v[0, 1::2] = -1.0
+        v = v - v.mean()
+        half_diff = (self.norm(v) - self.norm(-v)) / 2
+        return (half_diff * self._rms(v) / v)[0]
+
+
+# ---------------------------------------------------------------------- the fit
+def fit_tuned_lens(
+    model: Any,
+    corpus: Any = None,
+    *,
+    max_tokens: int = 32768,
+    seq_len: Optional[int] = None,
+    batch_size: int = 16,
+    validation_fraction: float = 0.1,
+    ridge: Union[float, Sequence[float]] = (1e-3, 1e-2, 1e-1),
+    refine_steps: int = 2,
+    refine_tokens: int = 8192,
+    refine_vocab: int = 2048,
+    damping: float = 10.0,
+    massive_factor: float = 6.0,
+    seed: int = 0,
+    checkpoint_dir: Union[str, os.PathLike, None] = None,
+    checkpoint_every: int = 8,
+    device: Union[str, torch.device, None] = None,
+    progress: bool = True,
+) -> TunedLens:
+    """Fit a tuned lens for ``model`` on ``corpus``: closed form, then Gauss-Newton on the KL.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode (or a
+            :class:`~tl_latentspaces.ModelAccess`).
+        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``) or a ``[n, seq_len]``
+            token tensor; default the training split of the offline default corpus.
+        max_tokens: Use at most this many tokens (whole sequences).
+        seq_len: Tokens per sequence, BOS included (default 128, or the width of a token
+            tensor).
+        batch_size: Sequences per forward pass.
+        validation_fraction: Share of the sequences held out (at most 1024 tokens) to choose
+            the ridge and step sizes and to check the refinement.
+        ridge: Relative ridge strengths to choose from (a float for a single one); the
+            penalty on ``W_l`` is ``ridge * n * mean(h_l ** 2)`` (at least ``1e-9`` times that,
+            for numerical stability).
+        refine_steps: Gauss-Newton steps on the KL per layer (0 keeps the closed form).
+        refine_tokens: Training tokens whose activations are kept for the refinement.
+        refine_vocab: Size of the working vocabulary of the refinement.
+        damping: Levenberg-Marquardt damping of the output curvature, relative to its mean
+            diagonal (larger = shorter, safer steps).
+        massive_factor: A position whose residual norm at some layer exceeds this multiple of
+            the layer's median is left out of the fit.
+        seed: Seeds the validation split and the choice of refinement tokens.
+        checkpoint_dir: Folder for checkpoints; a fit with the same model, data and settings
+            resumes from it.
+        checkpoint_every: Save the collection state every this many batches.
+        device: Where to fit (default the model's device).
+        progress: Show progress bars (tokens collected; layers refined, with the running KL).
+
+    Returns:
+        A :class:`~tl_latentspaces.TunedLens` on ``device``; ``lens.info["fit"]`` records the
+        settings, the chosen ridges and the validation KL of every layer.
+
+    Raises:
+        ValueError: On a bad setting, an empty corpus, or too few tokens to determine the
+            translators (the message gives the minimum), or a checkpoint of another fit.
+        TunedLensFitError: If a loss or statistic becomes NaN or infinite; the message names the
+            layer and step, and the last good checkpoint stays in ``checkpoint_dir``.
+
+    Example:
+        >>> lens = fit_tuned_lens(model, ["A long training text ..."] * 100, max_tokens=16384)  # doctest: +SKIP
+        >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
+    """
+    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+
+    started = time.perf_counter()
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access.require_eval("fit_tuned_lens")
+    _check_int("max_tokens", max_tokens, 2)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("refine_steps", refine_steps, 0)
+    _check_int("refine_tokens", refine_tokens, 1)
+    _check_int("refine_vocab", refine_vocab, 2)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    _check_int("seed", seed, 0)
+    validation_fraction = _check_float("validation_fraction", validation_fraction, 0.0, 0.5, low_open=True)
+    damping = _check_float("damping", damping, 0.0, low_open=True)
+    massive_factor = _check_float("massive_factor", massive_factor, 1.0, low_open=True)
+    ridges = (ridge,) if isinstance(ridge, (int, float)) and not isinstance(ridge, bool) else tuple(ridge)
+    if not ridges:
+        raise ValueError("ridge is empty; pass a relative ridge strength such as 1e-2, or a few of them.")
+    ridges = tuple(_check_float("each ridge strength", r, 0.0) for r in ridges)
+    if corpus is None:
+        corpus = default_corpus("train")
+    if seq_len is None:
+        seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
+    _check_int("seq_len", seq_len, 3)
+    if isinstance(corpus, (list, tuple)) and not corpus:
+        raise ValueError(
+            "the corpus is empty: pass texts (a list of strings), file paths or a [n, seq_len] "
+            "token tensor, or None for the default offline corpus."
+        )
+    dev = torch.device(device) if device is not None else access.device
+    settings = FitSettings(
+        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+        validation_fraction=validation_fraction, ridge=ridges, refine_steps=refine_steps,
+        refine_tokens=refine_tokens, refine_vocab=refine_vocab, damping=damping,
+        massive_factor=massive_factor, seed=seed,
+    )
+    seqs = tokenize_corpus(access, corpus, seq_len=seq_len, max_tokens=max_tokens)
+    if seqs.shape[0] < 2:
+        raise ValueError(
+            f"the corpus gives {seqs.shape[0]} sequence of seq_len={seq_len} tokens; a fit needs at "
+            "least 2 (one held out for validation) and, to determine the translators, at least "
+            f"{2 * (access.d_model + 1)} training positions. Pass more text or a smaller seq_len."
+        )
+    n_val = _n_validation(seqs.shape[0], seq_len, validation_fraction)
+    min_train = 2 * (access.d_model + 1)
+    if (seqs.shape[0] - n_val) * (seq_len - 1) < min_train:
+        raise ValueError(
+            f"the corpus gives {seqs.shape[0]} sequences of {seq_len} tokens, {n_val} of them held out: "
+            f"at most {(seqs.shape[0] - n_val) * (seq_len - 1)} training positions (position 0 is left "
+            f"out), but a translator for d_model={access.d_model} needs at least {min_train} "
+            f"(2 x (d_model + 1)). Pass more text (about {math.ceil(min_train / (seq_len - 1)) + n_val + 1} "
+            "sequences' worth) or a larger max_tokens."
+        )
+    identity = ModelIdentity.of(access)
+    ckpt = _Checkpoint(checkpoint_dir, settings, identity, seqs, every=checkpoint_every) if checkpoint_dir is not None else None
+    order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    n_refine_seq = min(len(train_idx), math.ceil(refine_tokens / (seq_len - 1))) if refine_steps else 0
+    readout = _Readout(access, dev)
+
+    phases = {}
+    t0 = time.perf_counter()
+    stats = _collect(access, seqs, val_idx, train_idx, n_refine_seq, settings, dev, ckpt, progress)
+    phases["collect"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    work = _prepare(readout, stats, settings)
+    weight, bias, report = _closed_form(stats, readout, work, settings, access, ckpt)
+    phases["closed_form"] = time.perf_counter() - t0
+    if refine_steps:
+        t0 = time.perf_counter()
+        weight, bias, report = _refine(stats, readout, work, settings, access, weight, bias, report, ckpt, progress)
+        phases["refine"] = time.perf_counter() - t0
+    # Timings describe this call (a resumed fit times only what it redid).
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    report["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
+    report["n_train_positions"] = int(stats.n)
+    report["n_validation_positions"] = int(stats.val.shape[1])
+    report["settings"] = asdict(settings)
+    lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": _jsonable(report)})
+    if ckpt is not None:
+        ckpt.mark_done()
+    return lens.to(dev)
+
+
+def _n_validation(n_seq: int, seq_len: int, fraction: float) -> int:
+    cap = max(1, math.ceil(_MAX_VALIDATION_TOKENS / (seq_len - 1)))
+    return max(1, min(round(fraction * n_seq), cap, n_seq - 1))
+
+
+# ---------------------------------------------------------------------- phase 1: collection
+@dataclass
+class _Stats:
+    """What collection keeps: float64 normal equations and float32 activation subsets."""
+
+    XtX: torch.Tensor  # [L, d+1, d+1] float64
+    XtY: torch.Tensor  # [L, d+1, d] float64
+    n: int  # training positions accumulated
+    val: torch.Tensor  # [L+1, n_val_pos, d] float32
+    refine: torch.Tensor  # [L+1, n_ref_pos, d] float32
+    batches_done: int
+    n_excluded: int
+
+
+def _keep_mask(stack: torch.Tensor, factor: float) -> torch.Tensor:
+    """``[batch, pos]``: positions to fit on. Position 0 and massive-activation positions are out.
+
+    A position is massive when its residual norm at some stack entry exceeds ``factor`` times
+    that entry's median norm over the batch's positions 1.. (the median ignores the outliers it
+    is meant to find).
+    """
+    norms = stack.float().norm(dim=-1)  # [E, B, S]
+    body = norms[:, :, 1:]
+    median = body.reshape(body.shape[0], -1).median(dim=1).values.clamp_min(1e-12)
+    massive = (norms > factor * median[:, None, None]).any(0)
+    keep = ~massive
+    keep[:, 0] = False
+    return keep
+
+
+def _collect(
+    access: ModelAccess,
+    seqs: torch.Tensor,
+    val_idx: torch.Tensor,
+    train_idx: torch.Tensor,
+    n_refine_seq: int,
+    settings: FitSettings,
+    dev: torch.device,
+    ckpt: Optional["_Checkpoint"],
+    progress: bool,
+) -> _Stats:
+    from tqdm.auto import tqdm
+
+    from tl_latentspaces.corpus import stream_residuals
+
+    L, d = access.n_layers, access.d_model
+    names = dict(access.stack_sites())
+    B = settings.batch_size
+    # Validation batches first, then training batches whose first sequences form the refinement
+    # subset: every cached subset is complete early, no batch mixes validation and training
+    # sequences, and a resumed run sees the same batches in the same order.
+    batches = [val_idx[i : i + B] for i in range(0, len(val_idx), B)]
+    n_val_batches = len(batches)
+    batches += [train_idx[i : i + B] for i in range(0, len(train_idx), B)]
+    refine_seq = set(train_idx[:n_refine_seq].tolist())
+
+    state = ckpt.load_collect(dev) if ckpt is not None else None
+    if state is None:
+        state = _Stats(
+            XtX=torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev),
+            XtY=torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev),
+            n=0,
+            val=torch.zeros(L + 1, 0, d, device=dev),
+            refine=torch.zeros(L + 1, 0, d, device=dev),
+            batches_done=0,
+            n_excluded=0,
+        )
+    todo = sum(len(b) for b in batches[state.batches_done :]) * seqs.shape[1]
+    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok", disable=not progress)
+    val_parts, ref_parts = [state.val], [state.refine]
+    try:
+        for bi in range(state.batches_done, len(batches)):
+            seq_ids = batches[bi]
+            for ids, stack in stream_residuals(access, seqs[seq_ids], names, batch_size=len(seq_ids), progress=False):
+                keep = _keep_mask(stack, settings.massive_factor)
+                state.n_excluded += int((~keep[:, 1:]).sum())
+                rows = stack[:, keep].to(dev, torch.float32)  # [L+1, n_keep, d]
+                if bi < n_val_batches:
+                    val_parts.append(rows)
+                else:
+                    in_ref = torch.tensor([int(i) in refine_seq for i in seq_ids], device=keep.device)
+                    if bool(in_ref.any()):
+                        ref_parts.append(stack[:, keep & in_ref[:, None]].to(dev, torch.float32))
+                    _accumulate(state, rows, bi)
+                bar.update(ids.numel())
+            state.batches_done = bi + 1
+            if ckpt is not None and (state.batches_done % ckpt.every == 0 or state.batches_done == len(batches)):
+                state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
+                val_parts, ref_parts = [state.val], [state.refine]
+                ckpt.save_collect(state)
+    finally:
+        bar.close()
+    state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
+    if state.val.shape[1] == 0:
+        raise ValueError(
+            "every validation position was left out (position 0 or a massive activation); pass more "
+            f"text or a larger massive_factor (now {settings.massive_factor})."
+        )
+    if state.n < 2 * (d + 1):
+        raise ValueError(
+            f"only {state.n} training positions remain after leaving out position 0 and "
+            f"{state.n_excluded} massive-activation positions; a translator for d_model={d} needs at "
+            f"least {2 * (d + 1)}. Pass more text or a larger massive_factor (now {settings.massive_factor})."
+        )
+    return state
+
+
+def _accumulate(state: _Stats, rows: torch.Tensor, batch: int) -> None:
+    """Add one batch's training rows to the float64 normal equations of every layer."""
+    if rows.shape[1] == 0:
+        return
+    Y = rows[-1].double()
+    ones = torch.ones(Y.shape[0], 1, dtype=torch.float64, device=Y.device)
+    for layer in range(rows.shape[0] - 1):
+        X = torch.cat([rows[layer].double(), ones], 1)
+        state.XtX[layer].addmm_(X.T, X)
+        state.XtY[layer].addmm_(X.T, Y)
+    if not (torch.isfinite(state.XtX).all() and torch.isfinite(state.XtY).all()):
+        raise TunedLensFitError(
+            f"the normal equations became non-finite at collection batch {batch}: the residual stream "
+            "holds values too large for float64 sums. Check the model's weights, or lower massive_factor "
+            "to leave out more outlier positions."
+        )
+    state.n += Y.shape[0]
+
+
+# ---------------------------------------------------------------------- validation helpers
+@dataclass
+class _Targets:
+    """The final distribution of a set of positions: full (``log_p``) or on a working vocabulary."""
+
+    log_p: Optional[torch.Tensor]  # [n, V] full-vocabulary log-probabilities, or None
+    p_k: torch.Tensor  # [n, K] final probabilities renormalised on the working vocabulary
+    log_p_k: torch.Tensor  # [n, K]
+    u_k: torch.Tensor  # [n, d] = p_k @ W_k.T
+
+
+def _final_log_probs(readout: _Readout, final: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    out = []
+    for s in range(0, final.shape[0], chunk):
+        out.append(torch.log_softmax(readout.logits(readout.norm(final[s : s + chunk]), b=readout.b_U), -1))
+    return torch.cat(out, 0)
+
+
+def _working_vocab(readout: _Readout, final: torch.Tensor, size: int, chunk: int = 512) -> torch.Tensor:
+    """The ``size`` tokens with the most final probability mass over ``final``'s positions."""
+    V = readout.W_U.shape[1]
+    if size >= V:
+        return torch.arange(V, device=readout.device)
+    mass = torch.zeros(V, dtype=torch.float64, device=readout.device)
+    for s in range(0, final.shape[0], chunk):
+        z = readout.logits(readout.norm(final[s : s + chunk]), b=readout.b_U)
+        mass += torch.softmax(z, -1).double().sum(0)
+    # Ties broken by token id, so the choice is deterministic.
+    return torch.sort(torch.argsort(-mass, stable=True)[:size]).values
+
+
+def _restricted_targets(readout: _Readout, final: torch.Tensor, work: "_Work", full_rows: int = 0,
+                        chunk: int = 512) -> _Targets:
+    """The final distribution of ``final``'s positions, renormalised on the working vocabulary
+    (from the working columns of ``W_U`` only), and over the full vocabulary for the first
+    ``full_rows`` positions."""
+    log_p, p_k, log_p_k, u_k = [], [], [], []
+    for s in range(0, final.shape[0], chunk):
+        n = readout.norm(final[s : s + chunk])
+        if s < full_rows:
+            log_p.append(torch.log_softmax(readout.logits(n[: full_rows - s], b=readout.b_U), -1))
+        lk = torch.log_softmax(readout.logits(n, work.W_k, work.b_k), -1)
+        pk = lk.exp()
+        log_p_k.append(lk)
+        p_k.append(pk)
+        u_k.append(pk @ work.W_k.T)
+    return _Targets(
+        log_p=torch.cat(log_p, 0) if log_p else None,
+        p_k=torch.cat(p_k, 0), log_p_k=torch.cat(log_p_k, 0), u_k=torch.cat(u_k, 0),
+    )
+
+
+@dataclass
+class _Work:
+    """The working vocabulary and the targets both fitting phases read."""
+
+    vocab: torch.Tensor  # [K] token ids
+    W_k: torch.Tensor  # [d, K]
+    b_k: Optional[torch.Tensor]  # [K]
+    val: Optional[_Targets] = None  # the check positions (full and working vocabulary)
+    refine: Optional[_Targets] = None  # the refinement positions (working vocabulary)
+
+
+def _prepare(readout: _Readout, stats: _Stats, settings: FitSettings) -> _Work:
+    # The vocabulary is chosen from (at most) 1024 positions' full distributions; the targets of
+    # all other positions then need only the working columns of W_U.
+    source = stats.refine[-1] if stats.refine.shape[1] else stats.val[-1]
+    vocab = _working_vocab(readout, source[:_VOCAB_TOKENS], settings.refine_vocab)
+    W_k = readout.W_U[:, vocab].contiguous()
+    b_k = readout.b_U[vocab] if readout.b_U is not None else None
+    work = _Work(vocab=vocab, W_k=W_k, b_k=b_k)
+    work.val = _restricted_targets(readout, stats.val[-1, :_CHECK_TOKENS], work, full_rows=_FULL_CHECK_TOKENS)
+    if settings.refine_steps and stats.refine.shape[1]:
+        work.refine = _restricted_targets(readout, stats.refine[-1], work)
+    return work
+
+
+def _translate(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x + torch.addmm(b, x, W.T)
+
+
+def _kl(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, log_p: torch.Tensor,
+        W_k: Optional[torch.Tensor] = None, b_k: Optional[torch.Tensor] = None, chunk: int = 512) -> float:
+    """Mean KL(final || lens) over ``x``'s rows, on the full vocabulary or on ``W_k``'s columns."""
+    total = 0.0
+    for s in range(0, x.shape[0], chunk):
+        n = readout.norm(_translate(x[s : s + chunk], W, b))
+        z = readout.logits(n, W_k, b_k) if W_k is not None else readout.logits(n, b=readout.b_U)
+        lq = torch.log_softmax(z, -1)
+        lp = log_p[s : s + chunk]
+        total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+    return total / x.shape[0]
+
+
+# ---------------------------------------------------------------------- phase 2: closed form
+def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, n: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares toward the identity: ``(W, b)`` with ``Y ~ X + X W^T + b``."""
+    d = XtY.shape[1]
+    scale = XtX.diagonal()[:d].mean()
+    # A floor of 1e-9 keeps "no ridge" solvable when the residual never leaves a subspace
+    # (e.g. centred writing weights): the unseen directions then keep the identity.
+    lam = max(alpha, 1e-9) * scale
+    pen = torch.ones(d + 1, dtype=XtX.dtype, device=XtX.device)
+    pen[d] = 0.0  # the intercept is not penalised
+    # Solve for A = [I + W^T; b^T] with the penalty on (A - I): weight decay toward the identity.
+    eye = torch.zeros(d + 1, d, dtype=XtX.dtype, device=XtX.device)
+    eye[:d] = torch.eye(d, dtype=XtX.dtype, device=XtX.device)
+    lhs = XtX + torch.diag(lam * pen)
+    rhs = XtY + lam * eye
+    A = torch.linalg.solve(lhs, rhs)
+    W = (A[:d] - eye[:d]).T.contiguous()
+    return W, A[d].clone()
+
+
+def _closed_form(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess,
+                 ckpt: Optional["_Checkpoint"]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    L, d = access.n_layers, access.d_model
+    saved = ckpt.load_lens("closed_form", readout.device) if ckpt is not None else None
+    if saved is not None:
+        return saved
+    check = stats.val[:, :_CHECK_TOKENS]
+    targets, W_k, b_k = work.val, work.W_k, work.b_k
+    weight = torch.zeros(L, d, d, dtype=torch.float64, device=readout.device)
+    bias = torch.zeros(L, d, dtype=torch.float64, device=readout.device)
+    chosen, val_kl = [], []
+    for layer in range(L):
+        best = None
+        for alpha in settings.ridge:
+            W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], stats.n, alpha)
+            if len(settings.ridge) == 1:
+                best = (0.0, alpha, W, b)
+                break
+            k = _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, W_k, b_k)
+            if not math.isfinite(k):
+                raise TunedLensFitError(
+                    f"the validation KL of the closed-form translator of layer {layer} (ridge {alpha}) is "
+                    f"{k}; the normal equations are ill-conditioned. Pass larger ridge values, e.g. ridge=(0.1, 1.0)."
+                )
+            if best is None or k < best[0]:
+                best = (k, alpha, W, b)
+        weight[layer], bias[layer] = best[2], best[3]
+        chosen.append(best[1])
+        val_kl.append(_kl(readout, check[layer, :_FULL_CHECK_TOKENS], best[2].float(), best[3].float(), targets.log_p))
+    report = {"ridge_chosen": chosen, "val_kl_closed_form": val_kl}
+    if not all(math.isfinite(k) for k in val_kl):
+        bad = [i for i, k in enumerate(val_kl) if not math.isfinite(k)]
+        raise TunedLensFitError(
+            f"the closed-form translators of layers {bad} give a non-finite validation KL. Pass larger ridge "
+            "values, e.g. ridge=(0.1, 1.0), or check the model's activations."
+        )
+    if ckpt is not None:
+        ckpt.save_lens("closed_form", weight, bias, report, layers_done=L)
+    return weight, bias, report
+
+
+# ---------------------------------------------------------------------- phase 3: refinement
+def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, W_k: torch.Tensor,
+                        b_k: Optional[torch.Tensor], tgt: _Targets, gain: torch.Tensor, chunk: int = 1024):
+    """Loss, gradient and Kronecker output factor of the working-vocabulary KL at ``(W, b)``.
+
+    Returns ``(loss, G [d, d+1], F [d, d])``: ``G`` the gradient w.r.t. ``[W | b]``; ``F`` the
+    softmax's Gauss-Newton matrix ``W_k (diag q - q q^T) W_k^T`` mapped through the norm's
+    Jacobian (approximated as ``diag(gain) / rms``), averaged over rows.
+    """
+    d = x.shape[1]
+    dev = x.device
+    G = torch.zeros(d, d + 1, dtype=torch.float64, device=dev)
+    q_sum = torch.zeros(W_k.shape[1], dtype=torch.float64, device=dev)
+    M = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    loss = 0.0
+    N = x.shape[0]
+    for s in range(0, N, chunk):
+        xs = x[s : s + chunk]
+        h = _translate(xs, W, b)
+        n = readout.norm(h)
+        z = readout.logits(n, W_k, b_k)
+        lq = torch.log_softmax(z, -1)
+        q = lq.exp()
+        p, lp = tgt.p_k[s : s + chunk], tgt.log_p_k[s : s + chunk]
+        loss += float((p * (lp - lq)).sum(dtype=torch.float64))
+        m = q @ W_k.T  # E_q[unembedding], [rows, d]
+        gh, scale = readout.norm_vjp(h, m - tgt.u_k[s : s + chunk])
+        # Chunk products in float32 (these are curvature and gradient estimates), sums in float64.
+        xt = torch.cat([xs, torch.ones(xs.shape[0], 1, device=dev)], 1)
+        G += (gh.T @ xt).double()
+        q_sum += (q / scale.pow(2)).sum(0).double()
+        ms = m / scale
+        M += (ms.T @ ms).double()
+    G /= N
+    Wd = W_k.double()
+    F = (Wd * q_sum) @ Wd.T - M
+    g = gain.double()
+    F = g[:, None] * F * g[None, :] / N
+    return loss / N, G, F
+
+
+def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess, weight: torch.Tensor,
+            bias: torch.Tensor, report: dict, ckpt: Optional["_Checkpoint"], progress: bool):
+    from tqdm.auto import tqdm
+
+    L, d = access.n_layers, access.d_model
+    if stats.refine.shape[1] == 0:
+        report["refined"] = [False] * L
+        return weight, bias, report
+    start_layer = 0
+    saved = ckpt.load_lens("refine", readout.device) if ckpt is not None else None
+    if saved is not None:
+        weight, bias, report = saved
+        start_layer = int(report.get("layers_refined", 0))
+    weight, bias = weight.clone(), bias.clone()
+    W_k, b_k, ref_t, val_t, vocab = work.W_k, work.b_k, work.refine, work.val, work.vocab
+    check = stats.val[:, :_CHECK_TOKENS]
+    gain = readout.gain()
+    report.setdefault("val_kl_refined", list(report["val_kl_closed_form"]))
+    report.setdefault("refined", [False] * L)
+    report.setdefault("train_kl_refine", [None] * L)
+    report["refine_vocab_mass"] = float(val_t.log_p[:, vocab].exp().sum(-1).mean())
+    n_total = stats.n
+    bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL", disable=not progress)
+    done_kl: list[float] = [k for k in report["val_kl_refined"][:start_layer]]
+    try:
+        for layer in range(start_layer, L):
+            x = stats.refine[layer]
+            xv = check[layer]
+            Sx = stats.XtX[layer] / n_total
+            lam_x = Sx.diagonal()[:d].mean()
+            pen = torch.ones(d + 1, dtype=torch.float64, device=Sx.device)
+            pen[d] = 0.0
+            Sx_damped = Sx + torch.diag(lam_x * pen)
+            W = weight[layer].float()
+            b = bias[layer].float()
+            cur_val = _kl(readout, xv, W, b, val_t.log_p_k, W_k, b_k)
+            train_kl = None
+            for step in range(settings.refine_steps):
+                loss, G, F = _gauss_newton_stats(readout, x, W, b, W_k, b_k, ref_t, gain)
+                train_kl = loss
+                if not (math.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(F).all()):
+                    raise TunedLensFitError(
+                        f"the KL loss became {loss} at layer {layer}, refinement step {step} "
+                        f"(non-finite loss, gradient or curvature). "
+                        + (f"The last good checkpoint (layers 0..{layer - 1} refined) is kept in {ckpt.folder}. "
+                           if ckpt is not None else "")
+                        + "Fix: pass refine_steps=0 to keep the closed-form lens, or a larger damping; "
+                        "check the model's activations for overflow (a half-precision model?)."
+                    )
+                lam_f = settings.damping * F.diagonal().mean().clamp_min(1e-30)
+                F_damped = F + lam_f * torch.eye(d, dtype=torch.float64, device=F.device)
+                delta = torch.linalg.solve(F_damped, G)  # F^-1 G
+                delta = torch.linalg.solve(Sx_damped, delta.T).T  # F^-1 G Sx^-1
+                best = None
+                for eta in (1.0, 0.5, 0.25):
+                    W2 = W - eta * delta[:, :d].float()
+                    b2 = b - eta * delta[:, d].float()
+                    k = _kl(readout, xv, W2, b2, val_t.log_p_k, W_k, b_k)
+                    if math.isfinite(k) and (best is None or k < best[0]):
+                        best = (k, W2, b2)
+                bar.update(1)
+                bar.set_postfix(layer=layer, train_kl=f"{loss:.3f}", val_kl=f"{cur_val:.3f}")
+                if best is None or best[0] >= cur_val:
+                    bar.update(settings.refine_steps - step - 1)
+                    break
+                cur_val, W, b = best
+            # Keep the refinement only where it beats the closed form on the full vocabulary.
+            full = _kl(readout, xv[:_FULL_CHECK_TOKENS], W, b, val_t.log_p)
+            if not math.isfinite(full):
+                raise TunedLensFitError(
+                    f"the validation KL of layer {layer} became {full} after refinement. "
+                    + (f"The last good checkpoint is kept in {ckpt.folder}. " if ckpt is not None else "")
+                    + "Fix: pass refine_steps=0 or a larger damping."
+                )
+            if full < report["val_kl_closed_form"][layer]:
+                weight[layer], bias[layer] = W.double(), b.double()
+                report["val_kl_refined"][layer] = full
+                report["refined"][layer] = True
+            report["train_kl_refine"][layer] = train_kl
+            report["layers_refined"] = layer + 1
+            done_kl.append(report["val_kl_refined"][layer])
+            bar.set_postfix(layer=layer, mean_val_kl=f"{sum(done_kl) / len(done_kl):.3f}")
+            if ckpt is not None:
+                ckpt.save_lens("refine", weight, bias, report, layers_done=layer + 1)
+    finally:
+        bar.close()
+    return weight, bias, report
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+class _Checkpoint:
+    """A folder holding the fit's state: ``state.json`` plus safetensors files it names.
+
+    Tensor files are written under new names first and ``state.json`` is replaced atomically
+    last, so a crash at any moment leaves the previous consistent state.
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
+                 seqs: torch.Tensor, every: int):
+        self.folder = Path(folder)
+        self.every = every
+        h = hashlib.sha256()
+        h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+        h.update(json.dumps(asdict(identity), sort_keys=True).encode())
+        h.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
+        self.key = h.hexdigest()[:24]
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"checkpoint_dir {str(self.folder)!r} exists and is not a folder; pass a folder path.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        if state is not None and state.get("key") != self.key:
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (other model, "
+                "corpus or settings); resuming it would mix two fits. Pass an empty folder, or delete "
+                "this one to start over."
+            )
+
+    def _state(self) -> Optional[dict]:
+        path = self.folder / "state.json"
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path}: {err}. Delete the checkpoint folder to start over.") from err
+        if state.get("format") != _CKPT_FORMAT or state.get("version") != _CKPT_VERSION:
+            raise ValueError(f"{path} is not a tuned-lens fit checkpoint of this version; delete it to start over.")
+        return state
+
+    def _write(self, phase: str, tensors: dict, extra: dict) -> None:
+        from safetensors.torch import save_file
+
+        state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key, "files": {}}
+        counter = int(state.get("counter", 0)) + 1
+        name = f"{phase}-{counter:06d}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        old = state["files"].get(phase)
+        state["files"][phase] = name
+        state["counter"] = counter
+        state[phase] = extra
+        tmp_json = self.folder / ".state.json.tmp"
+        tmp_json.write_text(json.dumps(state, indent=1))
+        os.replace(tmp_json, self.folder / "state.json")
+        if old and old != name:
+            (self.folder / old).unlink(missing_ok=True)
+        _checkpoint_saved(phase, extra)
+
+    def _read(self, phase: str, device: torch.device) -> Optional[tuple[dict, dict]]:
+        from safetensors.torch import load_file
+
+        state = self._state()
+        if state is None or phase not in state.get("files", {}):
+            return None
+        tensors = load_file(str(self.folder / state["files"][phase]))
+        return {k: v.to(device) for k, v in tensors.items()}, state[phase]
+
+    def save_collect(self, stats: _Stats) -> None:
+        self._write(
+            "collect",
+            {"XtX": stats.XtX, "XtY": stats.XtY, "val": stats.val, "refine": stats.refine},
+            {"n": stats.n, "batches_done": stats.batches_done, "n_excluded": stats.n_excluded},
+        )
+
+    def load_collect(self, device: torch.device) -> Optional[_Stats]:
+        got = self._read("collect", device)
+        if got is None:
+            return None
+        t, extra = got
+        return _Stats(XtX=t["XtX"], XtY=t["XtY"], n=int(extra["n"]), val=t["val"], refine=t["refine"],
+                      batches_done=int(extra["batches_done"]), n_excluded=int(extra["n_excluded"]))
+
+    def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict, layers_done: int) -> None:
+        self._write(phase, {"weight": weight, "bias": bias}, {"report": _jsonable(report), "layers_done": layers_done})
+
+    def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
+        got = self._read(phase, device)
+        if got is None:
+            return None
+        t, extra = got
+        return t["weight"], t["bias"], extra["report"]
+
+    def mark_done(self) -> None:
+        state = self._state()
+        if state is not None:
+            state["done"] = True
+            tmp_json = self.folder / ".state.json.tmp"
+            tmp_json.write_text(json.dumps(state, indent=1))
+            os.replace(tmp_json, self.folder / "state.json")
+
+
+def _checkpoint_saved(phase: str, extra: dict) -> None:
+    """Called after every checkpoint write (a seam for tests that interrupt a fit)."""

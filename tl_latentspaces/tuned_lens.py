@@ -1,0 +1,845 @@
+"""The tuned lens (Belrose et al. 2023): one affine translator per layer before the logit lens.
+
+A tuned lens reads layer ``l``'s residual stream ``h`` (``blocks.{l}.hook_resid_pre``, stack label
+``"{l}_pre"``) as ``ln_final(h + W_l h + b_l) @ W_U + b_U``: the same final norm and unembedding
+as the logit lens, after a learned affine map that translates ``h`` into the basis the final
+layer speaks. The final entry (``"final_post"``) has no translator: it already is the stream the
+unembedding reads.
+
+* :class:`TunedLens` holds the translators only; the model's weights are never part of its
+  parameters. It records the identity of the model it was fitted for (name, sizes and a hash of
+  the unembedding) and refuses another model.
+* It plugs into this package's readout (``read_lenses(model, input, lenses=("logit", lens))``,
+  :func:`tuned_lens`, ``lens_session``) through ``bind(access)``, and into TransformerLens 4.3's
+  ``transformer_lens.tools.analysis.logit_lens(model, input, lens=lens)`` as the callable
+  ``lens(entry, index)``.
+* ``save``/``load`` use a folder with a JSON config and safetensors parameters, written
+  atomically. ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the
+  ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``), reading
+  ``params.pt`` with ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
+* :func:`default_tuned_lens` fits the default model's lens once and caches it.
+
+Fitting lives in :mod:`tl_latentspaces.fitting`; nothing here imports an optimizer.
+
+Example:
+    >>> import tl_latentspaces as tll
+    >>> model = tll.load_default_model()  # doctest: +SKIP
+    >>> lens = tll.fit_tuned_lens(model, ["Some training text ..."] * 50)  # doctest: +SKIP
+    >>> r = tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens, targets=" Paris")  # doctest: +SKIP
+    >>> lens.save("smollm2-tuned")  # doctest: +SKIP
+    >>> same = tll.TunedLens.load("smollm2-tuned", model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+
+from tl_latentspaces.model import ModelAccess
+
+__all__ = [
+    "ModelIdentity",
+    "TunedLens",
+    "BoundTunedLens",
+    "tuned_lens",
+    "default_tuned_lens",
+    "CONFIG_FILE",
+    "PARAMS_FILE",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: Our folder format: a JSON config and a safetensors file.
+CONFIG_FILE = "tuned_lens.json"
+PARAMS_FILE = "tuned_lens.safetensors"
+_FORMAT = "tl_latentspaces.tuned_lens"
+_FORMAT_VERSION = 1
+
+#: The ``tuned-lens`` package's folder format (``TunedLens.save`` in tuned-lens 0.2).
+PKG_CONFIG_FILE = "config.json"
+PKG_PARAMS_FILE = "params.pt"
+_PKG_LENS_TYPE = "linear_tuned_lens"
+
+
+def _access(model: Any) -> ModelAccess:
+    return model if isinstance(model, ModelAccess) else ModelAccess(model)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a saved lens records about the model it was fitted for.
+
+    Attributes:
+        name: The model's name (``cfg.model_name``).
+        n_layers: Number of layers (one translator each).
+        d_model: Residual width.
+        d_vocab: Vocabulary size of the unembedding.
+        unembedding_fingerprint: :meth:`ModelAccess.unembedding_fingerprint`, a hash of
+            ``W_U`` and ``b_U`` (empty when unknown, e.g. a lens imported without checks).
+    """
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    unembedding_fingerprint: str
+
+    @classmethod
+    def of(cls, model: Any) -> "ModelIdentity":
+        """The identity of ``model`` (a TransformerLens model or a :class:`ModelAccess`)."""
+        access = _access(model)
+        return cls(
+            name=access.name,
+            n_layers=access.n_layers,
+            d_model=access.d_model,
+            d_vocab=access.d_vocab,
+            unembedding_fingerprint=access.unembedding_fingerprint(),
+        )
+
+    def mismatches(self, other: "ModelIdentity", *, check_unembedding: bool = True) -> list[str]:
+        """Human-readable differences that make a lens for ``self`` wrong for ``other``.
+
+        The name alone is not a mismatch (the same weights can be loaded under several names);
+        sizes and the unembedding hash are.
+        """
+        out = []
+        for field in ("n_layers", "d_model", "d_vocab"):
+            a, b = getattr(self, field), getattr(other, field)
+            if a != b:
+                out.append(f"{field}: lens {a}, model {b}")
+        if (
+            check_unembedding
+            and self.unembedding_fingerprint
+            and other.unembedding_fingerprint
+            and self.unembedding_fingerprint != other.unembedding_fingerprint
+        ):
+            out.append(
+                f"unembedding fingerprint (hash of W_U, b_U): lens {self.unembedding_fingerprint}, "
+                f"model {other.unembedding_fingerprint}"
+            )
+        return out
+
+
+def _mismatch_error(lens_id: ModelIdentity, model_id: ModelIdentity, problems: list[str], what: str) -> ValueError:
+    return ValueError(
+        f"{what} was fitted for {lens_id.name!r} and does not fit model {model_id.name!r}: "
+        + "; ".join(problems)
+        + ". Fit a lens for this model with tl_latentspaces.fit_tuned_lens(model, corpus), or "
+        "load the model the lens was made for. (A model in compatibility mode has a different "
+        "W_U than the same model raw; pass check_unembedding=False only if you know the "
+        "translators still apply.)"
+    )
+
+
+class TunedLens(torch.nn.Module):
+    """Affine translators ``h -> h + W_l h + b_l``, one per layer, read through the logit lens.
+
+    The translators are stored in residual form and initialised at zero, so a fresh lens *is*
+    the logit lens, and weight decay (or a ridge penalty) pulls each translator toward the
+    identity rather than toward the zero map, which would erase the residual stream.
+
+    Args:
+        identity: The model this lens is for (see :meth:`for_model`).
+        weight: ``[n_layers, d_model, d_model]`` translator matrices ``W_l`` (``nn.Linear``
+            convention: the translated vector is ``h + h @ W_l.T + b_l``); zeros if None.
+        bias: ``[n_layers, d_model]`` translator biases ``b_l``; zeros if None.
+        info: JSON-serialisable notes on how the lens was made (fit settings, losses); saved
+            with the lens.
+
+    Attributes:
+        weight: ``nn.Parameter [n_layers, d_model, d_model]`` float32.
+        bias: ``nn.Parameter [n_layers, d_model]`` float32.
+        identity: :class:`ModelIdentity`.
+
+    Example:
+        >>> lens = TunedLens.for_model(model)  # doctest: +SKIP
+        >>> lens(torch.randn(2, 5, model.cfg.d_model), 3).shape  # the TransformerLens lens callable  # doctest: +SKIP
+        torch.Size([2, 5, 64])
+    """
+
+    name = "tuned"
+
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        *,
+        weight: Optional[Float[torch.Tensor, "layer d_model d_model"]] = None,
+        bias: Optional[Float[torch.Tensor, "layer d_model"]] = None,
+        info: Optional[dict] = None,
+    ):
+        super().__init__()
+        if not isinstance(identity, ModelIdentity):
+            raise TypeError(
+                f"identity must be a ModelIdentity, got {type(identity).__name__}. "
+                "Use TunedLens.for_model(model) to make a lens for a model."
+            )
+        L, d = identity.n_layers, identity.d_model
+        if weight is None:
+            weight = torch.zeros(L, d, d)
+        if bias is None:
+            bias = torch.zeros(L, d)
+        _check_param("weight", weight, (L, d, d))
+        _check_param("bias", bias, (L, d))
+        self.identity = identity
+        # Zero-initialised residual translators: weight decay pulls toward the identity map.
+        self.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone())
+        self.bias = torch.nn.Parameter(bias.detach().to(torch.float32).clone())
+        self.info = dict(info or {})
+        self._checked: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_model(cls, model: Any) -> "TunedLens":
+        """A zero-initialised lens for ``model``: exactly the logit lens until it is fitted."""
+        return cls(ModelIdentity.of(model))
+
+    @property
+    def n_layers(self) -> int:
+        return self.identity.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.identity.d_model
+
+    def extra_repr(self) -> str:
+        return f"model={self.identity.name!r}, n_layers={self.n_layers}, d_model={self.d_model}"
+
+    # ------------------------------------------------------------------ the translation
+    def _layer(self, index: Any) -> Optional[int]:
+        """Translator index for stack index ``index`` (``0..n_layers-1``), None for the final entry."""
+        if isinstance(index, torch.Tensor) and index.numel() == 1:
+            index = int(index.item())
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"the stack index must be an int, got {index!r}.")
+        if index == self.n_layers or index == -1:
+            return None
+        if not 0 <= index < self.n_layers:
+            raise ValueError(
+                f"stack index {index} is out of range: this tuned lens has translators for "
+                f"entries 0..{self.n_layers - 1} (the '{{l}}_pre' residuals) and reads entry "
+                f"{self.n_layers} ('final_post') unchanged. resid_mid entries (incl_mid=True) "
+                "have no translator; read them with incl_mid=False."
+            )
+        return index
+
+    def transform_hidden(
+        self, h: Float[torch.Tensor, "... d_model"], index: int
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """``h + h @ W.T + b`` for stack entry ``index`` (identity for ``final_post``), in float32.
+
+        Args:
+            h: Residual vectors of stack entry ``index`` (any float dtype, any leading shape).
+            index: Stack index: ``l`` for ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``),
+                ``n_layers`` for ``"final_post"``.
+        """
+        layer = self._layer(index)
+        x = h.to(torch.float32)
+        if h.shape[-1] != self.d_model:
+            raise ValueError(
+                f"residual vectors must have d_model={self.d_model} features, got shape {tuple(h.shape)}."
+            )
+        if layer is None:
+            return x
+        W = self.weight[layer].to(x.device)
+        b = self.bias[layer].to(x.device)
+        flat = x.reshape(-1, self.d_model)
+        return (flat + torch.addmm(b, flat, W.T)).reshape(x.shape)
+
+    def forward(self, entry: torch.Tensor, index: int) -> torch.Tensor:
+        """The TransformerLens ``lens(entry, index)`` callable: the translated entry, same dtype.
+
+        TransformerLens 4.3's ``logit_lens(model, input, lens=tuned)`` calls this on each stack
+        entry (``[batch, pos, d_model]``) before its own final norm; ``index`` is the stack index
+        with ``incl_mid=False`` (``n_layers`` is ``final_post``, read unchanged).
+        """
+        return self.transform_hidden(entry, index).to(entry.dtype)
+
+    # ------------------------------------------------------------------ readout
+    def check_model(self, model: Any, *, check_unembedding: bool = True, what: str = "this tuned lens") -> ModelAccess:
+        """Raise ``ValueError`` naming every mismatch between this lens and ``model``."""
+        access = _access(model)
+        # Hashing W_U takes a fraction of a second; skip it when this very tensor (same storage,
+        # no in-place change since) was checked before.
+        key = (id(access.model), _tensor_key(access.W_U), _tensor_key(getattr(access.model, "b_U", None)),
+               check_unembedding)
+        if key == self._checked:
+            return access
+        model_id = ModelIdentity.of(access)
+        problems = self.identity.mismatches(model_id, check_unembedding=check_unembedding)
+        if problems:
+            raise _mismatch_error(self.identity, model_id, problems, what)
+        self._checked = key
+        return access
+
+    def bind(self, access: ModelAccess) -> "BoundTunedLens":
+        """This lens as a readout :class:`~tl_latentspaces.readout.Lens` for ``access``'s model.
+
+        Called by ``read_lenses``/``lens_session``; the translators are snapshotted (detached,
+        float32) at this point.
+        """
+        self.check_model(access)
+        return BoundTunedLens(self, access)
+
+    # ------------------------------------------------------------------ save / load
+    def _config(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "model": asdict(self.identity),
+            "translator": "h + h @ weight[l].T + bias[l], l = stack index of '{l}_pre'; final_post unchanged",
+            "info": self.info,
+        }
+
+    def save(self, path: PathLike) -> Path:
+        """Write the lens to the folder ``path``: ``tuned_lens.json`` + ``tuned_lens.safetensors``.
+
+        The folder is written next to ``path`` under a temporary name and renamed into place, so
+        ``path`` never holds a half-written lens. An existing lens folder at ``path`` is
+        replaced; any other existing file or folder is refused.
+
+        Returns:
+            The folder written.
+        """
+        from safetensors.torch import save_file
+
+        config = self._config()
+        try:
+            blob = json.dumps(config, indent=2, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
+        tensors = {
+            "weight": self.weight.detach().to("cpu", torch.float32).contiguous(),
+            "bias": self.bias.detach().to("cpu", torch.float32).contiguous(),
+        }
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
+            (tmp / CONFIG_FILE).write_text(blob)
+
+        return _atomic_folder(Path(path), write, own_marker=CONFIG_FILE)
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        model: Any,
+        *,
+        check_unembedding: bool = True,
+        device: Union[str, torch.device, None] = None,
+    ) -> "TunedLens":
+        """Load a lens saved by :meth:`save` and check it against ``model``.
+
+        Args:
+            path: The folder.
+            model: The model to read with the lens; a lens fitted for another model (other
+                sizes or unembedding) is refused with an error naming the mismatch.
+            check_unembedding: Compare the unembedding hash too (turn off only for the same
+                model in another form, e.g. compatibility mode, where ``W_U`` differs).
+            device: Where to put the parameters (default: the model's device).
+
+        Raises:
+            FileNotFoundError: If the folder or its files are missing.
+            ValueError: On a malformed file, missing or extra layers, or a model mismatch.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
+        if not cfg_path.is_file() or not params_path.is_file():
+            if (folder / PKG_CONFIG_FILE).is_file() and (folder / PKG_PARAMS_FILE).is_file():
+                raise ValueError(
+                    f"{str(folder)!r} holds a lens in the tuned-lens package's format "
+                    f"({PKG_CONFIG_FILE} + {PKG_PARAMS_FILE}). Load it with "
+                    "TunedLens.load_tuned_lens_format(path, model)."
+                )
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a saved tuned lens: it needs {CONFIG_FILE} and {PARAMS_FILE} "
+                "(written by TunedLens.save)."
+            )
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {cfg_path}: {err}. The lens folder is damaged; save it again.") from err
+        if not isinstance(config, dict) or config.get("format") != _FORMAT:
+            raise ValueError(
+                f"{cfg_path} is not a tl_latentspaces tuned lens config (format "
+                f"{config.get('format') if isinstance(config, dict) else None!r}, expected {_FORMAT!r})."
+            )
+        if config.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} has format_version {config.get('format_version')!r}; this version of "
+                f"tl_latentspaces reads version {_FORMAT_VERSION}. Upgrade tl_latentspaces or refit."
+            )
+        try:
+            identity = ModelIdentity(**config["model"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{cfg_path} has no valid 'model' section: {err}.") from err
+        try:
+            tensors = load_file(str(params_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
+        extra = sorted(set(tensors) - {"weight", "bias"})
+        missing = sorted({"weight", "bias"} - set(tensors))
+        if extra or missing:
+            raise ValueError(
+                f"{params_path} must hold exactly the tensors ['bias', 'weight']; missing {missing}, "
+                f"extra {extra}. It was not written by TunedLens.save; save the lens again."
+            )
+        _check_layers(tensors["weight"], tensors["bias"], identity, str(params_path))
+        lens = cls(identity, weight=tensors["weight"], bias=tensors["bias"], info=config.get("info") or {})
+        access = lens.check_model(model, check_unembedding=check_unembedding, what=f"the lens in {str(folder)!r}")
+        return lens.to(device if device is not None else access.device)
+
+    # ------------------------------------------------------------------ tuned-lens package format
+    def save_tuned_lens_format(self, path: PathLike, model: Any = None) -> Path:
+        """Write the ``tuned-lens`` package's folder format: ``config.json`` + ``params.pt``.
+
+        ``params.pt`` is ``torch.save`` of the translators' state dict, keys ``"{l}.weight"``
+        (``[d_model, d_model]``) and ``"{l}.bias"``, the translator applied as ``h + W h + b``
+        to ``hidden_states[l]`` of the Hugging Face model (= ``blocks.{l}.hook_resid_pre``).
+        Load it with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``.
+
+        Args:
+            path: The folder (written atomically, as in :meth:`save`).
+            model: The model, to record the package's ``unembed_hash`` of ``W_U`` (optional; the
+                package only warns when it is absent or different).
+        """
+        unembed_hash = None
+        if model is not None:
+            access = self.check_model(model)
+            unembed_hash = _package_unembed_hash(access)
+        config = {
+            "base_model_name_or_path": self.identity.name,
+            "d_model": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "bias": True,
+            "base_model_revision": None,
+            "unembed_hash": unembed_hash,
+            "lens_type": _PKG_LENS_TYPE,
+        }
+        state = {}
+        for layer in range(self.n_layers):
+            state[f"{layer}.weight"] = self.weight[layer].detach().to("cpu", torch.float32).clone()
+            state[f"{layer}.bias"] = self.bias[layer].detach().to("cpu", torch.float32).clone()
+
+        def write(tmp: Path) -> None:
+            torch.save(state, tmp / PKG_PARAMS_FILE)
+            (tmp / PKG_CONFIG_FILE).write_text(json.dumps(config))
+
+        return _atomic_folder(Path(path), write, own_marker=PKG_PARAMS_FILE)
+
+    @classmethod
+    def load_tuned_lens_format(
+        cls,
+        path: PathLike,
+        model: Any,
+        *,
+        check_unembedding: bool = True,
+        device: Union[str, torch.device, None] = None,
+    ) -> "TunedLens":
+        """Import a lens folder in the ``tuned-lens`` package's format (``config.json`` + ``params.pt``).
+
+        ``params.pt`` is read with ``torch.load(weights_only=True)``: only tensors and plain
+        containers are unpickled, and a file carrying code is refused before anything in it
+        runs.
+
+        Args:
+            path: The folder written by ``tuned_lens.TunedLens.save`` (or a training run).
+            model: The TransformerLens model the lens is for. ``num_hidden_layers`` and
+                ``d_model`` must match; the package's ``unembed_hash``, when present, is
+                compared with this model's ``W_U`` (``check_unembedding``).
+            check_unembedding: Refuse a lens whose ``unembed_hash`` differs from the model's.
+            device: Where to put the parameters (default: the model's device).
+
+        Raises:
+            FileNotFoundError: If the folder or its files are missing.
+            ValueError: On unsafe or malformed ``params.pt``, missing or extra layers, an
+                unsupported ``lens_type``, or a model mismatch.
+        """
+        folder = Path(path)
+        cfg_path, params_path = folder / PKG_CONFIG_FILE, folder / PKG_PARAMS_FILE
+        for p in (cfg_path, params_path):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"{str(folder)!r} is not a tuned-lens package folder: {p.name} is missing "
+                    f"(it needs {PKG_CONFIG_FILE} and {PKG_PARAMS_FILE})."
+                )
+        access = _access(model)
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {cfg_path} as JSON: {err}.") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}.")
+        lens_type = config.get("lens_type", _PKG_LENS_TYPE)
+        if lens_type != _PKG_LENS_TYPE:
+            raise ValueError(
+                f"{cfg_path} has lens_type {lens_type!r}; only {_PKG_LENS_TYPE!r} (affine translators) "
+                "can be imported."
+            )
+        problems = []
+        for key, ours in (("num_hidden_layers", access.n_layers), ("d_model", access.d_model)):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{cfg_path} needs an int {key!r}, got {value!r}.")
+            if value != ours:
+                problems.append(f"{key}: lens {value}, model {ours}")
+        pkg_hash = config.get("unembed_hash")
+        model_hash = _package_unembed_hash(access) if (check_unembedding and pkg_hash) else None
+        if model_hash is not None and model_hash != pkg_hash:
+            problems.append(f"unembed_hash (tuned-lens hash of W_U): lens {pkg_hash}, model {model_hash}")
+        if problems:
+            raise ValueError(
+                f"the tuned-lens folder {str(folder)!r} was made for "
+                f"{config.get('base_model_name_or_path')!r} and does not fit model {access.name!r}: "
+                + "; ".join(problems)
+                + ". Load the lens made for this model, or fit one with tl_latentspaces.fit_tuned_lens."
+            )
+        state = _safe_torch_load(params_path)
+        L, d = access.n_layers, access.d_model
+        has_bias = bool(config.get("bias", True))
+        expected = {f"{layer}.weight" for layer in range(L)} | (
+            {f"{layer}.bias" for layer in range(L)} if has_bias else set()
+        )
+        missing = sorted(expected - set(state), key=_natural_key)
+        extra = sorted(set(state) - expected, key=_natural_key)
+        if missing or extra:
+            raise ValueError(
+                f"{params_path} does not hold one translator per layer of a {L}-layer model "
+                f"(keys '0.weight', '0.bias' ... '{L - 1}.weight', '{L - 1}.bias'): missing "
+                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, extra "
+                f"{extra[:8]}{' ...' if len(extra) > 8 else ''}. Use the lens trained for this "
+                "model (a lens for a deeper or shallower model does not transfer)."
+            )
+        weight = torch.stack([_tensor_entry(state, f"{layer}.weight", (d, d), params_path) for layer in range(L)])
+        if has_bias:
+            bias = torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
+        else:
+            bias = torch.zeros(L, d)
+        identity = ModelIdentity.of(access)
+        info = {"imported_from": "tuned-lens package format", "package_config": config}
+        lens = cls(identity, weight=weight, bias=bias, info=_jsonable(info))
+        return lens.to(device if device is not None else access.device)
+
+
+class BoundTunedLens:
+    """A :class:`TunedLens` bound to one model: the readout's ``Lens`` protocol.
+
+    ``project(x, entry) = ln_final(x + x @ W_entry.T + b_entry)``; scores are that times ``W_U``
+    plus ``b_U`` (the logit lens's own readout), so a zero-initialised lens reads exactly as the
+    logit lens does.
+
+    Args:
+        lens: The tuned lens.
+        access: The model.
+    """
+
+    name = "tuned"
+    score_scale = 1.0
+
+    def __init__(self, lens: TunedLens, access: ModelAccess):
+        self.access = access
+        self.n_layers = lens.n_layers
+        dev = access.device
+        self._W = lens.weight.detach().to(dev, torch.float32)
+        self._b = lens.bias.detach().to(dev, torch.float32)
+        # The same readout weights as LogitLens, so the two are comparable bit for bit.
+        self.weight = access.W_U.detach().to(torch.float32)
+        b = access.b_U.detach().to(torch.float32)
+        self.bias = None if not bool(b.any()) else b
+        self._layer_of_entry: Optional[list[Optional[int]]] = None
+
+    def check_labels(self, labels: Sequence[str]) -> None:
+        """Map stack labels to translators; refuse entries without one (``"{l}_mid"``).
+
+        Without this call, entry ``e`` uses translator ``e`` (the ``incl_mid=False`` stack).
+        """
+        mapping: list[Optional[int]] = []
+        for label in labels:
+            if label == "final_post":
+                mapping.append(None)
+            elif label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < self.n_layers:
+                mapping.append(int(label[:-4]))
+            else:
+                raise ValueError(
+                    f"the tuned lens has no translator for stack entry {label!r}: it reads the "
+                    f"'{{l}}_pre' entries and 'final_post'. Read it with incl_mid=False."
+                )
+        self._layer_of_entry = mapping
+
+    def translate(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
+        """``x + x @ W.T + b`` for stack entry ``entry`` (float32)."""
+        if self._layer_of_entry is not None:
+            layer = self._layer_of_entry[entry]
+        elif entry == self.n_layers:
+            layer = None
+        elif 0 <= entry < self.n_layers:
+            layer = entry
+        else:
+            raise ValueError(
+                f"stack entry {entry} has no tuned-lens translator (valid: 0..{self.n_layers}); "
+                "resid_mid entries are not supported, read with incl_mid=False."
+            )
+        x = x.to(torch.float32)
+        if layer is None:
+            return x
+        return x + torch.addmm(self._b[layer], x, self._W[layer].T)
+
+    def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
+        return self.access.final_norm(self.translate(x, entry))
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_param(name: str, t: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape {list(shape)}, got {type(t).__name__}.")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} (layers, d_model...), got {list(t.shape)}.")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds NaN or inf values; a lens needs finite translators.")
+
+
+def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdentity, where: str) -> None:
+    L, d = identity.n_layers, identity.d_model
+    if weight.ndim != 3 or weight.shape[0] != L or bias.ndim != 2 or bias.shape[0] != L:
+        have = weight.shape[0] if weight.ndim >= 1 else 0
+        raise ValueError(
+            f"{where} holds {have} translators (weight {list(weight.shape)}, bias {list(bias.shape)}) "
+            f"but its config says the model has {L} layers: layers are missing or extra. The file "
+            "is damaged or was edited; save the lens again."
+        )
+    _check_param(f"{where}: weight", weight, (L, d, d))
+    _check_param(f"{where}: bias", bias, (L, d))
+
+
+def _tensor_key(t: Any) -> Optional[tuple]:
+    if not isinstance(t, torch.Tensor):
+        return None
+    # A strided sample guards against a new tensor reusing a freed one's memory and version.
+    sample = float(t.detach().reshape(-1)[::997].double().sum()) if t.numel() else 0.0
+    return (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device), sample)
+
+
+def _natural_key(key: str) -> tuple:
+    head, _, tail = key.partition(".")
+    return (0, int(head), tail) if head.isdigit() else (1, 0, key)
+
+
+def _tensor_entry(state: dict, key: str, shape: tuple[int, ...], where: Path) -> torch.Tensor:
+    t = state[key]
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+        got = f"{type(t).__name__} {list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{where}: {key!r} must be a float tensor of shape {list(shape)}, got {got}.")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{where}: {key!r} holds NaN or inf values.")
+    return t.to(torch.float32)
+
+
+def _safe_torch_load(path: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor state dict (the unpickler, restricted "
+            f"to tensors and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can "
+            "run arbitrary code, so nothing in it was executed. Re-save the translators from trusted "
+            "code with torch.save(lens.layer_translators.state_dict(), 'params.pt')."
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(
+            f"{path} must hold a dict of named tensors ('0.weight', '0.bias', ...), got {type(state).__name__}."
+        )
+    return state
+
+
+def _package_unembed_hash(access: ModelAccess) -> str:
+    """The ``tuned-lens`` package's ``Unembed.unembedding_hash()`` of this model's ``W_U``.
+
+    The package hashes ``np.array_str`` (precision 1) of the ``lm_head`` weight ``[d_vocab,
+    d_model]``, i.e. ``W_U.T``.
+    """
+    import numpy as np
+
+    w = access.W_U.detach().to("cpu", torch.float32).T.contiguous().numpy()
+    return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _atomic_folder(path: Path, write: Any, *, own_marker: str) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, then it is renamed.
+
+    An existing folder at ``path`` is replaced only if it holds ``own_marker`` (a lens folder
+    we wrote); anything else there is refused, so a typo never deletes the user's files.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir() or not (path / own_marker).is_file():
+            raise FileExistsError(
+                f"{str(path)!r} already exists and is not a lens folder (no {own_marker}); "
+                "refusing to replace it. Choose another path or remove it first."
+            )
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    old: Optional[Path] = None
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
+            os.replace(path, old / "lens")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "lens").exists() and not path.exists():
+            os.replace(old / "lens", path)  # put the previous lens back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------- reading
+def tuned_lens(
+    model: Any,
+    input: Any,
+    lens: Optional[TunedLens] = None,
+    *,
+    top_k: int = 5,
+    targets: Any = None,
+    prepend_bos: bool = True,
+    cache: Any = None,
+    layers: Any = None,
+    pos: Any = None,
+    chunk_rows: int = 256,
+) -> Any:
+    """Read every residual-stack entry through a tuned lens: a ``LensResult`` named ``"tuned"``.
+
+    Same labels (``"0_pre"`` ... ``"final_post"``), arguments and result type as
+    :func:`~tl_latentspaces.logit_lens`; ``final_post`` has no translator, so it reproduces the
+    model's own prediction.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        input: A string, a list of strings or a ``[batch, pos]`` token tensor.
+        lens: The :class:`TunedLens` (fitted for this model). None reads the default model's
+            cached lens (:func:`default_tuned_lens`, fitted on first use).
+        top_k, targets, prepend_bos, cache, layers, pos, chunk_rows: As in
+            :func:`~tl_latentspaces.read_lenses`.
+
+    Example:
+        >>> r = tuned_lens(model, "The Eiffel Tower is in the city of", lens, targets=" Paris")  # doctest: +SKIP
+        >>> r.summary()  # doctest: +SKIP
+    """
+    from tl_latentspaces.lenses import read_lenses
+
+    if lens is None:
+        lens = default_tuned_lens(model)
+    if not isinstance(lens, TunedLens):
+        raise ValueError(
+            f"lens must be a tl_latentspaces.TunedLens, got {type(lens).__name__}. Fit one with "
+            "tl_latentspaces.fit_tuned_lens(model, corpus) or load one with TunedLens.load(path, model)."
+        )
+    return read_lenses(
+        model, input, lenses=(lens,), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+        cache=cache, layers=layers, pos=pos, chunk_rows=chunk_rows,
+    )["tuned"]
+
+
+# ---------------------------------------------------------------------- the default model's lens
+#: Settings of the default model's cached lens; changing them changes the cache key.
+DEFAULT_FIT = dict(max_tokens=65536, seq_len=128, seed=0)
+
+
+def default_lens_dir(cache_dir: Union[str, Path, None] = None) -> Path:
+    """Where :func:`default_tuned_lens` keeps the default model's lens."""
+    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
+
+    return default_cache_dir(cache_dir) / f"{DEFAULT_MODEL_NAME}-tuned-lens"
+
+
+def default_tuned_lens(
+    model: Any = None,
+    *,
+    cache_dir: Union[str, Path, None] = None,
+    progress: bool = True,
+) -> TunedLens:
+    """The default model's tuned lens: fitted on first use (a few minutes on a CPU), then cached.
+
+    The first call fits the lens on the default offline corpus's training split (blocking, with
+    a progress bar; :func:`~tl_latentspaces.fit_tuned_lens` with ``DEFAULT_FIT``) and saves it
+    next to the model cache (``default_cache_dir()/SmolLM2-135M-Instruct-tuned-lens``). Later
+    calls load it in well under a second. A cached lens that does not match the model (another
+    unembedding, a damaged file) is refitted.
+
+    Args:
+        model: The default model (``load_default_model()``); loaded if None.
+        cache_dir: The cache folder (see :func:`~tl_latentspaces.default_cache_dir`).
+        progress: Show progress bars while fitting.
+
+    Example:
+        >>> lens = default_tuned_lens()  # doctest: +SKIP
+        >>> tuned_lens(lens_model, "The Eiffel Tower is in the city of", lens)  # doctest: +SKIP
+    """
+    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, load_default_model
+
+    if model is None:
+        model = load_default_model(cache_dir=cache_dir, progress=progress)
+    access = _access(model)
+    if access.n_layers != 30 or access.d_model != 576 or access.d_vocab != 49152:
+        raise ValueError(
+            f"default_tuned_lens is the lens of the default model ({DEFAULT_MODEL_NAME}: 30 layers, "
+            f"d_model 576, d_vocab 49152); got {access.name!r} with {access.n_layers} layers, "
+            f"d_model {access.d_model}, d_vocab {access.d_vocab}. Fit a lens for this model with "
+            "tl_latentspaces.fit_tuned_lens(model, corpus)."
+        )
+    folder = default_lens_dir(cache_dir)
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            lens = TunedLens.load(folder, access)
+            if lens.info.get("fit", {}).get("settings_key") == _default_settings_key():
+                return lens
+        except (ValueError, FileNotFoundError) as err:
+            warnings.warn(f"refitting the default tuned lens: the cached one cannot be used ({err})", stacklevel=2)
+    from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.fitting import fit_tuned_lens
+
+    lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **DEFAULT_FIT)
+    lens.info.setdefault("fit", {})["settings_key"] = _default_settings_key()
+    lens.save(folder)
+    return lens
+
+
+def _default_settings_key() -> str:
+    return json.dumps(DEFAULT_FIT, sort_keys=True)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """Lets ``tl_latentspaces.tuned_lens(model, input, lens)`` call :func:`tuned_lens` while
+    ``tl_latentspaces.tuned_lens.TunedLens`` and ``.default_tuned_lens`` stay reachable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return tuned_lens(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
