@@ -68,3 +68,25 @@ def test_nested_state_encoding_round_trips():
     assert torch.equal(back["cov"][0]["mean"], torch.arange(3.0)) and back["cov"][1]["n"] == 0
     assert back["pending"] == [] and back["empty"] == {} and back["name"] == "x"
     assert back["pairs"]["0,1"][1] == 2.5 and torch.equal(back["pairs"]["0,1"][0], torch.ones(1))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_align_command_two_processes_equal_one(tmp_path):
+    """The `align` command under torchrun (2 gloo processes) gives the single-process numbers."""
+    import json
+
+    pytest.importorskip("transformer_lens.model_bridge")
+    common = ["align", "--quiet", "--max-tokens", "2048", "--batch-size", "4"]
+    single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+    subprocess.run([sys.executable, "-m", "tl_latentspaces.cli", *common, "--out", str(single)],
+                   check=True, env=_env(), timeout=900)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tl_latentspaces.cli", *common, "--out", str(multi)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=900)
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    assert a["n_tokens"] == b["n_tokens"] > 0
+    for group, key in [("cka", "embed"), ("cka", "embed_debiased"), ("variance", "embed"), ("drift", "cos_mean"),
+                       ("procrustes", "embed_error"), ("angles", "embed")]:
+        torch.testing.assert_close(torch.tensor(b[group][key], dtype=torch.float64),
+                                   torch.tensor(a[group][key], dtype=torch.float64), atol=1e-10, rtol=0, msg=f"{group}.{key}")

@@ -5,7 +5,11 @@ through the logit lens, the embedding lens and tuned lenses, compare the residua
 subspaces with those of ``W_E`` and ``W_U``, and see it all in CircuitsVis views.
 """
 
-from tl_latentspaces.default_model import default_cache_dir, load_default_model
+from tl_latentspaces.alignment import AlignmentAccumulator, AlignmentResult, alignment_from_cache, alignment_suite
+from tl_latentspaces.alignment_math import linear_cka, principal_angles, procrustes
+from tl_latentspaces.default_model import default_cache_dir, load_default_model, load_model
+from tl_latentspaces.evaluation import LensEvaluation, evaluate_lenses
+from tl_latentspaces.fitting import fit_tuned_lens
 from tl_latentspaces.hooks import HookSession, hook_counts
 from tl_latentspaces.lenses import (
     EmbeddingLens,
@@ -18,6 +22,11 @@ from tl_latentspaces.lenses import (
 )
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.results import LensDiff, LensResult
+from tl_latentspaces.runner import CorpusRunner
+from tl_latentspaces.tuned_lens import TunedLens, default_tuned_lens  # noqa: E402
+
+# `tl_latentspaces.tuned_lens` is the submodule, made callable: tuned_lens(model, input, lens).
+from tl_latentspaces import tuned_lens  # noqa: E402
 from tl_latentspaces.views import (
     HTMLView,
     cka_matrix_view,
@@ -30,6 +39,21 @@ from tl_latentspaces.views import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentAccumulator",
+    "AlignmentResult",
+    "CorpusRunner",
+    "LensEvaluation",
+    "TunedLens",
+    "alignment_from_cache",
+    "alignment_suite",
+    "default_tuned_lens",
+    "evaluate_lenses",
+    "fit_tuned_lens",
+    "linear_cka",
+    "load_model",
+    "principal_angles",
+    "procrustes",
+    "tuned_lens",
     "HTMLView",
     "cka_matrix_view",
     "drift_tokens",

@@ -203,13 +203,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from tl_latentspaces.alignment import alignment_suite
+    """The alignment suite through the corpus runner: resumable, and data-parallel under torchrun."""
+    from tl_latentspaces.alignment import AlignmentAccumulator
+    from tl_latentspaces.distributed import init_distributed
     from tl_latentspaces.report import _alignment_data
+    from tl_latentspaces.runner import CorpusRunner
 
     _check_out_file(args.out, ".json")
+    ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)
-    result = alignment_suite(model, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
+    runner = CorpusRunner(
+        model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        checkpoint_dir=args.checkpoint_dir, progress=not args.quiet,
+    )
+    stats = runner.run({"align": lambda: AlignmentAccumulator(model)})["align"]
+    if not ctx.is_main:
+        return 0
+    result = stats.result(progress=not args.quiet)
     print(result.to_dataframe().round(3).to_string())
     if args.out:
         print(f"\nwrote {_write_json(args.out, _alignment_data(result))}")
@@ -277,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(al)
     al.add_argument("--corpus", action="append", help="text: .txt or .jsonl files")
     al.add_argument("--max-tokens", type=int, default=16384)
+    al.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    al.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    al.add_argument("--checkpoint-dir", default=None, help="save progress here and resume from it")
     al.add_argument("--out", default=None, help="also write the numbers to this .json file")
     return parser
 

@@ -1,0 +1,100 @@
+"""The corpus runner: interrupted and resumed runs equal uninterrupted ones; seeded order; datasets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import LLAMA_LIKE, FLAVOURS
+from tl_latentspaces import hook_counts
+from tl_latentspaces.alignment import AlignmentAccumulator
+from tl_latentspaces.runner import CorpusRunner
+
+
+@pytest.fixture
+def model():
+    return next(build for name, build in FLAVOURS if "llama" in name and "compat" not in name)()
+
+
+@pytest.fixture
+def corpus():
+    return torch.randint(0, 100, (20, 16), generator=torch.Generator().manual_seed(5))
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Flaky(AlignmentAccumulator):
+    """Raises after a number of updates, as a Ctrl-C in the middle of a run would."""
+
+    calls = 0
+    limit = 3
+
+    def update(self, ids, stack):
+        Flaky.calls += 1
+        if Flaky.calls > Flaky.limit:
+            raise Interrupt
+        super().update(ids, stack)
+
+
+def _factory(model, cls=AlignmentAccumulator):
+    return lambda: cls(model, k=4, skip_positions=1, cka_block_sequences=2, rank_every=1)
+
+
+def _numbers(acc):
+    r = acc.result()
+    return [r.cka.embed, r.cka.layer_debiased, r.variance.embed, r.angles.embed, r.drift.cos_mean, r.procrustes.embed_error]
+
+
+def test_interrupted_run_resumes_to_the_same_result(model, corpus, tmp_path):
+    whole = CorpusRunner(model, corpus, seq_len=16, batch_size=4, progress=False).run({"align": _factory(model)})
+    before = hook_counts(model)
+    Flaky.calls = 0
+    runner = CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    with pytest.raises(Interrupt):
+        runner.run({"align": _factory(model, Flaky)})
+    assert hook_counts(model) == before  # the interrupted run left no hook behind
+    resumed = runner.run({"align": _factory(model)})
+    for a, b in zip(_numbers(whole["align"]), _numbers(resumed["align"])):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, equal_nan=True)
+    assert resumed["align"].n_sequences == 20
+
+
+def test_checkpoint_of_another_corpus_is_refused(model, corpus, tmp_path):
+    CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False).run(
+        {"align": _factory(model)}
+    )
+    other = CorpusRunner(model, corpus[:12], seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="belongs to another corpus"):
+        other.run({"align": _factory(model)})
+
+
+def test_seeded_order_is_deterministic(model, corpus):
+    a = CorpusRunner(model, corpus, seq_len=16, shuffle=True, seed=3, progress=False).sequences
+    b = CorpusRunner(model, corpus, seq_len=16, shuffle=True, seed=3, progress=False).sequences
+    c = CorpusRunner(model, corpus, seq_len=16, shuffle=True, seed=4, progress=False).sequences
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a.sort(0).values, corpus.sort(0).values)  # a permutation of the same sequences
+
+
+def test_datasets_object_and_bad_input(model):
+    from tl_latentspaces.runner import corpus_texts
+
+    class FakeDataset:
+        column_names = ["text", "id"]
+
+        def __getitem__(self, key):
+            return ["one text", "two texts"] if key == "text" else [1, 2]
+
+    assert corpus_texts(FakeDataset()) == ["one text", "two texts"]
+
+    class NoText(FakeDataset):
+        column_names = ["body"]
+
+    with pytest.raises(ValueError, match="no 'text' column"):
+        corpus_texts(NoText())
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        CorpusRunner(model, torch.zeros(2, 16, dtype=torch.long), seq_len=16, batch_size=0)
+    with pytest.raises(ValueError, match="at least one consumer"):
+        CorpusRunner(model, torch.zeros(2, 16, dtype=torch.long), seq_len=16, progress=False).run({})

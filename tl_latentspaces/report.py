@@ -1,0 +1,328 @@
+"""The report: everything the plugin sees in a model, as one offline HTML page and one JSON file.
+
+:func:`build_report` runs, on a model:
+
+* the lens grids (logit, tuned, embedding) for each prompt;
+* held-out corpus metrics per layer for the logit and tuned lenses (KL to final, cross-entropy,
+  top-1 agreement, prediction depth);
+* the alignment suite (principal angles, variance in the ``W_E``/``W_U`` subspaces, CKA,
+  Procrustes, token drift) with its null baselines.
+
+:func:`write_report` writes ``report.html`` (self-contained, no network needed to open it) and
+``report.json`` (every number in it). Both are built in memory first and moved into place, so a
+failure leaves no partial file.
+
+Example:
+    >>> report = build_report(model, prompts=["The Eiffel Tower is in the city of"])  # doctest: +SKIP
+    >>> write_report(report, "out/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from tl_latentspaces.model import ModelAccess
+
+__all__ = ["Report", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
+
+DEFAULT_PROMPTS = (
+    "The Eiffel Tower is in the city of",
+    "The opposite of hot is",
+    "def add(a, b):\n    return a +",
+)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors, dataclasses, dicts and lists as JSON values (NaN and infinities become None)."""
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: to_jsonable(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not callable(getattr(obj, f.name)) or isinstance(getattr(obj, f.name), torch.Tensor)
+        }
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (int, str, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return to_jsonable(obj.item())
+    return str(obj)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A built report: ``data`` (what ``report.json`` holds) and ``html`` (the page)."""
+
+    data: dict[str, Any]
+    html: str
+
+
+def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, progress: bool = True) -> Any:
+    """A tuned lens for ``model``: the cached one if there is one, else fitted and cached.
+
+    The default model uses :func:`~tl_latentspaces.tuned_lens.default_tuned_lens`; any other model
+    gets a lens fitted on the default corpus, cached under its name and unembedding fingerprint.
+    """
+    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
+    from tl_latentspaces.tuned_lens import CONFIG_FILE, DEFAULT_FIT, TunedLens, default_tuned_lens
+
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    if access.name == DEFAULT_MODEL_NAME:
+        return default_tuned_lens(access.model, cache_dir=cache_dir, progress=progress)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in access.name)
+    folder = default_cache_dir(cache_dir) / "tuned-lenses" / f"{safe}-{access.unembedding_fingerprint()}"
+    if (folder / CONFIG_FILE).is_file():
+        return TunedLens.load(folder, access)
+    from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.fitting import fit_tuned_lens
+
+    lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **DEFAULT_FIT)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lens.save(folder)
+    return lens
+
+
+def _grid_data(results: dict[str, Any]) -> dict[str, Any]:
+    first = next(iter(results.values()))
+    out: dict[str, Any] = {
+        "tokens": first.str_tokens[0],
+        "token_ids": first.tokens[0].tolist(),
+        "labels": first.labels,
+        "final_top1": first.final_top1[0].tolist(),
+        "lenses": {},
+    }
+    for name, r in results.items():
+        lens: dict[str, Any] = {
+            "top1": [row[0] for row in r.top_tokens()],
+            "top_ids": r.top_ids[:, 0],
+            "top_probs": r.top_probs[:, 0],
+            "top_scores": r.top_scores[:, 0],
+            "entropy": r.entropy[:, 0],
+            "kl_to_final": r.kl_to_final[:, 0],
+        }
+        if r.own_scores is not None:
+            lens["own_scores"] = r.own_scores[:, 0]
+            lens["own_ranks"] = r.own_ranks[:, 0]
+        out["lenses"][name] = to_jsonable(lens)
+    return out
+
+
+def _table(frame: Any, digits: int = 3) -> str:
+    """A pandas DataFrame as a small HTML table."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [frame.index.name or ""] + list(frame.columns))
+    rows = []
+    for idx, row in frame.iterrows():
+        cells = []
+        for v in row.tolist():
+            if isinstance(v, float):
+                cells.append("<td></td>" if math.isnan(v) else f"<td>{v:.{digits}f}</td>")
+            else:
+                cells.append(f"<td>{html.escape(str(v))}</td>")
+        rows.append(f"<tr><th>{html.escape(str(idx))}</th>{''.join(cells)}</tr>")
+    return f'<table class="numbers"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; color: #222; max-width: 1400px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table.numbers { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+table.numbers th, table.numbers td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
+table.numbers thead th { background: #f4f4f4; }
+details { margin: 8px 0; } .meta { color: #666; font-size: 0.9em; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    from tl_latentspaces.views import PAGE_CSP
+
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def build_report(
+    model: Any,
+    *,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    corpus: Any = None,
+    tuned: Any = "auto",
+    eval_tokens: int = 4096,
+    align_tokens: int = 4096,
+    top_k: int = 5,
+    prepend_bos: bool = True,
+    cache_dir: Union[str, Path, None] = None,
+    progress: bool = True,
+) -> Report:
+    """Run the report's analyses on ``model`` and assemble its JSON data and HTML page.
+
+    Args:
+        model: A ``TransformerBridge`` or ``HookedTransformer`` in eval mode.
+        prompts: Prompts for the lens grids.
+        corpus: Held-out text for the corpus metrics and the alignment suite (texts, files or a
+            token tensor); default the held-out split of the offline default corpus.
+        tuned: ``"auto"`` (the cached tuned lens, fitted if missing), a ``TunedLens``, or None to
+            leave the tuned lens out.
+        eval_tokens: Tokens of ``corpus`` for the logit-vs-tuned metrics.
+        align_tokens: Tokens of ``corpus`` for the alignment suite.
+        top_k: Top tokens per grid cell.
+        prepend_bos: Prepend BOS to the prompts.
+        cache_dir: Cache folder for the tuned lens.
+        progress: Show progress bars.
+    """
+    from tl_latentspaces.alignment import alignment_suite
+    from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.evaluation import evaluate_lenses
+    from tl_latentspaces.lenses import read_lenses
+    from tl_latentspaces.views import cka_matrix_view, layer_curves_view, lens_grid
+
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access.require_eval("the report")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r:.200}.")
+    for n, value in (("eval_tokens", eval_tokens), ("align_tokens", align_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 256:
+            raise ValueError(f"{n} must be an int >= 256, got {value!r}.")
+    if corpus is None:
+        corpus = default_corpus("heldout")
+    lens = tuned_lens_for(access, cache_dir=cache_dir, progress=progress) if tuned == "auto" else tuned
+    grid_lenses: list[Any] = ["logit"] + ([lens] if lens is not None else []) + ["embedding"]
+
+    grids = []
+    for prompt in prompts:
+        results = read_lenses(access.model, prompt, lenses=grid_lenses, top_k=top_k, prepend_bos=prepend_bos)
+        grids.append((prompt, results))
+    eval_lenses = ["logit"] + ([lens] if lens is not None else [])
+    evaluation = evaluate_lenses(access.model, eval_lenses, corpus, max_tokens=eval_tokens, progress=progress)
+    alignment = alignment_suite(access.model, corpus, max_tokens=align_tokens, progress=progress)
+
+    data = {
+        "model": {"name": access.name, "n_layers": access.n_layers, "d_model": access.d_model,
+                  "d_vocab": access.d_vocab, "unembedding_fingerprint": access.unembedding_fingerprint()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"prompts": prompts, "top_k": top_k, "prepend_bos": prepend_bos,
+                     "eval_tokens": eval_tokens, "align_tokens": align_tokens, "tuned_lens": lens is not None},
+        "grids": [dict(prompt=p, **_grid_data(r)) for p, r in grids],
+        "evaluation": to_jsonable(evaluation),
+        "alignment": _alignment_data(alignment),
+    }
+
+    labels = evaluation.labels
+    parts = [
+        f"<h1>tl_latentspaces report: {html.escape(access.name)}</h1>",
+        f'<p class="meta">{access.n_layers} layers, d_model {access.d_model}, vocabulary {access.d_vocab}; '
+        f"created {data['created']}. Every number shown is in report.json.</p>",
+        "<h2>Logit lens vs tuned lens on held-out text</h2>",
+        f'<p class="meta">{evaluation.n_positions} positions of {evaluation.n_sequences} held-out sequences, '
+        "BOS left out. KL = KL(final || lens) in nats. Prediction depth: the first entry from which "
+        "the lens's top-1 stays equal to the final top-1.</p>",
+        _table(evaluation.summary() if hasattr(evaluation, "summary") else evaluation.to_dataframe()),
+        layer_curves_view(
+            labels,
+            {f"KL to final, {name} lens": evaluation.kl_to_final[i] for i, name in enumerate(evaluation.lenses)},
+            ylabel="nats",
+            title="KL(final || lens) per stack entry",
+        ).local_src,
+        "<details><summary>Per-entry table</summary>" + _table(evaluation.to_dataframe()) + "</details>",
+        "<h2>Lens grids</h2>",
+    ]
+    for prompt, results in grids:
+        parts.append(f"<h3>{html.escape(repr(prompt))}</h3>")
+        parts.append(lens_grid(results, title=prompt).local_src)
+    parts += [
+        "<h2>Alignment with the embedding and unembedding spaces</h2>",
+        f'<p class="meta">{alignment.n_tokens} tokens of {alignment.n_sequences} held-out sequences '
+        f"(first {alignment.skip_positions} position(s) of each left out), subspace dimension k = {alignment.k}. "
+        "Dashed lines and bands: what random subspaces give (mean ± 1 sd).</p>",
+    ]
+    parts += _alignment_figures(alignment, layer_curves_view, cka_matrix_view)
+    parts.append("<details><summary>Per-entry table</summary>" + _table(alignment.to_dataframe()) + "</details>")
+    page = _page(f"tl_latentspaces report: {access.name}", "\n".join(parts))
+    return Report(data=data, html=page)
+
+
+def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: Any) -> list[str]:
+    labels = alignment.labels
+    a, v, c, d = alignment.angles, alignment.variance, alignment.cka, alignment.drift
+    figs = [
+        layer_curves_view(
+            labels,
+            {"mean angle to W_E subspace": a.embed.mean(-1), "mean angle to W_U subspace": a.unembed.mean(-1)},
+            null={"random subspaces (mean angle, ± sd of one angle)": (float(a.null_mean.mean()), float(a.null_std.mean()))},
+            ylabel="radians",
+            title=f"Principal angles: top-{alignment.k} residual subspace vs top-{alignment.k} singular subspaces",
+        ),
+        layer_curves_view(
+            labels,
+            {"variance in W_E subspace": v.embed, "variance in W_U subspace": v.unembed},
+            null={"random subspace": (v.null_mean, v.null_std)},
+            ylabel="fraction of variance",
+            title=f"Residual variance inside the top-{alignment.k} embedding and unembedding subspaces",
+        ),
+        layer_curves_view(
+            labels,
+            {"own-token cosine (mean)": d.cos_mean},
+            ylabel="cosine",
+            title="Drift: cosine between each position's residual and its own input embedding",
+        ),
+        cka_matrix_view(c.layer_debiased, labels, title="Debiased linear CKA between stack entries"),
+    ]
+    return [f.local_src for f in figs]
+
+
+def _alignment_data(alignment: Any) -> Any:
+    """The suite's numbers for the JSON file, without the full histograms (the page shows quantiles)."""
+    data = to_jsonable(alignment)
+    for key in ("cos_hist", "rank_hist"):
+        data["drift"].pop(key, None)
+    return data
+
+
+def write_report(report: Report, out_dir: Union[str, Path]) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed), atomically.
+
+    Returns:
+        The paths of the page and the JSON file.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "report.json": json.dumps(report.data, indent=1, allow_nan=False).encode("utf-8"),
+        "report.html": report.html.encode("utf-8"),
+    }
+    temps = {}
+    try:
+        for name, data in payload.items():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o644)
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+    except BaseException:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return out / "report.html", out / "report.json"

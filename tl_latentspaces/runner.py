@@ -1,0 +1,193 @@
+"""The corpus runner: stream a corpus through a model once, feeding any number of statistics.
+
+A :class:`CorpusRunner` packs a corpus (texts, ``.txt``/``.jsonl`` files, a Hugging Face
+``datasets`` object with a ``"text"`` column, a token tensor, or the offline default corpus) into
+fixed-length sequences, runs them through the model's own forward pass in batches with the
+plugin's capture hooks attached (so the user's hooks act on what is measured), and feeds every
+batch's residual stack to each *consumer*: any object with ``update(ids, stack)``,
+``state_dict()``, ``load_state_dict(state)`` and ``merge(other)`` (the alignment suite's
+``AlignmentAccumulator``, for instance).
+
+* **Deterministic**: the batch order is fixed by ``seed`` (a seeded permutation when
+  ``shuffle=True``, corpus order otherwise).
+* **Resumable**: with ``checkpoint_dir`` the consumers' states and the number of batches done are
+  saved every ``checkpoint_every`` batches (safetensors + JSON, written atomically); a new run with
+  the same corpus and settings continues where the last one stopped and ends with the same result
+  as an uninterrupted run.
+* **Data-parallel**: under ``torchrun`` each rank takes every ``world_size``-th batch and the
+  states are merged across ranks at the end (:mod:`~tl_latentspaces.distributed`).
+
+Example:
+    >>> from tl_latentspaces.alignment import AlignmentAccumulator
+    >>> runner = CorpusRunner(model, texts, seq_len=128, batch_size=8)  # doctest: +SKIP
+    >>> out = runner.run({"align": lambda: AlignmentAccumulator(model)})  # doctest: +SKIP
+    >>> out["align"].result().to_dataframe()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from tl_latentspaces.corpus import stream_residuals, tokenize_corpus
+from tl_latentspaces.distributed import (
+    _decode_state,
+    _encode_state,
+    current_context,
+    reduce_accumulator,
+    shard_batches,
+)
+from tl_latentspaces.model import ModelAccess
+
+__all__ = ["CorpusRunner", "corpus_texts"]
+
+Factory = Callable[[], Any]
+
+
+def corpus_texts(corpus: Any) -> Any:
+    """Texts from a Hugging Face ``datasets`` object (its ``"text"`` column); anything else as is."""
+    column_names = getattr(corpus, "column_names", None)
+    if column_names is not None and not isinstance(corpus, (str, list, tuple, torch.Tensor)):
+        if isinstance(column_names, dict):  # a DatasetDict: splits
+            raise ValueError(
+                f"got a DatasetDict with splits {list(column_names)}; pass one split, e.g. dataset['train']."
+            )
+        if "text" not in column_names:
+            raise ValueError(f"the dataset has columns {list(column_names)} but no 'text' column to read.")
+        return [t for t in corpus["text"] if isinstance(t, str)]
+    return corpus
+
+
+class CorpusRunner:
+    """Streams a corpus through a model in batches, feeding consumers; resumable and data-parallel.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor.
+        seq_len: Tokens per sequence (BOS included).
+        batch_size: Sequences per forward pass.
+        max_tokens: Read at most this many tokens.
+        prepend_bos: Start each sequence with BOS.
+        seed: Fixes the batch order when ``shuffle``.
+        shuffle: Visit the sequences in a seeded random order.
+        checkpoint_dir: Save progress here and resume from it.
+        checkpoint_every: Batches between checkpoints.
+        progress: Show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        corpus: Any,
+        *,
+        seq_len: int = 128,
+        batch_size: int = 8,
+        max_tokens: Optional[int] = None,
+        prepend_bos: bool = True,
+        seed: int = 0,
+        shuffle: bool = False,
+        checkpoint_dir: Union[str, Path, None] = None,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+    ):
+        self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        self.access.require_eval("the corpus runner")
+        for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        sequences = tokenize_corpus(
+            self.access, corpus_texts(corpus), seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens
+        )
+        if shuffle:
+            order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed))
+            sequences = sequences[order]
+        self.sequences = sequences
+        self.batch_size = batch_size
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress
+        digest = hashlib.sha256(sequences.numpy().tobytes())
+        digest.update(f"{batch_size}".encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    @property
+    def n_batches(self) -> int:
+        return (self.sequences.shape[0] + self.batch_size - 1) // self.batch_size
+
+    def batch(self, index: int) -> torch.Tensor:
+        return self.sequences[index * self.batch_size : (index + 1) * self.batch_size]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_path(self, rank: int) -> Path:
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir / f"runner-rank{rank}.safetensors"
+
+    def _save(self, rank: int, done: int, consumers: dict[str, Any]) -> None:
+        """One file per rank holding every consumer's state and the batch count, replaced atomically."""
+        from safetensors.torch import save
+
+        path = self._checkpoint_path(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
+        meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers))}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(save(tensors, metadata=meta))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _load(self, rank: int, consumers: dict[str, Any]) -> int:
+        from safetensors import safe_open
+
+        if self.checkpoint_dir is None or not self._checkpoint_path(rank).is_file():
+            return 0
+        path = self._checkpoint_path(rank)
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint or meta.get("consumers") != ",".join(sorted(consumers)):
+                raise ValueError(
+                    f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
+                    "pass another checkpoint_dir or delete it to start over."
+                )
+            for name, consumer in consumers.items():
+                consumer.load_state_dict(_decode_state(fh.get_tensor(name)))
+        return int(meta["done"])
+
+    # ------------------------------------------------------------------ the run
+    def run(self, consumers: dict[str, Factory]) -> dict[str, Any]:
+        """Stream the corpus once and return ``{name: consumer}``, merged across ranks.
+
+        Args:
+            consumers: ``{name: factory}``; each factory returns a fresh consumer.
+        """
+        if not consumers:
+            raise ValueError("pass at least one consumer: {name: factory returning an accumulator}.")
+        ctx = current_context()
+        live = {name: factory() for name, factory in consumers.items()}
+        mine = list(shard_batches(self.n_batches, ctx))
+        done = self._load(ctx.rank, live)
+        names = dict(self.access.stack_sites())
+        todo = mine[done:]
+        if todo:
+            seqs = torch.cat([self.batch(i) for i in todo])
+            stream = stream_residuals(
+                self.access, seqs, names, batch_size=self.batch_size, progress=self.progress and ctx.is_main,
+                desc="corpus",
+            )
+            for step, (ids, stack) in enumerate(stream, start=done + 1):
+                for consumer in live.values():
+                    consumer.update(ids, stack)
+                if self.checkpoint_dir is not None and (step % self.checkpoint_every == 0 or step == len(mine)):
+                    self._save(ctx.rank, step, live)
+        for name, consumer in live.items():
+            reduce_accumulator(consumer, consumers[name])
+        return live
