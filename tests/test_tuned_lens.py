@@ -411,3 +411,16 @@ def test_evaluation_bad_input(tiny):
         evaluate_lenses(tiny, (), torch.randint(0, 100, (3, 8)), progress=False)
     with pytest.raises(ValueError, match="max_tokens must be an int"):
         evaluate_lenses(tiny, ("logit",), torch.randint(0, 100, (3, 8)), max_tokens=0, progress=False)
+
+
+@pytest.mark.skipif(not hasattr(tll, "TunedLens"), reason="the tuned-lens exports are not in tl_latentspaces/__init__.py yet")
+def test_public_names(tiny, tokens):
+    from tl_latentspaces.fitting import fit_tuned_lens
+
+    assert tll.TunedLens is TunedLens and tll.fit_tuned_lens is fit_tuned_lens
+    assert tll.evaluate_lenses is evaluate_lenses
+    lens = _random_lens(tiny)
+    r = tll.tuned_lens(tiny, tokens, lens, top_k=3)  # the callable module
+    assert isinstance(r, tll.LensResult) and r.lens == "tuned"
+    assert r.labels == tll.logit_lens(tiny, tokens).labels
+    assert callable(tll.tuned_lens.default_tuned_lens)

@@ -681,9 +681,10 @@ class AlignmentAccumulator:
       against a median of 150 elsewhere and no later position above 1,000. With BOS alone left
       out, position 1 still held 60% of the centred variance there, almost all of it from those
       5 tokens. The first ``skip_positions`` positions are left out of every statistic.
-    * ``center`` (default True): the residual stream has a large mean direction that would be
-      the top principal direction and hold most of the "variance" of an uncentred second moment;
-      centring measures how the tokens vary. CKA is always centred (by definition); the drift
+    * ``center`` (default True): the residual stream has a large mean direction (on the default
+      model the mean alone holds 21% of ``E||x||^2`` at ``1_pre``, 51% at ``15_pre``, 73% at
+      ``29_pre``) that would be the top direction of an uncentred second moment; centring
+      measures how the tokens vary. CKA is always centred (by definition); the drift
       statistics never are (they are what the embedding lens reads).
     * ``standardize_scale``: per-dimension z-scoring against rogue dimensions (a few coordinates
       whose variance dwarfs the rest dominate CKA and Procrustes). Pass the ``[entry + 1,

@@ -172,7 +172,7 @@ def fit_tuned_lens(
     model: Any,
     corpus: Any = None,
     *,
-    max_tokens: int = 32768,
+    max_tokens: int = 16384,
     seq_len: Optional[int] = None,
     batch_size: int = 16,
     validation_fraction: float = 0.1,
@@ -309,6 +309,7 @@ def fit_tuned_lens(
     report["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     report["n_train_positions"] = int(stats.n)
     report["n_validation_positions"] = int(stats.val.shape[1])
+    report["n_excluded_positions"] = int(stats.n_excluded)
     report["settings"] = asdict(settings)
     lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": _jsonable(report)})
     if ckpt is not None:
