@@ -125,6 +125,7 @@ def main() -> int:
     ent_err = (r.entropy - top.readout.entropy).abs().max().item()
     del r, top, kl
 
+    load_start = os.getloadavg()[0]
     rows = []
     for name, fn in (("floor", floor), ("ours", ours), ("transformer_lens", transformer_lens)):
         times, extras = [], []
@@ -142,6 +143,8 @@ def main() -> int:
         "# Logit-lens readout: 31 entries x 512 tokens, top-5 + entropy + KL to final",
         "",
         f"Machine: {machine()}.",
+        f"Load average at the start: {load_start:.1f} (1 min); other jobs on the machine inflate every row alike, "
+        "not evenly: compare rows of one run only.",
         f"Command: `python benchmarks/readout.py --repeats {args.repeats} --tokens {args.tokens}`; "
         f"{E} stack entries x {tokens.shape[1]} tokens of held-out text; medians over {args.repeats} runs.",
         "",

@@ -266,14 +266,16 @@ def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: 
         layer_curves_view(
             labels,
             {"mean angle to W_E subspace": a.embed.mean(-1), "mean angle to W_U subspace": a.unembed.mean(-1)},
-            null={"random subspaces (mean angle, ± sd of one angle)": (float(a.null_mean.mean()), float(a.null_std.mean()))},
+            # the null of the mean angle: random subspaces' mean angle, banded by one angle's sd
+            null={name: (float(a.null_mean.mean()), float(a.null_std.mean()))
+                  for name in ("mean angle to W_E subspace", "mean angle to W_U subspace")},
             ylabel="radians",
             title=f"Principal angles: top-{alignment.k} residual subspace vs top-{alignment.k} singular subspaces",
         ),
         layer_curves_view(
             labels,
             {"variance in W_E subspace": v.embed, "variance in W_U subspace": v.unembed},
-            null={"random subspace": (v.null_mean, v.null_std)},
+            null={name: (v.null_mean, v.null_std) for name in ("variance in W_E subspace", "variance in W_U subspace")},
             ylabel="fraction of variance",
             title=f"Residual variance inside the top-{alignment.k} embedding and unembedding subspaces",
         ),
