@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,10 @@ def test_report_writes_page_and_json(report_dir):
     assert [g["prompt"] for g in data["grids"]] == [EIFFEL]
     assert set(data["grids"][0]["lenses"]) == {"logit", "tuned", "embedding"}
     page = (report_dir / "report.html").read_text()
-    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    # nothing external is loaded (URLs inside the bundled code's comments are not requests; the
+    # Chromium test below fails on any request)
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", page)
+    assert "default-src 'none'" in page
 
 
 @pytest.mark.integration
