@@ -4,7 +4,6 @@ and held-out evaluation checked against direct computation."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -17,11 +16,26 @@ from tl_latentspaces.hooks import hook_counts
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.tuned_lens import PKG_CONFIG_FILE, PKG_PARAMS_FILE, TunedLens, tuned_lens
 
-from conftest import FLAVOURS, GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
+from conftest import GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 
 RESULT_FIELDS = ("top_ids", "top_probs", "top_scores", "entropy", "kl_to_final", "final_top1",
                  "target_probs", "target_ranks")
 DATA = Path(__file__).parent / "data" / "tuned_lens_pkg"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny-model tests gain nothing from several threads, and on a shared 2-core machine torch's
+    OpenMP barriers make small kernels 100x slower while another process holds a core."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _random_lens(model, seed: int = 0, scale: float = 0.05) -> TunedLens:
@@ -164,6 +178,9 @@ def test_plugs_into_transformer_lens_logit_lens(cfg, tokens):
 # ---------------------------------------------------------------------- save / load
 def test_save_load_round_trips_bit_exactly(tmp_path, tiny):
     lens = _random_lens(tiny, seed=4)
+    # The translators are the lens's only parameters: no model weight is part of it.
+    L, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    assert {n: tuple(p.shape) for n, p in lens.named_parameters()} == {"weight": (L, d, d), "bias": (L, d)}
     lens.info["note"] = {"fitted_on": "tests", "kl": [1.5, 0.25]}
     out = lens.save(tmp_path / "lens")
     assert sorted(p.name for p in out.iterdir()) == ["tuned_lens.json", "tuned_lens.safetensors"]
@@ -324,7 +341,7 @@ def test_folder_written_by_the_tuned_lens_package_gives_its_logits():
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
-    import transformer_lens.model_bridge.sources  # noqa: F401
+    import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_transformers)
 
     folder = str(DATA / "model")
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

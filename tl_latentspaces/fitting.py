@@ -24,11 +24,14 @@ in three phases, each streaming or bounded in memory:
    the final norm and ``W_U``, with a Kronecker-factored curvature (Martens & Grosse 2015): the
    input factor is the exact second-moment matrix from phase 1, the output factor the
    Gauss-Newton matrix of the softmax averaged over the refinement tokens. Scores are computed in
-   chunks of rows over a working vocabulary (the ``refine_vocab`` tokens that carry the most
-   final probability mass on the refinement tokens, typically 98% of it), so memory stays bounded
-   and a step costs a few seconds per layer on a CPU. The step size is chosen on validation
-   tokens; a refined translator is kept only if its full-vocabulary validation KL beats the
-   closed form.
+   chunks of rows over a working vocabulary: the ``refine_vocab`` tokens that carry the most
+   final probability mass (2048 of SmolLM2's 49,152 tokens hold about 85% of it). That makes a
+   step about 24x cheaper than one over the full vocabulary, which on a CPU is the difference
+   between seconds and minutes per layer, and measured on SmolLM2 it reaches the same validation
+   KL as a working vocabulary of 8192 tokens. Memory stays bounded by ``rows x refine_vocab``.
+   The step size is chosen on validation tokens, and a refined translator is kept only if its
+   *full-vocabulary* validation KL beats the closed form's, so probability the lens moves outside
+   the working vocabulary is still paid for.
 
 The result is deterministic for a seed. With ``checkpoint_dir`` the fit saves its state after
 every few collected batches and every refined layer, and a later call with the same arguments
@@ -39,7 +42,7 @@ float32 and float64.
 Example:
     >>> import tl_latentspaces as tll
     >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> lens = tll.fit_tuned_lens(model)  # default offline corpus, about 3-4 minutes on 2 CPU cores  # doctest: +SKIP
+    >>> lens = tll.fit_tuned_lens(model)  # default offline corpus: a few minutes on 2 CPU cores  # doctest: +SKIP
     >>> tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens).summary()  # doctest: +SKIP
 """
 
@@ -336,7 +339,7 @@ class _Stats:
     n_excluded: int
 
 
-def _keep_mask(stack: torch.Tensor, factor: float) -> torch.Tensor:
+def _keep_mask(stack: Float[torch.Tensor, "entry batch pos d_model"], factor: float) -> torch.Tensor:
     """``[batch, pos]``: positions to fit on. Position 0 and massive-activation positions are out.
 
     A position is massive when its residual norm at some stack entry exceeds ``factor`` times
@@ -525,7 +528,9 @@ def _prepare(readout: _Readout, stats: _Stats, settings: FitSettings) -> _Work:
     return work
 
 
-def _translate(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _translate(
+    x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "d_model d_model"], b: Float[torch.Tensor, " d_model"]
+) -> Float[torch.Tensor, "n d_model"]:
     return x + torch.addmm(b, x, W.T)
 
 
