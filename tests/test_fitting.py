@@ -20,9 +20,10 @@ from conftest import GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
-    """Tiny-model tests gain nothing from several threads, and on a shared 2-core machine torch's
-    OpenMP barriers make small kernels 100x slower while another process holds a core."""
-    if request.node.get_closest_marker("integration"):
+    """Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
+    barriers make small kernels up to 100x slower while another process holds a core. (The slow
+    real-model test keeps torch's setting.)"""
+    if request.node.get_closest_marker("slow"):
         yield
         return
     before = torch.get_num_threads()

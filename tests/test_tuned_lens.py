@@ -25,9 +25,10 @@ DATA = Path(__file__).parent / "data" / "tuned_lens_pkg"
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
-    """Tiny-model tests gain nothing from several threads, and on a shared 2-core machine torch's
-    OpenMP barriers make small kernels 100x slower while another process holds a core."""
-    if request.node.get_closest_marker("integration"):
+    """Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
+    barriers make small kernels up to 100x slower while another process holds a core. (The slow
+    real-model test keeps torch's setting.)"""
+    if request.node.get_closest_marker("slow"):
         yield
         return
     before = torch.get_num_threads()
@@ -441,3 +442,22 @@ def test_public_names(tiny, tokens):
     assert isinstance(r, tll.LensResult) and r.lens == "tuned"
     assert r.labels == tll.logit_lens(tiny, tokens).labels
     assert callable(tll.tuned_lens.default_tuned_lens)
+
+
+def _lenses_pass_labels() -> bool:
+    import inspect
+
+    from tl_latentspaces import lenses
+
+    return "labels" in inspect.signature(lenses._build_lenses).parameters
+
+
+@pytest.mark.skipif(not _lenses_pass_labels(), reason="lenses._build_lenses does not pass stack labels to bound lenses yet")
+def test_resid_mid_entries_are_refused_through_read_lenses(tiny, tokens):
+    lens = _random_lens(tiny)
+    with pytest.raises(ValueError, match="no translator for stack entry '0_mid'"):
+        tll.read_lenses(tiny, tokens, lenses=("logit", lens), incl_mid=True)
+    # Without resid_mid entries the labels map straight to the translators.
+    r = tll.read_lenses(tiny, tokens, lenses=(lens,), layers=["1_pre", "final_post"])["tuned"]
+    full = tuned_lens(tiny, tokens, lens)
+    assert torch.equal(r.top_ids[0], full.top_ids[1]) and torch.equal(r.top_ids[1], full.top_ids[-1])

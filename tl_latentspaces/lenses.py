@@ -318,7 +318,9 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
     return results
 
 
-def _build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float) -> list[Lens]:
+def _build_lenses(
+    access: ModelAccess, lenses: Sequence[Any], temperature: float, labels: Optional[Sequence[str]] = None
+) -> list[Lens]:
     built: list[Lens] = []
     for lens in lenses:
         if lens == "logit":
@@ -326,7 +328,10 @@ def _build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float
         elif lens == "embedding":
             built.append(EmbeddingLens(access, temperature=temperature))
         elif hasattr(lens, "bind") and callable(lens.bind):
-            built.append(lens.bind(access))  # a TunedLens binds itself to this model
+            bound = lens.bind(access)  # a TunedLens binds itself to this model
+            if labels is not None and hasattr(bound, "check_labels"):
+                bound.check_labels(labels)  # maps stack labels to translators; refuses resid_mid entries
+            built.append(bound)
         else:
             raise ValueError(
                 f"unknown lens {lens!r}; pass 'logit', 'embedding' or a tl_latentspaces.TunedLens."
@@ -388,7 +393,7 @@ def read_lenses(
         model, input, operation="read_lenses", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
         layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
     )
-    built = _build_lenses(plan.access, lenses, temperature)
+    built = _build_lenses(plan.access, lenses, temperature, plan.all_labels)
     return _read(plan, _collect(plan, cache), built)
 
 
@@ -522,4 +527,4 @@ def lens_session(
         model, input, operation="lens_session", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
         layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
     )
-    return LensSession(plan, _build_lenses(plan.access, lenses, temperature))
+    return LensSession(plan, _build_lenses(plan.access, lenses, temperature, plan.all_labels))
