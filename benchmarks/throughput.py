@@ -94,7 +94,7 @@ def main() -> int:
 
     import tl_latentspaces as tll
     from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
-    from readout import machine  # benchmarks/readout.py
+    from readout import machine, write_result  # benchmarks/readout.py
 
     model = tll.load_default_model(progress=False)
     access = tll.ModelAccess(model)
@@ -140,12 +140,7 @@ def main() -> int:
               "result() (2 processes: torchrun, gloo, one thread each; states merged across ranks)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_result(args.out, text)
     return 0
 
 
