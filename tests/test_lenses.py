@@ -24,7 +24,20 @@ def _residuals(model, tokens):
     return logits, torch.stack([cache[n] for n in names])
 
 
-def test_final_entry_reproduces_model_log_probs(tiny, tokens):
+@pytest.fixture(params=[(2048, 16), (7, 16), (32, 4)], ids=["one-tile", "tiles-of-7", "tiles-of-32-grouped"])
+def tile_cols(request, monkeypatch):
+    """Vocabulary tiling: the default (a tiny vocabulary fits one plain tile); tiles of 7 columns,
+    which split the 100-token vocabulary into 15 tiles with a partial last one (online softmax
+    rescaling, cross-tile top-k merge); and tiles of 32 in groups of 4, so the grouped top-k
+    candidate search runs on every tile."""
+    from tl_latentspaces import readout
+
+    monkeypatch.setattr(readout, "TILE_COLS", request.param[0])
+    monkeypatch.setattr(readout, "GROUP_ROWS", request.param[1])
+    return request.param
+
+
+def test_final_entry_reproduces_model_log_probs(tiny, tokens, tile_cols):
     everything = torch.arange(100).expand(*tokens.shape, 100)
     r = tll.logit_lens(tiny, tokens, top_k=5, targets=everything)
     with torch.no_grad():
@@ -39,7 +52,7 @@ def test_final_entry_reproduces_model_log_probs(tiny, tokens):
     assert bool(r.agrees_with_final[-1].all())
 
 
-def test_every_entry_matches_direct_formulas(tiny, tokens):
+def test_every_entry_matches_direct_formulas(tiny, tokens, tile_cols):
     logits, stack = _residuals(tiny, tokens)
     r = tll.logit_lens(tiny, tokens, top_k=4, targets=[3, 17])
     p_final = torch.softmax(logits.double(), -1)
@@ -59,7 +72,7 @@ def test_every_entry_matches_direct_formulas(tiny, tokens):
             assert torch.equal(r.target_ranks[e, ..., t], rank)
 
 
-def test_embedding_lens_matches_cosine_reference(tiny, tokens):
+def test_embedding_lens_matches_cosine_reference(tiny, tokens, tile_cols):
     _, stack = _residuals(tiny, tokens)
     r = tll.embedding_lens(tiny, tokens, top_k=3)
     W_E = tiny.W_E.detach().double()
@@ -145,17 +158,63 @@ def test_half_precision_is_read_in_float32(tokens):
     torch.testing.assert_close(r.top_probs[-1, ..., 0], lp.max(-1).values.exp(), atol=2e-2, rtol=0)
 
 
-def test_blocked_row_dot_is_as_accurate_as_float64():
-    from tl_latentspaces.readout import _dot_block, _row_dot
+def test_tile_candidates_hold_the_top_k():
+    """Planted: the whole top-5 in one column group, ties, and the plain fallbacks."""
+    from tl_latentspaces.readout import _tile_candidates
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 2048, generator=g)
+    C = 2048 // 16
+    z[0, [3, 3 + C, 3 + 2 * C, 3 + 5 * C, 3 + 15 * C]] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])  # one group
+    z[1, :] = 0.5
+    z[1, [10, 700]] = 2.0  # a tie for first
+    z[2, -1] = 50.0  # the last column
+    for k, width in ((5, 2048), (1, 2048), (200, 2048), (5, 2040), (5, 3)):
+        tile = z[:, :width].contiguous()
+        v, i, m = _tile_candidates(tile, k)
+        assert torch.equal(torch.gather(tile, 1, i), v)
+        want = tile.topk(min(k, width), -1).values
+        torch.testing.assert_close(v.topk(min(k, width), -1).values, want, rtol=0, atol=0)
+        torch.testing.assert_close(m.squeeze(1), tile.amax(-1), rtol=0, atol=0)
+
+
+def test_final_entry_read_once_equals_read_twice(tiny, tokens):
+    """The logit lens takes its final entry from the final-distribution pass; reading it again agrees."""
+    from tl_latentspaces.lenses import LogitLens
+    from tl_latentspaces.readout import final_distribution, stream_readout
+
+    access = ModelAccess(tiny)
+    _, stack = _residuals(tiny, tokens)
+    flat = stack.reshape(stack.shape[0], -1, stack.shape[-1])
+    lens = LogitLens(access)
+    E = flat.shape[0]
+    targets = torch.tensor([[3, 17]]).expand(flat.shape[1], 2)
+    with torch.no_grad():
+        plain = final_distribution(flat[-1], lens, [lens], entry=E - 1)
+        kept = final_distribution(flat[-1], lens, [lens], entry=E - 1, top_k=4, targets=targets)
+        assert kept.readout_for(lens, E - 1, 4, targets) is not None
+        assert kept.readout_for(lens, E - 1, 3, targets) is None and kept.readout_for(lens, E - 2, 4, targets) is None
+        twice = stream_readout(flat[-1:], lens, [E - 1], plain, 0, top_k=4, targets=targets)
+        once = stream_readout(flat[-1:], lens, [E - 1], kept, 0, top_k=4, targets=targets)
+    assert torch.equal(once.top_ids, twice.top_ids) and torch.equal(once.target_ranks, twice.target_ranks)
+    for name in ("top_probs", "entropy", "kl_to_final", "target_probs"):
+        torch.testing.assert_close(getattr(once, name), getattr(twice, name), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain.u[0], kept.u[0], atol=0, rtol=0)
+
+
+def test_tiled_softmax_statistics_match_float64():
+    """Entropy and log-normalizer over a 49K vocabulary, walked in tiles, against float64."""
+    from tl_latentspaces.readout import TILE_COLS, _SoftmaxStats
 
     g = torch.Generator().manual_seed(0)
-    a = torch.rand(8, 49152, generator=g)
-    b = -10 * torch.rand(8, 49152, generator=g)
-    blk = _dot_block(49152)
-    assert blk > 0 and 49152 % blk == 0
-    exact = (a.double() * b.double()).sum(-1, keepdim=True)
-    got = _row_dot(a, b, blk)
-    assert ((got.double() - exact).abs() / exact.abs()).max() < 1e-6
-    assert _dot_block(101) == 0  # a prime vocabulary falls back to vecdot
-    torch.testing.assert_close(_row_dot(a[:, :101].contiguous(), b[:, :101].contiguous(), 0).double(),
-                               (a[:, :101].double() * b[:, :101].double()).sum(-1, keepdim=True), rtol=1e-6, atol=0)
+    z = 8 * torch.randn(4, 49152, generator=g)
+    z[0, 40000] = 60.0  # the maximum in a late tile forces rescaling of every earlier sum
+    z[1] = z[1] / 100  # nearly uniform: entropy close to log(V)
+    stats = _SoftmaxStats(4, z)
+    for a in range(0, z.shape[1], TILE_COLS):
+        tile = z[:, a : a + TILE_COLS].clone()
+        stats.update(tile, tile.max(-1, keepdim=True).values, torch.empty_like(tile))
+    logp = torch.log_softmax(z.double(), -1)
+    exact_h = -(logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(stats.entropy().squeeze(1).double(), exact_h, atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(stats.logsumexp().squeeze(1).double(), torch.logsumexp(z.double(), -1), atol=1e-5, rtol=0)

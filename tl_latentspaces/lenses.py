@@ -31,7 +31,7 @@ import torch
 
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, Tokens
-from tl_latentspaces.readout import Lens, final_distribution, stream_readout
+from tl_latentspaces.readout import Lens, final_distribution, stream_readout, vocab_major
 from tl_latentspaces.results import LensResult
 
 __all__ = [
@@ -49,7 +49,7 @@ Targets = Union[str, int, Sequence[Union[str, int]], torch.Tensor, None]
 Positions = Union[int, slice, Sequence[int], None]
 LayerSel = Union[Sequence[Union[int, str]], None]
 
-DEFAULT_CHUNK_ROWS = 256
+DEFAULT_CHUNK_ROWS = 512
 
 
 class LogitLens:
@@ -64,9 +64,8 @@ class LogitLens:
 
     def __init__(self, access: ModelAccess):
         self.access = access
-        # A contiguous [d_model, d_vocab] copy: the bridge's W_U is a transposed view, and the
-        # matmul against it ran slower in our benchmark.
-        self.weight = access.W_U.detach().to(torch.float32).contiguous()
+        # One row per token (no copy for the bridge, whose W_U is a transposed view): see vocab_major.
+        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
         b = access.b_U.detach().to(torch.float32)
         # A zero bias costs a full pass per chunk; skip it.
         self.bias = None if not bool(b.any()) else b
@@ -93,7 +92,7 @@ class EmbeddingLens:
         W_E = access.W_E.detach().to(torch.float32)
         norms = W_E.norm(dim=-1, keepdim=True)
         # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
-        self.weight = (W_E / norms.clamp_min(1e-12)).T.contiguous()
+        self.weight = (W_E / norms.clamp_min(1e-12)).T  # [d_model, d_vocab], one row per token underneath
         self.bias = None
         self.score_scale = math.sqrt(access.d_model) / float(temperature)
 
@@ -270,12 +269,16 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
         stack = stack[:, :, positions].to(dev)
         flat = stack.reshape(stack.shape[0], B * P, stack.shape[-1])
         final_idx = len(plan.all_labels) - 1
-        reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None) or LogitLens(access)
-        final = final_distribution(
-            flat[by_label[plan.final_label]], reference, lenses, entry=final_idx, chunk_rows=plan.chunk_rows
-        )
+        reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None)
+        reads_final = reference is not None and final_idx in plan.entries
+        reference = reference or LogitLens(access)
         targets = _resolve_targets(access, plan.targets, (B, P))
         flat_targets = None if targets is None else targets.reshape(B * P, -1).to(dev)
+        # When the logit lens reads the final entry, that read and the final distribution are one pass.
+        final = final_distribution(
+            flat[by_label[plan.final_label]], reference, lenses, entry=final_idx, chunk_rows=plan.chunk_rows,
+            top_k=plan.top_k if reads_final else None, targets=flat_targets if reads_final else None,
+        )
         own = tokens.ids[:, positions].reshape(-1).to(dev)
         read_rows = torch.tensor([by_label[plan.all_labels[i]] for i in plan.entries])
         sub = flat[read_rows]

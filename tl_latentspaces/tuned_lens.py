@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import vocab_major
 
 __all__ = [
     "ModelIdentity",
@@ -557,7 +558,7 @@ class BoundTunedLens:
         self._W = lens.weight.detach().to(dev, torch.float32)
         self._b = lens.bias.detach().to(dev, torch.float32)
         # The same readout weights as LogitLens, so the two are comparable bit for bit.
-        self.weight = access.W_U.detach().to(torch.float32)
+        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
         b = access.b_U.detach().to(torch.float32)
         self.bias = None if not bool(b.any()) else b
         self._layer_of_entry: Optional[list[Optional[int]]] = None
