@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tl_latentspaces.distributed import _decode_state, _encode_state, check_port_free
 
 WORKER = Path(__file__).parent / "dist" / "stats_worker.py"
+FIT_WORKER = Path(__file__).parent / "dist" / "fit_worker.py"
 
 
 def _free_port() -> int:
@@ -59,6 +60,24 @@ def test_two_processes_equal_one(tmp_path):
     for key in a:
         if key != "world":
             torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_tuned_lens_fit_two_processes_equal_one(tmp_path):
+    """Sharded collection and Gauss-Newton statistics reduced over 2 gloo ranks: the same lens."""
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
+    subprocess.run([sys.executable, str(FIT_WORKER), str(single)], check=True, env=_env(), timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(FIT_WORKER), str(multi)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=600)
+    a, b = load_file(single), load_file(multi)
+    assert int(a["world"]) == 1 and int(b["world"]) == 2
+    assert int(a["n_train"]) == int(b["n_train"]) > 2000
+    assert bool(a["refined"].any()), "no layer was refined: the test would not exercise the reduced Gauss-Newton steps"
+    assert torch.equal(a["refined"], b["refined"])
+    torch.testing.assert_close(b["weight"], a["weight"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["bias"], a["bias"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["val_kl"], a["val_kl"], atol=1e-6, rtol=1e-6)
 
 
 def test_nested_state_encoding_round_trips():

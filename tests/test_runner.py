@@ -70,6 +70,19 @@ def test_checkpoint_of_another_corpus_is_refused(model, corpus, tmp_path):
         other.run({"align": _factory(model)})
 
 
+def test_checkpoint_of_another_world_size_is_refused(model, corpus, tmp_path, monkeypatch):
+    """Each rank's checkpoint counts its own share of the batches: 1 process's cannot resume 2."""
+    from tl_latentspaces import runner as runner_module
+    from tl_latentspaces.distributed import DistContext
+
+    factory = {"align": lambda: AlignmentAccumulator(model)}
+    CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False).run(factory)
+    monkeypatch.setattr(runner_module, "current_context", lambda: DistContext(rank=0, world_size=2))
+    again = CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="written by a run of 1 process.*this run has 2"):
+        again.run(factory)
+
+
 def test_seeded_order_is_deterministic(model, corpus):
     a = CorpusRunner(model, corpus, seq_len=16, shuffle=True, seed=3, progress=False).sequences
     b = CorpusRunner(model, corpus, seq_len=16, shuffle=True, seed=3, progress=False).sequences

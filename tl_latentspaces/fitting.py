@@ -60,6 +60,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 
+from tl_latentspaces.distributed import current_context
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.tuned_lens import ModelIdentity, TunedLens
 
@@ -381,6 +382,7 @@ def _collect(
     batches += [train_idx[i : i + B] for i in range(0, len(train_idx), B)]
     refine_seq = set(train_idx[:n_refine_seq].tolist())
 
+    ctx = current_context()
     state = ckpt.load_collect(dev) if ckpt is not None else None
     if state is None:
         state = _Stats(
@@ -392,11 +394,21 @@ def _collect(
             batches_done=0,
             n_excluded=0,
         )
-    todo = sum(len(b) for b in batches[state.batches_done :]) * seqs.shape[1]
-    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok", disable=not progress)
+    elif ctx.distributed and not ctx.is_main:
+        # Every rank resumes from the same checkpoint; its sums and rows enter the reduction once, from rank 0.
+        state.XtX.zero_(), state.XtY.zero_()
+        state.n = state.n_excluded = 0
+        state.val, state.refine = state.val[:, :0], state.refine[:, :0]
+    # Under torchrun each rank takes every world_size-th remaining batch; the batches themselves
+    # (and so the massive-activation masks) are those of a single-process run.
+    mine = [bi for bi in range(state.batches_done, len(batches)) if (bi - state.batches_done) % ctx.world_size == ctx.rank]
+    todo = sum(len(batches[bi]) for bi in mine) * seqs.shape[1]
+    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok", disable=not (progress and ctx.is_main))
     val_parts, ref_parts = [state.val], [state.refine]
+    val_by_batch: dict[int, torch.Tensor] = {}
+    ref_by_batch: dict[int, torch.Tensor] = {}
     try:
-        for bi in range(state.batches_done, len(batches)):
+        for bi in mine:
             seq_ids = batches[bi]
             for ids, stack in stream_residuals(access, seqs[seq_ids], names, batch_size=len(seq_ids), progress=False):
                 keep = _keep_mask(stack, settings.massive_factor)
@@ -404,12 +416,17 @@ def _collect(
                 rows = stack[:, keep].to(dev, torch.float32)  # [L+1, n_keep, d]
                 if bi < n_val_batches:
                     val_parts.append(rows)
+                    val_by_batch[bi] = rows
                 else:
                     in_ref = torch.tensor([int(i) in refine_seq for i in seq_ids], device=keep.device)
                     if bool(in_ref.any()):
-                        ref_parts.append(stack[:, keep & in_ref[:, None]].to(dev, torch.float32))
+                        part = stack[:, keep & in_ref[:, None]].to(dev, torch.float32)
+                        ref_parts.append(part)
+                        ref_by_batch[bi] = part
                     _accumulate(state, rows, bi)
                 bar.update(ids.numel())
+            if ctx.distributed:
+                continue  # checkpoints of a sharded collection are written once, after the reduction
             state.batches_done = bi + 1
             if ckpt is not None and (state.batches_done % ckpt.every == 0 or state.batches_done == len(batches)):
                 state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
@@ -417,7 +434,49 @@ def _collect(
                 ckpt.save_collect(state)
     finally:
         bar.close()
+    if ctx.distributed:
+        _reduce_collection(state, val_by_batch, ref_by_batch, len(batches))
+        if ckpt is not None:
+            ckpt.save_collect(state)
+        return _check_collection(state, settings, d)
     state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
+    return _check_collection(state, settings, d)
+
+
+def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor],
+                       n_batches: int) -> None:
+    """Sum the normal equations over ranks and gather the kept rows on every rank, in batch order.
+
+    ``state`` holds this rank's sums plus, on rank 0, a resumed checkpoint's rows (which precede
+    every batch collected now). Afterwards every rank holds the statistics of a single-process run.
+    """
+    from tl_latentspaces.distributed import all_reduce_sum, gather_states
+
+    counts = torch.tensor([state.n, state.n_excluded], dtype=torch.float64, device=state.XtX.device)
+    all_reduce_sum(state.XtX)
+    all_reduce_sum(state.XtY)
+    all_reduce_sum(counts)
+    state.n, state.n_excluded = int(counts[0].item()), int(counts[1].item())
+    mine = {
+        "prefix_val": state.val.cpu(),
+        "prefix_refine": state.refine.cpu(),
+        "val": {str(b): t.cpu() for b, t in val_by_batch.items()},
+        "refine": {str(b): t.cpu() for b, t in ref_by_batch.items()},
+    }
+    states = gather_states(mine)
+    dev = state.XtX.device
+    val = [st["prefix_val"] for st in states]
+    refine = [st["prefix_refine"] for st in states]
+    by_val = {int(b): t for st in states for b, t in st["val"].items()}
+    by_ref = {int(b): t for st in states for b, t in st["refine"].items()}
+    val += [by_val[b] for b in sorted(by_val)]
+    refine += [by_ref[b] for b in sorted(by_ref)]
+    state.val = torch.cat(val, 1).to(dev)
+    state.refine = torch.cat(refine, 1).to(dev)
+    state.batches_done = n_batches
+
+
+def _check_collection(state: _Stats, settings: FitSettings, d: int) -> _Stats:
     if state.val.shape[1] == 0:
         raise ValueError(
             "every validation position was left out (position 0 or a massive activation); pass more "
@@ -622,9 +681,12 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
     G = torch.zeros(d, d + 1, dtype=torch.float64, device=dev)
     q_sum = torch.zeros(W_k.shape[1], dtype=torch.float64, device=dev)
     M = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
     N = x.shape[0]
-    for s in range(0, N, chunk):
+    ctx = current_context()
+    for ci, s in enumerate(range(0, N, chunk)):
+        if ci % ctx.world_size != ctx.rank:
+            continue  # under torchrun each rank takes every world_size-th chunk; the sums are reduced below
         xs = x[s : s + chunk]
         h = _translate(xs, W, b)
         n = readout.norm(h)
@@ -632,7 +694,7 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
         lq = torch.log_softmax(z, -1)
         q = lq.exp()
         p, lp = tgt.p_k[s : s + chunk], tgt.log_p_k[s : s + chunk]
-        loss += float((p * (lp - lq)).sum(dtype=torch.float64))
+        loss += (p * (lp - lq)).sum(dtype=torch.float64)
         m = q @ W_k.T  # E_q[unembedding], [rows, d]
         gh, scale = readout.norm_vjp(h, m - tgt.u_k[s : s + chunk])
         # Chunk products in float32 (these are curvature and gradient estimates), sums in float64.
@@ -641,12 +703,17 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
         q_sum += (q / scale.pow(2)).sum(0).double()
         ms = m / scale
         M += (ms.T @ ms).double()
+    if ctx.distributed:
+        from tl_latentspaces.distributed import all_reduce_sum
+
+        for t in (G, q_sum, M, loss):
+            all_reduce_sum(t)
     G /= N
     Wd = W_k.double()
     F = (Wd * q_sum) @ Wd.T - M
     g = gain.double()
     F = g[:, None] * F * g[None, :] / N
-    return loss / N, G, F
+    return float(loss) / N, G, F
 
 
 def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess, weight: torch.Tensor,
@@ -671,7 +738,8 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
     report.setdefault("train_kl_refine", [None] * L)
     report["refine_vocab_mass"] = float(val_t.log_p[:, vocab].exp().sum(-1).mean())
     n_total = stats.n
-    bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL", disable=not progress)
+    bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL",
+               disable=not (progress and current_context().is_main))
     done_kl: list[float] = [k for k in report["val_kl_refined"][:start_layer]]
     try:
         for layer in range(start_layer, L):
@@ -785,6 +853,9 @@ class _Checkpoint:
     def _write(self, phase: str, tensors: dict, extra: dict) -> None:
         from safetensors.torch import save_file
 
+        if not current_context().is_main:
+            return  # under torchrun every rank holds the same state; rank 0 alone writes it
+
         state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key, "files": {}}
         counter = int(state.get("counter", 0)) + 1
         name = f"{phase}-{counter:06d}.safetensors"
@@ -837,6 +908,8 @@ class _Checkpoint:
         return t["weight"], t["bias"], extra["report"]
 
     def mark_done(self) -> None:
+        if not current_context().is_main:
+            return
         state = self._state()
         if state is not None:
             state["done"] = True

@@ -134,7 +134,8 @@ class CorpusRunner:
         path = self._checkpoint_path(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
-        meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers))}
+        meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
+                "world_size": str(current_context().world_size)}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -157,6 +158,13 @@ class CorpusRunner:
                 raise ValueError(
                     f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
                     "pass another checkpoint_dir or delete it to start over."
+                )
+            world = current_context().world_size
+            if meta.get("world_size", "1") != str(world):
+                raise ValueError(
+                    f"the checkpoint {str(path)!r} was written by a run of {meta.get('world_size', '1')} "
+                    f"process(es), and this run has {world}: each rank's share of the batches differs. "
+                    "Resume with the same number of processes, or pass another checkpoint_dir."
                 )
             for name, consumer in consumers.items():
                 consumer.load_state_dict(_decode_state(fh.get_tensor(name)))
