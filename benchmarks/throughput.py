@@ -5,8 +5,10 @@ On the default model over held-out text (128-token sequences, batches of 8):
 * ``plain forward``: the model's forward pass alone over the tokens;
 * ``forward + capture hooks``: the same with the plugin's capture hooks on the 31 residual sites
   (``stream_residuals``): the overhead of the hooks themselves;
-* ``statistics, 1 process``: the corpus runner feeding the alignment suite's accumulator (the
-  report's corpus statistics that stream through the runner), single process with all cores;
+* ``statistics, 1 process``: the corpus runner feeding the report's corpus statistics: the
+  held-out evaluation of the logit and tuned lenses (``LensEvalAccumulator``: KL, cross-entropy,
+  agreement, prediction depth over the full vocabulary) and the alignment suite's accumulator,
+  both results included; single process with all cores;
 * ``statistics, 2 processes``: the same under ``torchrun --nproc_per_node 2`` (gloo), each
   process with one thread.
 
@@ -32,13 +34,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _statistics_run(model, seqs, batch_size):
+def _statistics_run(model, seqs, batch_size, lens):
     from tl_latentspaces.alignment import AlignmentAccumulator
+    from tl_latentspaces.evaluation import LensEvalAccumulator
     from tl_latentspaces.runner import CorpusRunner
 
     runner = CorpusRunner(model, seqs, seq_len=seqs.shape[1], batch_size=batch_size, progress=False)
     t0 = time.perf_counter()
-    out = runner.run({"align": lambda: AlignmentAccumulator(model)})
+    out = runner.run({"evaluation": lambda: LensEvalAccumulator(model, ("logit", lens)),
+                      "align": lambda: AlignmentAccumulator(model)})
+    out["evaluation"].result()
     out["align"].result()
     return time.perf_counter() - t0
 
@@ -52,7 +57,8 @@ def worker(args) -> None:
     init_distributed()
     model = tll.load_default_model(progress=False)
     seqs = tokenize_corpus(model, default_corpus("heldout"), seq_len=128, max_tokens=args.tokens)
-    seconds = _statistics_run(model, seqs, args.batch_size)
+    lens = tll.default_tuned_lens(model, progress=False)  # the cached lens (fitted once if missing)
+    seconds = _statistics_run(model, seqs, args.batch_size, lens)
     if current_context().is_main:
         Path(args.result).write_text(json.dumps({"seconds": seconds, "tokens": int(seqs.numel())}))
 
@@ -136,8 +142,9 @@ def main() -> int:
     ]
     for name, med, lo, hi in rows:
         lines.append(f"| {name} | {med:.2f} | {lo:.2f} | {hi:.2f} | {n / med:,.0f} | {med / base:.2f} |")
-    lines += ["", "statistics = the alignment suite's accumulator fed by the corpus runner, including its final "
-              "result() (2 processes: torchrun, gloo, one thread each; states merged across ranks)."]
+    lines += ["", "statistics = the report's corpus statistics fed by the corpus runner in one pass: the logit and "
+              "tuned lenses' held-out evaluation and the alignment suite, including their final result() "
+              "(2 processes: torchrun, gloo, one thread each; states merged across ranks)."]
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(args.out, text)

@@ -48,6 +48,21 @@ def test_port_in_use_is_a_clear_error():
             check_port_free(port)
 
 
+def test_cli_port_in_use_is_a_clear_error_and_writes_nothing(tmp_path):
+    """Rank 0 of a process group whose MASTER_PORT is taken: exit 2, a message naming the port, no file."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out = tmp_path / "align.json"
+        proc = subprocess.run([sys.executable, "-m", "tl_latentspaces.cli", "align", "--quiet", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"MASTER_PORT={port}: it is already in use" in proc.stderr and "--master_port" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"

@@ -10,9 +10,10 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_readme_python_example_runs(smol, monkeypatch):
+def test_readme_python_example_runs(smol, monkeypatch, tmp_path):
     import tl_latentspaces as tll
 
+    monkeypatch.chdir(tmp_path)  # the example saves a page into the working folder
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "the README has no python example"
@@ -23,3 +24,4 @@ def test_readme_python_example_runs(smol, monkeypatch):
     lens = namespace["lens"]
     assert list(lens.top_ids.shape) == [31, 1, 10, 5]
     assert namespace["diff"].changed_entries()  # the ablation changes something downstream
+    assert (tmp_path / "eiffel.html").stat().st_size > 10_000

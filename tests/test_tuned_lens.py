@@ -422,6 +422,33 @@ def test_evaluation_matches_direct_computation(tiny):
         ev.mean_kl("embedding")
 
 
+def test_evaluation_accumulator_merges_and_round_trips(tiny):
+    """Two halves merged (through the encoded state processes exchange) equal one pass over all."""
+    from tl_latentspaces.corpus import stream_residuals
+    from tl_latentspaces.distributed import _decode_state, _encode_state
+    from tl_latentspaces.evaluation import LensEvalAccumulator
+    from tl_latentspaces.model import ModelAccess
+
+    lens = _random_lens(tiny, seed=4, scale=0.1)
+    seqs = torch.randint(0, 100, (6, 10), generator=torch.Generator().manual_seed(8))
+    names = dict(ModelAccess(tiny).stack_sites())
+    whole, first, second = (LensEvalAccumulator(tiny, ("logit", lens)) for _ in range(3))
+    for i, (ids, stack) in enumerate(stream_residuals(tiny, seqs, names, batch_size=2, progress=False)):
+        whole.update(ids, stack)
+        (first if i % 2 == 0 else second).update(ids, stack)
+    restored = LensEvalAccumulator(tiny, ("logit", lens))
+    restored.load_state_dict(_decode_state(_encode_state(second.state_dict())))
+    merged = first.merge(restored).result()
+    ref = whole.result()
+    assert merged.n_positions == ref.n_positions == 6 * 8 and merged.n_sequences == 6
+    for name in ("kl_to_final", "cross_entropy", "top1_agreement", "depth_histogram", "kl_std"):
+        torch.testing.assert_close(getattr(merged, name), getattr(ref, name), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot merge evaluations of lenses"):
+        whole.merge(LensEvalAccumulator(tiny, ("logit",)))
+    with pytest.raises(ValueError, match="no positions were evaluated"):
+        LensEvalAccumulator(tiny, ("logit",)).result()
+
+
 def test_evaluation_bad_input(tiny):
     with pytest.raises(ValueError, match="seq_len must be an int >= 3"):
         evaluate_lenses(tiny, ("logit",), torch.randint(0, 100, (3, 2)), progress=False)

@@ -13,8 +13,9 @@ reports, averaged over the evaluated positions of a held-out corpus:
 The corpus is packed into ``seq_len``-token sequences starting with BOS. Position 0 (BOS, whose
 residual norm is orders of magnitude above the rest in many models) and the last position of each
 sequence (which has no next token inside the sequence) are left out, so every metric averages
-over the same positions. Residuals are captured by the plugin's hooks batch by batch; scores are
-computed in float32 in chunks of ``chunk_rows`` rows and discarded, sums accumulate in float64.
+over the same positions. Residuals are captured by the plugin's hooks batch by batch and read by
+the streaming readout; sums accumulate in float64. :class:`LensEvalAccumulator` holds the sums,
+so the corpus runner can drive it, resume it from a checkpoint and merge it across processes.
 
 Example:
     >>> from tl_latentspaces.evaluation import evaluate_lenses
@@ -32,7 +33,7 @@ from jaxtyping import Float
 
 from tl_latentspaces.model import ModelAccess
 
-__all__ = ["LensEvaluation", "evaluate_lenses"]
+__all__ = ["LensEvaluation", "LensEvalAccumulator", "evaluate_lenses"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,150 @@ class LensEvaluation:
         return pd.DataFrame(rows).set_index("lens")
 
 
+class LensEvalAccumulator:
+    """Streaming held-out metrics of lenses: a consumer of the corpus runner.
+
+    Feed it residual stacks batch by batch (``update``); partial accumulators from several
+    processes combine with ``merge`` (``state_dict``/``load_state_dict`` carry them between
+    processes and into checkpoints); ``result()`` gives the :class:`LensEvaluation`. Every lens
+    is read with the streaming readout (:mod:`~tl_latentspaces.readout`): no ``[rows, d_vocab]``
+    score matrix is kept, and sums accumulate in float64.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode (or a ``ModelAccess``).
+        lenses: ``"logit"``, ``"embedding"`` and/or :class:`~tl_latentspaces.TunedLens` objects.
+        chunk_rows: Rows per block of the readout.
+
+    Example:
+        >>> from tl_latentspaces.runner import CorpusRunner
+        >>> runner = CorpusRunner(model, texts, seq_len=128)  # doctest: +SKIP
+        >>> acc = runner.run({"eval": lambda: LensEvalAccumulator(model, ("logit", lens))})["eval"]  # doctest: +SKIP
+        >>> acc.result().summary()  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512):
+        from tl_latentspaces.lenses import LogitLens, _build_lenses
+
+        access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        access.require_eval("evaluate_lenses")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}.")
+        if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
+            lenses = [lenses]
+        self.labels = [label for label, _ in access.stack_sites()]
+        self.built = _build_lenses(access, list(lenses), 1.0, self.labels)
+        if not self.built:
+            raise ValueError("lenses is empty; pass e.g. ('logit', tuned_lens).")
+        self.access = access
+        self.chunk_rows = chunk_rows
+        self.lenses = [lens.name for lens in self.built]
+        self.reference = next((lens for lens in self.built if isinstance(lens, LogitLens)), None) or LogitLens(access)
+        K, E = len(self.built), len(self.labels)
+        f64 = dict(dtype=torch.float64, device=access.device)
+        self.kl_sum = torch.zeros(K, E, **f64)
+        self.kl_sq = torch.zeros(K, E, **f64)
+        self.ce_sum = torch.zeros(K, E, **f64)
+        self.agree_sum = torch.zeros(K, E, **f64)
+        self.depth_hist = torch.zeros(K, E, **f64)
+        self.n_positions = 0
+        self.n_sequences = 0
+
+    _SUMS = ("kl_sum", "kl_sq", "ce_sum", "agree_sum", "depth_hist")
+
+    def update(self, ids: torch.Tensor, stack: Float[torch.Tensor, "entry batch seq d_model"]) -> None:
+        """Add one batch: ``ids`` ``[batch, seq]`` and its residual stack at every stack entry.
+
+        Position 0 (BOS) and the last position (no next token in the sequence) are left out.
+        """
+        from tl_latentspaces.readout import final_distribution, stream_readout
+
+        E = len(self.labels)
+        if stack.shape[0] != E or ids.shape != stack.shape[1:3]:
+            raise ValueError(
+                f"expected ids [batch, seq] and a stack [{E}, batch, seq, d_model] of every stack entry, "
+                f"got ids {tuple(ids.shape)} and a stack {tuple(stack.shape)}."
+            )
+        if ids.shape[1] < 3:
+            raise ValueError(f"sequences of {ids.shape[1]} tokens have no position to evaluate; use seq_len >= 3.")
+        dev = self.access.device
+        x = stack[:, :, 1:-1].reshape(E, -1, stack.shape[-1]).to(dev)
+        nxt = ids[:, 2:].reshape(-1, 1).to(dev)
+        entries = list(range(E))
+        with torch.no_grad():
+            final = final_distribution(
+                x[-1], self.reference, self.built, entry=E - 1, chunk_rows=self.chunk_rows,
+                top_k=1 if self.reference in self.built else None,
+                targets=nxt if self.reference in self.built else None,
+            )
+            for k, lens in enumerate(self.built):
+                r = stream_readout(x, lens, entries, final, k, top_k=1, targets=nxt, chunk_rows=self.chunk_rows)
+                kl = r.kl_to_final.double()
+                self.kl_sum[k] += kl.sum(1)
+                self.kl_sq[k] += kl.pow(2).sum(1)
+                self.ce_sum[k] -= r.target_log_probs[..., 0].double().sum(1)
+                agree = r.top_ids[..., 0] == final.top1
+                self.agree_sum[k] += agree.double().sum(1)
+                # Prediction depth: the index where the final run of agreeing entries starts.
+                trailing = agree.flip(0).to(torch.int64).cumprod(0).sum(0)
+                depth = (E - trailing).clamp_max(E - 1)
+                self.depth_hist[k] += torch.bincount(depth, minlength=E).double()
+        self.n_positions += x.shape[1]
+        self.n_sequences += ids.shape[0]
+
+    def merge(self, other: "LensEvalAccumulator") -> "LensEvalAccumulator":
+        """Add ``other``'s sums (same model, lenses and labels) into this accumulator."""
+        if other.lenses != self.lenses or other.labels != self.labels:
+            raise ValueError(
+                f"cannot merge evaluations of lenses {other.lenses} into {self.lenses} (or of other stack labels)."
+            )
+        for name in self._SUMS:
+            getattr(self, name).add_(getattr(other, name).to(self.kl_sum.device))
+        self.n_positions += other.n_positions
+        self.n_sequences += other.n_sequences
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name).cpu() for name in self._SUMS}
+        state.update(n_positions=self.n_positions, n_sequences=self.n_sequences, lenses=list(self.lenses),
+                     labels=list(self.labels))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("lenses", [])) != self.lenses or list(state.get("labels", [])) != self.labels:
+            raise ValueError(
+                f"the saved evaluation is of lenses {state.get('lenses')} over other stack labels or lenses "
+                f"than this one ({self.lenses}); start a fresh accumulator."
+            )
+        for name in self._SUMS:
+            getattr(self, name).copy_(state[name].to(self.kl_sum.device))
+        self.n_positions = int(state["n_positions"])
+        self.n_sequences = int(state["n_sequences"])
+
+    def result(self) -> LensEvaluation:
+        """The per-entry means; an error if nothing was evaluated."""
+        if self.n_positions == 0:
+            raise ValueError("no positions were evaluated; feed at least one batch of sequences of >= 3 tokens.")
+        n = float(self.n_positions)
+        E = len(self.labels)
+        kl_mean = self.kl_sum / n
+        kl_var = (self.kl_sq / n - kl_mean.pow(2)).clamp_min(0.0)
+        positions = torch.arange(E, dtype=torch.float64, device=self.kl_sum.device)
+        hist = self.depth_hist / n
+        return LensEvaluation(
+            lenses=list(self.lenses),
+            labels=list(self.labels),
+            kl_to_final=kl_mean.float().cpu(),
+            cross_entropy=(self.ce_sum / n).float().cpu(),
+            top1_agreement=(self.agree_sum / n).float().cpu(),
+            prediction_depth=(hist * positions).sum(1).float().cpu(),
+            depth_histogram=hist.float().cpu(),
+            kl_std=kl_var.sqrt().float().cpu(),
+            n_positions=self.n_positions,
+            n_sequences=self.n_sequences,
+            model_name=self.access.name,
+        )
+
+
 def evaluate_lenses(
     model: Any,
     lenses: Sequence[Any] = ("logit",),
@@ -126,10 +271,14 @@ def evaluate_lenses(
     max_tokens: int = 8192,
     seq_len: Optional[int] = None,
     batch_size: int = 8,
-    chunk_rows: int = 256,
+    chunk_rows: int = 512,
     progress: bool = True,
 ) -> LensEvaluation:
     """Evaluate lenses on held-out text, every stack entry, streaming over the corpus.
+
+    The corpus streams through :class:`~tl_latentspaces.runner.CorpusRunner` into a
+    :class:`LensEvalAccumulator`, so under ``torchrun`` each process evaluates its share of the
+    batches and the sums are merged.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
@@ -140,7 +289,7 @@ def evaluate_lenses(
         max_tokens: Evaluate at most this many tokens (whole sequences).
         seq_len: Tokens per sequence, BOS included (default 128, or the width of a token tensor).
         batch_size: Sequences per forward pass.
-        chunk_rows: Rows per ``[rows, d_vocab]`` score matrix.
+        chunk_rows: Rows per block of the readout.
         progress: Show a progress bar.
 
     Returns:
@@ -155,14 +304,11 @@ def evaluate_lenses(
         >>> ev.mean_kl("tuned") < ev.mean_kl("logit")  # doctest: +SKIP
         True
     """
-    from tqdm.auto import tqdm
-
-    from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
-    from tl_latentspaces.lenses import LogitLens, _build_lenses
+    from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.runner import CorpusRunner
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    access.require_eval("evaluate_lenses")
-    for name, value, low in (("batch_size", batch_size, 1), ("chunk_rows", chunk_rows, 1), ("max_tokens", max_tokens, 3)):
+    for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 3)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
     if corpus is None:
@@ -173,88 +319,8 @@ def evaluate_lenses(
         raise ValueError(
             f"seq_len must be an int >= 3 (BOS, a read position and its next token), got {seq_len!r}."
         )
-    if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
-        lenses = [lenses]
-    built = _build_lenses(access, list(lenses), 1.0)
-    if not built:
-        raise ValueError("lenses is empty; pass e.g. ('logit', tuned_lens).")
-    for lens in built:
-        if hasattr(lens, "check_labels"):
-            lens.check_labels([label for label, _ in access.stack_sites()])
-    seqs = tokenize_corpus(access, corpus, seq_len=seq_len, max_tokens=max(max_tokens, seq_len))
-    sites = access.stack_sites()
-    labels = [label for label, _ in sites]
-    E, K = len(labels), len(built)
-    dev = access.device
-    reference = next((lens for lens in built if isinstance(lens, LogitLens)), None) or LogitLens(access)
-
-    kl_sum = torch.zeros(K, E, dtype=torch.float64, device=dev)
-    kl_sq = torch.zeros(K, E, dtype=torch.float64, device=dev)
-    ce_sum = torch.zeros(K, E, dtype=torch.float64, device=dev)
-    agree_sum = torch.zeros(K, E, dtype=torch.float64, device=dev)
-    depth_hist = torch.zeros(K, E, dtype=torch.float64, device=dev)
-    n_pos = 0
-    n_rows_total = seqs.shape[0] * (seq_len - 2)
-    bar = tqdm(total=n_rows_total, desc="evaluating lenses", unit="pos", disable=not progress)
-    try:
-        for ids, stack in stream_residuals(access, seqs, dict(sites), batch_size=batch_size, progress=False):
-            # Leave out BOS (position 0) and the last position (no next token in the sequence).
-            x = stack[:, :, 1:-1].reshape(E, -1, stack.shape[-1])
-            nxt = ids[:, 2:].reshape(-1).to(dev)
-            N = x.shape[1]
-            with torch.no_grad():
-                for start in range(0, N, chunk_rows):
-                    stop = min(start + chunk_rows, N)
-                    rows = x[:, start:stop].to(dev)
-                    target = nxt[start:stop]
-                    zf = _scores(reference, rows[-1], E - 1)
-                    logp_f = torch.log_softmax(zf, -1)
-                    p_f = logp_f.exp()
-                    neg_h = (p_f * logp_f).sum(-1)
-                    top1_f = zf.argmax(-1)
-                    del zf
-                    for k, lens in enumerate(built):
-                        agree = torch.empty(E, stop - start, dtype=torch.bool, device=dev)
-                        for e in range(E):
-                            z = _scores(lens, rows[e], e)
-                            logq = torch.log_softmax(z, -1)
-                            kl = (neg_h - (p_f * logq).sum(-1)).clamp_min(0.0).double()
-                            kl_sum[k, e] += kl.sum()
-                            kl_sq[k, e] += kl.pow(2).sum()
-                            ce_sum[k, e] -= logq.gather(1, target[:, None]).double().sum()
-                            agree[e] = z.argmax(-1) == top1_f
-                            agree_sum[k, e] += agree[e].double().sum()
-                        # Prediction depth: index where the final run of agreeing entries starts.
-                        trailing = agree.flip(0).to(torch.int64).cumprod(0).sum(0)
-                        depth = (E - trailing).clamp_max(E - 1)
-                        depth_hist[k] += torch.bincount(depth, minlength=E).double()
-                    bar.update(stop - start)
-            n_pos += N
-    finally:
-        bar.close()
-    n = float(n_pos)
-    kl_mean = kl_sum / n
-    kl_var = (kl_sq / n - kl_mean.pow(2)).clamp_min(0.0)
-    positions = torch.arange(E, dtype=torch.float64, device=dev)
-    hist = depth_hist / n
-    return LensEvaluation(
-        lenses=[lens.name for lens in built],
-        labels=labels,
-        kl_to_final=kl_mean.float().cpu(),
-        cross_entropy=(ce_sum / n).float().cpu(),
-        top1_agreement=(agree_sum / n).float().cpu(),
-        prediction_depth=(hist * positions).sum(1).float().cpu(),
-        depth_histogram=hist.float().cpu(),
-        kl_std=kl_var.sqrt().float().cpu(),
-        n_positions=n_pos,
-        n_sequences=int(seqs.shape[0]),
-        model_name=access.name,
-    )
-
-
-def _scores(lens: Any, x: torch.Tensor, entry: int) -> torch.Tensor:
-    y = lens.project(x.to(torch.float32), entry)
-    z = y @ lens.weight
-    if lens.bias is not None:
-        z = z + lens.bias
-    return z
+    LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)  # every lens and setting checked before reading
+    runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
+                          max_tokens=max(max_tokens, seq_len), progress=progress)
+    consumers = {"evaluation": lambda: LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)}
+    return runner.run(consumers)["evaluation"].result()

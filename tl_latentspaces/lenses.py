@@ -386,7 +386,7 @@ def read_lenses(
         incl_mid: Also read every layer's ``resid_mid``.
         pos: Positions to read (an int, a slice, a list), default all.
         temperature: The embedding lens's softmax temperature.
-        chunk_rows: Rows per ``[rows, d_vocab]`` score matrix.
+        chunk_rows: Rows per block of the streaming readout (its score tiles are ``[chunk_rows, 2048]``).
 
     The forward pass is the model's own: hooks the user registered fire, so an ablation before
     layer ``l`` changes what the lens reads from layer ``l + 1`` on. The lens's capture hooks are

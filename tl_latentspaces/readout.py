@@ -97,6 +97,7 @@ class ReadoutTensors:
     target_ranks: Optional[torch.Tensor]
     own_scores: Optional[torch.Tensor]
     own_ranks: Optional[torch.Tensor]
+    target_log_probs: Optional[torch.Tensor] = None  # [E, N, T]; finite where the probability underflows
 
 
 TILE_COLS = 2048
@@ -304,6 +305,7 @@ class _Output:
         self.entropy = torch.empty(E, N, **f32)
         self.kl = torch.empty(E, N, **f32)
         self.t_probs = torch.empty(E, N, T, **f32) if T is not None else None
+        self.t_logp = torch.empty(E, N, T, **f32) if T is not None else None
         self.t_ranks = torch.empty(E, N, T, dtype=torch.long, device=device) if T is not None else None
         self.o_scores = torch.empty(E, N, **f32) if own else None
         self.o_ranks = torch.empty(E, N, dtype=torch.long, device=device) if own else None
@@ -317,7 +319,8 @@ class _Output:
         T = 0 if self.t_probs is None else self.t_probs.shape[-1]
         if self.t_probs is not None:
             self.t_ranks[e, rows] = blk.ranks[:, :T]
-            self.t_probs[e, rows] = (blk.ranked_scores[:, :T] - blk.lse).exp()
+            self.t_logp[e, rows] = blk.ranked_scores[:, :T] - blk.lse
+            self.t_probs[e, rows] = self.t_logp[e, rows].exp()
         if self.o_scores is not None:
             self.o_ranks[e, rows] = blk.ranks[:, T]
             self.o_scores[e, rows] = blk.ranked_scores[:, T] / score_scale
@@ -328,6 +331,7 @@ class _Output:
         self.entropy[e], self.kl[e] = src.entropy[0], src.kl_to_final[0]
         if self.t_probs is not None:
             self.t_probs[e], self.t_ranks[e] = src.target_probs[0], src.target_ranks[0]
+            self.t_logp[e] = src.target_log_probs[0]
 
     def tensors(self) -> ReadoutTensors:
         return ReadoutTensors(
@@ -340,6 +344,7 @@ class _Output:
             target_ranks=self.t_ranks,
             own_scores=self.o_scores,
             own_ranks=self.o_ranks,
+            target_log_probs=self.t_logp,
         )
 
 

@@ -90,11 +90,15 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
     if (folder / CONFIG_FILE).is_file():
         return TunedLens.load(folder, access)
     from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.distributed import current_context
     from tl_latentspaces.fitting import fit_tuned_lens
 
-    lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **DEFAULT_FIT)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lens.save(folder)
+    # Short-context models get sequences that fit their context.
+    settings = dict(DEFAULT_FIT, seq_len=min(DEFAULT_FIT["seq_len"], int(getattr(access.cfg, "n_ctx", 128))))
+    lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **settings)
+    if current_context().is_main:  # under torchrun every rank fitted the same lens; one writes it
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lens.save(folder)
     return lens
 
 
@@ -187,9 +191,10 @@ def build_report(
         cache_dir: Cache folder for the tuned lens.
         progress: Show progress bars.
     """
-    from tl_latentspaces.alignment import alignment_suite
+    from tl_latentspaces.alignment import AlignmentAccumulator
     from tl_latentspaces.corpus import default_corpus
-    from tl_latentspaces.evaluation import evaluate_lenses
+    from tl_latentspaces.evaluation import LensEvalAccumulator
+    from tl_latentspaces.runner import CorpusRunner
     from tl_latentspaces.lenses import read_lenses
     from tl_latentspaces.views import cka_matrix_view, layer_curves_view, lens_grid
 
@@ -211,8 +216,17 @@ def build_report(
         results = read_lenses(access.model, prompt, lenses=grid_lenses, top_k=top_k, prepend_bos=prepend_bos)
         grids.append((prompt, results))
     eval_lenses = ["logit"] + ([lens] if lens is not None else [])
-    evaluation = evaluate_lenses(access.model, eval_lenses, corpus, max_tokens=eval_tokens, progress=progress)
-    alignment = alignment_suite(access.model, corpus, max_tokens=align_tokens, progress=progress)
+    # The corpus statistics stream through the corpus runner: one pass feeds both when their token
+    # budgets agree, and under torchrun each process takes its share of the batches.
+    passes: dict[int, dict[str, Any]] = {}
+    passes.setdefault(eval_tokens, {})["evaluation"] = lambda: LensEvalAccumulator(access, eval_lenses)
+    passes.setdefault(align_tokens, {})["alignment"] = lambda: AlignmentAccumulator(access)
+    stats: dict[str, Any] = {}
+    for budget, consumers in passes.items():
+        runner = CorpusRunner(access, corpus, seq_len=128, batch_size=8, max_tokens=budget, progress=progress)
+        stats.update(runner.run(consumers))
+    evaluation = stats["evaluation"].result()
+    alignment = stats["alignment"].result(progress=progress)
 
     data = {
         "model": {"name": access.name, "n_layers": access.n_layers, "d_model": access.d_model,

@@ -825,9 +825,12 @@ def default_tuned_lens(
     from tl_latentspaces.corpus import default_corpus
     from tl_latentspaces.fitting import fit_tuned_lens
 
+    from tl_latentspaces.distributed import current_context
+
     lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **DEFAULT_FIT)
     lens.info.setdefault("fit", {})["settings_key"] = _default_settings_key()
-    lens.save(folder)
+    if current_context().is_main:  # under torchrun every rank fitted the same lens; one writes it
+        lens.save(folder)
     return lens
 
 
