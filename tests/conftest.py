@@ -60,6 +60,14 @@ def build_bridge(cfg: dict, seed: int = 0, compat: bool = False):
     return model
 
 
+def build_llama_like(seed: int = 0):
+    """A tiny Llama-like model of the newest kind this TransformerLens line has (bridge, else hooked)."""
+    try:
+        return build_bridge(LLAMA_LIKE, seed=seed)
+    except ImportError:
+        return build_hooked(LLAMA_LIKE, seed=seed)
+
+
 def _flavours():
     out = []
     try:

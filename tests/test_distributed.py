@@ -32,6 +32,18 @@ def _env() -> dict:
     return env
 
 
+def _single_and_torchrun(worker: Path, tmp_path: Path, timeout: int) -> tuple[dict, dict]:
+    """Run ``worker`` alone and under torchrun with 2 gloo processes; the two files it wrote."""
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
+    subprocess.run([sys.executable, str(worker), str(single)], check=True, env=_env(), timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(worker), str(multi)]
+    subprocess.run(cmd, check=True, env=_env(), timeout=timeout)
+    a, b = load_file(single), load_file(multi)
+    assert int(a["world"]) == 1 and int(b["world"]) == 2
+    return a, b
+
+
 def test_state_encoding_round_trips():
     state = {"a": torch.randn(3, 4, dtype=torch.float64), "n": 7, "flag": True, "x": 0.5, "none": None}
     back = _decode_state(_encode_state(state))
@@ -65,13 +77,7 @@ def test_cli_port_in_use_is_a_clear_error_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
-    subprocess.run([sys.executable, str(WORKER), str(single)], check=True, env=_env(), timeout=300)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(multi)]
-    subprocess.run(cmd, check=True, env=_env(), timeout=300)
-    a, b = load_file(single), load_file(multi)
-    assert int(a["world"]) == 1 and int(b["world"]) == 2
+    a, b = _single_and_torchrun(WORKER, tmp_path, timeout=300)
     for key in a:
         if key != "world":
             torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=0, msg=key)
@@ -80,13 +86,7 @@ def test_two_processes_equal_one(tmp_path):
 @pytest.mark.slow
 def test_tuned_lens_fit_two_processes_equal_one(tmp_path):
     """Sharded collection and Gauss-Newton statistics reduced over 2 gloo ranks: the same lens."""
-    single, multi = tmp_path / "single.safetensors", tmp_path / "multi.safetensors"
-    subprocess.run([sys.executable, str(FIT_WORKER), str(single)], check=True, env=_env(), timeout=600)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(FIT_WORKER), str(multi)]
-    subprocess.run(cmd, check=True, env=_env(), timeout=600)
-    a, b = load_file(single), load_file(multi)
-    assert int(a["world"]) == 1 and int(b["world"]) == 2
+    a, b = _single_and_torchrun(FIT_WORKER, tmp_path, timeout=600)
     assert int(a["n_train"]) == int(b["n_train"]) > 2000
     assert bool(a["refined"].any()), "no layer was refined: the test would not exercise the reduced Gauss-Newton steps"
     assert torch.equal(a["refined"], b["refined"])

@@ -15,17 +15,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's builders
 
-from conftest import LLAMA_LIKE, build_bridge, build_hooked  # noqa: E402
+from conftest import build_llama_like  # noqa: E402
 from tl_latentspaces.distributed import init_distributed  # noqa: E402
 from tl_latentspaces.fitting import fit_tuned_lens  # noqa: E402
 
 
 def main(out: str) -> None:
     ctx = init_distributed()
-    try:
-        model = build_bridge(LLAMA_LIKE)
-    except ImportError:
-        model = build_hooked(LLAMA_LIKE)
+    model = build_llama_like()
     # 110 sequences of 32 tokens: 3 validation sequences, 107 training batches' worth of rows, and
     # 2,500 refinement rows: three Gauss-Newton chunks, so both ranks compute part of every step.
     tokens = torch.randint(0, 100, (110, 32), generator=torch.Generator().manual_seed(5))

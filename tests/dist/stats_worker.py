@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's builders
 
-from conftest import LLAMA_LIKE, build_hooked, build_bridge  # noqa: E402
+from conftest import build_llama_like  # noqa: E402
 from tl_latentspaces import ModelAccess  # noqa: E402
 from tl_latentspaces.alignment_math import CKAMatrixAccumulator, CovarianceAccumulator  # noqa: E402
 from tl_latentspaces.corpus import stream_residuals  # noqa: E402
@@ -23,10 +23,7 @@ from tl_latentspaces.distributed import init_distributed, reduce_accumulator, sh
 
 def main(out: str) -> None:
     ctx = init_distributed()
-    try:
-        model = build_bridge(LLAMA_LIKE)
-    except ImportError:
-        model = build_hooked(LLAMA_LIKE)
+    model = build_llama_like()
     access = ModelAccess(model)
     sequences = torch.randint(0, 100, (24, 16), generator=torch.Generator().manual_seed(11))
     batch = 4
