@@ -100,6 +100,23 @@ def tiny(request):
 
 
 @pytest.fixture
+def one_thread(request):
+    """Run a test on one torch thread (the library's own ``_one_thread``), unless it is marked slow.
+
+    Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
+    barriers make small kernels up to 100x slower while another process holds a core. Slow
+    real-model tests keep torch's setting.
+    """
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from tl_latentspaces.alignment import _one_thread
+
+    with _one_thread():
+        yield
+
+
+@pytest.fixture
 def tokens():
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(7))
 

@@ -18,20 +18,7 @@ from tl_latentspaces.hooks import hook_counts
 from conftest import GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
-    barriers make small kernels up to 100x slower while another process holds a core. (The slow
-    real-model test keeps torch's setting.)"""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cfg=GPT_LIKE, seed=0):

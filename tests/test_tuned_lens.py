@@ -23,20 +23,7 @@ RESULT_FIELDS = ("top_ids", "top_probs", "top_scores", "entropy", "kl_to_final",
 DATA = Path(__file__).parent / "data" / "tuned_lens_pkg"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
-    barriers make small kernels up to 100x slower while another process holds a core. (The slow
-    real-model test keeps torch's setting.)"""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_lens(model, seed: int = 0, scale: float = 0.05) -> TunedLens:
