@@ -183,11 +183,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from tl_latentspaces.distributed import init_distributed
     from tl_latentspaces.evaluation import evaluate_lenses
     from tl_latentspaces.report import to_jsonable, tuned_lens_for
     from tl_latentspaces.tuned_lens import TunedLens
 
     _check_out_file(args.out, ".json")
+    ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)
     lenses: list[Any] = ["logit"]
@@ -196,6 +198,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif not args.no_tuned:
         lenses.append(tuned_lens_for(model, cache_dir=args.cache_dir, progress=not args.quiet))
     evaluation = evaluate_lenses(model, lenses, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
+    if not ctx.is_main:
+        return 0
     print(evaluation.to_dataframe().round(3).to_string())
     if args.out:
         print(f"\nwrote {_write_json(args.out, to_jsonable(evaluation))}")
@@ -303,7 +307,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl-latentspaces`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        from tl_latentspaces.distributed import finish_distributed
+
+        finish_distributed()  # under torchrun: every rank waits for rank 0's writes, then leaves the group
+        return code
     except (ValueError, ModuleNotFoundError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"tl-latentspaces: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ States travel as safetensors bytes in uint8 tensors: no pickling between process
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 __all__ = [
     "DistContext",
     "init_distributed",
+    "finish_distributed",
     "current_context",
     "shard_batches",
     "all_reduce_sum",
@@ -112,7 +114,32 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
                 "Pass another port (torchrun --master_port PORT)."
             ) from err
         raise
+    atexit.register(_destroy_group)
     return current_context()
+
+
+def _destroy_group() -> None:
+    """Tear the process group down, if one is up (idempotent; no collective, so it cannot hang)."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish_distributed() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy the group.
+
+    Call it at the end of a successful data-parallel script, after rank 0 has written its files.
+    Ranks that simply exit while others still hold the group open can be aborted by the gloo
+    backend's background threads at interpreter exit ("terminate called without an active
+    exception"); the barrier keeps every rank alive until all are done. Without a process group
+    this does nothing. After an error, skip it: a rank that failed never reaches the barrier. The
+    group is still destroyed at exit, without the barrier.
+    """
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_batches(n_batches: int, ctx: Optional[DistContext] = None) -> range:

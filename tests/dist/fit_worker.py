@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's builders
 
 from conftest import build_llama_like  # noqa: E402
-from tl_latentspaces.distributed import init_distributed  # noqa: E402
+from tl_latentspaces.distributed import finish_distributed, init_distributed  # noqa: E402
 from tl_latentspaces.fitting import fit_tuned_lens  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def main(out: str) -> None:
             "refined": torch.tensor(fit["refined"]),
             "world": torch.tensor(ctx.world_size),
         }, out)
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from conftest import build_llama_like  # noqa: E402
 from tl_latentspaces import ModelAccess  # noqa: E402
 from tl_latentspaces.alignment_math import CKAMatrixAccumulator, CovarianceAccumulator  # noqa: E402
 from tl_latentspaces.corpus import stream_residuals  # noqa: E402
-from tl_latentspaces.distributed import init_distributed, reduce_accumulator, shard_batches  # noqa: E402
+from tl_latentspaces.distributed import finish_distributed, init_distributed, reduce_accumulator, shard_batches  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -46,6 +46,7 @@ def main(out: str) -> None:
         tensors["cka_debiased"] = cka.result(debiased=True)
         tensors["world"] = torch.tensor(ctx.world_size)
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    finish_distributed()
 
 
 if __name__ == "__main__":
