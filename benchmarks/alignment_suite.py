@@ -43,8 +43,6 @@ def _peak_mb() -> float:
 
 # ---------------------------------------------------------------------------- child process
 def child(tokens: int, out: Path, mode: str) -> None:
-    import torch
-
     import tl_latentspaces as tll
     from tl_latentspaces.alignment import alignment_suite
     from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus

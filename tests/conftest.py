@@ -7,8 +7,6 @@ norm. Integration tests use the real default model (marked ``integration``).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

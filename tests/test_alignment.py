@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tl_latentspaces.alignment as al
-from conftest import FLAVOURS, GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
+from conftest import GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 from tl_latentspaces import hook_counts
 from tl_latentspaces.alignment import AlignmentAccumulator, alignment_from_cache, alignment_suite
 from tl_latentspaces.alignment_math import (
@@ -501,6 +501,14 @@ def test_dataframes_and_layer_matrix(tiny, tokens):
                    "cka_embed", "cka_embed_debiased", "cka_next", "cka_final", "procrustes_embed_scaled",
                    "cos_mean", "cos_q50", "rank_q90", "rank0_frac"):
         assert column in frame.columns, column
+    assert frame.index.name == "label"
+    np.testing.assert_allclose(frame["angle_embed_min_deg"], np.degrees(r.angles.embed[:, 0].numpy()), rtol=1e-12)
+    np.testing.assert_allclose(frame["pk_null_mean"], float(r.angles.null_pk_mean), rtol=0)
+    np.testing.assert_allclose(frame["var_unembed"], r.variance.unembed.numpy(), rtol=0)
+    np.testing.assert_allclose(frame["cka_final_debiased"], r.cka.final_debiased.numpy(), rtol=0)
+    np.testing.assert_allclose(frame["procrustes_embed"], r.procrustes.embed_error.numpy(), rtol=0)
+    np.testing.assert_allclose(frame["rank0_frac"], r.drift.rank0_fraction.numpy(), rtol=0)
+    np.testing.assert_allclose(frame["cos_q50"], r.drift.cos_quantiles[:, r.drift.quantile_levels.index(0.5)].numpy())
     assert np.isfinite(frame.drop(columns=["cka_next", "cka_next_debiased", "procrustes_next",
                                            "procrustes_next_scaled"]).to_numpy()).all()
     matrix = r.cka.layer_dataframe()

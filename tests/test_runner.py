@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LLAMA_LIKE, FLAVOURS
+from conftest import FLAVOURS
 from tl_latentspaces import hook_counts
 from tl_latentspaces.alignment import AlignmentAccumulator
 from tl_latentspaces.runner import CorpusRunner

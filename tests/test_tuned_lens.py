@@ -7,6 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -402,7 +403,8 @@ def test_evaluation_matches_direct_computation(tiny):
         torch.testing.assert_close(ev.prediction_depth[i].double(), depth, atol=1e-5, rtol=0)
     assert abs(float(ev.depth_histogram.sum(1)[0]) - 1.0) < 1e-6
     frame = ev.to_dataframe()
-    assert list(frame.index) == ev.labels
+    assert list(frame.index) == ev.labels and frame.index.name == "label"
+    np.testing.assert_allclose(frame["kl_to_final_tuned"], ev.kl_to_final[ev.lenses.index("tuned")].numpy(), rtol=0)
     assert {"kl_to_final_logit", "kl_to_final_tuned", "cross_entropy_tuned", "top1_agreement_logit"} <= set(frame.columns)
     assert ev.summary().loc["tuned", "mean_kl_to_final"] == pytest.approx(ev.mean_kl("tuned"))
     with pytest.raises(ValueError, match="no lens 'embedding'"):

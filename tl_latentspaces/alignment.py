@@ -72,6 +72,7 @@ from tl_latentspaces.alignment_math import (
 from tl_latentspaces.corpus import Corpus, default_corpus, stream_residuals, tokenize_corpus
 from tl_latentspaces.lenses import EmbeddingLens
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.results import label_frame
 
 __all__ = [
     "AlignmentAccumulator",
@@ -324,25 +325,22 @@ class SubspaceAngles:
 
     def to_dataframe(self) -> Any:
         """Per-entry summary (degrees): mean and smallest angle, projection kernel, and the null."""
-        import pandas as pd
-
         deg = 180.0 / math.pi
-        frame = pd.DataFrame(
+        return label_frame(
+            self.labels,
             {
-                "angle_embed_mean_deg": (self.embed.mean(-1) * deg).numpy(),
-                "angle_embed_min_deg": (self.embed[:, 0] * deg).numpy(),
-                "pk_embed": self.pk_embed.numpy(),
-                "angle_unembed_mean_deg": (self.unembed.mean(-1) * deg).numpy(),
-                "angle_unembed_min_deg": (self.unembed[:, 0] * deg).numpy(),
-                "pk_unembed": self.pk_unembed.numpy(),
+                "angle_embed_mean_deg": self.embed.mean(-1) * deg,
+                "angle_embed_min_deg": self.embed[:, 0] * deg,
+                "pk_embed": self.pk_embed,
+                "angle_unembed_mean_deg": self.unembed.mean(-1) * deg,
+                "angle_unembed_min_deg": self.unembed[:, 0] * deg,
+                "pk_unembed": self.pk_unembed,
                 "angle_null_mean_deg": float(self.null_mean.mean() * deg),
                 "angle_null_min_deg": float(self.null_mean[0] * deg),
                 "pk_null_mean": float(self.null_pk_mean),
                 "pk_null_std": float(self.null_pk_std),
             },
-            index=pd.Index(self.labels, name="label"),
         )
-        return frame
 
 
 @dataclass(frozen=True, eq=False)
@@ -375,19 +373,17 @@ class VarianceFractions:
 
     def to_dataframe(self) -> Any:
         """Per-entry fractions with the null mean, spread and z-scores."""
-        import pandas as pd
-
         std = self.null_std.clamp_min(1e-300)
-        return pd.DataFrame(
+        return label_frame(
+            self.labels,
             {
-                "var_embed": self.embed.numpy(),
-                "var_unembed": self.unembed.numpy(),
+                "var_embed": self.embed,
+                "var_unembed": self.unembed,
                 "var_null_mean": float(self.null_mean),
-                "var_null_std": self.null_std.numpy(),
-                "var_embed_z": ((self.embed - self.null_mean) / std).numpy(),
-                "var_unembed_z": ((self.unembed - self.null_mean) / std).numpy(),
+                "var_null_std": self.null_std,
+                "var_embed_z": (self.embed - self.null_mean) / std,
+                "var_unembed_z": (self.unembed - self.null_mean) / std,
             },
-            index=pd.Index(self.labels, name="label"),
         )
 
 
@@ -455,18 +451,16 @@ class CKAResult:
 
     def to_dataframe(self) -> Any:
         """Per-entry CKA with the embeddings, the next entry and the final entry."""
-        import pandas as pd
-
-        return pd.DataFrame(
+        return label_frame(
+            self.labels,
             {
-                "cka_embed": self.embed.numpy(),
-                "cka_embed_debiased": self.embed_debiased.numpy(),
-                "cka_next": self.next.numpy(),
-                "cka_next_debiased": self.next_debiased.numpy(),
-                "cka_final": self.final.numpy(),
-                "cka_final_debiased": self.final_debiased.numpy(),
+                "cka_embed": self.embed,
+                "cka_embed_debiased": self.embed_debiased,
+                "cka_next": self.next,
+                "cka_next_debiased": self.next_debiased,
+                "cka_final": self.final,
+                "cka_final_debiased": self.final_debiased,
             },
-            index=pd.Index(self.labels, name="label"),
         )
 
 
@@ -499,18 +493,16 @@ class ProcrustesErrors:
 
     def to_dataframe(self) -> Any:
         """Per-entry normalized Procrustes errors."""
-        import pandas as pd
-
-        return pd.DataFrame(
+        return label_frame(
+            self.labels,
             {
-                "procrustes_embed": self.embed_error.numpy(),
-                "procrustes_embed_scaled": self.embed_scaled_error.numpy(),
-                "procrustes_next": self.next_error.numpy(),
-                "procrustes_next_scaled": self.next_scaled_error.numpy(),
-                "procrustes_final": self.final_error.numpy(),
-                "procrustes_final_scaled": self.final_scaled_error.numpy(),
+                "procrustes_embed": self.embed_error,
+                "procrustes_embed_scaled": self.embed_scaled_error,
+                "procrustes_next": self.next_error,
+                "procrustes_next_scaled": self.next_scaled_error,
+                "procrustes_final": self.final_error,
+                "procrustes_final_scaled": self.final_scaled_error,
             },
-            index=pd.Index(self.labels, name="label"),
         )
 
 
@@ -553,16 +545,14 @@ class TokenDrift:
 
     def to_dataframe(self) -> Any:
         """Per-entry mean, spread and quantiles of the own-token cosine and rank."""
-        import pandas as pd
-
-        data: Dict[str, Any] = {"cos_mean": self.cos_mean.numpy(), "cos_std": self.cos_std.numpy()}
+        data: Dict[str, Any] = {"cos_mean": self.cos_mean, "cos_std": self.cos_std}
         for i, q in enumerate(self.quantile_levels):
-            data[f"cos_q{round(100 * q):02d}"] = self.cos_quantiles[:, i].numpy()
-        data["rank_mean"] = self.rank_mean.numpy()
+            data[f"cos_q{round(100 * q):02d}"] = self.cos_quantiles[:, i]
+        data["rank_mean"] = self.rank_mean
         for i, q in enumerate(self.quantile_levels):
-            data[f"rank_q{round(100 * q):02d}"] = self.rank_quantiles[:, i].numpy()
-        data["rank0_frac"] = self.rank0_fraction.numpy()
-        return pd.DataFrame(data, index=pd.Index(self.labels, name="label"))
+            data[f"rank_q{round(100 * q):02d}"] = self.rank_quantiles[:, i]
+        data["rank0_frac"] = self.rank0_fraction
+        return label_frame(self.labels, data)
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.results import label_frame
 
 __all__ = ["LensEvaluation", "LensEvalAccumulator", "evaluate_lenses"]
 
@@ -90,16 +91,12 @@ class LensEvaluation:
         Columns are ``"{metric}_{lens}"`` for ``kl_to_final``, ``cross_entropy`` and
         ``top1_agreement``.
         """
-        import pandas as pd
-
         data = {}
         for metric in ("kl_to_final", "cross_entropy", "top1_agreement"):
             values = getattr(self, metric)
             for i, lens in enumerate(self.lenses):
-                data[f"{metric}_{lens}"] = values[i].cpu().numpy()
-        frame = pd.DataFrame(data, index=self.labels)
-        frame.index.name = "label"
-        return frame
+                data[f"{metric}_{lens}"] = values[i]
+        return label_frame(self.labels, data)
 
     def summary(self) -> Any:
         """One row per lens: mean KL over layers, mean cross-entropy, prediction depth."""

@@ -15,6 +15,14 @@ from jaxtyping import Bool, Float, Int
 __all__ = ["LensResult", "LensDiff"]
 
 
+def label_frame(labels: Any, columns: dict[str, Any]) -> Any:
+    """A ``pandas.DataFrame`` with one row per stack label: tensors become numpy columns, scalars repeat."""
+    import pandas as pd
+
+    data = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in columns.items()}
+    return pd.DataFrame(data, index=pd.Index(list(labels), name="label"))
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over (batch, pos) of ``[entry, batch, pos]`` values where ``mask`` is True."""
     m = mask.to(values.dtype)
@@ -99,8 +107,6 @@ class LensResult:
         """Per-entry means over real positions: entropy, KL to final, top-1 agreement, and for the
         embedding lens the mean own-token cosine and rank. A ``pandas.DataFrame`` indexed by label.
         """
-        import pandas as pd
-
         cols = {
             "entropy": _masked_mean(self.entropy, self.mask),
             "kl_to_final": _masked_mean(self.kl_to_final, self.mask),
@@ -109,9 +115,7 @@ class LensResult:
         if self.own_scores is not None and self.own_ranks is not None:
             cols["own_cosine"] = _masked_mean(self.own_scores, self.mask)
             cols["own_rank"] = _masked_mean(self.own_ranks.float(), self.mask)
-        frame = pd.DataFrame({k: v.cpu().numpy() for k, v in cols.items()}, index=self.labels)
-        frame.index.name = "label"
-        return frame
+        return label_frame(self.labels, cols)
 
     def to_dataframe(self) -> Any:
         """One row per (entry, batch, pos) real position: tokens, top-1, entropy, KL and the rest."""
