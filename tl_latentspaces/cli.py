@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -94,19 +92,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _write_json(path: str, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    from tl_latentspaces.files import write_bytes_atomic
+
+    return write_bytes_atomic(path, json.dumps(data, indent=1, allow_nan=False).encode("utf-8"))
 
 
 def _check_out_file(path: Optional[str], suffix: str) -> None:

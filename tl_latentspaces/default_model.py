@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from tl_latentspaces.files import replace_folder_atomic
 
 __all__ = ["load_default_model", "load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE"]
 
@@ -91,20 +91,15 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
         del hf.config.quantization_config
     if not hf.config.architectures:
         hf.config.architectures = ["LlamaForCausalLM"]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "tl_latentspaces.json").write_text(
             json.dumps({"format": _CACHE_FORMAT, "source": f"{_PACKAGE}/{GGUF_FILE}", "dtype": "float32"})
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_folder_atomic(folder, write, own_marker=None)  # the cache folder is ours: a stale one is replaced
     progress.update(1)
 
 

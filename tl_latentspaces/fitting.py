@@ -61,6 +61,7 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.distributed import current_context
+from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.tuned_lens import ModelIdentity, TunedLens
 
@@ -851,7 +852,7 @@ class _Checkpoint:
         return state
 
     def _write(self, phase: str, tensors: dict, extra: dict) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if not current_context().is_main:
             return  # under torchrun every rank holds the same state; rank 0 alone writes it
@@ -859,16 +860,12 @@ class _Checkpoint:
         state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key, "files": {}}
         counter = int(state.get("counter", 0)) + 1
         name = f"{phase}-{counter:06d}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.folder / name)
+        write_bytes_atomic(self.folder / name, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
         old = state["files"].get(phase)
         state["files"][phase] = name
         state["counter"] = counter
         state[phase] = extra
-        tmp_json = self.folder / ".state.json.tmp"
-        tmp_json.write_text(json.dumps(state, indent=1))
-        os.replace(tmp_json, self.folder / "state.json")
+        write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
         if old and old != name:
             (self.folder / old).unlink(missing_ok=True)
         _checkpoint_saved(phase, extra)
@@ -913,9 +910,7 @@ class _Checkpoint:
         state = self._state()
         if state is not None:
             state["done"] = True
-            tmp_json = self.folder / ".state.json.tmp"
-            tmp_json.write_text(json.dumps(state, indent=1))
-            os.replace(tmp_json, self.folder / "state.json")
+            write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
 
 
 def _checkpoint_saved(phase: str, extra: dict) -> None:

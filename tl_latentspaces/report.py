@@ -24,13 +24,12 @@ import datetime
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import torch
 
+from tl_latentspaces.files import write_files_atomic
 from tl_latentspaces.model import ModelAccess
 
 __all__ = ["Report", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
@@ -321,24 +320,8 @@ def write_report(report: Report, out_dir: Union[str, Path]) -> tuple[Path, Path]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
+    write_files_atomic(out, {
         "report.json": json.dumps(report.data, indent=1, allow_nan=False).encode("utf-8"),
         "report.html": report.html.encode("utf-8"),
-    }
-    temps = {}
-    try:
-        for name, data in payload.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            temps[name] = tmp
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o644)
-        for name, tmp in temps.items():
-            os.replace(tmp, out / name)
-    except BaseException:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
+    })
     return out / "report.html", out / "report.json"

@@ -27,8 +27,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -42,6 +40,7 @@ from tl_latentspaces.distributed import (
     reduce_accumulator,
     shard_batches,
 )
+from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
 
 __all__ = ["CorpusRunner", "corpus_texts"]
@@ -136,15 +135,7 @@ class CorpusRunner:
         tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
                 "world_size": str(current_context().world_size)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(save(tensors, metadata=meta))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes_atomic(path, save(tensors, metadata=meta))
 
     def _load(self, rank: int, consumers: dict[str, Any]) -> int:
         from safetensors import safe_open

@@ -36,9 +36,7 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 
+from tl_latentspaces.files import replace_folder_atomic
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.readout import vocab_major
 
@@ -329,7 +328,7 @@ class TunedLens(torch.nn.Module):
             save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
             (tmp / CONFIG_FILE).write_text(blob)
 
-        return _atomic_folder(Path(path), write, own_marker=CONFIG_FILE)
+        return replace_folder_atomic(Path(path), write, own_marker=CONFIG_FILE, what="lens folder")
 
     @classmethod
     def load(
@@ -440,7 +439,7 @@ class TunedLens(torch.nn.Module):
             torch.save(state, tmp / PKG_PARAMS_FILE)
             (tmp / PKG_CONFIG_FILE).write_text(json.dumps(config))
 
-        return _atomic_folder(Path(path), write, own_marker=PKG_PARAMS_FILE)
+        return replace_folder_atomic(Path(path), write, own_marker=PKG_PARAMS_FILE, what="lens folder")
 
     @classmethod
     def load_tuned_lens_format(
@@ -683,41 +682,6 @@ def _package_unembed_hash(access: ModelAccess) -> str:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def _atomic_folder(path: Path, write: Any, *, own_marker: str) -> Path:
-    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, then it is renamed.
-
-    An existing folder at ``path`` is replaced only if it holds ``own_marker`` (a lens folder
-    we wrote); anything else there is refused, so a typo never deletes the user's files.
-    """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir() or not (path / own_marker).is_file():
-            raise FileExistsError(
-                f"{str(path)!r} already exists and is not a lens folder (no {own_marker}); "
-                "refusing to replace it. Choose another path or remove it first."
-            )
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    old: Optional[Path] = None
-    try:
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-            os.replace(path, old / "lens")
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "lens").exists() and not path.exists():
-            os.replace(old / "lens", path)  # put the previous lens back
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 # ---------------------------------------------------------------------- reading

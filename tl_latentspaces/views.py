@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from circuitsvis.utils.render import RenderedHTML, render
 
+from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.results import LensDiff, LensResult
 
 __all__ = [
@@ -133,28 +133,7 @@ class HTMLView(RenderedHTML):
         The page is written to a temporary file in the same folder, then moved over ``path``,
         so a reader never sees half a page and an existing file survives a failed write.
         """
-        target = Path(path)
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"cannot save the view to {str(target)!r}: folder {str(folder)!r} does not exist.")
-        data = self.to_html().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # mkstemp makes the file owner-only; give it an existing file's mode, else rw-r--r--.
-            mode = (target.stat().st_mode & 0o777) if target.exists() else 0o644
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return target
+        return write_bytes_atomic(path, self.to_html().encode("utf-8"), make_parents=False)
 
 
 def _wrap(

@@ -1,0 +1,94 @@
+"""Atomic writes: old content survives any failure, and no temporary file is left behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tl_latentspaces import files
+from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic, write_files_atomic
+
+
+def test_write_bytes_creates_replaces_and_keeps_the_mode(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    assert write_bytes_atomic(target, b"one") == target and target.read_bytes() == b"one"
+    assert target.stat().st_mode & 0o777 == 0o644
+    os.chmod(target, 0o600)
+    write_bytes_atomic(target, b"two")
+    assert target.read_bytes() == b"two" and target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+
+
+def test_write_bytes_without_parents_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="folder .*missing.* does not exist"):
+        write_bytes_atomic(tmp_path / "missing" / "a.html", b"x", make_parents=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_failed_rename_keeps_the_old_file(tmp_path, monkeypatch, error):
+    target = tmp_path / "a.txt"
+    target.write_bytes(b"old")
+
+    def fail(src, dst):
+        raise error
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(type(error)):
+        write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_several_files_all_written_before_any_is_replaced(tmp_path, monkeypatch):
+    (tmp_path / "a").write_bytes(b"old a")
+    (tmp_path / "b").write_bytes(b"old b")
+    real = files._temp_file
+
+    def second_fails(folder, name, data, mode):
+        if name == "b":
+            raise OSError("disk full")
+        return real(folder, name, data, mode)
+
+    monkeypatch.setattr(files, "_temp_file", second_fails)
+    with pytest.raises(OSError, match="disk full"):
+        write_files_atomic(tmp_path, {"a": b"new a", "b": b"new b"})
+    assert (tmp_path / "a").read_bytes() == b"old a" and (tmp_path / "b").read_bytes() == b"old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    monkeypatch.setattr(files, "_temp_file", real)
+    assert write_files_atomic(tmp_path, {"a": b"new a", "b": b"new b"}) == [tmp_path / "a", tmp_path / "b"]
+    assert (tmp_path / "b").read_bytes() == b"new b"
+
+
+def test_folder_replacement(tmp_path):
+    target = tmp_path / "lens"
+
+    def writer(text):
+        def write(tmp):
+            (tmp / "marker").write_text(text)
+        return write
+
+    replace_folder_atomic(target, writer("one"), own_marker="marker")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    replace_folder_atomic(target, writer("two"), own_marker="marker")
+    assert (target / "marker").read_text() == "two"
+
+    def broken(tmp):
+        (tmp / "marker").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder_atomic(target, broken, own_marker="marker")
+    assert (target / "marker").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="is not a lens folder \\(no marker\\)"):
+        replace_folder_atomic(foreign, writer("x"), own_marker="marker", what="lens folder")
+    assert (foreign / "mine.txt").read_text() == "keep"
+    replace_folder_atomic(foreign, writer("cache"), own_marker=None)
+    assert sorted(p.name for p in foreign.iterdir()) == ["marker"]

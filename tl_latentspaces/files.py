@@ -1,0 +1,137 @@
+"""Atomic writes: a reader sees the old file or folder or the new one, never half of either.
+
+Every file the package writes (views, reports, JSON, checkpoints, lenses, the model cache) goes
+through here: the content is written to a temporary sibling in the same folder, flushed, and then
+renamed over the target, which is atomic on one file system. On any failure, including
+KeyboardInterrupt, the temporary is removed and the previous content stays.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Union
+
+__all__ = ["write_bytes_atomic", "write_files_atomic", "replace_folder_atomic"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _temp_file(folder: Path, name: str, data: bytes, mode: int) -> str:
+    """``data`` in a new temporary file next to ``folder / name``, flushed to disk; its path."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes the file owner-only
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _mode_for(target: Path) -> int:
+    """An existing file's permissions, else rw-r--r--."""
+    return (target.stat().st_mode & 0o777) if target.exists() else 0o644
+
+
+def _folder_mode(target: Path) -> int:
+    """An existing folder's permissions, else what a plain ``mkdir`` would give under the umask."""
+    if target.is_dir():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path.
+
+    With ``make_parents=False`` a missing folder is a ``FileNotFoundError`` naming it.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if make_parents:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist.")
+    tmp = _temp_file(folder, target.name, data, _mode_for(target))
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return target
+
+
+def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[Path]:
+    """Write several files into ``folder``: every one is written out before any is replaced.
+
+    A failure while writing leaves all the old files as they were; the renames at the end are
+    individually atomic.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, str] = {}
+    try:
+        for name, data in payload.items():
+            temps[name] = _temp_file(out, name, data, _mode_for(out / name))
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+    except BaseException:
+        for tmp in temps.values():
+            _unlink(tmp)
+        raise
+    return [out / name for name in payload]
+
+
+def replace_folder_atomic(
+    path: PathLike, write: Callable[[Path], None], *, own_marker: Optional[str], what: str = "folder this package wrote"
+) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed.
+
+    An existing folder at ``path`` is replaced only if it holds the file ``own_marker`` (a
+    folder this package wrote); anything else there is refused, so a typo never deletes the
+    user's files. ``own_marker=None`` replaces whatever is there (for folders the package owns,
+    such as its caches). ``what`` names the kind of folder in that error. If the final rename
+    fails, the previous folder is put back.
+    """
+    path = Path(path)
+    if path.exists() and own_marker is not None:
+        if not path.is_dir() or not (path / own_marker).is_file():
+            raise FileExistsError(
+                f"{str(path)!r} already exists and is not a {what} (no {own_marker}); "
+                "refusing to replace it. Choose another path or remove it first."
+            )
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    old: Optional[Path] = None
+    try:
+        os.chmod(tmp, _folder_mode(path))  # mkdtemp makes the folder owner-only
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
+            os.replace(path, old / "previous")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not path.exists():
+            os.replace(old / "previous", path)  # put the previous folder back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
