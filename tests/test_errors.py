@@ -94,5 +94,5 @@ def test_cache_without_residuals(tiny, tokens):
 def test_bad_lens_and_temperature(tiny, tokens):
     with pytest.raises(ValueError, match="unknown lens 'tuned'"):
         tll.read_lenses(tiny, tokens, lenses=("tuned",))
-    with pytest.raises(ValueError, match="temperature must be a positive"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         tll.embedding_lens(tiny, tokens, temperature=0)

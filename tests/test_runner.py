@@ -107,7 +107,7 @@ def test_datasets_object_and_bad_input(model):
 
     with pytest.raises(ValueError, match="no 'text' column"):
         corpus_texts(NoText())
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         CorpusRunner(model, torch.zeros(2, 16, dtype=torch.long), seq_len=16, batch_size=0)
     with pytest.raises(ValueError, match="at least one consumer"):
         CorpusRunner(model, torch.zeros(2, 16, dtype=torch.long), seq_len=16, progress=False).run({})

@@ -69,6 +69,7 @@ from tl_latentspaces.alignment_math import (
     random_subspace_variance_fraction,
     variance_fraction,
 )
+from tl_latentspaces.checks import check_bool, check_int, type_name
 from tl_latentspaces.corpus import Corpus, default_corpus, stream_residuals, tokenize_corpus
 from tl_latentspaces.lenses import EmbeddingLens
 from tl_latentspaces.model import ModelAccess
@@ -100,27 +101,6 @@ _MIN_DEBIASED_ROWS = 4
 
 
 # ---------------------------------------------------------------------------- argument checks
-def _type_name(x: Any) -> str:
-    t = type(x)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _int_arg(value: Any, name: str, *, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
-    # bool is an int subclass; True as a size is almost certainly a bug.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {_type_name(value)} ({value!r}). Fix: pass int({name}).")
-    if value < minimum or (maximum is not None and value > maximum):
-        valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an int {valid}{why}, got {value}.")
-    return value
-
-
-def _bool_arg(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {_type_name(value)} ({value!r}).")
-    return value
-
-
 @dataclass(frozen=True)
 class _Settings:
     """Validated options shared by the accumulator and the entry points."""
@@ -146,22 +126,22 @@ def _settings(
     d = access.d_model
     if k is None:
         k = max(1, d // 8)
-    _int_arg(
+    check_int(
         k,
         "k",
         minimum=1,
         maximum=d,
         why=f" (the subspace dimension cannot exceed d_model={d}; fix: pass k <= {d}, e.g. k={max(1, d // 8)})",
     )
-    _int_arg(skip_positions, "skip_positions", minimum=0)
-    _int_arg(cka_block_sequences, "cka_block_sequences", minimum=1)
-    _int_arg(rank_every, "rank_every", minimum=1)
+    check_int(skip_positions, "skip_positions", minimum=0)
+    check_int(cka_block_sequences, "cka_block_sequences", minimum=1)
+    check_int(rank_every, "rank_every", minimum=1)
     return _Settings(
         k=k,
         skip_positions=skip_positions,
-        center=_bool_arg(center, "center"),
+        center=check_bool(center, "center"),
         cka_block_sequences=cka_block_sequences,
-        layer_cka_biased=_bool_arg(layer_cka_biased, "layer_cka_biased"),
+        layer_cka_biased=check_bool(layer_cka_biased, "layer_cka_biased"),
         rank_every=rank_every,
     )
 
@@ -782,7 +762,7 @@ class AlignmentAccumulator:
         if not isinstance(scale, Tensor) or not scale.dtype.is_floating_point:
             raise TypeError(
                 f"standardize_scale must be a float tensor of shape {shape} (one row per entry, the last "
-                f"for the embeddings), got {_type_name(scale)}."
+                f"for the embeddings), got {type_name(scale)}."
             )
         if tuple(scale.shape) != shape:
             raise ValueError(
@@ -798,13 +778,13 @@ class AlignmentAccumulator:
 
     def _check_batch(self, ids: Any, stack: Any) -> Tuple[Tensor, Tensor]:
         if not isinstance(ids, Tensor) or ids.dtype not in _INT_DTYPES or ids.ndim != 2:
-            got = f"dtype {ids.dtype} and shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else _type_name(ids)
+            got = f"dtype {ids.dtype} and shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type_name(ids)
             raise TypeError(f"ids must be an integer tensor [batch, seq], got {got}.")
         if not isinstance(stack, Tensor) or not stack.dtype.is_floating_point or stack.ndim != 4:
             got = (
                 f"dtype {stack.dtype} and shape {tuple(stack.shape)}"
                 if isinstance(stack, Tensor)
-                else _type_name(stack)
+                else type_name(stack)
             )
             raise TypeError(f"stack must be a float tensor [entry, batch, seq, d_model], got {got}.")
         expected = (self.n_entries, ids.shape[0], ids.shape[1], self.d_model)
@@ -933,7 +913,7 @@ class AlignmentAccumulator:
     # ------------------------------------------------------------------ merge / state
     def _check_compatible(self, other: "AlignmentAccumulator") -> None:
         if not isinstance(other, AlignmentAccumulator):
-            raise TypeError(f"can only merge an AlignmentAccumulator, got {_type_name(other)}.")
+            raise TypeError(f"can only merge an AlignmentAccumulator, got {type_name(other)}.")
         mine = (self.labels, self.d_model, self.d_vocab, self.settings)
         theirs = (other.labels, other.d_model, other.d_vocab, other.settings)
         if mine != theirs:
@@ -998,7 +978,7 @@ class AlignmentAccumulator:
         required = ["n_tokens", "n_rank", "n_sequences", "cov", "pairs", "hsic", "full", "pending",
                     "pending_sequences", "cos_mean", "cos_m2", "cos_hist", "rank_hist"]
         if not isinstance(state, dict):
-            raise TypeError(f"load_state_dict expects the dict from state_dict(), got {_type_name(state)}.")
+            raise TypeError(f"load_state_dict expects the dict from state_dict(), got {type_name(state)}.")
         missing = [key for key in required if key not in state]
         if missing:
             raise ValueError(f"state is missing keys {missing}. Fix: pass AlignmentAccumulator.state_dict().")
@@ -1051,8 +1031,8 @@ class AlignmentAccumulator:
             ValueError: if fewer tokens were seen than ``k`` principal directions need, an entry's
                 covariance has numerical rank below ``k``, or a representation has zero variance.
         """
-        _int_arg(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-        _int_arg(seed, "seed", minimum=0)
+        check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+        check_int(seed, "seed", minimum=0)
         levels = tuple(float(q) for q in quantiles)
         if not levels or any(not 0.0 <= q <= 1.0 for q in levels):
             raise ValueError(f"quantiles must be a non-empty sequence of levels in [0, 1], got {quantiles!r}.")
@@ -1319,7 +1299,7 @@ def _cache_entries(access: ModelAccess, cache: Any, ids: Tensor, names: Dict[str
                 "stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."
             ) from err
         if not isinstance(act, Tensor) or act.ndim != 3 or tuple(act.shape) != (*ids.shape, access.d_model):
-            got = tuple(act.shape) if isinstance(act, Tensor) else _type_name(act)
+            got = tuple(act.shape) if isinstance(act, Tensor) else type_name(act)
             raise ValueError(
                 f"cached {name} has shape {got}, but tokens {tuple(ids.shape)} need "
                 f"{(*ids.shape, access.d_model)}. Fix: pass the token ids the cache was made from (mind BOS)."
@@ -1332,7 +1312,7 @@ def _as_ids(tokens: Any, access: ModelAccess) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.dtype not in _INT_DTYPES:
         raise TypeError(
             f"tokens must be an integer tensor [batch, seq] of the ids the cache was made from, got "
-            f"{_type_name(tokens) if not isinstance(tokens, Tensor) else tokens.dtype}."
+            f"{type_name(tokens) if not isinstance(tokens, Tensor) else tokens.dtype}."
         )
     ids = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens
     if ids.ndim != 2 or ids.numel() == 0:
@@ -1398,11 +1378,11 @@ def _check_common(
         layer_cka_biased=layer_cka_biased,
         rank_every=rank_every,
     )
-    _bool_arg(standardize, "standardize")
-    _bool_arg(progress, "progress")
-    _int_arg(batch_size, "batch_size", minimum=1)
-    _int_arg(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-    _int_arg(seed, "seed", minimum=0)
+    check_bool(standardize, "standardize")
+    check_bool(progress, "progress")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    check_int(seed, "seed", minimum=0)
     return settings
 
 
@@ -1477,12 +1457,12 @@ def alignment_suite(
         batch_size=batch_size, n_null_samples=n_null_samples, seed=seed, progress=progress,
     )
     if max_tokens is not None:
-        _int_arg(max_tokens, "max_tokens", minimum=1)
+        check_int(max_tokens, "max_tokens", minimum=1)
     if corpus is None:
         corpus = default_corpus("heldout")
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, Tensor) and corpus.ndim == 2 else 128
-    _int_arg(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
+    check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
     _check_seq_len(seq_len, settings.skip_positions)
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     n_rows = seqs.shape[0] * (seq_len - settings.skip_positions)

@@ -31,6 +31,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_latentspaces.checks import check_int, type_name
+
 __all__ = [
     "principal_angles",
     "orthonormal_basis",
@@ -63,11 +65,6 @@ Method = Literal["auto", "gram", "features"]
 # --------------------------------------------------------------------------
 
 
-def _type_name(x: Any) -> str:
-    t = type(x)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
 def _check_finite(x: Tensor, name: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
@@ -85,7 +82,7 @@ def _as_f64(x: Any, name: str, *, ndim: Optional[int] = None, shape_hint: str = 
     """Type/shape/finiteness-check a user tensor and return it as float64."""
     if not isinstance(x, Tensor):
         raise TypeError(
-            f"{name} must be a torch.Tensor, got {_type_name(x)}. "
+            f"{name} must be a torch.Tensor, got {type_name(x)}. "
             f"Fix: wrap it, e.g. torch.as_tensor({name}, dtype=torch.float64)."
         )
     if not x.dtype.is_floating_point:
@@ -107,20 +104,10 @@ def _as_f64(x: Any, name: str, *, ndim: Optional[int] = None, shape_hint: str = 
     return x
 
 
-def _check_int(value: Any, name: str, *, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
-    # bool is an int subclass; True as a dimension is almost certainly a bug.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {_type_name(value)} ({value!r}). Fix: pass int({name}).")
-    if value < minimum or (maximum is not None and value > maximum):
-        valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {valid}{why}, got {value}.")
-    return value
-
-
 def _check_generator(generator: Any) -> Optional[torch.Generator]:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"generator must be a torch.Generator or None, got {_type_name(generator)}. "
+            f"generator must be a torch.Generator or None, got {type_name(generator)}. "
             "Fix: pass torch.Generator().manual_seed(0)."
         )
     return generator
@@ -310,7 +297,7 @@ def orthonormal_basis(M: Float[Tensor, "d n"], k: Optional[int] = None) -> Float
             raise ValueError("M is numerically zero (rank 0); it spans no subspace.")
         k = rank
     else:
-        _check_int(
+        check_int(
             k, "k", minimum=1, maximum=bound, why=f" (a [d, n] = {tuple(M.shape)} matrix has rank <= {bound})"
         )
         if k > rank:
@@ -432,10 +419,10 @@ def random_subspace_angles(
         >>> tuple(null.samples.shape), bool((null.mean > 1.0).all())
         ((200, 2), True)
     """
-    _check_int(d, "d", minimum=1)
-    _check_int(k1, "k1", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
-    _check_int(k2, "k2", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
-    _check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    check_int(d, "d", minimum=1)
+    check_int(k1, "k1", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
+    check_int(k2, "k2", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
+    check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
     generator = _check_generator(generator)
     device = generator.device if generator is not None else torch.device("cpu")
     fixed = torch.eye(d, k1, dtype=_F64, device=device)
@@ -470,8 +457,8 @@ def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
         >>> float(random_subspace_variance_fraction(768, 64))
         0.08333333333333333
     """
-    _check_int(d, "d", minimum=1)
-    _check_int(k, "k", minimum=0, maximum=d, why=f" (a subspace of R^{d})")
+    check_int(d, "d", minimum=1)
+    check_int(k, "k", minimum=0, maximum=d, why=f" (a subspace of R^{d})")
     return torch.tensor(k / d, dtype=_F64)
 
 
@@ -508,8 +495,8 @@ def variance_fraction_null(
     """
     cov = _check_cov(cov)
     d = cov.shape[0]
-    _check_int(k, "k", minimum=1, maximum=d, why=f" (cov is {d}x{d})")
-    _check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    check_int(k, "k", minimum=1, maximum=d, why=f" (cov is {d}x{d})")
+    check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
     generator = _check_generator(generator)
     if generator is not None:
         cov = cov.to(generator.device)
@@ -734,7 +721,7 @@ def _chan_merge(
 
 def _check_state_keys(state: Any, required: Sequence[str], owner: str) -> None:
     if not isinstance(state, dict):
-        raise TypeError(f"{owner}.load_state_dict expects a dict from state_dict(), got {_type_name(state)}.")
+        raise TypeError(f"{owner}.load_state_dict expects a dict from state_dict(), got {type_name(state)}.")
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(
@@ -746,7 +733,7 @@ def _check_state_keys(state: Any, required: Sequence[str], owner: str) -> None:
 def _state_tensor(state: Dict[str, Any], key: str, shape: Tuple[int, ...], owner: str) -> Tensor:
     value = state[key]
     if not isinstance(value, Tensor):
-        raise TypeError(f"{owner}.load_state_dict: state[{key!r}] must be a Tensor, got {_type_name(value)}.")
+        raise TypeError(f"{owner}.load_state_dict: state[{key!r}] must be a Tensor, got {type_name(value)}.")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(
             f"{owner}.load_state_dict: state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}."
@@ -758,7 +745,7 @@ def _state_int(state: Dict[str, Any], key: str, owner: str, minimum: int = 0) ->
     value = state[key]
     if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
         value = int(value)
-    return _check_int(value, f"{owner} state[{key!r}]", minimum=minimum)
+    return check_int(value, f"{owner} state[{key!r}]", minimum=minimum)
 
 
 class _CoMoments:
@@ -875,7 +862,7 @@ class CKAMatrixAccumulator:
         track_debiased: bool = True,
         method: Method = "auto",
     ):
-        self.n_layers = _check_int(n_layers, "n_layers", minimum=1)
+        self.n_layers = check_int(n_layers, "n_layers", minimum=1)
         if not (track_biased or track_debiased):
             raise ValueError("track_biased and track_debiased are both False; nothing would be accumulated.")
         self.track_biased = bool(track_biased)
@@ -905,7 +892,7 @@ class CKAMatrixAccumulator:
         if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
             raise TypeError(
                 f"{arg} must be a list/tuple of {self.n_layers} [n, d] tensors (one per layer), got "
-                f"{_type_name(xs)}. Fix: pass list(acts) or [acts[l] for l in range(L)]."
+                f"{type_name(xs)}. Fix: pass list(acts) or [acts[l] for l in range(L)]."
             )
         if len(xs) != self.n_layers:
             raise ValueError(f"{arg} must hold {self.n_layers} tensors (n_layers), got {len(xs)}.")
@@ -999,7 +986,7 @@ class CKAMatrixAccumulator:
     def merge(self, other: "CKAMatrixAccumulator") -> "CKAMatrixAccumulator":
         """Fold in another accumulator's statistics (e.g. from another process); returns ``self``."""
         if not isinstance(other, CKAMatrixAccumulator):
-            raise TypeError(f"can only merge a {type(self).__name__}, got {_type_name(other)}.")
+            raise TypeError(f"can only merge a {type(self).__name__}, got {type_name(other)}.")
         if (other.n_layers, other.track_biased, other.track_debiased) != (
             self.n_layers,
             self.track_biased,
@@ -1137,7 +1124,7 @@ class CKAAccumulator:
     def merge(self, other: "CKAAccumulator") -> "CKAAccumulator":
         """Fold in another accumulator's statistics; returns ``self``."""
         if not isinstance(other, CKAAccumulator):
-            raise TypeError(f"can only merge a CKAAccumulator, got {_type_name(other)}.")
+            raise TypeError(f"can only merge a CKAAccumulator, got {type_name(other)}.")
         self._inner.merge(other._inner)
         return self
 
@@ -1356,7 +1343,7 @@ class ProcrustesAccumulator:
     def merge(self, other: "ProcrustesAccumulator") -> "ProcrustesAccumulator":
         """Fold in another accumulator (same ``center``); returns ``self``."""
         if not isinstance(other, ProcrustesAccumulator):
-            raise TypeError(f"can only merge a ProcrustesAccumulator, got {_type_name(other)}.")
+            raise TypeError(f"can only merge a ProcrustesAccumulator, got {type_name(other)}.")
         if other.center != self.center:
             raise ValueError(f"cannot merge center={other.center} into center={self.center}.")
         if other._n == 0:
@@ -1429,7 +1416,7 @@ class CovarianceAccumulator:
     """
 
     def __init__(self, d: int, *, device: Optional[Union[str, torch.device]] = None):
-        self.d = _check_int(d, "d", minimum=1)
+        self.d = check_int(d, "d", minimum=1)
         self._device_fixed = device is not None
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._moments = _CoMoments(1, [(0, 0)])
@@ -1477,7 +1464,7 @@ class CovarianceAccumulator:
         Raises:
             ValueError: if ``n <= ddof``.
         """
-        _check_int(ddof, "ddof", minimum=0)
+        check_int(ddof, "ddof", minimum=0)
         self._need(ddof + 1, f"cov(ddof={ddof})")
         c = self._moments.blocks[(0, 0)]
         # Chan updates keep the block symmetric only up to rounding; return an exactly symmetric matrix.
@@ -1492,7 +1479,7 @@ class CovarianceAccumulator:
             ValueError: if ``k > d`` or ``k > n - 1`` (a covariance of ``n`` rows
                 has rank at most ``n - 1``).
         """
-        _check_int(k, "k", minimum=1, maximum=self.d, why=f" (d={self.d})")
+        check_int(k, "k", minimum=1, maximum=self.d, why=f" (d={self.d})")
         if k > self._moments.n - 1:
             raise ValueError(
                 f"k={k} exceeds n - 1 = {self._moments.n - 1}: a covariance of n={self._moments.n} rows has "
@@ -1505,7 +1492,7 @@ class CovarianceAccumulator:
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
         """Fold in another accumulator's rows (e.g. from another process); returns ``self``."""
         if not isinstance(other, CovarianceAccumulator):
-            raise TypeError(f"can only merge a CovarianceAccumulator, got {_type_name(other)}.")
+            raise TypeError(f"can only merge a CovarianceAccumulator, got {type_name(other)}.")
         if other.d != self.d:
             raise ValueError(f"cannot merge: this accumulator has d={self.d}, the other d={other.d}.")
         self._moments.merge(other._moments)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from tl_latentspaces.checks import check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess
 
@@ -125,8 +126,7 @@ def tokenize_corpus(
         min_sequences: Fewer sequences than this is an error.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 2 <= seq_len <= access.n_ctx:
-        raise ValueError(f"seq_len must be an int in [2, n_ctx={access.n_ctx}], got {seq_len!r}.")
+    seq_len = check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] != seq_len:
             raise ValueError(

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 from jaxtyping import Float
 
+from tl_latentspaces.checks import check_int
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.results import label_frame
 
@@ -142,8 +143,7 @@ class LensEvalAccumulator:
 
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         access.require_eval("evaluate_lenses")
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}.")
+        chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
         if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
             lenses = [lenses]
         self.labels = [label for label, _ in access.stack_sites()]
@@ -305,17 +305,13 @@ def evaluate_lenses(
     from tl_latentspaces.runner import CorpusRunner
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 3)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    max_tokens = check_int(max_tokens, "max_tokens", minimum=3)
     if corpus is None:
         corpus = default_corpus("heldout")
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 3:
-        raise ValueError(
-            f"seq_len must be an int >= 3 (BOS, a read position and its next token), got {seq_len!r}."
-        )
+    seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
     LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)  # every lens and setting checked before reading
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=max(max_tokens, seq_len), progress=progress)

@@ -60,6 +60,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from jaxtyping import Float
 
+from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.distributed import current_context
 from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
@@ -94,21 +95,6 @@ class FitSettings:
     damping: float
     massive_factor: float
     seed: int
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-    return value
-
-
-def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-    return float(value)
 
 
 # ---------------------------------------------------------------------- norm and scores
@@ -242,25 +228,27 @@ def fit_tuned_lens(
     started = time.perf_counter()
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("fit_tuned_lens")
-    _check_int("max_tokens", max_tokens, 2)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("refine_steps", refine_steps, 0)
-    _check_int("refine_tokens", refine_tokens, 1)
-    _check_int("refine_vocab", refine_vocab, 2)
-    _check_int("checkpoint_every", checkpoint_every, 1)
-    _check_int("seed", seed, 0)
-    validation_fraction = _check_float("validation_fraction", validation_fraction, 0.0, 0.5, low_open=True)
-    damping = _check_float("damping", damping, 0.0, low_open=True)
-    massive_factor = _check_float("massive_factor", massive_factor, 1.0, low_open=True)
+    max_tokens = check_int(max_tokens, "max_tokens", minimum=2)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    refine_steps = check_int(refine_steps, "refine_steps", minimum=0)
+    refine_tokens = check_int(refine_tokens, "refine_tokens", minimum=1)
+    refine_vocab = check_int(refine_vocab, "refine_vocab", minimum=2)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    validation_fraction = check_float(
+        validation_fraction, "validation_fraction", minimum=0.0, maximum=0.5, open_minimum=True
+    )
+    damping = check_float(damping, "damping", minimum=0.0, open_minimum=True)
+    massive_factor = check_float(massive_factor, "massive_factor", minimum=1.0, open_minimum=True)
     ridges = (ridge,) if isinstance(ridge, (int, float)) and not isinstance(ridge, bool) else tuple(ridge)
     if not ridges:
         raise ValueError("ridge is empty; pass a relative ridge strength such as 1e-2, or a few of them.")
-    ridges = tuple(_check_float("each ridge strength", r, 0.0) for r in ridges)
+    ridges = tuple(check_float(r, "each ridge strength", minimum=0.0) for r in ridges)
     if corpus is None:
         corpus = default_corpus("train")
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
-    _check_int("seq_len", seq_len, 3)
+    seq_len = check_int(seq_len, "seq_len", minimum=3)
     if isinstance(corpus, (list, tuple)) and not corpus:
         raise ValueError(
             "the corpus is empty: pass texts (a list of strings), file paths or a [n, seq_len] "

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from tl_latentspaces.checks import check_bool, check_float, check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, Tokens
 from tl_latentspaces.readout import Lens, final_distribution, stream_readout, vocab_major
@@ -87,8 +88,7 @@ class EmbeddingLens:
     name = "embedding"
 
     def __init__(self, access: ModelAccess, temperature: float = 1.0):
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}.")
+        temperature = check_float(temperature, "temperature", minimum=0.0, open_minimum=True)
         W_E = access.W_E.detach().to(torch.float32)
         norms = W_E.norm(dim=-1, keepdim=True)
         # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
@@ -102,9 +102,7 @@ class EmbeddingLens:
 
 # ---------------------------------------------------------------------- argument checks
 def _check_top_k(top_k: Any, d_vocab: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
-        raise ValueError(f"top_k must be an int in [1, {d_vocab}], got {top_k!r}.")
-    return top_k
+    return check_int(top_k, "top_k", minimum=1, maximum=d_vocab, why=" (the vocabulary size)")
 
 
 def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
@@ -239,10 +237,8 @@ def _plan(
 ) -> _Plan:
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval(operation)
-    if not isinstance(prepend_bos, bool):
-        raise ValueError(f"prepend_bos must be True or False, got {prepend_bos!r}.")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}.")
+    check_bool(prepend_bos, "prepend_bos")
+    chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     if input is None:
         raise ValueError(f"{operation} needs an input: a string, a list of strings or a token tensor.")
     top_k = _check_top_k(top_k, access.d_vocab)

@@ -29,6 +29,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
+from tl_latentspaces.checks import check_int
 from tl_latentspaces.files import write_files_atomic
 from tl_latentspaces.model import ModelAccess
 
@@ -202,9 +203,8 @@ def build_report(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r:.200}.")
-    for n, value in (("eval_tokens", eval_tokens), ("align_tokens", align_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 256:
-            raise ValueError(f"{n} must be an int >= 256, got {value!r}.")
+    eval_tokens = check_int(eval_tokens, "eval_tokens", minimum=256)
+    align_tokens = check_int(align_tokens, "align_tokens", minimum=256)
     if corpus is None:
         corpus = default_corpus("heldout")
     lens = tuned_lens_for(access, cache_dir=cache_dir, progress=progress) if tuned == "auto" else tuned

@@ -40,6 +40,7 @@ from tl_latentspaces.distributed import (
     reduce_accumulator,
     shard_batches,
 )
+from tl_latentspaces.checks import check_int
 from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
 
@@ -96,9 +97,8 @@ class CorpusRunner:
     ):
         self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         self.access.require_eval("the corpus runner")
-        for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
         sequences = tokenize_corpus(
             self.access, corpus_texts(corpus), seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens
         )

@@ -1,0 +1,68 @@
+"""Argument checks shared by every public entry point: one wording for one kind of mistake.
+
+A wrong type raises :class:`ArgumentTypeError`, which is a ``TypeError`` and also a ``ValueError``,
+so code written against the documented ``ValueError`` of a bad argument still catches it. A value
+out of range raises ``ValueError``. Every message names the argument, what is valid and what was
+received.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Optional
+
+__all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (both a ``TypeError`` and a ``ValueError``)."""
+
+
+def type_name(x: Any) -> str:
+    """``int``, ``float``, ``numpy.ndarray``...: the type of ``x`` as a reader would name it."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def check_int(value: Any, name: str, *, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
+    """``value`` as an int if it is an integer in ``[minimum, maximum]`` (numpy integers count).
+
+    ``why`` explains the bound in the error message.
+    """
+    valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    wrong = ArgumentTypeError(
+        f"{name} must be an int {valid}{why}, got {type_name(value)} ({value!r:.80}). Fix: pass int({name})."
+    )
+    # bool is an int subclass; True as a size is almost certainly a bug.
+    if isinstance(value, bool):
+        raise wrong
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise wrong from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {valid}{why}, got {value}.")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {type_name(value)} ({value!r:.80}).")
+    return value
+
+
+def check_float(
+    value: Any, name: str, *, minimum: float, maximum: float = math.inf, open_minimum: bool = False, why: str = ""
+) -> float:
+    """``value`` as a float if it is a finite real number within the bounds (``> minimum`` when open)."""
+    bound = f"{'>' if open_minimum else '>='} {minimum}" + (f" and <= {maximum}" if maximum != math.inf else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a finite number {bound}{why}, got {type_name(value)} ({value!r:.80}).")
+    value = float(value)
+    ok = math.isfinite(value) and (value > minimum if open_minimum else value >= minimum) and value <= maximum
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {bound}{why}, got {value!r}.")
+    return value
