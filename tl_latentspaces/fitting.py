@@ -393,7 +393,8 @@ def _collect(
     mine = [bi for bi in range(state.batches_done, len(batches)) if (bi - state.batches_done) % ctx.world_size == ctx.rank]
     todo = sum(len(batches[bi]) for bi in mine) * seqs.shape[1]
     bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok", disable=not (progress and ctx.is_main))
-    val_parts, ref_parts = [state.val], [state.refine]
+    # Kept rows by batch index: folded into the state in batch order at each checkpoint and at
+    # the end (one process), or gathered across ranks in batch order (torchrun).
     val_by_batch: dict[int, torch.Tensor] = {}
     ref_by_batch: dict[int, torch.Tensor] = {}
     try:
@@ -404,22 +405,18 @@ def _collect(
                 state.n_excluded += int((~keep[:, 1:]).sum())
                 rows = stack[:, keep].to(dev, torch.float32)  # [L+1, n_keep, d]
                 if bi < n_val_batches:
-                    val_parts.append(rows)
                     val_by_batch[bi] = rows
                 else:
                     in_ref = torch.tensor([int(i) in refine_seq for i in seq_ids], device=keep.device)
                     if bool(in_ref.any()):
-                        part = stack[:, keep & in_ref[:, None]].to(dev, torch.float32)
-                        ref_parts.append(part)
-                        ref_by_batch[bi] = part
+                        ref_by_batch[bi] = stack[:, keep & in_ref[:, None]].to(dev, torch.float32)
                     _accumulate(state, rows, bi)
                 bar.update(ids.numel())
             if ctx.distributed:
                 continue  # checkpoints of a sharded collection are written once, after the reduction
             state.batches_done = bi + 1
             if ckpt is not None and (state.batches_done % ckpt.every == 0 or state.batches_done == len(batches)):
-                state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
-                val_parts, ref_parts = [state.val], [state.refine]
+                _fold_rows(state, val_by_batch, ref_by_batch)
                 ckpt.save_collect(state)
     finally:
         bar.close()
@@ -427,9 +424,17 @@ def _collect(
         _reduce_collection(state, val_by_batch, ref_by_batch, len(batches))
         if ckpt is not None:
             ckpt.save_collect(state)
-        return _check_collection(state, settings, d)
-    state.val, state.refine = torch.cat(val_parts, 1), torch.cat(ref_parts, 1)
+    else:
+        _fold_rows(state, val_by_batch, ref_by_batch)
     return _check_collection(state, settings, d)
+
+
+def _fold_rows(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor]) -> None:
+    """Append the kept rows collected since the last fold to the state, in batch order; empty the dicts."""
+    state.val = torch.cat([state.val] + [val_by_batch[b] for b in sorted(val_by_batch)], 1)
+    state.refine = torch.cat([state.refine] + [ref_by_batch[b] for b in sorted(ref_by_batch)], 1)
+    val_by_batch.clear()
+    ref_by_batch.clear()
 
 
 def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor],
