@@ -1,4 +1,4 @@
-"""The corpus runner: interrupted and resumed runs equal uninterrupted ones; seeded order; datasets."""
+"""The corpus runner: interrupted and resumed runs equal uninterrupted ones; seeded order; bad input."""
 
 from __future__ import annotations
 
@@ -91,22 +91,7 @@ def test_seeded_order_is_deterministic(model, corpus):
     assert torch.equal(a.sort(0).values, corpus.sort(0).values)  # a permutation of the same sequences
 
 
-def test_datasets_object_and_bad_input(model):
-    from tl_latentspaces.runner import corpus_texts
-
-    class FakeDataset:
-        column_names = ["text", "id"]
-
-        def __getitem__(self, key):
-            return ["one text", "two texts"] if key == "text" else [1, 2]
-
-    assert corpus_texts(FakeDataset()) == ["one text", "two texts"]
-
-    class NoText(FakeDataset):
-        column_names = ["body"]
-
-    with pytest.raises(ValueError, match="no 'text' column"):
-        corpus_texts(NoText())
+def test_bad_input(model):
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         CorpusRunner(model, torch.zeros(2, 16, dtype=torch.long), seq_len=16, batch_size=0)
     with pytest.raises(ValueError, match="at least one consumer"):

@@ -68,14 +68,12 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _corpus(args: argparse.Namespace) -> Any:
-    from tl_latentspaces.corpus import default_corpus, read_texts
+    from tl_latentspaces.corpus import check_corpus_file, default_corpus
 
     if not getattr(args, "corpus", None):
         return default_corpus("heldout")
-    texts: list[str] = []
-    for path in args.corpus:
-        texts += read_texts(path)
-    return texts
+    # Each file is checked up to its first text now, and read lazily, as far as the token budget goes, later.
+    return [check_corpus_file(path) for path in args.corpus]
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:

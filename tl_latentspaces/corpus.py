@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+from array import array
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -22,9 +24,11 @@ from tl_latentspaces.checks import check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess
 
-__all__ = ["default_corpus", "read_texts", "tokenize_corpus", "stream_residuals", "Corpus"]
+__all__ = ["default_corpus", "read_texts", "iter_texts", "check_corpus_file", "tokenize_corpus", "stream_residuals",
+           "Corpus"]
 
-Corpus = Union[str, Path, Sequence[str], Sequence[Path], torch.Tensor]
+#: Text, a file path, a list of texts or paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor.
+Corpus = Union[str, Path, Sequence[str], Sequence[Path], Iterable[Any], torch.Tensor]
 
 _HELDOUT_EVERY = 5  # every fifth document of the default corpus is held out
 
@@ -46,60 +50,171 @@ def default_corpus(split: str = "train") -> list[str]:
     return [d for i, d in enumerate(docs) if (i % _HELDOUT_EVERY == 0) == held]
 
 
+#: Plain-text files are read in blocks of this many characters, each cut at its last newline; a
+#: file shorter than a block is one document.
+TEXT_BLOCK_CHARS = 4 << 20
+
+#: Documents tokenized together in one call of the (fast) tokenizer.
+_TOKENIZE_GROUP = 64
+
+
 def read_texts(path: Union[str, Path]) -> list[str]:
     """Texts from a file: ``.jsonl`` (one object per line, its ``"text"`` field) or plain text.
+
+    The whole file as a list; :func:`iter_texts` reads the same documents lazily.
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: If it cannot be decoded, a JSONL line lacks ``"text"``, or it holds no text.
     """
+    return list(_iter_file(Path(path)))
+
+
+def check_corpus_file(path: Union[str, Path]) -> Path:
+    """Fail early and clearly on a corpus file that cannot be read: open it and read up to its first text.
+
+    Returns the path. Raises what :func:`read_texts` raises, without reading the whole file.
+    """
     p = Path(path)
+    for text in _iter_file(p):
+        if text.strip():
+            break
+    return p
+
+
+def _iter_file(p: Path) -> Iterator[str]:
     if not p.is_file():
         raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file.")
+    found = False
     try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        with p.open(encoding="utf-8") as fh:
+            if p.suffix == ".jsonl":
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as err:
+                        raise ValueError(f"{p}:{n} is not valid JSON: {err}") from err
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise ValueError(f"{p}:{n} has no string field 'text'; each JSONL line needs one.")
+                    found = found or bool(obj["text"].strip())
+                    yield obj["text"]
+            else:
+                carry = ""
+                while True:
+                    block = fh.read(TEXT_BLOCK_CHARS)
+                    if not block:
+                        break
+                    text = carry + block
+                    cut = text.rfind("\n") + 1 if len(block) == TEXT_BLOCK_CHARS else len(text)
+                    if cut == 0:  # no newline in a whole block: cut where the block ends
+                        cut = len(text)
+                    carry = text[cut:]
+                    found = found or bool(text[:cut].strip())
+                    yield text[:cut]
+                if carry:
+                    found = found or bool(carry.strip())
+                    yield carry
+    except UnicodeDecodeError as err:
         raise ValueError(f"cannot read corpus file {str(p)!r} as UTF-8 text: {err}") from err
-    if p.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{p}:{n} is not valid JSON: {err}") from err
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{p}:{n} has no string field 'text'; each JSONL line needs one.")
-            texts.append(obj["text"])
-    else:
-        texts = [raw]
-    if not any(t.strip() for t in texts):
+    except OSError as err:
+        raise ValueError(f"cannot read corpus file {str(p)!r}: {err}") from err
+    if not found:
         raise ValueError(f"corpus file {str(p)!r} holds no text.")
-    return texts
 
 
-def _as_texts(corpus: Corpus) -> list[str]:
+def _iter_dataset(dataset: Any) -> Iterator[str]:
+    """The ``"text"`` column of a Hugging Face ``datasets`` object, read in batches."""
+    columns = dataset.column_names
+    if isinstance(columns, dict):  # a DatasetDict: splits
+        raise ValueError(f"got a DatasetDict with splits {list(columns)}; pass one split, e.g. dataset['train'].")
+    if "text" not in columns:
+        raise ValueError(f"the dataset has columns {list(columns)} but no 'text' column to read.")
+    if hasattr(dataset, "iter"):
+        for batch in dataset.iter(batch_size=1024):
+            yield from (t for t in batch["text"] if isinstance(t, str))
+    else:
+        yield from (row["text"] for row in dataset if isinstance(row.get("text"), str))
+
+
+def iter_texts(corpus: Any) -> Iterator[str]:
+    """The documents of a corpus, read lazily: nothing is read past what the caller consumes.
+
+    ``corpus`` is a text; a file path (``str`` or ``Path``; ``.jsonl`` lines or plain-text
+    blocks); a Hugging Face ``datasets`` object with a ``"text"`` column (``Dataset`` or
+    ``IterableDataset``); or an iterable of texts, ``Path`` objects and ``{"text": ...}`` rows.
+    A corpus that is read twice (the report reads its corpus for the lens evaluation and for the
+    alignment suite when their budgets differ) must be re-iterable: a list, a path, a dataset.
+    """
     if isinstance(corpus, Path):
-        return read_texts(corpus)
+        yield from _iter_file(corpus)
+        return
     if isinstance(corpus, str):
         # A string naming an existing file is read; any other string is text.
         if "\n" not in corpus and len(corpus) < 4096 and Path(corpus).is_file():
-            return read_texts(corpus)
-        return [corpus]
-    items = list(corpus)
-    texts: list[str] = []
-    for item in items:
+            yield from _iter_file(Path(corpus))
+        else:
+            yield corpus
+        return
+    if getattr(corpus, "column_names", None) is not None:
+        yield from _iter_dataset(corpus)
+        return
+    if not hasattr(corpus, "__iter__"):
+        raise ValueError(
+            f"a corpus must be text, a file path, a datasets object, an iterable of texts, paths or "
+            f"{{'text': ...}} rows, or a [n, seq_len] token tensor; got {type(corpus).__name__}."
+        )
+    for item in corpus:
         if isinstance(item, Path):
-            texts += read_texts(item)
+            yield from _iter_file(item)
         elif isinstance(item, str):
-            texts.append(item)
+            yield item
+        elif isinstance(item, dict) and isinstance(item.get("text"), str):
+            yield item["text"]
         else:
             raise ValueError(
                 f"a corpus must be text, a list of texts or file paths, or a [n, seq_len] token "
                 f"tensor; got an item of type {type(item).__name__}."
             )
-    return texts
+
+
+def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tuple[array, bool]:
+    """Token ids of the texts joined by EOS (when the tokenizer has one), up to ``budget`` ids or so.
+
+    Reads texts lazily, in groups sized to what the budget still needs, and stops once it is met; ids are kept as int64 in an
+    ``array`` (8 bytes each). Also says whether any text was not blank.
+    """
+    eos = getattr(tok, "eos_token_id", None)
+    stream = array("q")
+    any_text = False
+    group: list[str] = []
+
+    def flush() -> None:
+        for ids in tok(group, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(int(eos))
+        group.clear()
+
+    want, n_docs = 1, 0
+    for text in texts:
+        if not text.strip():
+            continue
+        any_text = True
+        group.append(text)
+        if len(group) >= want:
+            n_docs += len(group)
+            flush()
+            if budget is not None and len(stream) >= budget:
+                return stream, any_text
+            # Next group: as many documents as the budget seems to need, so that reading stops soon after it.
+            want = _TOKENIZE_GROUP
+            if budget is not None:
+                want = min(want, math.ceil((budget - len(stream)) * n_docs / max(len(stream), 1)))
+    if group:
+        flush()
+    return stream, any_text
 
 
 def tokenize_corpus(
@@ -119,7 +234,9 @@ def tokenize_corpus(
 
     Args:
         model: The model whose tokenizer to use (or a :class:`ModelAccess`).
-        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``) or a token tensor.
+        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``), a ``datasets`` object
+            with a ``"text"`` column, or a token tensor. Texts are read lazily (:func:`iter_texts`)
+            and reading stops once ``max_tokens`` are in hand.
         seq_len: Tokens per sequence, BOS included.
         prepend_bos: Start each sequence with BOS (recommended: models expect it).
         max_tokens: Keep at most this many tokens (whole sequences).
@@ -135,27 +252,20 @@ def tokenize_corpus(
             )
         seqs = corpus.long()
     else:
-        texts = [t for t in _as_texts(corpus) if t.strip()]
-        if not texts:
-            raise ValueError("the corpus is empty: it holds no text. Pass texts, files or token ids.")
         tok = access._require_tokenizer("tokenizing a corpus")
         body = seq_len - 1 if prepend_bos else seq_len
-        eos = getattr(tok, "eos_token_id", None)
-        stream: list[int] = []
         budget = None if max_tokens is None else (max_tokens // seq_len + 1) * body
-        for text in texts:
-            stream += list(tok(text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                stream.append(int(eos))
-            if budget is not None and len(stream) >= budget:
-                break
+        stream, any_text = _token_stream(tok, iter_texts(corpus), budget)
+        if not any_text:
+            raise ValueError("the corpus is empty: it holds no text. Pass texts, files or token ids.")
         n = len(stream) // body
         if n == 0:
             raise ValueError(
                 f"the corpus tokenizes to {len(stream)} tokens, fewer than one sequence of "
                 f"seq_len={seq_len}. Pass more text or a smaller seq_len."
             )
-        body_ids = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+        stream = stream[: n * body]
+        body_ids = torch.frombuffer(stream, dtype=torch.int64).clone().view(n, body)
         if prepend_bos:
             bos = access.bos_token_id
             if bos is None:

@@ -44,23 +44,9 @@ from tl_latentspaces.checks import check_int
 from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
 
-__all__ = ["CorpusRunner", "corpus_texts"]
+__all__ = ["CorpusRunner"]
 
 Factory = Callable[[], Any]
-
-
-def corpus_texts(corpus: Any) -> Any:
-    """Texts from a Hugging Face ``datasets`` object (its ``"text"`` column); anything else as is."""
-    column_names = getattr(corpus, "column_names", None)
-    if column_names is not None and not isinstance(corpus, (str, list, tuple, torch.Tensor)):
-        if isinstance(column_names, dict):  # a DatasetDict: splits
-            raise ValueError(
-                f"got a DatasetDict with splits {list(column_names)}; pass one split, e.g. dataset['train']."
-            )
-        if "text" not in column_names:
-            raise ValueError(f"the dataset has columns {list(column_names)} but no 'text' column to read.")
-        return [t for t in corpus["text"] if isinstance(t, str)]
-    return corpus
 
 
 class CorpusRunner:
@@ -68,7 +54,8 @@ class CorpusRunner:
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor.
+        corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor; read
+            lazily up to ``max_tokens`` (:func:`~tl_latentspaces.corpus.iter_texts`).
         seq_len: Tokens per sequence (BOS included).
         batch_size: Sequences per forward pass.
         max_tokens: Read at most this many tokens.
@@ -100,7 +87,7 @@ class CorpusRunner:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
         sequences = tokenize_corpus(
-            self.access, corpus_texts(corpus), seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens
+            self.access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens
         )
         if shuffle:
             order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed))
