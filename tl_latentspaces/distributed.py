@@ -11,6 +11,15 @@ minibatches, and so the minibatch statistics, identical to a single-process run)
 statistics locally, and the states are reduced across ranks; only rank 0 writes files.
 
 States travel as safetensors bytes in uint8 tensors: no pickling between processes.
+
+A script of your own joins the group with :func:`init_distributed` and, once rank 0 has written
+its files, leaves it with :func:`finish_distributed`::
+
+    ctx = init_distributed()
+    ...                       # CorpusRunner(...).run(...), fit_tuned_lens(...), ...
+    if ctx.is_main:
+        ...                   # write results
+    finish_distributed()
 """
 
 from __future__ import annotations
