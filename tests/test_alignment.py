@@ -165,7 +165,11 @@ def test_suite_equals_primitives_on_the_concatenated_activations(tiny, center, s
     torch.testing.assert_close(r.drift.cos_std, cos.std(1, unbiased=False), rtol=1e-8, atol=1e-10)
 
 
-def test_drift_ranks_are_the_embedding_lens_own_ranks(tiny, tokens):
+@pytest.mark.parametrize("tile_cols", [2048, 7], ids=["one-tile", "tiles-of-7"])
+def test_drift_ranks_are_the_embedding_lens_own_ranks(tiny, tokens, tile_cols, monkeypatch):
+    from tl_latentspaces import readout
+
+    monkeypatch.setattr(readout, "TILE_COLS", tile_cols)
     lens = embedding_lens(tiny, tokens)
     skip, every = 1, 3
     for rank_every in (1, every):

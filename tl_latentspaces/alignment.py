@@ -95,7 +95,7 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 #: Quantile levels reported for the per-token drift.
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 _COS_BINS = 2000  # histogram of cosines in [-1, 1]: quantiles resolved to 0.001
-_RANK_CHUNK_ROWS = 512  # rows per [rows, d_vocab] float32 score matrix (100 MB at V = 49,152)
+_RANK_CHUNK_ROWS = 512  # rows per block of the tiled rank count (the readout's default chunk)
 # The unbiased HSIC estimator is defined for n >= 4 rows (its normalizer is n (n - 3)).
 _MIN_DEBIASED_ROWS = 4
 
@@ -869,22 +869,23 @@ class AlignmentAccumulator:
         self._cos_hist += torch.bincount(idx.reshape(-1), minlength=E * _COS_BINS).view(E, _COS_BINS)
 
     def _update_ranks(self, x: Tensor, tok: Tensor) -> None:
-        # Ranks exactly as the embedding lens computes them (same float32 projection and weight).
+        # Ranks exactly as the embedding lens reads them: the same projection, weight and tiles.
+        from tl_latentspaces.readout import _Buffers, token_ranks, vocab_major
+
         E, every = self.n_entries, self.settings.rank_every
         xr = x[:, :, ::every]
-        own = tok[:, ::every].reshape(-1)
+        own = tok[:, ::every].reshape(-1, 1)
         n = own.shape[0]
         lens = self._lens
-        buf = torch.empty(min(_RANK_CHUNK_ROWS, n), self.d_vocab, dtype=torch.float32, device=x.device)
+        wt = vocab_major(lens.weight).T
+        bufs = _Buffers(min(_RANK_CHUNK_ROWS, n), ranked=True, device=x.device)
         for e in range(E):
             slab = xr[e].reshape(n, self.d_model)
             ranks = torch.empty(n, dtype=torch.long, device=x.device)
             for start in range(0, n, _RANK_CHUNK_ROWS):
                 stop = min(start + _RANK_CHUNK_ROWS, n)
                 y = lens.project(slab[start:stop].to(torch.float32), e)
-                z = torch.mm(y, lens.weight, out=buf[: stop - start])
-                zo = z.gather(1, own[start:stop, None])
-                ranks[start:stop] = (z > zo).sum(-1)
+                ranks[start:stop] = token_ranks(lens, y, wt, own[start:stop], bufs)[:, 0]
             self._rank_hist[e] += torch.bincount(ranks.cpu(), minlength=self.d_vocab)
         self._n_rank += n
 

@@ -237,6 +237,40 @@ class _Buffers:
         self.b = torch.empty(rows * TILE_COLS, dtype=torch.bool, device=device) if ranked else None
 
 
+def _count_above(
+    z: torch.Tensor, a: int, ranked_ids: torch.Tensor, ranked_scores: torch.Tensor, counts: torch.Tensor,
+    gt: torch.Tensor,
+) -> None:
+    """Add to ``counts`` (``[n, R]``) the columns of tile ``z`` (vocabulary ``a:a + width``) that
+    score strictly higher than each ranked id; ``gt`` is a boolean scratch tile."""
+    width = z.shape[1]
+    for j in range(ranked_ids.shape[1]):
+        counts[:, j] += torch.gt(z, ranked_scores[:, j : j + 1], out=gt).sum(-1, dtype=torch.int32)
+    # a token never outranks itself, even where this tile's kernel rounded it higher
+    local = ranked_ids - a
+    inside = (local >= 0) & (local < width)
+    own_z = torch.gather(z, 1, local.clamp(0, width - 1))
+    counts -= ((own_z > ranked_scores) & inside).to(torch.int32)
+
+
+def token_ranks(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: "_Buffers") -> torch.Tensor:
+    """Ranks of the token ``ids`` (``[n, R]``) under ``lens`` for the projected rows ``y``.
+
+    The rank is the number of vocabulary tokens scoring strictly higher (0 = top), counted tile by
+    tile exactly as :func:`stream_readout` ranks targets and own tokens, without the softmax.
+    ``wt`` is the lens weight in ``[d_vocab, d_in]`` layout; ``bufs`` holds at least ``n`` rows.
+    Returns ``[n, R]`` int32.
+    """
+    n = y.shape[0]
+    scores = _exact_scores(lens, y, wt, ids)
+    counts = torch.zeros(n, ids.shape[1], dtype=torch.int32, device=y.device)
+    for a, b in _tiles(wt.shape[0]):
+        width = b - a
+        z = _tile_scores(lens, y, wt, a, b, bufs.z[: n * width].view(n, width))
+        _count_above(z, a, ids, scores, counts, bufs.b[: n * width].view(n, width))
+    return counts
+
+
 def _read_block(
     lens: Lens,
     y: torch.Tensor,
@@ -265,14 +299,7 @@ def _read_block(
         width = b - a
         z = _tile_scores(lens, y, wt, a, b, bufs.z[: n * width].view(n, width))
         if ranked_ids is not None:
-            gt = bufs.b[: n * width].view(n, width)
-            for j in range(ranked_ids.shape[1]):
-                counts[:, j] += torch.gt(z, ranked_scores[:, j : j + 1], out=gt).sum(-1, dtype=torch.int32)
-            # a token never outranks itself, even where this tile's kernel rounded it higher
-            local = ranked_ids - a
-            inside = (local >= 0) & (local < width)
-            own_z = torch.gather(z, 1, local.clamp(0, width - 1))
-            counts -= ((own_z > ranked_scores) & inside).to(torch.int32)
+            _count_above(z, a, ranked_ids, ranked_scores, counts, bufs.b[: n * width].view(n, width))
         tile_v, tile_i, tile_max = _tile_candidates(z, top_k)
         cand_v.append(tile_v)
         cand_i.append(tile_i + a)
