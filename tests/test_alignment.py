@@ -601,3 +601,15 @@ def test_default_model_layer0_is_its_embedding(smol):
     torch.testing.assert_close(r.angles.embed, r.angles.unembed)
     # the stream drifts away from the embedding space with depth
     assert float(r.drift.cos_mean[15]) < 0.5 and float(r.cka.embed[-1]) < float(r.cka.embed[1])
+
+
+def test_numpy_integer_options_are_taken_as_ints(tiny, tokens):
+    """numpy integers pass the checks and are stored as plain ints: the same settings, the same numbers."""
+    plain = alignment_suite(tiny, tokens, k=4, skip_positions=1, rank_every=2, **FAST)
+    numpy = alignment_suite(tiny, tokens, k=np.int64(4), skip_positions=np.int32(1), rank_every=np.int64(2),
+                            progress=False, n_null_samples=np.int64(50))
+    acc = AlignmentAccumulator(tiny, k=np.int64(4), rank_every=np.int64(2))
+    assert type(acc.settings.k) is int and type(acc.settings.rank_every) is int
+    torch.testing.assert_close(numpy.cka.embed, plain.cka.embed, rtol=0, atol=0)
+    assert torch.equal(numpy.drift.rank_hist, plain.drift.rank_hist)
+    assert numpy.angles.n_null_samples == 50 and type(numpy.angles.n_null_samples) is int

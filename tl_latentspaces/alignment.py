@@ -126,16 +126,16 @@ def _settings(
     d = access.d_model
     if k is None:
         k = max(1, d // 8)
-    check_int(
+    k = check_int(
         k,
         "k",
         minimum=1,
         maximum=d,
         why=f" (the subspace dimension cannot exceed d_model={d}; fix: pass k <= {d}, e.g. k={max(1, d // 8)})",
     )
-    check_int(skip_positions, "skip_positions", minimum=0)
-    check_int(cka_block_sequences, "cka_block_sequences", minimum=1)
-    check_int(rank_every, "rank_every", minimum=1)
+    skip_positions = check_int(skip_positions, "skip_positions", minimum=0)
+    cka_block_sequences = check_int(cka_block_sequences, "cka_block_sequences", minimum=1)
+    rank_every = check_int(rank_every, "rank_every", minimum=1)
     return _Settings(
         k=k,
         skip_positions=skip_positions,
@@ -1032,8 +1032,10 @@ class AlignmentAccumulator:
             ValueError: if fewer tokens were seen than ``k`` principal directions need, an entry's
                 covariance has numerical rank below ``k``, or a representation has zero variance.
         """
-        check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-        check_int(seed, "seed", minimum=0)
+        n_null_samples = check_int(
+            n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)"
+        )
+        seed = check_int(seed, "seed", minimum=0)
         levels = tuple(float(q) for q in quantiles)
         if not levels or any(not 0.0 <= q <= 1.0 for q in levels):
             raise ValueError(f"quantiles must be a non-empty sequence of levels in [0, 1], got {quantiles!r}.")
@@ -1458,12 +1460,14 @@ def alignment_suite(
         batch_size=batch_size, n_null_samples=n_null_samples, seed=seed, progress=progress,
     )
     if max_tokens is not None:
-        check_int(max_tokens, "max_tokens", minimum=1)
+        max_tokens = check_int(max_tokens, "max_tokens", minimum=1)
     if corpus is None:
         corpus = default_corpus("heldout")
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, Tensor) and corpus.ndim == 2 else 128
-    check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
+    seq_len = check_int(
+        seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})"
+    )
     _check_seq_len(seq_len, settings.skip_positions)
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     n_rows = seqs.shape[0] * (seq_len - settings.skip_positions)

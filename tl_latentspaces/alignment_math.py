@@ -297,7 +297,7 @@ def orthonormal_basis(M: Float[Tensor, "d n"], k: Optional[int] = None) -> Float
             raise ValueError("M is numerically zero (rank 0); it spans no subspace.")
         k = rank
     else:
-        check_int(
+        k = check_int(
             k, "k", minimum=1, maximum=bound, why=f" (a [d, n] = {tuple(M.shape)} matrix has rank <= {bound})"
         )
         if k > rank:
@@ -419,10 +419,10 @@ def random_subspace_angles(
         >>> tuple(null.samples.shape), bool((null.mean > 1.0).all())
         ((200, 2), True)
     """
-    check_int(d, "d", minimum=1)
-    check_int(k1, "k1", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
-    check_int(k2, "k2", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
-    check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    d = check_int(d, "d", minimum=1)
+    k1 = check_int(k1, "k1", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
+    k2 = check_int(k2, "k2", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
+    n_samples = check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
     generator = _check_generator(generator)
     device = generator.device if generator is not None else torch.device("cpu")
     fixed = torch.eye(d, k1, dtype=_F64, device=device)
@@ -457,8 +457,8 @@ def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
         >>> float(random_subspace_variance_fraction(768, 64))
         0.08333333333333333
     """
-    check_int(d, "d", minimum=1)
-    check_int(k, "k", minimum=0, maximum=d, why=f" (a subspace of R^{d})")
+    d = check_int(d, "d", minimum=1)
+    k = check_int(k, "k", minimum=0, maximum=d, why=f" (a subspace of R^{d})")
     return torch.tensor(k / d, dtype=_F64)
 
 
@@ -495,8 +495,8 @@ def variance_fraction_null(
     """
     cov = _check_cov(cov)
     d = cov.shape[0]
-    check_int(k, "k", minimum=1, maximum=d, why=f" (cov is {d}x{d})")
-    check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    k = check_int(k, "k", minimum=1, maximum=d, why=f" (cov is {d}x{d})")
+    n_samples = check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
     generator = _check_generator(generator)
     if generator is not None:
         cov = cov.to(generator.device)
@@ -1464,7 +1464,7 @@ class CovarianceAccumulator:
         Raises:
             ValueError: if ``n <= ddof``.
         """
-        check_int(ddof, "ddof", minimum=0)
+        ddof = check_int(ddof, "ddof", minimum=0)
         self._need(ddof + 1, f"cov(ddof={ddof})")
         c = self._moments.blocks[(0, 0)]
         # Chan updates keep the block symmetric only up to rounding; return an exactly symmetric matrix.
@@ -1479,7 +1479,7 @@ class CovarianceAccumulator:
             ValueError: if ``k > d`` or ``k > n - 1`` (a covariance of ``n`` rows
                 has rank at most ``n - 1``).
         """
-        check_int(k, "k", minimum=1, maximum=self.d, why=f" (d={self.d})")
+        k = check_int(k, "k", minimum=1, maximum=self.d, why=f" (d={self.d})")
         if k > self._moments.n - 1:
             raise ValueError(
                 f"k={k} exceeds n - 1 = {self._moments.n - 1}: a covariance of n={self._moments.n} rows has "

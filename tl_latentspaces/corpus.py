@@ -182,8 +182,8 @@ def iter_texts(corpus: Any) -> Iterator[str]:
 def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tuple[array, bool]:
     """Token ids of the texts joined by EOS (when the tokenizer has one), up to ``budget`` ids or so.
 
-    Reads texts lazily, in groups sized to what the budget still needs, and stops once it is met; ids are kept as int64 in an
-    ``array`` (8 bytes each). Also says whether any text was not blank.
+    Reads texts lazily, in groups sized to what the budget still needs, and stops once it is met;
+    ids are kept as int64 in an ``array`` (8 bytes each). Also says whether any text was not blank.
     """
     eos = getattr(tok, "eos_token_id", None)
     stream = array("q")
@@ -243,7 +243,9 @@ def tokenize_corpus(
         min_sequences: Fewer sequences than this is an error.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    seq_len = check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
+    seq_len = check_int(
+        seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})"
+    )
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] != seq_len:
             raise ValueError(
