@@ -459,14 +459,13 @@ def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref
     }
     states = gather_states(mine)
     dev = state.XtX.device
-    val = [st["prefix_val"] for st in states]
-    refine = [st["prefix_refine"] for st in states]
-    by_val = {int(b): t for st in states for b, t in st["val"].items()}
-    by_ref = {int(b): t for st in states for b, t in st["refine"].items()}
-    val += [by_val[b] for b in sorted(by_val)]
-    refine += [by_ref[b] for b in sorted(by_ref)]
-    state.val = torch.cat(val, 1).to(dev)
-    state.refine = torch.cat(refine, 1).to(dev)
+    state.val = torch.cat([st["prefix_val"] for st in states], 1).to(dev)
+    state.refine = torch.cat([st["prefix_refine"] for st in states], 1).to(dev)
+    _fold_rows(
+        state,
+        {int(b): t.to(dev) for st in states for b, t in st["val"].items()},
+        {int(b): t.to(dev) for st in states for b, t in st["refine"].items()},
+    )
     state.batches_done = n_batches
 
 
@@ -858,7 +857,7 @@ class _Checkpoint:
         state["files"][phase] = name
         state["counter"] = counter
         state[phase] = extra
-        write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
+        self._put_state(state)
         if old and old != name:
             (self.folder / old).unlink(missing_ok=True)
         _checkpoint_saved(phase, extra)
@@ -903,7 +902,10 @@ class _Checkpoint:
         state = self._state()
         if state is not None:
             state["done"] = True
-            write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
+            self._put_state(state)
+
+    def _put_state(self, state: dict) -> None:
+        write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
 
 
 def _checkpoint_saved(phase: str, extra: dict) -> None:

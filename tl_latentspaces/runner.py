@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import stream_residuals, tokenize_corpus
 from tl_latentspaces.distributed import (
     _decode_state,
@@ -40,7 +41,6 @@ from tl_latentspaces.distributed import (
     reduce_accumulator,
     shard_batches,
 )
-from tl_latentspaces.checks import check_int
 from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess
 
@@ -118,7 +118,6 @@ class CorpusRunner:
         from safetensors.torch import save
 
         path = self._checkpoint_path(rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
                 "world_size": str(current_context().world_size)}
