@@ -88,40 +88,45 @@ def _iter_file(p: Path) -> Iterator[str]:
     found = False
     try:
         with p.open(encoding="utf-8") as fh:
-            if p.suffix == ".jsonl":
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as err:
-                        raise ValueError(f"{p}:{n} is not valid JSON: {err}") from err
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise ValueError(f"{p}:{n} has no string field 'text'; each JSONL line needs one.")
-                    found = found or bool(obj["text"].strip())
-                    yield obj["text"]
-            else:
-                carry = ""
-                while True:
-                    block = fh.read(TEXT_BLOCK_CHARS)
-                    if not block:
-                        break
-                    text = carry + block
-                    cut = text.rfind("\n") + 1 if len(block) == TEXT_BLOCK_CHARS else len(text)
-                    if cut == 0:  # no newline in a whole block: cut where the block ends
-                        cut = len(text)
-                    carry = text[cut:]
-                    found = found or bool(text[:cut].strip())
-                    yield text[:cut]
-                if carry:
-                    found = found or bool(carry.strip())
-                    yield carry
+            for text in _jsonl_texts(p, fh) if p.suffix == ".jsonl" else _text_blocks(fh):
+                found = found or bool(text.strip())
+                yield text
     except UnicodeDecodeError as err:
         raise ValueError(f"cannot read corpus file {str(p)!r} as UTF-8 text: {err}") from err
     except OSError as err:
         raise ValueError(f"cannot read corpus file {str(p)!r}: {err}") from err
     if not found:
         raise ValueError(f"corpus file {str(p)!r} holds no text.")
+
+
+def _jsonl_texts(p: Path, fh: Any) -> Iterator[str]:
+    """The ``"text"`` field of each non-blank line."""
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{p}:{n} is not valid JSON: {err}") from err
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{p}:{n} has no string field 'text'; each JSONL line needs one.")
+        yield obj["text"]
+
+
+def _text_blocks(fh: Any) -> Iterator[str]:
+    """Blocks of about :data:`TEXT_BLOCK_CHARS` characters, each but the last cut after a newline."""
+    carry = ""
+    while True:
+        block = fh.read(TEXT_BLOCK_CHARS)
+        if not block:
+            break
+        text = carry + block
+        # A full block may be followed by more: hold back its last partial line (unless it has no newline).
+        cut = (text.rfind("\n") + 1 or len(text)) if len(block) == TEXT_BLOCK_CHARS else len(text)
+        carry = text[cut:]
+        yield text[:cut]
+    if carry:
+        yield carry
 
 
 def _iter_dataset(dataset: Any) -> Iterator[str]:
@@ -266,8 +271,7 @@ def tokenize_corpus(
                 f"the corpus tokenizes to {len(stream)} tokens, fewer than one sequence of "
                 f"seq_len={seq_len}. Pass more text or a smaller seq_len."
             )
-        stream = stream[: n * body]
-        body_ids = torch.frombuffer(stream, dtype=torch.int64).clone().view(n, body)
+        body_ids = torch.frombuffer(stream, dtype=torch.int64, count=n * body).clone().view(n, body)
         if prepend_bos:
             bos = access.bos_token_id
             if bos is None:
