@@ -432,6 +432,13 @@ def test_evaluation_accumulator_merges_and_round_trips(tiny):
     assert merged.n_positions == ref.n_positions == 6 * 8 and merged.n_sequences == 6
     for name in ("kl_to_final", "cross_entropy", "top1_agreement", "depth_histogram", "kl_std"):
         torch.testing.assert_close(getattr(merged, name), getattr(ref, name), atol=1e-6, rtol=1e-6)
+    fresh = whole.empty()  # the runner's factory: shares the built lenses, starts from zero
+    assert all(a is b for a, b in zip(fresh.built, whole.built)) and fresh.reference is whole.reference
+    assert fresh.n_positions == 0 and not fresh.kl_sum.any() and whole.n_positions == 6 * 8
+    for ids, stack in stream_residuals(tiny, seqs, names, batch_size=3, progress=False):
+        fresh.update(ids, stack)
+    for name in ("kl_to_final", "cross_entropy", "top1_agreement", "depth_histogram"):
+        torch.testing.assert_close(getattr(fresh.result(), name), getattr(ref, name), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="cannot merge evaluations of lenses"):
         whole.merge(LensEvalAccumulator(tiny, ("logit",)))
     with pytest.raises(ValueError, match="no positions were evaluated"):

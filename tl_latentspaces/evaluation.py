@@ -134,7 +134,7 @@ class LensEvalAccumulator:
     Example:
         >>> from tl_latentspaces.runner import CorpusRunner
         >>> runner = CorpusRunner(model, texts, seq_len=128)  # doctest: +SKIP
-        >>> acc = runner.run({"eval": lambda: LensEvalAccumulator(model, ("logit", lens))})["eval"]  # doctest: +SKIP
+        >>> acc = runner.run({"eval": LensEvalAccumulator(model, ("logit", lens)).empty})["eval"]  # doctest: +SKIP
         >>> acc.result().summary()  # doctest: +SKIP
     """
 
@@ -154,17 +154,27 @@ class LensEvalAccumulator:
         self.chunk_rows = chunk_rows
         self.lenses = [lens.name for lens in self.built]
         self.reference = next((lens for lens in self.built if isinstance(lens, LogitLens)), None) or LogitLens(access)
-        K, E = len(self.built), len(self.labels)
-        f64 = dict(dtype=torch.float64, device=access.device)
-        self.kl_sum = torch.zeros(K, E, **f64)
-        self.kl_sq = torch.zeros(K, E, **f64)
-        self.ce_sum = torch.zeros(K, E, **f64)
-        self.agree_sum = torch.zeros(K, E, **f64)
-        self.depth_hist = torch.zeros(K, E, **f64)
+        self._zero()
+
+    _SUMS = ("kl_sum", "kl_sq", "ce_sum", "agree_sum", "depth_hist")
+
+    def _zero(self) -> None:
+        shape = (len(self.built), len(self.labels))
+        for name in self._SUMS:
+            setattr(self, name, torch.zeros(shape, dtype=torch.float64, device=self.access.device))
         self.n_positions = 0
         self.n_sequences = 0
 
-    _SUMS = ("kl_sum", "kl_sq", "ce_sum", "agree_sum", "depth_hist")
+    def empty(self) -> "LensEvalAccumulator":
+        """A new accumulator with nothing added, for the same model, lenses and settings.
+
+        The lenses are shared, not built again: use it as the corpus runner's factory
+        (``{"eval": acc.empty}``), which calls it once per process and again to merge processes.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._zero()
+        return new
 
     def update(self, ids: torch.Tensor, stack: Float[torch.Tensor, "entry batch seq d_model"]) -> None:
         """Add one batch: ``ids`` ``[batch, seq]`` and its residual stack at every stack entry.
@@ -312,8 +322,7 @@ def evaluate_lenses(
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
     seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
-    LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)  # every lens and setting checked before reading
+    template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)  # every lens checked before reading
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=max(max_tokens, seq_len), progress=progress)
-    consumers = {"evaluation": lambda: LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows)}
-    return runner.run(consumers)["evaluation"].result()
+    return runner.run({"evaluation": template.empty})["evaluation"].result()

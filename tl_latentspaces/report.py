@@ -218,7 +218,7 @@ def build_report(
     # The corpus statistics stream through the corpus runner: one pass feeds both when their token
     # budgets agree, and under torchrun each process takes its share of the batches.
     passes: dict[int, dict[str, Any]] = {}
-    passes.setdefault(eval_tokens, {})["evaluation"] = lambda: LensEvalAccumulator(access, eval_lenses)
+    passes.setdefault(eval_tokens, {})["evaluation"] = LensEvalAccumulator(access, eval_lenses).empty
     passes.setdefault(align_tokens, {})["alignment"] = lambda: AlignmentAccumulator(access)
     stats: dict[str, Any] = {}
     for budget, consumers in passes.items():
