@@ -214,6 +214,15 @@ def test_merge_and_state_dict_reproduce_the_single_stream():
     assert_results_close(restored.result(n_null_samples=20), whole.result(n_null_samples=20))
     assert_results_close(partial.result(n_null_samples=20), whole.result(n_null_samples=20))
 
+    # empty(): the corpus runner's factory. Shares the weight subspaces and lens, starts from nothing,
+    # and leaves the accumulator it came from untouched.
+    fresh = partial.empty()
+    assert fresh.basis_embed is partial.basis_embed and fresh._lens is partial._lens
+    assert fresh.n_tokens == 0 and partial.n_tokens == whole.n_tokens and fresh.settings == whole.settings
+    fresh.update(ids, stack)
+    assert_results_close(fresh.result(n_null_samples=20), whole.result(n_null_samples=20))
+    assert_results_close(partial.result(n_null_samples=20), whole.result(n_null_samples=20))
+
 
 def test_result_leaves_the_accumulator_usable():
     model = build(LLAMA_LIKE, F64)

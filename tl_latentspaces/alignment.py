@@ -724,7 +724,11 @@ class AlignmentAccumulator:
             self.basis_unembed = _weight_basis(access.W_U, k, "W_U")
         self._lens = EmbeddingLens(access)
         self._W_E = access.W_E.detach()
+        self._zero()
 
+    def _zero(self) -> None:
+        """The statistics, empty: everything ``update`` adds to and ``state_dict`` holds."""
+        E, d = self.n_entries, self.d_model
         # Index E stands for the token embeddings W_E[token].
         self._cov = [CovarianceAccumulator(d) for _ in range(E + 1)]
         pairs = {(i, E) for i in range(E)} | {(i, i + 1) for i in range(E - 1)} | {(i, E - 1) for i in range(E - 1)}
@@ -744,6 +748,18 @@ class AlignmentAccumulator:
         self._n_tokens = 0
         self._n_rank = 0
         self._n_sequences = 0
+
+    def empty(self) -> "AlignmentAccumulator":
+        """A new accumulator with nothing added, for the same model and settings.
+
+        The weight subspaces (an SVD each) and the embedding lens are shared, not computed again:
+        use it as the corpus runner's factory (``{"align": acc.empty}``), which calls it once per
+        process and again to merge processes.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._zero()
+        return new
 
     # ------------------------------------------------------------------ properties
     @property

@@ -207,7 +207,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
         checkpoint_dir=args.checkpoint_dir, progress=not args.quiet,
     )
-    stats = runner.run({"align": lambda: AlignmentAccumulator(model)})["align"]
+    stats = runner.run({"align": AlignmentAccumulator(model).empty})["align"]
     if not ctx.is_main:
         return 0
     result = stats.result(progress=not args.quiet)

@@ -97,7 +97,6 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
     settings = dict(DEFAULT_FIT, seq_len=min(DEFAULT_FIT["seq_len"], int(getattr(access.cfg, "n_ctx", 128))))
     lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **settings)
     if current_context().is_main:  # under torchrun every rank fitted the same lens; one writes it
-        folder.parent.mkdir(parents=True, exist_ok=True)
         lens.save(folder)
     return lens
 
@@ -219,7 +218,7 @@ def build_report(
     # budgets agree, and under torchrun each process takes its share of the batches.
     passes: dict[int, dict[str, Any]] = {}
     passes.setdefault(eval_tokens, {})["evaluation"] = LensEvalAccumulator(access, eval_lenses).empty
-    passes.setdefault(align_tokens, {})["alignment"] = lambda: AlignmentAccumulator(access)
+    passes.setdefault(align_tokens, {})["alignment"] = AlignmentAccumulator(access).empty
     stats: dict[str, Any] = {}
     for budget, consumers in passes.items():
         runner = CorpusRunner(access, corpus, seq_len=128, batch_size=8, max_tokens=budget, progress=progress)

@@ -20,7 +20,7 @@ batch's residual stack to each *consumer*: any object with ``update(ids, stack)`
 Example:
     >>> from tl_latentspaces.alignment import AlignmentAccumulator
     >>> runner = CorpusRunner(model, texts, seq_len=128, batch_size=8)  # doctest: +SKIP
-    >>> out = runner.run({"align": lambda: AlignmentAccumulator(model)})  # doctest: +SKIP
+    >>> out = runner.run({"align": AlignmentAccumulator(model).empty})  # doctest: +SKIP
     >>> out["align"].result().to_dataframe()  # doctest: +SKIP
 """
 
