@@ -41,8 +41,9 @@ def _statistics_run(model, seqs, batch_size, lens):
 
     runner = CorpusRunner(model, seqs, seq_len=seqs.shape[1], batch_size=batch_size, progress=False)
     t0 = time.perf_counter()
-    out = runner.run({"evaluation": lambda: LensEvalAccumulator(model, ("logit", lens)),
-                      "align": lambda: AlignmentAccumulator(model)})
+    # As the report does: one accumulator of each kind built, and its empty() as the runner's factory.
+    out = runner.run({"evaluation": LensEvalAccumulator(model, ("logit", lens)).empty,
+                      "align": AlignmentAccumulator(model).empty})
     out["evaluation"].result()
     out["align"].result()
     return time.perf_counter() - t0
@@ -52,7 +53,7 @@ def worker(args) -> None:
     """One timed statistics run (under torchrun or alone); rank 0 writes the seconds to --result."""
     import tl_latentspaces as tll
     from tl_latentspaces.corpus import default_corpus, tokenize_corpus
-    from tl_latentspaces.distributed import current_context, init_distributed
+    from tl_latentspaces.distributed import current_context, finish_distributed, init_distributed
 
     init_distributed()
     model = tll.load_default_model(progress=False)
@@ -61,6 +62,7 @@ def worker(args) -> None:
     seconds = _statistics_run(model, seqs, args.batch_size, lens)
     if current_context().is_main:
         Path(args.result).write_text(json.dumps({"seconds": seconds, "tokens": int(seqs.numel())}))
+    finish_distributed()
 
 
 def _free_port() -> int:
