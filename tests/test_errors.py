@@ -96,3 +96,63 @@ def test_bad_lens_and_temperature(tiny, tokens):
         tll.read_lenses(tiny, tokens, lenses=("tuned",))
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         tll.embedding_lens(tiny, tokens, temperature=0)
+
+
+@pytest.mark.parametrize(
+    "bad, hint",
+    [
+        ({"first": "some text"}, "mapping or a set has no fixed order"),
+        ({"some text", "other text"}, "mapping or a set has no fixed order"),
+        (42, "got int 42"),
+        (3.5, "got float 3.5"),
+    ],
+)
+def test_input_that_is_not_text_or_tokens(tiny, bad, hint):
+    with pytest.raises(ValueError, match=f"input must be a string, a list or tuple of strings.*{hint}"):
+        tll.logit_lens(tiny, bad)
+
+
+def test_float_target_tensor_is_refused(tiny, tokens):
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        tll.logit_lens(tiny, tokens, targets=torch.full(tokens.shape, 3.7))
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.bool"):
+        tll.logit_lens(tiny, tokens, targets=torch.ones(tokens.shape, dtype=torch.bool))
+
+
+def test_empty_layers_and_lenses(tiny, tokens):
+    with pytest.raises(ValueError, match="layers is empty"):
+        tll.logit_lens(tiny, tokens, layers=[])
+    with pytest.raises(ValueError, match="lenses is empty"):
+        tll.read_lenses(tiny, tokens, lenses=())
+    with pytest.raises(ValueError, match="lenses is empty"):
+        tll.lens_session(tiny, tokens, lenses=[])
+    # one lens given bare reads as that lens
+    assert set(tll.read_lenses(tiny, tokens, lenses="embedding")) == {"embedding"}
+
+
+def test_prepend_bos_with_a_token_tensor_warns(tiny, tokens):
+    with pytest.warns(UserWarning, match="prepend_bos=True has no effect on a token tensor"):
+        r = tll.logit_lens(tiny, tokens, prepend_bos=True)
+    assert torch.equal(r.tokens, tokens)  # nothing was added
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tll.logit_lens(tiny, tokens)  # the default says nothing for tensors
+        tll.logit_lens(tiny, tokens, prepend_bos=False)
+    with pytest.raises(ValueError, match="prepend_bos must be True, False or None"):
+        tll.logit_lens(tiny, tokens, prepend_bos="yes")
+
+
+@pytest.mark.integration
+def test_target_without_its_leading_space_warns(smol):
+    with pytest.warns(UserWarning, match=r"'Paris'.*' Paris'"):
+        r = tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets="Paris", layers=[-1])
+    paris = smol.tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    assert r.target_ids[0, 0, 0].item() == paris[0]  # still read as asked
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets=" Paris", layers=[-1])
+        tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets=paris[0], layers=[-1])

@@ -120,3 +120,183 @@ def test_hook_session_removes_only_its_own(tiny):
 def test_unknown_hook_name_suggests_close_matches(tiny):
     with pytest.raises(ValueError, match="hook_resid_pre"):
         tll.HookSession(tll.ModelAccess(tiny)).add("blocks.0.hook_resid_pr", Counter())
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition by construction: a lens reads an entry after every hook on its point.
+READ_POINT = "blocks.1.hook_resid_pre"
+
+
+_DIRECTION = torch.randn(64, generator=torch.Generator().manual_seed(3))
+
+
+def _patch(act, hook=None):
+    # a fixed random direction: neither centring nor scaling (LayerNorm, cosine) undoes it
+    return act + 2.0 * act.norm(dim=-1, keepdim=True) / 8.0 * _DIRECTION.to(act.dtype)
+
+
+def _register_and_run(model, how, ids):
+    """Run ``model`` on ``ids`` with ``_patch`` at READ_POINT, registered the way ``how`` says."""
+    with torch.no_grad():
+        if how == "run_with_hooks":
+            model.run_with_hooks(ids, fwd_hooks=[(READ_POINT, _patch)])
+        elif how == "hooks_context":
+            with model.hooks(fwd_hooks=[(READ_POINT, _patch)]):
+                model(ids)
+        elif how in ("add_hook", "prepend", "permanent"):
+            hp = model.hook_dict[READ_POINT]
+            before = list(hp.fwd_hooks)
+            hp.add_hook(_patch, dir="fwd", prepend=how == "prepend", is_permanent=how == "permanent")
+            try:
+                model(ids)
+            finally:  # take the patch back off, exactly
+                for h in [h for h in hp.fwd_hooks if h not in before]:
+                    h.hook.remove()
+                    hp.fwd_hooks.remove(h)
+        else:  # pragma: no cover
+            raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["run_with_hooks", "hooks_context", "add_hook", "prepend", "permanent"])
+def test_patch_registered_inside_the_session_shows_at_the_entry_it_patches(tiny, tokens, how):
+    """The acceptance of composition: a patch at the very point a lens reads, registered inside
+    the session in any way, changes that entry exactly as the same patch registered before."""
+    clean = tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"))
+    tiny.add_hook(READ_POINT, _patch)
+    reference = tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"))
+    tiny.reset_hooks()
+    keep = Counter()
+    tiny.add_hook("blocks.0.hook_resid_post", keep, is_permanent=True)  # the user's own, stays
+    before = hook_counts(tiny)
+    with tll.lens_session(tiny, tokens, lenses=("logit", "embedding")) as s:
+        _register_and_run(tiny, how, s.tokens)
+    assert hook_counts(tiny) == before and keep.calls == 1
+    at = clean["logit"].index("1_pre")
+    for name in ("logit", "embedding"):
+        got, want = s.results[name], reference[name]
+        # the patched entry differs from the clean run ...
+        assert (got.entropy[at] - clean[name].entropy[at]).abs().max() > 1e-3
+        # ... exactly as when the patch was registered before the session
+        torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.top_probs, want.top_probs, atol=1e-5, rtol=0)
+        assert torch.equal(got.top_ids[at], want.top_ids[at])
+    torch.testing.assert_close(s.results["embedding"].own_scores, reference["embedding"].own_scores, atol=1e-5, rtol=0)
+
+
+def test_a_hook_on_the_read_point_added_after_the_capture_still_runs_first(tiny, tokens):
+    """Low level: HookSession.capture sees the output of hooks registered after it."""
+    access = tll.ModelAccess(tiny)
+    seen = []
+    with tll.HookSession(access) as session:
+        session.capture(READ_POINT, lambda act: seen.append(act.clone()))
+        tiny.hook_dict[READ_POINT].add_hook(lambda act, hook=None: torch.zeros_like(act), dir="fwd", prepend=True)
+        with torch.no_grad():
+            tiny(tokens)
+        tiny.reset_hooks()
+    assert len(seen) == 1 and torch.count_nonzero(seen[0]) == 0
+
+
+def test_the_last_pass_in_a_session_is_read_whole(tiny, tokens):
+    """After a pass through the user's run_with_hooks, a second pass is read whole, not half stale."""
+    def ablate(act, hook=None):
+        return torch.zeros_like(act)
+
+    with tll.lens_session(tiny, tokens, lenses=("logit",)) as s:
+        with torch.no_grad():
+            tiny.run_with_hooks(s.tokens, fwd_hooks=[(READ_POINT, Counter()), ("blocks.0.hook_attn_out", ablate)])
+            tiny(s.tokens)  # a clean second pass: the last one, so the one read
+    clean = tll.logit_lens(tiny, tokens)
+    torch.testing.assert_close(s.results["logit"].entropy, clean.entropy, atol=1e-6, rtol=0)
+
+
+def test_divergence_is_zero_upstream_and_the_models_own_kl_at_the_end(tiny, tokens):
+    clean = tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"))
+    with tll.lens_session(tiny, tokens, lenses=("logit", "embedding")) as s:
+        with torch.no_grad():
+            patched_logits = tiny.run_with_hooks(s.tokens, fwd_hooks=[(READ_POINT, _patch)])
+    with torch.no_grad():
+        clean_logits = tiny(tokens)
+    for name in ("logit", "embedding"):
+        diff = clean[name].diff(s.results[name])
+        div = diff.divergence
+        assert div is not None and div.shape == diff.entropy_delta.shape
+        assert torch.count_nonzero(div[0]) == 0  # 0_pre: the patch cannot reach it
+        assert (div[1:].flatten(1).max(1).values > 1e-4).all()  # 1_pre on: it does
+        assert (div >= 0).all()
+    # At final_post the logit lens is the model's own readout: the divergence is the KL between
+    # the clean and the patched model's next-token distributions.
+    lp, lq = clean_logits.double().log_softmax(-1), patched_logits.double().log_softmax(-1)
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    got = clean["logit"].diff(s.results["logit"]).divergence[-1]
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert "divergence" in clean["logit"].diff(s.results["logit"]).to_dataframe()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every result describes the input it says it does.
+def test_cache_of_another_input_is_refused(tiny, tokens):
+    other = (tokens + 1) % 100
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(other)
+        _, resid_only = tiny.run_with_cache(other, names_filter=lambda n: "resid" in n)
+        _, own = tiny.run_with_cache(tokens)
+    for c in (cache, resid_only):
+        with pytest.raises(ValueError, match="does not belong to this input"):
+            tll.logit_lens(tiny, tokens, cache=c)
+    direct = tll.logit_lens(tiny, tokens)
+    from_cache = tll.logit_lens(tiny, tokens, cache=own)
+    torch.testing.assert_close(from_cache.entropy, direct.entropy, atol=1e-5, rtol=0)
+    # unchecked on request: then the labels are the caller's responsibility
+    tll.logit_lens(tiny, tokens, cache=cache, verify_cache=False)
+
+
+def test_nested_sessions_each_read_their_own_input(tiny, tokens):
+    other = (tokens * 7 + 3) % 100
+    want_outer, want_inner = tll.logit_lens(tiny, tokens), tll.logit_lens(tiny, other)
+    before = hook_counts(tiny)
+    with tll.lens_session(tiny, tokens, lenses=("logit",)) as outer:
+        with torch.no_grad():
+            tiny(outer.tokens)
+        with tll.lens_session(tiny, other, lenses=("logit",)) as inner:
+            with torch.no_grad():
+                tiny(inner.tokens)  # the outer session sees this pass and ignores it
+    assert hook_counts(tiny) == before
+    torch.testing.assert_close(outer.results["logit"].entropy, want_outer.entropy, atol=1e-6, rtol=0)
+    torch.testing.assert_close(inner.results["logit"].entropy, want_inner.entropy, atol=1e-6, rtol=0)
+    # a session whose only pass ran on other tokens says so
+    with pytest.raises(RuntimeError, match="no forward pass ran on the session's tokens"):
+        with tll.lens_session(tiny, tokens, lenses=("logit",)):
+            with torch.no_grad():
+                tiny(other)
+    assert hook_counts(tiny) == before
+
+
+def test_one_session_entered_twice_is_refused_and_leaks_nothing(tiny, tokens):
+    before = hook_counts(tiny)
+    s = tll.lens_session(tiny, tokens, lenses=("logit",))
+    with pytest.raises(RuntimeError, match="already open"):
+        with s:
+            with s:
+                pass
+    assert hook_counts(tiny) == before
+    with s:  # once closed it can be used again
+        with torch.no_grad():
+            tiny(s.tokens)
+    assert hook_counts(tiny) == before and "logit" in s.results
+
+
+def test_a_pass_that_stops_early_is_not_read_as_complete(tiny, tokens):
+    with pytest.raises(RuntimeError, match="in the last forward pass"):
+        with tll.lens_session(tiny, tokens, lenses=("logit",)) as s:
+            with torch.no_grad():
+                tiny(s.tokens)
+
+                def stop(act, hook=None):
+                    raise KeyError("stop")  # the user's early exit, caught below
+
+                tiny.add_hook("blocks.1.hook_resid_pre", stop)
+                try:
+                    tiny(s.tokens)
+                except KeyError:
+                    pass
+                tiny.reset_hooks()

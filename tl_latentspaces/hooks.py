@@ -1,14 +1,24 @@
-"""Hook sessions: add forward hooks to a model's hook points and remove exactly those.
+"""Hook sessions: add hooks to a model's hook points and remove exactly those.
 
 TransformerLens's own cleanup (``reset_hooks()``, the bridge's ``hooks()``, ``run_with_hooks``
 and ``run_with_cache``) removes every non-permanent hook on the hook points it touches, the
-user's own included. A :class:`HookSession` instead remembers each entry it appended to a hook
-point's ``fwd_hooks`` and removes that entry alone, in a ``finally``, whatever happens: success,
-an exception or a ``KeyboardInterrupt``. The user's hooks, permanent or not, stay registered.
+user's own included. A :class:`HookSession` instead remembers each hook it registered and removes
+that hook alone, in a ``finally``, whatever happens: success, an exception or a
+``KeyboardInterrupt``. The user's hooks, permanent or not, stay registered.
+
+Reading hooks (:meth:`HookSession.capture`) are built so that a readout sees every hook on its
+point, whatever the order in which hooks were registered:
+
+* a capture is a PyTorch forward hook on the ``HookPoint`` module, paired with a forward *pre*-hook
+  that moves it to the end of the module's forward hooks just before they run, so it sees the
+  activation after every other hook there (registered before the session, during it, with
+  ``prepend=True``, permanent or not);
+* it is not listed in the hook point's ``fwd_hooks``, so TransformerLens's cleanup inside the
+  user's ``run_with_hooks`` cannot take it away halfway through a session; the session removes it.
 
 Example:
     >>> with HookSession(ModelAccess(model)) as session:  # doctest: +SKIP
-    ...     session.add("blocks.0.hook_resid_pre", lambda act, hook: None)
+    ...     session.capture("blocks.0.hook_resid_pre", lambda act: print(act.shape))
     ...     model(tokens)
 """
 
@@ -24,21 +34,25 @@ __all__ = ["HookSession", "ResidualCollector", "hook_counts"]
 
 HookFn = Callable[..., Optional[torch.Tensor]]
 
+#: The hook point that fires first in every forward pass on tokens: its input is the raw
+#: token embedding, before any hook edits it.
+EMBED_HOOK = "hook_embed"
+
 
 def hook_counts(model: Any) -> dict[str, int]:
-    """Number of forward hooks on every hook point of ``model`` (for hygiene checks)."""
+    """Forward hooks and pre-hooks on every hook point of ``model`` (for hygiene checks)."""
     counts = {}
     seen: set[int] = set()
     for name, hp in model.hook_dict.items():
         if id(hp) in seen:  # bridge aliases share one HookPoint; count it once
             continue
         seen.add(id(hp))
-        counts[name] = len(hp._forward_hooks)
+        counts[name] = len(hp._forward_hooks) + len(hp._forward_pre_hooks)
     return counts
 
 
 class HookSession:
-    """Adds forward hooks through a model's hook points and removes exactly what it added.
+    """Adds hooks through a model's hook points and removes exactly what it added.
 
     Args:
         access: The model to hook, as a :class:`ModelAccess`.
@@ -46,14 +60,16 @@ class HookSession:
 
     def __init__(self, access: ModelAccess):
         self.access = access
-        self._added: list[tuple[Any, Any]] = []
+        self._added: list[tuple[Any, Any]] = []  # (hook point, TransformerLens handle)
+        self._handles: list[Any] = []  # PyTorch RemovableHandles of capture and input hooks
 
     def add(self, name: str, fn: HookFn) -> None:
-        """Register ``fn(activation, hook=...)`` on the hook point ``name``, after the user's hooks.
+        """Register ``fn(activation, hook=...)`` on the hook point ``name`` as TransformerLens does.
 
-        Our hook runs last on that point, so it sees whatever the user's hooks there did.
-        Inside ``fn`` the ``hook.name`` may be a bridge-native alias: keep the requested name in
-        a closure if you need it.
+        The hook joins the point's ``fwd_hooks`` after the hooks already there. To *read* an
+        activation after every hook, whenever registered, use :meth:`capture`. Inside ``fn`` the
+        ``hook.name`` may be a bridge-native alias: keep the requested name in a closure if you
+        need it.
         """
         hp = self.access.hook_point(name)
         before = {id(h) for h in hp.fwd_hooks}
@@ -68,6 +84,39 @@ class HookSession:
             )
         self._added.append((hp, new[0]))
 
+    def capture(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn(activation)`` with the activation at ``name`` after every other hook there.
+
+        ``fn`` must not change the activation (its return value is ignored). The order holds by
+        construction: a pre-hook moves the capture to the end of the point's forward hooks at
+        every call, so hooks registered later, or with ``prepend=True``, still run before it.
+        """
+        hp = self.access.hook_point(name)
+        conversion = getattr(hp, "hook_conversion", None)
+
+        def read(module: Any, args: Any, output: Any) -> None:
+            act = conversion.convert(output) if conversion is not None else output
+            fn(act)
+
+        handle = hp.register_forward_hook(read)
+        self._handles.append(handle)
+        key = handle.id
+
+        def last(module: Any, args: Any) -> None:
+            if key in module._forward_hooks:
+                module._forward_hooks.move_to_end(key)
+
+        self._handles.append(hp.register_forward_pre_hook(last))
+
+    def watch_input(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call ``fn(activation)`` with what flows *into* ``name``, before any hook there edits it."""
+        hp = self.access.hook_point(name)
+
+        def seen(module: Any, args: Any) -> None:
+            fn(args[0])
+
+        self._handles.append(hp.register_forward_pre_hook(seen))
+
     @staticmethod
     def _remove(hp: Any, handle: Any) -> None:
         handle.hook.remove()  # idempotent: a handle TransformerLens already removed is fine
@@ -78,6 +127,8 @@ class HookSession:
 
     def remove(self) -> None:
         """Remove every hook this session added, newest first, and nothing else."""
+        while self._handles:
+            self._handles.pop().remove()
         while self._added:
             hp, handle = self._added.pop()
             self._remove(hp, handle)
@@ -90,26 +141,48 @@ class HookSession:
 
 
 class ResidualCollector:
-    """Captures residual-stream activations at named hook points during the user's forward pass.
+    """Captures residual-stream activations at named hook points during a forward pass.
 
-    Each capture hook returns nothing, so it never changes the forward pass; it stores a detached
-    copy of what it saw, after any user hook registered before it on the same point.
+    Each capture sees the activation after every hook on its point (see
+    :meth:`HookSession.capture`) and stores a detached copy; it never changes the forward pass.
+    Captures are grouped by forward pass: a pass starts when the token embedding is computed, so
+    :meth:`stack` returns activations of one and the same pass (the last complete one).
 
     Args:
         session: The hook session that owns the capture hooks.
         names: ``{label: hook_name}`` of the sites to capture.
+        expect: ``[batch, pos]`` token ids the forward pass must run on. A pass on other tokens
+            (a nested session's, say) is ignored; with no pass on these tokens :meth:`stack` raises.
     """
 
-    def __init__(self, session: HookSession, names: dict[str, str]):
+    def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
         self.names = dict(names)
         self.captured: dict[str, torch.Tensor] = {}
+        self._access = session.access
+        self._expect = expect
+        self._pass = 0  # passes on the expected tokens seen so far
+        self._in_pass: dict[str, int] = {}  # label -> pass it was captured in
+        self._recording = True
+        self._foreign: list[tuple[int, ...]] = []  # shapes of passes on other tokens
+        self._tracks_passes = EMBED_HOOK in session.access.hook_dict
+        if self._tracks_passes:
+            session.watch_input(EMBED_HOOK, self._new_pass)
         for label, hook_name in self.names.items():
-            session.add(hook_name, self._make_hook(label))
+            session.capture(hook_name, self._make_capture(label))
 
-    def _make_hook(self, label: str) -> HookFn:
-        def capture(activation: torch.Tensor, hook: Any = None) -> None:
-            self.captured[label] = activation.detach().clone()
-            return None
+    def _new_pass(self, embedding: torch.Tensor) -> None:
+        if self._expect is not None and not self._access.embeds_tokens(embedding, self._expect):
+            self._recording = False
+            self._foreign.append(tuple(embedding.shape[:2]))
+            return
+        self._recording = True
+        self._pass += 1
+
+    def _make_capture(self, label: str) -> Callable[[torch.Tensor], None]:
+        def capture(activation: torch.Tensor) -> None:
+            if self._recording:
+                self.captured[label] = activation.detach().clone()
+                self._in_pass[label] = self._pass
 
         return capture
 
@@ -117,17 +190,25 @@ class ResidualCollector:
         """The captured activations as ``[entry, batch, pos, d_model]``, in ``labels`` order.
 
         Raises:
-            RuntimeError: If a site did not fire (its hook was removed by other code, or the
-                forward pass did not reach it).
+            RuntimeError: If no forward pass ran on the expected tokens, or the last one did not
+                reach every site (it stopped early, or raised).
             ValueError: If an activation holds NaN or inf (the message names the entry).
         """
-        missing = [label for label in labels if label not in self.captured]
-        if missing:
+        if self._expect is not None and self._tracks_passes and self._pass == 0:
+            other = f" (the forward passes seen ran on inputs of shape {self._foreign})" if self._foreign else ""
             raise RuntimeError(
-                f"no activation was captured at {[self.names[m] for m in missing]}: the forward "
-                "pass did not reach these hook points, or other code removed the lens's hooks "
-                "(TransformerLens's hooks()/run_with_hooks/reset_hooks remove every hook on the "
-                "points they touch). Run the forward pass inside the session without those."
+                "no forward pass ran on the session's tokens"
+                f"{other}: run the model on session.tokens "
+                f"(shape {tuple(self._expect.shape)}) inside the with block."
+            )
+        missing = [label for label in labels if label not in self.captured]
+        stale = [label for label in labels if label in self.captured and self._in_pass[label] != self._pass]
+        if missing or stale:
+            names = [self.names[m] for m in missing + stale]
+            raise RuntimeError(
+                f"no activation was captured at {names} in the last forward pass: it did not "
+                "reach these hook points (stop_at_layer, or an exception inside the pass). Run a "
+                "complete forward pass."
             )
         for label in labels:
             act = self.captured[label]

@@ -33,7 +33,7 @@ from tl_latentspaces.checks import check_bool, check_float, check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, Tokens
 from tl_latentspaces.readout import Lens, final_distribution, stream_readout, vocab_major
-from tl_latentspaces.results import LensResult
+from tl_latentspaces.results import LensInputs, LensResult
 
 __all__ = [
     "LogitLens",
@@ -110,6 +110,14 @@ def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
         return list(range(len(all_labels)))
     if isinstance(layers, (int, str)):
         layers = [layers]
+    if not isinstance(layers, (list, tuple, range)):
+        raise ValueError(
+            f"layers must be an int, a label, or a list of them, got {type(layers).__name__} {layers!r:.80}."
+        )
+    if len(layers) == 0:
+        raise ValueError(
+            f"layers is empty: nothing to read. Pass None for every entry, or some of {all_labels}."
+        )
     out = []
     for item in layers:
         if isinstance(item, str):
@@ -160,6 +168,11 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
         return None
     B, P = shape
     if isinstance(targets, torch.Tensor):
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ValueError(
+                f"a target tensor must hold integer token ids, got dtype {targets.dtype}. Convert "
+                "ids with .long(); probabilities or scores are not targets."
+            )
         t = targets.long()
         if t.ndim == 2:
             t = t.unsqueeze(-1)
@@ -177,6 +190,33 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
         raise ValueError("targets is empty; pass a token, a list of tokens, or None.")
     ids = torch.tensor([access.to_single_token(t) for t in items], dtype=torch.long)
     return ids.view(1, 1, -1).expand(B, P, -1).contiguous()
+
+
+def _check_cache_input(access: ModelAccess, cache: Any, names: dict[str, str], tokens: Tokens) -> None:
+    """Refuse a cache made from other tokens than ``tokens``, by its token embedding."""
+    first = names.get("0_pre")
+    for name, offset in (("hook_embed", False), (first, True)):
+        try:
+            act = cache[name]
+        except (KeyError, ValueError, TypeError):
+            continue
+        if act.ndim != 3 or tuple(act.shape[:2]) != tuple(tokens.ids.shape):
+            return  # the shape check in _stack_from_cache names this mistake
+        act = act.detach()
+        if offset and access.W_pos is not None:
+            act = act - access.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
+        if not access.embeds_tokens(act, tokens.ids):
+            raise ValueError(
+                f"the cache does not belong to this input: its {name!r} is not the token embedding "
+                f"of the input's {tuple(tokens.ids.shape)} tokens (compared by cosine with W_E at "
+                "every position). Pass the input the cache was made from (mind "
+                "prepend_bos); if you edited the embeddings in that run, pass verify_cache=False."
+            )
+        return
+    raise ValueError(
+        "cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
+        f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked."
+    )
 
 
 def _stack_from_cache(cache: Any, names: dict[str, str], labels: list[str], tokens: Tokens) -> torch.Tensor:
@@ -229,7 +269,7 @@ def _plan(
     operation: str,
     top_k: int,
     targets: Targets,
-    prepend_bos: bool,
+    prepend_bos: Optional[bool],
     layers: LayerSel,
     incl_mid: bool,
     pos: Positions,
@@ -237,10 +277,10 @@ def _plan(
 ) -> _Plan:
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval(operation)
-    check_bool(prepend_bos, "prepend_bos")
     chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     if input is None:
         raise ValueError(f"{operation} needs an input: a string, a list of strings or a token tensor.")
+    check_bool(incl_mid, "incl_mid")
     top_k = _check_top_k(top_k, access.d_vocab)
     tokens = access.to_tokens(input, prepend_bos=prepend_bos)
     sites = access.stack_sites(incl_mid=incl_mid)
@@ -313,6 +353,7 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
                 own_ranks=opt(r.own_ranks),
                 model_name=access.name,
                 decode=access.decoder(),
+                inputs=LensInputs(resid=sub.reshape(E, B, P, -1).cpu(), lens=lens, entries=list(plan.entries)),
             )
     return results
 
@@ -320,6 +361,14 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
 def _build_lenses(
     access: ModelAccess, lenses: Sequence[Any], temperature: float, labels: Optional[Sequence[str]] = None
 ) -> list[Lens]:
+    if isinstance(lenses, (str, torch.nn.Module)) or not hasattr(lenses, "__iter__"):
+        lenses = [lenses]  # one lens given bare
+    lenses = list(lenses)
+    if len(lenses) == 0:
+        raise ValueError(
+            "lenses is empty: nothing to read. Pass some of 'logit', 'embedding' or a TunedLens, "
+            "e.g. lenses=('logit',)."
+        )
     built: list[Lens] = []
     for lens in lenses:
         if lens == "logit":
@@ -341,11 +390,15 @@ def _build_lenses(
     return built
 
 
-def _collect(plan: _Plan, cache: Any) -> torch.Tensor:
+def _collect(plan: _Plan, cache: Any, verify_cache: bool = True) -> torch.Tensor:
     if cache is not None:
+        if check_bool(verify_cache, "verify_cache"):
+            _check_cache_input(plan.access, cache, plan.names, plan.tokens)
         return _stack_from_cache(cache, plan.names, plan.collect, plan.tokens)
     with HookSession(plan.access) as session:
-        collector = ResidualCollector(session, {label: plan.names[label] for label in plan.collect})
+        collector = ResidualCollector(
+            session, {label: plan.names[label] for label in plan.collect}, expect=plan.tokens.ids
+        )
         with torch.no_grad():
             plan.access.forward(plan.tokens.ids)
     return collector.stack(plan.collect)
@@ -358,8 +411,9 @@ def read_lenses(
     lenses: Sequence[Any] = ("logit", "embedding"),
     top_k: int = 5,
     targets: Targets = None,
-    prepend_bos: bool = True,
+    prepend_bos: Optional[bool] = None,
     cache: Any = None,
+    verify_cache: bool = True,
     layers: LayerSel = None,
     incl_mid: bool = False,
     pos: Positions = None,
@@ -375,9 +429,13 @@ def read_lenses(
         top_k: Top tokens kept per cell.
         targets: Tokens whose probability and rank to report: a token string (one token), an
             id, a list of them (shared by every position), or a ``[batch, pos(, T)]`` id tensor.
-        prepend_bos: Prepend the BOS token to string inputs (ignored for token tensors).
+        prepend_bos: Prepend the BOS token to string inputs. ``None`` (the default) means True
+            for text; a token tensor is used as given (``True`` with one warns: nothing is added).
         cache: An ``ActivationCache`` holding the residual stream of ``input``; no forward pass
-            is run then.
+            is run then. It must come from the same tokens: its ``hook_embed`` (or
+            ``blocks.0.hook_resid_pre``) is compared with the input's token embeddings.
+        verify_cache: Set False to skip that check (a cache of a run whose embeddings a hook
+            edited fails it).
         layers: Stack entries to read (indices, negative allowed, or labels like ``"5_pre"``).
         incl_mid: Also read every layer's ``resid_mid``.
         pos: Positions to read (an int, a slice, a list), default all.
@@ -393,7 +451,7 @@ def read_lenses(
         layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
     )
     built = _build_lenses(plan.access, lenses, temperature, plan.all_labels)
-    return _read(plan, _collect(plan, cache), built)
+    return _read(plan, _collect(plan, cache, verify_cache), built)
 
 
 def logit_lens(
@@ -402,8 +460,9 @@ def logit_lens(
     *,
     top_k: int = 5,
     targets: Targets = None,
-    prepend_bos: bool = True,
+    prepend_bos: Optional[bool] = None,
     cache: Any = None,
+    verify_cache: bool = True,
     layers: LayerSel = None,
     incl_mid: bool = False,
     pos: Positions = None,
@@ -420,7 +479,8 @@ def logit_lens(
     """
     return read_lenses(
         model, input, lenses=("logit",), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
-        cache=cache, layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
+        cache=cache, verify_cache=verify_cache, layers=layers, incl_mid=incl_mid, pos=pos,
+        chunk_rows=chunk_rows,
     )["logit"]
 
 
@@ -430,8 +490,9 @@ def embedding_lens(
     *,
     top_k: int = 5,
     targets: Targets = None,
-    prepend_bos: bool = True,
+    prepend_bos: Optional[bool] = None,
     cache: Any = None,
+    verify_cache: bool = True,
     layers: LayerSel = None,
     incl_mid: bool = False,
     pos: Positions = None,
@@ -448,8 +509,8 @@ def embedding_lens(
     """
     return read_lenses(
         model, input, lenses=("embedding",), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
-        cache=cache, layers=layers, incl_mid=incl_mid, pos=pos, temperature=temperature,
-        chunk_rows=chunk_rows,
+        cache=cache, verify_cache=verify_cache, layers=layers, incl_mid=incl_mid, pos=pos,
+        temperature=temperature, chunk_rows=chunk_rows,
     )["embedding"]
 
 
@@ -459,8 +520,11 @@ class LensSession:
     Use :func:`lens_session`. Inside the ``with`` block run the model on ``session.tokens`` in any
     way (``model(...)``, with your own hooks registered, ``run_with_hooks`` on other hook points);
     on leaving the block the lens hooks are removed, exactly, and ``session.results`` holds
-    ``{lens name: LensResult}`` for the last forward pass. On an exception inside the block the
-    hooks are removed and no result is computed.
+    ``{lens name: LensResult}`` for the last forward pass on ``session.tokens``. Each entry is read
+    after every hook on its hook point, whenever and however that hook was registered, so a patch
+    at the very point a lens reads shows in that entry. Forward passes on other tokens (a nested
+    session's) are ignored. On an exception inside the block the hooks are removed and no result
+    is computed.
     """
 
     def __init__(self, plan: _Plan, lenses: list[Lens]):
@@ -476,37 +540,44 @@ class LensSession:
         return self._plan.tokens.ids
 
     def __enter__(self) -> "LensSession":
-        self._session = HookSession(self._plan.access)
+        if self._session is not None:
+            raise RuntimeError(
+                "this lens session is already open: a session object can be entered once at a "
+                "time. Make a second one with lens_session(...) to nest readouts."
+            )
+        session = HookSession(self._plan.access)
         try:
             self._collector = ResidualCollector(
-                self._session, {label: self._plan.names[label] for label in self._plan.collect}
+                session, {label: self._plan.names[label] for label in self._plan.collect},
+                expect=self._plan.tokens.ids,
             )
         except BaseException:
-            self._session.remove()
+            session.remove()
             raise
+        self._session = session
+        self.results = {}
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._session is not None and self._collector is not None
-        self._session.remove()
+        session, collector = self._session, self._collector
+        if session is None or collector is None:
+            raise RuntimeError("this lens session was not entered: use it as `with lens_session(...) as s:`.")
+        self._session = self._collector = None
+        session.remove()
         if exc_type is None:
-            stack = self._collector.stack(self._plan.collect)
-            if tuple(stack.shape[1:3]) != tuple(self._plan.tokens.ids.shape):
-                raise ValueError(
-                    f"the forward pass inside the session ran on input of shape "
-                    f"{tuple(stack.shape[1:3])}, not session.tokens {tuple(self._plan.tokens.ids.shape)}."
-                )
-            self.results = _read(self._plan, stack, self._lenses)
+            # Only passes on session.tokens count: a nested session's pass on other tokens is
+            # ignored here, so each session reads its own input.
+            self.results = _read(self._plan, collector.stack(self._plan.collect), self._lenses)
 
 
 def lens_session(
     model: Any,
     input: Input,
     *,
-    lenses: Sequence[Any] = ("logit",),
+    lenses: Sequence[Any] = ("logit", "embedding"),
     top_k: int = 5,
     targets: Targets = None,
-    prepend_bos: bool = True,
+    prepend_bos: Optional[bool] = None,
     layers: LayerSel = None,
     incl_mid: bool = False,
     pos: Positions = None,

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import warnings
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
@@ -325,16 +327,26 @@ class ModelAccess:
         return None if bos is None else int(bos)
 
     def to_tokens(
-        self, input: Union[str, Sequence[str], torch.Tensor], *, prepend_bos: bool
+        self, input: Union[str, Sequence[str], torch.Tensor], *, prepend_bos: Optional[bool] = None
     ) -> Tokens:
         """Tokenize ``input`` (a string, a list of strings or a ``[batch, pos]`` id tensor).
 
-        BOS handling is explicit: strings get ``bos_token_id`` prepended when ``prepend_bos`` is
-        True and never otherwise (the tokenizer's own special tokens are not added); a token
-        tensor is taken as it is. Several strings are right-padded; ``Tokens.mask`` marks the real
-        positions (right padding never changes a causal model's outputs at real positions).
+        BOS handling: strings get ``bos_token_id`` prepended unless ``prepend_bos`` is False
+        (``None``, the default, means True for text); the tokenizer's own special tokens are never
+        added. A token tensor is taken as it is: ``prepend_bos=True`` with one warns that no BOS
+        is added. Several strings are right-padded; ``Tokens.mask`` marks the real positions
+        (right padding never changes a causal model's outputs at real positions).
         """
+        if prepend_bos is not None and not isinstance(prepend_bos, bool):
+            raise ValueError(f"prepend_bos must be True, False or None, got {prepend_bos!r}.")
         if isinstance(input, torch.Tensor):
+            if prepend_bos:
+                warnings.warn(
+                    "prepend_bos=True has no effect on a token tensor: its ids are used as given, "
+                    "and no BOS is added. Prepend the BOS id to the tensor yourself, or pass text.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             ids = input
             if ids.ndim == 1:
                 ids = ids.unsqueeze(0)
@@ -353,12 +365,23 @@ class ModelAccess:
             ids = ids.long()
             tokens = Tokens(ids=ids, mask=torch.ones_like(ids, dtype=torch.bool), prepend_bos=False)
         else:
+            if not isinstance(input, (str, list, tuple)):
+                raise ValueError(
+                    f"input must be a string, a list or tuple of strings, or a [batch, pos] token "
+                    f"tensor; got {type(input).__name__} {input!r:.80}. "
+                    + (
+                        "A mapping or a set has no fixed order of prompts: pass list(...) of the texts."
+                        if isinstance(input, (Mapping, Set))
+                        else "Wrap a single prompt in a string, or token ids in torch.tensor([[...]])."
+                    )
+                )
             texts = [input] if isinstance(input, str) else list(input)
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError(
                     f"input must be a non-empty string, a non-empty list of strings or a token "
                     f"tensor; got {type(input).__name__} {input!r:.80}."
                 )
+            prepend_bos = True if prepend_bos is None else prepend_bos
             empty = [i for i, t in enumerate(texts) if not t.strip()]
             if empty:
                 raise ValueError(
@@ -408,7 +431,35 @@ class ModelAccess:
                 f"target {token!r} encodes to {len(ids)} tokens {pieces}, not one. Pass a single "
                 "token (mind the leading space, e.g. ' Paris') or its id."
             )
+        if token[:1].isalnum():
+            spaced = list(tok(" " + token, add_special_tokens=False)["input_ids"])
+            if len(spaced) == 1:
+                warnings.warn(
+                    f"target {token!r} (id {ids[0]}) is the word without a leading space; after "
+                    f"another word a model predicts {' ' + token!r} (id {spaced[0]}) instead. Pass "
+                    f"{' ' + token!r} if that is what you mean, or the id {ids[0]} to keep this token "
+                    "without this warning.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         return int(ids[0])
+
+    def embeds_tokens(self, embedding: torch.Tensor, ids: torch.Tensor) -> bool:
+        """Whether ``embedding`` (``[batch, pos, d_model]``) is the token embedding of ``ids``.
+
+        Compared by direction (cosine above 0.999 at every position), so an embedding scaled by
+        the model (Gemma's ``sqrt(d_model)``, say) still matches; all-zero rows match all-zero
+        rows. Used to tell which input a forward pass or a cache belongs to.
+        """
+        if embedding.ndim != 3 or tuple(embedding.shape[:2]) != tuple(ids.shape):
+            return False
+        W_E = self.W_E.detach()
+        ref = W_E[ids.to(W_E.device)].to(torch.float32)
+        emb = embedding.detach().to(ref.device, torch.float32)
+        n_ref, n_emb = ref.norm(dim=-1), emb.norm(dim=-1)
+        cos = (ref * emb).sum(-1) / (n_ref * n_emb).clamp_min(1e-30)
+        both_zero = (n_ref <= 1e-12) & (n_emb <= 1e-12)
+        return bool(((cos > 0.999) | both_zero).all())
 
     def decode_token(self, token_id: int) -> str:
         tok = self.tokenizer

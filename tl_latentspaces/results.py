@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from jaxtyping import Bool, Float, Int
 
-__all__ = ["LensResult", "LensDiff"]
+__all__ = ["LensResult", "LensDiff", "LensInputs", "lens_divergence"]
 
 
 def label_frame(labels: Any, columns: dict[str, Any]) -> Any:
@@ -27,6 +27,53 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over (batch, pos) of ``[entry, batch, pos]`` values where ``mask`` is True."""
     m = mask.to(values.dtype)
     return (values * m).sum((1, 2)) / m.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class LensInputs:
+    """What a readout was computed from, kept so that two readouts compare over the whole vocabulary.
+
+    Attributes:
+        resid: ``[entry, batch, pos, d_model]`` the residual vectors that were read (on the CPU).
+        lens: The lens that read them: scores are ``lens.project(x, entry) @ lens.weight + lens.bias``.
+        entries: The stack index of each entry, as ``lens.project`` takes it.
+    """
+
+    resid: Float[torch.Tensor, "entry batch pos d_model"]
+    lens: Any
+    entries: list[int]
+
+    def log_probs(self, e: int, rows: torch.Tensor) -> Float[torch.Tensor, "n d_vocab"]:
+        """Float64 log-probabilities of the lens at entry ``e`` for the flat ``[batch * pos]`` ``rows``."""
+        lens = self.lens
+        x = self.resid[e].reshape(-1, self.resid.shape[-1])[rows].to(lens.weight.device)
+        z = lens.project(x, self.entries[e]) @ lens.weight
+        if lens.bias is not None:
+            z = z + lens.bias
+        return z.to(torch.float64).log_softmax(-1)
+
+
+def lens_divergence(
+    base: LensInputs, other: LensInputs, chunk_rows: int = 64
+) -> Float[torch.Tensor, "entry batch pos"]:
+    """``KL(base || other)`` in nats between two lens distributions, cell by cell.
+
+    Cells whose residual vectors are bit-identical in both runs (upstream of a patch) are exactly
+    zero and cost nothing; the others are computed over the full vocabulary, in float64 from
+    float32 scores.
+    """
+    E, B, P, _ = base.resid.shape
+    out = torch.zeros(E, B * P, dtype=torch.float64)
+    with torch.no_grad():
+        for e in range(E):
+            a = base.resid[e].reshape(B * P, -1)
+            b = other.resid[e].reshape(B * P, -1)
+            rows = (a != b).any(-1).nonzero().flatten()
+            for start in range(0, rows.numel(), chunk_rows):
+                r = rows[start : start + chunk_rows]
+                lp, lq = base.log_probs(e, r), other.log_probs(e, r)
+                out[e, r] = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0).cpu()
+    return out.to(torch.float32).reshape(E, B, P)
 
 
 @dataclass(frozen=True)
@@ -54,6 +101,9 @@ class LensResult:
             the input embedding of the position's own token.
         own_ranks: ``[entry, batch, pos]`` embedding lens only: that token's rank by cosine.
         model_name: The model's name.
+        decode: Token id -> string, for the helpers below.
+        inputs: The residual vectors read and the lens that read them, for
+            :attr:`LensDiff.divergence`; None for results made without them.
     """
 
     lens: str
@@ -74,6 +124,7 @@ class LensResult:
     own_ranks: Optional[Int[torch.Tensor, "entry batch pos"]] = None
     model_name: str = ""
     decode: Callable[[int], str] = field(default=str, repr=False, compare=False)
+    inputs: Optional[LensInputs] = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -164,10 +215,15 @@ class LensDiff:
     Attributes:
         base: The reference run (e.g. clean).
         other: The compared run (e.g. patched).
-        kl_delta: ``[entry, batch, pos]`` change in KL to each run's own final distribution.
+        kl_delta: ``[entry, batch, pos]`` change in each run's KL to *its own* final distribution.
+            A patch changes the final distribution too, so this moves at entries the patch
+            cannot reach; use :attr:`divergence` to see where the patch acts.
         entropy_delta: ``[entry, batch, pos]`` change in entropy.
         top1_changed: ``[entry, batch, pos]`` whether the lens's top-1 token changed.
         target_prob_delta: ``[entry, batch, pos, T]`` change in target probabilities, or None.
+        divergence: ``[entry, batch, pos]`` ``KL(base || other)`` in nats between the two runs'
+            lens distributions at the same cell: exactly 0 wherever the patch cannot reach. None
+            when either result was made without its inputs.
     """
 
     base: LensResult
@@ -176,9 +232,15 @@ class LensDiff:
     entropy_delta: torch.Tensor
     top1_changed: torch.Tensor
     target_prob_delta: Optional[torch.Tensor]
+    divergence: Optional[torch.Tensor] = None
 
     @classmethod
     def between(cls, base: LensResult, other: LensResult) -> "LensDiff":
+        """The difference ``other - base`` of two readouts of one input with the same lens and entries.
+
+        Raises:
+            ValueError: If the lens, the entries, the positions or the input tokens differ.
+        """
         problems = []
         if base.lens != other.lens:
             problems.append(f"lens {base.lens!r} vs {other.lens!r}")
@@ -204,10 +266,12 @@ class LensDiff:
             entropy_delta=other.entropy - base.entropy,
             top1_changed=other.top_ids[..., 0] != base.top_ids[..., 0],
             target_prob_delta=tpd,
+            divergence=_divergence(base, other),
         )
 
     @property
     def labels(self) -> list[str]:
+        """The stack labels of both readouts."""
         return self.base.labels
 
     def changed_entries(self) -> list[str]:
@@ -226,4 +290,15 @@ class LensDiff:
         frame["kl_delta"] = self.kl_delta.reshape(-1).cpu()[keep].numpy()
         frame["entropy_delta"] = self.entropy_delta.reshape(-1).cpu()[keep].numpy()
         frame["top1_changed"] = self.top1_changed.reshape(-1).cpu()[keep].numpy()
+        if self.divergence is not None:
+            frame["divergence"] = self.divergence.reshape(-1).cpu()[keep].numpy()
         return frame
+
+
+def _divergence(base: LensResult, other: LensResult) -> Optional[torch.Tensor]:
+    a, b = base.inputs, other.inputs
+    if a is None or b is None or a.resid.shape != b.resid.shape or a.entries != b.entries:
+        return None
+    if a.lens.weight.shape != b.lens.weight.shape:
+        return None
+    return lens_divergence(a, b)
