@@ -300,3 +300,30 @@ def test_a_pass_that_stops_early_is_not_read_as_complete(tiny, tokens):
                 except KeyError:
                     pass
                 tiny.reset_hooks()
+
+
+def test_alignment_from_a_cache_of_other_tokens_is_refused(tiny):
+    ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, other = tiny.run_with_cache((ids + 5) % 100)
+        _, own = tiny.run_with_cache(ids)
+    with pytest.raises(ValueError, match="does not belong to this input"):
+        tll.alignment_from_cache(tiny, other, ids, k=4, n_null_samples=2)
+    tll.alignment_from_cache(tiny, own, ids, k=4, n_null_samples=2)
+
+
+def test_corpus_streaming_reads_after_every_hook_on_the_point(tiny):
+    """The corpus runner, the fit and the alignment suite collect through the same captures."""
+    from tl_latentspaces.corpus import stream_residuals
+
+    seqs = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    tiny.hook_dict[READ_POINT].add_hook(_patch, dir="fwd", prepend=True)
+    try:
+        with torch.no_grad():
+            _, cache = tiny.run_with_cache(seqs, names_filter=lambda n: n == READ_POINT)
+        before = hook_counts(tiny)
+        (_, stack), = list(stream_residuals(tiny, seqs, {"1_pre": READ_POINT}, batch_size=3, progress=False))
+        assert hook_counts(tiny) == before
+    finally:
+        tiny.reset_hooks()
+    torch.testing.assert_close(stack[0], cache[READ_POINT], atol=1e-6, rtol=0)

@@ -1520,12 +1520,14 @@ def alignment_from_cache(
     n_null_samples: int = 200,
     seed: int = 0,
     progress: bool = False,
+    verify_cache: bool = True,
 ) -> AlignmentResult:
     """Run the alignment suite on an ``ActivationCache`` the user already has (no forward pass).
 
     The cache must hold the residual stream at every ``stack_sites()`` entry (``resid_pre`` of
     every layer and the last ``resid_post``) for ``tokens``. Every position is used after
-    ``skip_positions``: pass unpadded sequences. Options as in :func:`alignment_suite`.
+    ``skip_positions``: pass unpadded sequences. Options as in :func:`alignment_suite`; a cache
+    of other tokens is refused (by its token embedding) unless ``verify_cache=False``.
 
     Example:
         >>> _, cache = model.run_with_cache(tokens)  # doctest: +SKIP
@@ -1542,6 +1544,8 @@ def alignment_from_cache(
     _check_rows_for_k(ids.shape[0] * (ids.shape[1] - settings.skip_positions), settings.k, settings.center, "in tokens")
     names = dict(access.stack_sites())
     acts = _cache_entries(access, cache, ids, names)
+    if check_bool(verify_cache, "verify_cache"):
+        access.check_cache_tokens(cache, ids)
 
     def batches(desc: str) -> Any:
         # One batch at a time, so the float64 working copies stay bounded whatever the cache size.

@@ -192,33 +192,6 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
     return ids.view(1, 1, -1).expand(B, P, -1).contiguous()
 
 
-def _check_cache_input(access: ModelAccess, cache: Any, names: dict[str, str], tokens: Tokens) -> None:
-    """Refuse a cache made from other tokens than ``tokens``, by its token embedding."""
-    first = names.get("0_pre")
-    for name, offset in (("hook_embed", False), (first, True)):
-        try:
-            act = cache[name]
-        except (KeyError, ValueError, TypeError):
-            continue
-        if act.ndim != 3 or tuple(act.shape[:2]) != tuple(tokens.ids.shape):
-            return  # the shape check in _stack_from_cache names this mistake
-        act = act.detach()
-        if offset and access.W_pos is not None:
-            act = act - access.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
-        if not access.embeds_tokens(act, tokens.ids):
-            raise ValueError(
-                f"the cache does not belong to this input: its {name!r} is not the token embedding "
-                f"of the input's {tuple(tokens.ids.shape)} tokens (compared by cosine with W_E at "
-                "every position). Pass the input the cache was made from (mind "
-                "prepend_bos); if you edited the embeddings in that run, pass verify_cache=False."
-            )
-        return
-    raise ValueError(
-        "cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
-        f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked."
-    )
-
-
 def _stack_from_cache(cache: Any, names: dict[str, str], labels: list[str], tokens: Tokens) -> torch.Tensor:
     slabs = []
     for label in labels:
@@ -392,9 +365,10 @@ def _build_lenses(
 
 def _collect(plan: _Plan, cache: Any, verify_cache: bool = True) -> torch.Tensor:
     if cache is not None:
+        stack = _stack_from_cache(cache, plan.names, plan.collect, plan.tokens)
         if check_bool(verify_cache, "verify_cache"):
-            _check_cache_input(plan.access, cache, plan.names, plan.tokens)
-        return _stack_from_cache(cache, plan.names, plan.collect, plan.tokens)
+            plan.access.check_cache_tokens(cache, plan.tokens.ids)
+        return stack
     with HookSession(plan.access) as session:
         collector = ResidualCollector(
             session, {label: plan.names[label] for label in plan.collect}, expect=plan.tokens.ids

@@ -461,6 +461,40 @@ class ModelAccess:
         both_zero = (n_ref <= 1e-12) & (n_emb <= 1e-12)
         return bool(((cos > 0.999) | both_zero).all())
 
+    def check_cache_tokens(self, cache: Any, ids: torch.Tensor) -> None:
+        """Refuse an ``ActivationCache`` made from other tokens than ``ids`` (``[batch, pos]``).
+
+        The cache's ``hook_embed`` (or ``blocks.0.hook_resid_pre`` less ``W_pos``) must be the
+        token embedding of ``ids`` at every position (:meth:`embeds_tokens`). A cache of another
+        shape is left to the caller's shape checks.
+
+        Raises:
+            ValueError: If the cache belongs to other tokens, or holds neither activation.
+        """
+        first = self.site_name(0, "resid_pre")
+        for name, has_pos in (("hook_embed", False), (first, True)):
+            try:
+                act = cache[name]
+            except (KeyError, ValueError, TypeError):
+                continue
+            if act.ndim != 3 or tuple(act.shape[:2]) != tuple(ids.shape):
+                return
+            act = act.detach()
+            if has_pos and self.W_pos is not None:
+                act = act - self.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
+            if not self.embeds_tokens(act, ids):
+                raise ValueError(
+                    f"the cache does not belong to this input: its {name!r} is not the token embedding "
+                    f"of the input's {tuple(ids.shape)} tokens (compared by cosine with W_E at every "
+                    "position). Pass the input the cache was made from (mind prepend_bos); if you "
+                    "edited the embeddings in that run, pass verify_cache=False."
+                )
+            return
+        raise ValueError(
+            "cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
+            f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked."
+        )
+
     def decode_token(self, token_id: int) -> str:
         tok = self.tokenizer
         if tok is None:
