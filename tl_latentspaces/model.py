@@ -121,34 +121,42 @@ class ModelAccess:
     # ------------------------------------------------------------------ sizes and state
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks."""
         return int(self.cfg.n_layers)
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream."""
         return int(self.cfg.d_model)
 
     @property
     def d_vocab(self) -> int:
+        """Vocabulary size, as the unembedding has it (columns of ``W_U``)."""
         return int(self.W_U.shape[1])
 
     @property
     def n_ctx(self) -> int:
+        """Longest input the model takes, in tokens."""
         return int(self.cfg.n_ctx)
 
     @property
     def name(self) -> str:
+        """The model's name from its config (the class name when it has none)."""
         return str(getattr(self.cfg, "model_name", None) or type(self.model).__name__)
 
     @property
     def device(self) -> torch.device:
+        """Where the model's unembedding lives; inputs are moved there."""
         return self.W_U.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (readouts are computed in float32 whatever it is)."""
         return self.W_U.dtype
 
     @property
     def compatibility_mode(self) -> bool:
+        """Whether a bridge runs in compatibility mode (norm weights folded into ``W_U``)."""
         return bool(getattr(self.model, "compatibility_mode", False))
 
     def require_eval(self, operation: str) -> None:
@@ -162,14 +170,17 @@ class ModelAccess:
     # ------------------------------------------------------------------ weights
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        """The input embedding, one row per token."""
         return self.model.W_E
 
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
+        """The unembedding, one column per token."""
         return self.model.W_U
 
     @property
     def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
+        """The unembedding bias (zeros when the model has none)."""
         b = getattr(self.model, "b_U", None)
         if b is None:
             return torch.zeros(self.W_U.shape[1], dtype=self.W_U.dtype, device=self.W_U.device)
@@ -204,6 +215,7 @@ class ModelAccess:
     # ------------------------------------------------------------------ hook sites
     @cached_property
     def hook_dict(self) -> dict[str, Any]:
+        """Hook name -> ``HookPoint``, bridge aliases included."""
         return dict(self.model.hook_dict)
 
     def site_name(self, layer: int, site: str) -> str:
@@ -307,6 +319,7 @@ class ModelAccess:
     # ------------------------------------------------------------------ tokens
     @property
     def tokenizer(self) -> Any:
+        """The model's tokenizer, or None."""
         return getattr(self.model, "tokenizer", None)
 
     def _require_tokenizer(self, what: str) -> Any:
@@ -320,6 +333,7 @@ class ModelAccess:
 
     @property
     def bos_token_id(self) -> Optional[int]:
+        """The BOS id from the tokenizer (or the config), or None."""
         tok = self.tokenizer
         bos = getattr(tok, "bos_token_id", None) if tok is not None else None
         if bos is None:
