@@ -32,6 +32,7 @@ import torch
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.files import write_files_atomic
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.narrative import tell_story
 
 __all__ = ["Report", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
 
@@ -148,6 +149,9 @@ table.numbers { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
 table.numbers th, table.numbers td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
 table.numbers thead th { background: #f4f4f4; }
 details { margin: 8px 0; } .meta { color: #666; font-size: 0.9em; }
+.guide { color: #335; font-size: 0.9em; font-style: italic; margin: 4px 0; }
+.story { background: #f7f9fc; border: 1px solid #dde3ee; padding: 4px 16px; }
+.story h2 { margin-top: 0.5em; border: none; }
 """
 
 
@@ -225,8 +229,12 @@ def build_report(
         stats.update(runner.run(consumers))
     evaluation = stats["evaluation"].result()
     alignment = stats["alignment"].result(progress=progress)
+    first = grids[0][1]["logit"]
+    norms = first.inputs.resid[:, 0].norm(dim=-1) if first.inputs is not None else None
+    story = tell_story(access, evaluation, alignment, resid_norms=norms, bos=bool(prepend_bos))
 
     data = {
+        "story": story.to_dict(),
         "model": {"name": access.name, "n_layers": access.n_layers, "d_model": access.d_model,
                   "d_vocab": access.d_vocab, "unembedding_fingerprint": access.unembedding_fingerprint()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -242,11 +250,14 @@ def build_report(
         f"<h1>tl_latentspaces report: {html.escape(access.name)}</h1>",
         f'<p class="meta">{access.n_layers} layers, d_model {access.d_model}, vocabulary {access.d_vocab}; '
         f"created {data['created']}. Every number shown is in report.json.</p>",
+        story.to_html(),
         "<h2>Logit lens vs tuned lens on held-out text</h2>",
         f'<p class="meta">{evaluation.n_positions} positions of {evaluation.n_sequences} held-out sequences, '
         "BOS left out. KL = KL(final || lens) in nats. Prediction depth: the first entry from which "
         "the lens's top-1 stays equal to the final top-1.</p>",
         _table(evaluation.summary() if hasattr(evaluation, "summary") else evaluation.to_dataframe()),
+        _guide("Lower is better: how far each lens's distribution is from the model's final one, layer by "
+               "layer. Where a curve drops, that lens starts to read what the model will say."),
         layer_curves_view(
             labels,
             {f"KL to final, {name} lens": evaluation.kl_to_final[i] for i, name in enumerate(evaluation.lenses)},
@@ -256,6 +267,9 @@ def build_report(
         "<details><summary>Per-entry table</summary>" + _table(evaluation.to_dataframe()) + "</details>",
         "<h2>Lens grids</h2>",
     ]
+    parts.append(_guide("Rows are stack entries (embedding at the top), columns input positions; each cell is "
+                        "the lens's top-1 guess for the next token. Switch lens and colour metric above the "
+                        "grid; hover a cell for its top-k."))
     for prompt, results in grids:
         parts.append(f"<h3>{html.escape(repr(prompt))}</h3>")
         parts.append(lens_grid(results, title=prompt).local_src)
@@ -274,6 +288,16 @@ def build_report(
 def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: Any) -> list[str]:
     labels = alignment.labels
     a, v, c, d = alignment.angles, alignment.variance, alignment.cka, alignment.drift
+    guides = [
+        "Angles near 0 mean the residual's main directions lie inside the embedding's; near the dashed "
+        "null they are as unrelated as random subspaces.",
+        "The share of the residual's variance inside the top-k embedding directions; the dashed line "
+        "is what any random k-dim subspace holds.",
+        "1 at 0_pre, where each position is its own token's embedding; the fall shows how fast the "
+        "stream leaves its token behind.",
+        "Bright squares on the diagonal are blocks of layers that represent the text alike; a dark "
+        "seam is a layer that rewrites the stream.",
+    ]
     figs = [
         layer_curves_view(
             labels,
@@ -299,7 +323,12 @@ def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: 
         ),
         cka_matrix_view(c.layer_debiased, labels, title="Debiased linear CKA between stack entries"),
     ]
-    return [f.local_src for f in figs]
+    return [_guide(g) + f.local_src for g, f in zip(guides, figs)]
+
+
+def _guide(text: str) -> str:
+    """A one-line reading guide above a figure."""
+    return f'<p class="guide">{html.escape(text)}</p>'
 
 
 def _alignment_data(alignment: Any) -> Any:
