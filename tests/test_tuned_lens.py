@@ -215,7 +215,7 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors.torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         _random_lens(model, seed=7).save(tmp_path / "lens")
     with pytest.raises(OSError):
