@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,21 @@ def test_interrupted_save_leaves_the_old_or_the_new_lens(tmp_path, monkeypatch, 
         back = TunedLens.load(folder, model)
     expected = new if crash_after == 2 else old
     assert torch.equal(back.weight, expected.weight) and torch.equal(back.bias, expected.bias)
+    # A second save cut off at the same point leaves the lens the folder held, or the new one.
+    written.clear()
+    monkeypatch.setattr(files, "write_bytes_atomic", crashing)
+    third = _random_lens(model, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        third.save(folder)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(TunedLens.load(folder, model).weight, (third if crash_after == 2 else old).weight)
+    # A save that completes leaves a clean folder.
+    last = _random_lens(model, seed=4)
+    last.save(folder)
+    assert "previous" not in json.loads((folder / "tuned_lens.json").read_text())
+    assert torch.equal(TunedLens.load(folder, model).weight, last.weight)
 
 
 def test_mismatched_lens_files_are_detected(tmp_path):

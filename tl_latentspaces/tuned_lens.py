@@ -15,8 +15,8 @@ unembedding reads.
   ``lens(entry, index)``.
 * ``save``/``load`` use a folder with a JSON config and safetensors parameters, each file
   written atomically and other files in the folder kept; the config names the SHA-256 of the
-  parameters it goes with. A lens with NaN or inf translators is neither read nor saved. ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the
-  ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``), reading
+  parameters it goes with. A lens with NaN or inf translators is neither read nor saved.
+  ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``), reading
   ``params.pt`` with ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
 * :func:`default_tuned_lens` fits the default model's lens once and caches it.
 
@@ -297,7 +297,7 @@ class TunedLens(torch.nn.Module):
         config["params_sha256"] = sha256_hex(params)
         final = _config_bytes(config)
         files = [(PARAMS_FILE, params), (CONFIG_FILE, final)]
-        previous = _previous_config(folder / CONFIG_FILE)
+        previous = _previous_config(folder)
         if previous is not None:
             files.insert(0, (CONFIG_FILE, _config_bytes({**config, "previous": previous})))
         return write_into_folder(folder, files, own_marker=CONFIG_FILE, what="lens folder")
@@ -621,16 +621,23 @@ def _config_bytes(config: dict) -> bytes:
         raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
 
 
-def _previous_config(path: Path) -> Optional[dict]:
-    """The config of the lens already at ``path`` (without its own ``previous``), or None."""
+def _previous_config(folder: Path) -> Optional[dict]:
+    """The config of the lens ``folder`` holds now (the one its parameter file goes with), or None.
+
+    After an interrupted save that is the config's ``previous`` section, not its top level.
+    """
     try:
-        config = json.loads(path.read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        digest = sha256_hex((folder / PARAMS_FILE).read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         return None
-    config.pop("previous", None)
-    return config
+    previous = config.pop("previous", None)
+    for candidate in (config, previous):
+        if isinstance(candidate, dict) and candidate.get("params_sha256") in (None, digest):
+            return candidate
+    return None
 
 
 def _matching_config(config: dict, digest: str, cfg_path: Path, params_path: Path) -> tuple[dict, Optional[str]]:
