@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
@@ -457,11 +458,14 @@ def model_mode(model: Any) -> str:
 def weights_fingerprint(model: Any) -> str:
     """A short hash of every parameter of ``model``: names, shapes, dtypes and values.
 
-    Models with up to ``FULL_HASH_BYTES`` of parameters are hashed in full (SmolLM2-135M, 540 MB
-    in float32: about 0.7 s on two CPU cores); larger ones hash ``_SAMPLE_ELEMENTS`` evenly
-    spaced elements of every parameter, which catches a fine-tune or another checkpoint but not
-    an edit of a single weight. Exact bytes, never floating-point sums: the result does not
-    depend on thread counts or devices.
+    Each parameter's bytes get a CRC-32 (it detects any accidental change and runs at about
+    twice SHA-256's speed), and the names, shapes, dtypes and checksums are hashed together
+    with SHA-256. Models with up to ``FULL_HASH_BYTES`` of parameters are read in full
+    (SmolLM2-135M, 540 MB in float32: about 0.4 s on two busy CPU cores, against 0.9 s for a
+    SHA-256 of the same bytes); larger ones read ``_SAMPLE_ELEMENTS`` evenly spaced elements of
+    every parameter, which catches a fine-tune or another checkpoint but not an edit of a
+    single weight. Exact bytes, never floating-point sums: the result does not depend on thread
+    counts or devices.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     params = list(access.model.named_parameters())
@@ -471,8 +475,8 @@ def weights_fingerprint(model: Any) -> str:
         flat = p.detach().reshape(-1)
         if not full and flat.numel() > _SAMPLE_ELEMENTS:
             flat = flat[:: flat.numel() // _SAMPLE_ELEMENTS]
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().data)
+        crc = zlib.crc32(flat.contiguous().cpu().view(torch.uint8).numpy().data)
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{crc}\n".encode())
     return h.hexdigest()[:16]
 
 
