@@ -3,6 +3,7 @@ and held-out evaluation checked against direct computation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import warnings
@@ -179,7 +180,7 @@ def test_save_load_round_trips_bit_exactly(tmp_path, tiny):
     assert back.identity == lens.identity and back.info == lens.info
     config = json.loads((out / "tuned_lens.json").read_text())
     assert config["model"]["unembedding_fingerprint"] == ModelAccess(tiny).unembedding_fingerprint()
-    # Saving again over a lens folder replaces it atomically; no temporary folders are left.
+    # Saving again over a lens folder replaces its files atomically; no temporary file is left.
     lens2 = _random_lens(tiny, seed=5)
     lens2.save(out)
     assert torch.equal(TunedLens.load(out, tiny).weight, lens2.weight)
@@ -290,7 +291,9 @@ def test_non_finite_lens_is_refused_at_read_time_naming_the_layers(tiny, tokens,
 def test_non_finite_lens_is_never_saved_nor_loaded(tmp_path):
     model = _build(_kind(), GPT_LIKE)
     lens = _poisoned(model, layers=(2,))
-    for save in (lambda p: lens.save(p), lambda p: lens.save_tuned_lens_format(p, model), lambda p: lens.save_tuned_lens_format(p)):
+    saves = (lambda p: lens.save(p), lambda p: lens.save_tuned_lens_format(p, model),
+             lambda p: lens.save_tuned_lens_format(p))
+    for save in saves:
         with pytest.raises(ValueError, match=r"cannot save this tuned lens: the translator\(s\) of layer\(s\) \[2\]"):
             save(tmp_path / "lens")
         assert not (tmp_path / "lens").exists()
@@ -301,7 +304,7 @@ def test_non_finite_lens_is_never_saved_nor_loaded(tmp_path):
     config = json.loads((good / "tuned_lens.json").read_text())
     data = st_save({"weight": lens.weight.detach().contiguous(), "bias": lens.bias.detach().contiguous()})
     (good / "tuned_lens.safetensors").write_bytes(data)
-    config["params_sha256"] = __import__("hashlib").sha256(data).hexdigest()
+    config["params_sha256"] = hashlib.sha256(data).hexdigest()
     (good / "tuned_lens.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"weight holds NaN or inf values in the translator\(s\) of layer\(s\) \[2\]"):
         TunedLens.load(good, model)
@@ -317,7 +320,8 @@ def test_save_over_a_lens_folder_keeps_other_files(tmp_path):
     new.save(folder)
     assert (folder / "README.md").read_text() == "how this lens was made"
     assert (folder / "runs" / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "runs", "tuned_lens.json", "tuned_lens.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "runs", "tuned_lens.json", "tuned_lens.safetensors"]
     assert torch.equal(TunedLens.load(folder, model).weight, new.weight)
     assert "previous" not in json.loads((folder / "tuned_lens.json").read_text())
     # The same for the tuned-lens package's format.

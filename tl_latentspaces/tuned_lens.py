@@ -16,8 +16,9 @@ unembedding reads.
 * ``save``/``load`` use a folder with a JSON config and safetensors parameters, each file
   written atomically and other files in the folder kept; the config names the SHA-256 of the
   parameters it goes with. A lens with NaN or inf translators is neither read nor saved.
-  ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``), reading
-  ``params.pt`` with ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
+  ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the ``tuned-lens``
+  package's folder format (``config.json`` + ``params.pt``), reading ``params.pt`` with
+  ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
 * :func:`default_tuned_lens` fits the default model's lens once and caches it.
 
 Fitting lives in :mod:`tl_latentspaces.fitting`; nothing here imports an optimizer.
