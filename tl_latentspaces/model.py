@@ -589,13 +589,25 @@ class ModelIdentity:
         """Raise ``ValueError`` naming every difference between ``self`` (recorded in ``what``,
         e.g. a checkpoint) and ``other`` (the model given now)."""
         problems = self.differences(other)
-        if problems:
-            raise ValueError(
-                f"{what} was written with another model than the one given: " + "; ".join(problems)
-                + ". Resuming would mix statistics of two models. Pass the model it was written with "
-                "(same weights, dtype and mode, e.g. call model.enable_compatibility_mode() or not, "
-                "as then), or pass another checkpoint_dir (or delete this one) to start over."
-            )
+        if not problems:
+            return
+        fixes = []
+        if self.mode and other.mode and self.mode != other.mode:
+            if self.mode.endswith("(compatibility mode)"):
+                fixes.append("call model.enable_compatibility_mode() on the bridge it was written with")
+            elif self.mode.endswith("(raw)"):
+                fixes.append("boot the bridge again without enable_compatibility_mode()")
+            else:
+                fixes.append(f"load the model as a {self.mode}")
+        if self.dtype and other.dtype and self.dtype != other.dtype:
+            fixes.append(f"load the model in {self.dtype} (model.to({self.dtype}))")
+        fix = " and ".join(fixes) if fixes else "pass the model it was written with"
+        raise ValueError(
+            f"{what} was written with another model than the one given: " + "; ".join(problems)
+            + f". Resuming would mix statistics of two models. To resume, {fix} (the model it was "
+            "written with: same weights, dtype and mode); or pass another checkpoint_dir (or delete "
+            "this one) to start over."
+        )
 
 
 __all__ += ["ModelIdentity", "model_mode", "weights_fingerprint"]
