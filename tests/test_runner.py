@@ -115,6 +115,9 @@ def test_checkpoint_of_another_model_dtype_or_mode_is_refused(model, corpus, tmp
     assert "another checkpoint_dir" in message and "the model it was written with" in message
     if which == "mode":
         assert "weights fingerprint" not in message
+        assert "boot the bridge again without enable_compatibility_mode()" in message
+    if which == "dtype":
+        assert "model.to(torch.float32)" in message
     # The same model (rebuilt, equal weights) resumes without complaint.
     again = CorpusRunner(build_llama_like(seed=0), corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path,
                          progress=False)
