@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from tl_latentspaces import files
-from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic, write_files_atomic
+from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic, write_files_atomic, write_into_folder
 
 
 def test_write_bytes_creates_replaces_and_keeps_the_mode(tmp_path):
@@ -92,3 +93,49 @@ def test_folder_replacement(tmp_path):
     assert (foreign / "mine.txt").read_text() == "keep"
     replace_folder_atomic(foreign, writer("cache"), own_marker=None)
     assert sorted(p.name for p in foreign.iterdir()) == ["marker"]
+
+
+def test_write_into_folder_replaces_the_named_files_only(tmp_path):
+    folder = tmp_path / "lens"
+    write_into_folder(folder, [("data.bin", b"1"), ("marker", b"names 1")], own_marker="marker")
+    (folder / "README.md").write_text("mine")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "keep.txt").write_text("also mine")
+    write_into_folder(folder, [("marker", b"interim"), ("data.bin", b"2"), ("marker", b"names 2")], own_marker="marker")
+    assert (folder / "data.bin").read_bytes() == b"2" and (folder / "marker").read_bytes() == b"names 2"
+    assert (folder / "README.md").read_text() == "mine" and (folder / "sub" / "keep.txt").read_text() == "also mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "data.bin", "marker", "sub"]
+    # An empty folder is used; a folder of other files or a file is refused, untouched.
+    (tmp_path / "empty").mkdir()
+    write_into_folder(tmp_path / "empty", [("marker", b"x")], own_marker="marker")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.bin").write_bytes(b"theirs")
+    (tmp_path / "afile").write_text("a file")
+    for target in (tmp_path / "other", tmp_path / "afile"):
+        with pytest.raises(FileExistsError, match="is not a lens folder .no marker.; refusing to write into it"):
+            write_into_folder(target, [("data.bin", b"ours")], own_marker="marker", what="lens folder")
+    assert (tmp_path / "other" / "data.bin").read_bytes() == b"theirs" and (tmp_path / "afile").read_text() == "a file"
+
+
+def test_write_into_folder_stops_at_a_failure_in_order(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    write_into_folder(folder, [("a", b"old a"), ("marker", b"old")], own_marker="marker")
+    real = files.os.replace
+
+    def full(src, dst):
+        if Path(dst).name == "marker":
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full)
+    with pytest.raises(OSError, match="disk full"):
+        write_into_folder(folder, [("a", b"new a"), ("marker", b"new")], own_marker="marker")
+    with pytest.raises(OSError, match="disk full"):
+        write_into_folder(tmp_path / "fresh", [("marker", b"new")], own_marker="marker")
+    monkeypatch.undo()
+    # What came before the failure is written, what came after is not, no temporary is left,
+    # and a folder the failed call created is gone again.
+    assert (folder / "a").read_bytes() == b"new a" and (folder / "marker").read_bytes() == b"old"
+    assert sorted(p.name for p in folder.iterdir()) == ["a", "marker"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    assert files.sha256_hex(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -145,8 +145,44 @@ def test_resumed_fit_equals_uninterrupted(tmp_path, monkeypatch, stop_at):
 def test_checkpoint_of_another_fit_is_refused(tmp_path):
     model = _model()
     fit_tuned_lens(model, _corpus(), refine_steps=0, checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="holds the checkpoint of another fit"):
+    with pytest.raises(ValueError, match="holds the checkpoint of another fit .same model, other corpus"):
         fit_tuned_lens(model, _corpus(seed=9), refine_steps=0, checkpoint_dir=tmp_path, progress=False)
+
+
+def _other_models():
+    out = [("weights", lambda: _model(seed=1), r"weights fingerprint \(hash of every parameter\): checkpoint"),
+           ("dtype", lambda: _model().to(torch.float64), r"dtype: checkpoint torch.float32, this model torch.float64")]
+    if TL_MAJOR >= 3:
+        out.append(("mode", lambda: build_bridge(GPT_LIKE, compat=True),
+                    r"mode: checkpoint TransformerBridge \(raw\), this model TransformerBridge \(compatibility mode\)"))
+    return {name: (build, needle) for name, build, needle in out}
+
+
+@pytest.mark.parametrize("which", ["weights", "dtype", "mode"])
+def test_checkpoint_of_another_model_dtype_or_mode_is_refused(tmp_path, monkeypatch, which):
+    if which not in _other_models():
+        pytest.skip("this TransformerLens line has no compatibility mode")
+    build, needle = _other_models()[which]
+    model = _model()
+    if which == "mode":
+        model = build_bridge(GPT_LIKE)  # the raw twin of the compatibility-mode model
+    kwargs = dict(refine_steps=0, batch_size=4, checkpoint_every=1, progress=False)
+
+    def interrupt(phase, extra):
+        raise _Stop(phase)
+
+    monkeypatch.setattr(fitting, "_checkpoint_saved", interrupt)
+    with pytest.raises(_Stop):
+        fit_tuned_lens(model, _corpus(), checkpoint_dir=tmp_path, **kwargs)
+    monkeypatch.setattr(fitting, "_checkpoint_saved", lambda phase, extra: None)
+    with pytest.raises(ValueError, match=needle) as err:
+        fit_tuned_lens(build(), _corpus(), checkpoint_dir=tmp_path, **kwargs)
+    assert "another checkpoint_dir" in str(err.value) and "the model it was written with" in str(err.value)
+    assert json.loads((tmp_path / "state.json").read_text())["model"]["mode"] in (
+        "HookedTransformer", "TransformerBridge (raw)")
+    # The model the checkpoint was written with resumes it.
+    assert torch.equal(fit_tuned_lens(model, _corpus(), checkpoint_dir=tmp_path, **kwargs).weight,
+                       fit_tuned_lens(model, _corpus(), **kwargs).weight)
 
 
 def test_nan_loss_stops_names_layer_and_step_and_keeps_checkpoint(tmp_path, monkeypatch):

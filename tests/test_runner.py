@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FLAVOURS
+from conftest import FLAVOURS, LLAMA_LIKE, TL_MAJOR, build_bridge, build_llama_like
 from tl_latentspaces import hook_counts
+from tl_latentspaces.model import ModelIdentity
 from tl_latentspaces.alignment import AlignmentAccumulator
 from tl_latentspaces.runner import CorpusRunner
 
@@ -81,6 +82,82 @@ def test_checkpoint_of_another_world_size_is_refused(model, corpus, tmp_path, mo
     again = CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="written by a run of 1 process.*this run has 2"):
         again.run(factory)
+
+
+def _other_models(model):
+    """Models a checkpoint of ``model`` must not be resumed with, and the difference each names."""
+    out = [
+        ("weights", lambda: build_llama_like(seed=1),
+         r"weights fingerprint \(hash of every parameter\): checkpoint [0-9a-f]{16} .*this model [0-9a-f]{16}"),
+        ("dtype", lambda: build_llama_like(seed=0).to(torch.float64),
+         r"dtype: checkpoint torch.float32, this model torch.float64"),
+    ]
+    if TL_MAJOR >= 3:
+        # Compatibility mode rewrites the weights: named as the mode, not as other weights.
+        out.append(("mode", lambda: build_bridge(LLAMA_LIKE, compat=True),
+                    r"mode: checkpoint TransformerBridge \(raw\), this model TransformerBridge \(compatibility mode\)"))
+    return out
+
+
+@pytest.mark.parametrize("which", ["weights", "dtype", "mode"])
+def test_checkpoint_of_another_model_dtype_or_mode_is_refused(model, corpus, tmp_path, which):
+    others = {name: (build, needle) for name, build, needle in _other_models(model)}
+    if which not in others:
+        pytest.skip("this TransformerLens line has no compatibility mode")
+    build, needle = others[which]
+    factory = {"align": _factory(model)}
+    CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False).run(factory)
+    other = build()
+    runner = CorpusRunner(other, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=needle) as err:
+        runner.run({"align": _factory(other)})
+    message = str(err.value)
+    assert "another checkpoint_dir" in message and "the model it was written with" in message
+    if which == "mode":
+        assert "weights fingerprint" not in message
+        assert "boot the bridge again without enable_compatibility_mode()" in message
+    if which == "dtype":
+        assert "model.to(torch.float32)" in message
+    # The same model (rebuilt, equal weights) resumes without complaint.
+    again = CorpusRunner(build_llama_like(seed=0), corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path,
+                         progress=False)
+    assert again.run({"align": _factory(model)})["align"].n_sequences == 20
+
+
+def test_checkpoint_without_a_model_identity_is_refused(model, corpus, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    runner = CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    runner.run({"align": _factory(model)})
+    path = tmp_path / "runner-rank0.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["model"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="does not record which model wrote it"):
+        runner.run({"align": _factory(model)})
+
+
+def test_model_identity_tells_weights_dtype_and_mode_apart(model):
+    a, b = ModelIdentity.of(model), ModelIdentity.of(build_llama_like(seed=0))
+    assert a == b and len(a.weights_fingerprint) == 16
+    assert a.mode == ("TransformerBridge (raw)" if TL_MAJOR >= 4 else "HookedTransformer")
+    assert (a.n_layers, a.d_model, a.d_vocab, a.dtype) == (3, 64, 100, "torch.float32")
+    # One weight anywhere changes the fingerprint (the whole model is hashed at this size).
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "mlp" in name).view(-1)[7] += 1e-3
+    edited = ModelIdentity.of(model)
+    assert edited.weights_fingerprint != a.weights_fingerprint
+    assert edited.unembedding_fingerprint == a.unembedding_fingerprint
+    assert a.differences(edited) == [
+        f"weights fingerprint (hash of every parameter): checkpoint {a.weights_fingerprint} ({a.name!r}), "
+        f"this model {edited.weights_fingerprint} ({edited.name!r})"
+    ]
+    # Without weights=True nothing is hashed but the unembedding; unknown fields are not compared.
+    assert ModelIdentity.of(model, weights=False).weights_fingerprint == ""
+    assert a.differences(ModelIdentity.of(model, weights=False)) == []
 
 
 def test_seeded_order_is_deterministic(model, corpus):

@@ -3,8 +3,10 @@ and held-out evaluation checked against direct computation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +180,7 @@ def test_save_load_round_trips_bit_exactly(tmp_path, tiny):
     assert back.identity == lens.identity and back.info == lens.info
     config = json.loads((out / "tuned_lens.json").read_text())
     assert config["model"]["unembedding_fingerprint"] == ModelAccess(tiny).unembedding_fingerprint()
-    # Saving again over a lens folder replaces it atomically; no temporary folders are left.
+    # Saving again over a lens folder replaces its files atomically; no temporary file is left.
     lens2 = _random_lens(tiny, seed=5)
     lens2.save(out)
     assert torch.equal(TunedLens.load(out, tiny).weight, lens2.weight)
@@ -215,7 +217,7 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors.torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         _random_lens(model, seed=7).save(tmp_path / "lens")
     with pytest.raises(OSError):
@@ -249,6 +251,154 @@ def test_load_refuses_missing_or_extra_layers(tmp_path):
         TunedLens.load(path, model)
     with pytest.raises(FileNotFoundError, match="not a saved tuned lens"):
         TunedLens.load(tmp_path / "nowhere", model)
+
+
+def _poisoned(model, layers=(1,), value=float("nan"), where="weight") -> TunedLens:
+    lens = _random_lens(model)
+    with torch.no_grad():
+        for layer in layers:
+            getattr(lens, where)[layer].view(-1)[5] = value
+    return lens
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_lens_is_refused_at_read_time_naming_the_layers(tiny, tokens, value):
+    lens = _poisoned(tiny, layers=(0, 2), value=value)
+    needle = r"cannot read this tuned lens: the translator\(s\) of layer\(s\) \[0, 2\] hold NaN or inf"
+    before = hook_counts(tiny)
+    with pytest.raises(ValueError, match=needle):
+        tll.read_lenses(tiny, tokens, lenses=("logit", lens))
+    with pytest.raises(ValueError, match=needle):
+        tuned_lens(tiny, tokens, lens)
+    with pytest.raises(ValueError, match=needle):
+        with tll.lens_session(tiny, tokens, lenses=(lens,)):
+            pass
+    with pytest.raises(ValueError, match=needle):
+        evaluate_lenses(tiny, (lens,), torch.randint(0, 100, (2, 8)), progress=False)
+    with pytest.raises(ValueError, match=needle):
+        lens.bind(ModelAccess(tiny))
+    # TransformerLens's lens(entry, index) callable: a finite layer reads, a poisoned one is refused.
+    _, stack = _stack(tiny, tokens)
+    assert torch.isfinite(lens(stack[1], 1)).all()
+    with pytest.raises(ValueError, match=needle):
+        lens(stack[2], 2)
+    assert hook_counts(tiny) == before  # nothing was left on the model
+    bias_only = _poisoned(tiny, layers=(1,), value=value, where="bias")
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] .*\(bias of layer\(s\) \[1\]\)"):
+        bias_only.bind(ModelAccess(tiny))
+
+
+def test_non_finite_lens_is_never_saved_nor_loaded(tmp_path):
+    model = _build(_kind(), GPT_LIKE)
+    lens = _poisoned(model, layers=(2,))
+    saves = (lambda p: lens.save(p), lambda p: lens.save_tuned_lens_format(p, model),
+             lambda p: lens.save_tuned_lens_format(p))
+    for save in saves:
+        with pytest.raises(ValueError, match=r"cannot save this tuned lens: the translator\(s\) of layer\(s\) \[2\]"):
+            save(tmp_path / "lens")
+        assert not (tmp_path / "lens").exists()
+    # A file holding NaN (written by other code) is refused on load, naming the layer.
+    from safetensors.torch import save as st_save
+
+    good = _random_lens(model).save(tmp_path / "good")
+    config = json.loads((good / "tuned_lens.json").read_text())
+    data = st_save({"weight": lens.weight.detach().contiguous(), "bias": lens.bias.detach().contiguous()})
+    (good / "tuned_lens.safetensors").write_bytes(data)
+    config["params_sha256"] = hashlib.sha256(data).hexdigest()
+    (good / "tuned_lens.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weight holds NaN or inf values in the translator\(s\) of layer\(s\) \[2\]"):
+        TunedLens.load(good, model)
+
+
+def test_save_over_a_lens_folder_keeps_other_files(tmp_path):
+    model = _build(_kind(), GPT_LIKE)
+    folder = _random_lens(model, seed=1).save(tmp_path / "lens")
+    (folder / "README.md").write_text("how this lens was made")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "notes.txt").write_text("mine")
+    new = _random_lens(model, seed=2)
+    new.save(folder)
+    assert (folder / "README.md").read_text() == "how this lens was made"
+    assert (folder / "runs" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "runs", "tuned_lens.json", "tuned_lens.safetensors"]
+    assert torch.equal(TunedLens.load(folder, model).weight, new.weight)
+    assert "previous" not in json.loads((folder / "tuned_lens.json").read_text())
+    # The same for the tuned-lens package's format.
+    pkg = new.save_tuned_lens_format(tmp_path / "pkg", model)
+    (pkg / "README.md").write_text("package lens")
+    _random_lens(model, seed=3).save_tuned_lens_format(pkg, model)
+    assert (pkg / "README.md").read_text() == "package lens"
+    assert torch.equal(TunedLens.load_tuned_lens_format(pkg, model).weight, _random_lens(model, seed=3).weight)
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 2])
+def test_interrupted_save_leaves_the_old_or_the_new_lens(tmp_path, monkeypatch, crash_after):
+    """A save over a lens writes three files in turn; a crash after any of them leaves a readable lens."""
+    import tl_latentspaces.files as files
+
+    model = _build(_kind(), GPT_LIKE)
+    old, new = _random_lens(model, seed=1), _random_lens(model, seed=2)
+    folder = old.save(tmp_path / "lens")
+    real, written = files.write_bytes_atomic, []
+
+    def crashing(path, data, **kwargs):
+        if len(written) == crash_after:
+            raise KeyboardInterrupt
+        written.append(Path(path).name)
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(files, "write_bytes_atomic", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.undo()
+    assert written == ["tuned_lens.json", "tuned_lens.safetensors"][:crash_after]
+    assert sorted(p.name for p in folder.iterdir()) == ["tuned_lens.json", "tuned_lens.safetensors"]
+    if crash_after == 1:  # the interim config, the old parameters: the old lens, with a warning
+        with pytest.warns(UserWarning, match="a save that did not finish"):
+            back = TunedLens.load(folder, model)
+    else:
+        back = TunedLens.load(folder, model)
+    expected = new if crash_after == 2 else old
+    assert torch.equal(back.weight, expected.weight) and torch.equal(back.bias, expected.bias)
+    # A second save cut off at the same point leaves the lens the folder held, or the new one.
+    written.clear()
+    monkeypatch.setattr(files, "write_bytes_atomic", crashing)
+    third = _random_lens(model, seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        third.save(folder)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(TunedLens.load(folder, model).weight, (third if crash_after == 2 else old).weight)
+    # A save that completes leaves a clean folder.
+    last = _random_lens(model, seed=4)
+    last.save(folder)
+    assert "previous" not in json.loads((folder / "tuned_lens.json").read_text())
+    assert torch.equal(TunedLens.load(folder, model).weight, last.weight)
+
+
+def test_mismatched_lens_files_are_detected(tmp_path):
+    model = _build(_kind(), GPT_LIKE)
+    a = _random_lens(model, seed=1).save(tmp_path / "a")
+    b = _random_lens(model, seed=2).save(tmp_path / "b")
+    (a / "tuned_lens.safetensors").write_bytes((b / "tuned_lens.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="do not belong together") as err:
+        TunedLens.load(a, model)
+    assert "tuned_lens.json" in str(err.value) and "Save the lens again" in str(err.value)
+    # A config written before the hash was recorded still loads.
+    config = json.loads((b / "tuned_lens.json").read_text())
+    del config["params_sha256"]
+    (b / "tuned_lens.json").write_text(json.dumps(config))
+    assert torch.equal(TunedLens.load(b, model).weight, _random_lens(model, seed=2).weight)
+
+
+@pytest.mark.skipif(TL_MAJOR < 3, reason="compatibility mode is a TransformerBridge feature")
+def test_lens_of_a_raw_model_names_the_mode_in_compatibility_mode(tmp_path):
+    path = _random_lens(build_bridge(GPT_LIKE)).save(tmp_path / "lens")
+    with pytest.raises(ValueError, match=r"mode: lens fitted on a TransformerBridge \(raw\), model is a "
+                                         r"TransformerBridge \(compatibility mode\)"):
+        TunedLens.load(path, build_bridge(GPT_LIKE, compat=True))
 
 
 # ---------------------------------------------------------------------- tuned-lens package format

@@ -8,13 +8,14 @@ KeyboardInterrupt, the temporary is removed and the previous content stays.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
-__all__ = ["write_bytes_atomic", "write_files_atomic", "replace_folder_atomic"]
+__all__ = ["write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -94,6 +95,47 @@ def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[P
             _unlink(tmp)
         raise
     return [out / name for name in payload]
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data`` as hex: how a config names the exact content of a file it goes with."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_into_folder(
+    path: PathLike, files: Sequence[tuple[str, bytes]], *, own_marker: str, what: str = "folder this package wrote"
+) -> Path:
+    """Write ``files`` (``(name, data)`` pairs) into the folder ``path``, one atomic replace each, in order.
+
+    Only the named files are replaced; every other file in the folder stays (a user's notes
+    next to a saved lens, say). Each file is old or new at any moment, never half-written, and
+    the order is the caller's: write the content first and the file that names it last, so a
+    crash between two writes leaves a state the reader can recognise. A name may appear more
+    than once (an interim version, then the final one).
+
+    An existing path is used only if it is a folder that is empty or holds ``own_marker``
+    (a folder this package wrote); anything else is refused, so a typo never writes into, or
+    over, the user's files. A folder created here is removed again if the first write fails.
+    ``what`` names the kind of folder in that error.
+    """
+    folder = Path(path)
+    if folder.exists() and (
+        not folder.is_dir() or (any(folder.iterdir()) and not (folder / own_marker).is_file())
+    ):
+        raise FileExistsError(
+            f"{str(folder)!r} already exists and is not a {what} (no {own_marker}); "
+            "refusing to write into it. Choose another path, or an empty folder."
+        )
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, data in files:
+            write_bytes_atomic(folder / name, data, make_parents=False)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    return folder
 
 
 def replace_folder_atomic(

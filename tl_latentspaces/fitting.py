@@ -63,8 +63,8 @@ from jaxtyping import Float
 from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.distributed import current_context
 from tl_latentspaces.files import write_bytes_atomic
-from tl_latentspaces.model import ModelAccess
-from tl_latentspaces.tuned_lens import ModelIdentity, TunedLens
+from tl_latentspaces.model import ModelAccess, ModelIdentity
+from tl_latentspaces.tuned_lens import TunedLens
 
 __all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
 
@@ -73,7 +73,7 @@ _CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (wo
 _FULL_CHECK_TOKENS = 256  # of those, the ones whose full-vocabulary KL decides what is kept
 _VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
 _CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2  # 2: the model's identity is recorded on its own, not hashed into the key
 
 
 class TunedLensFitError(RuntimeError):
@@ -808,28 +808,39 @@ class _Checkpoint:
     """A folder holding the fit's state: ``state.json`` plus safetensors files it names.
 
     Tensor files are written under new names first and ``state.json`` is replaced atomically
-    last, so a crash at any moment leaves the previous consistent state.
+    last, so a crash at any moment leaves the previous consistent state. ``state.json`` records
+    the model's identity (weights fingerprint, dtype, mode, sizes) and a key of the corpus and
+    settings; a checkpoint of another model is refused naming the difference.
     """
 
     def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
                  seqs: torch.Tensor, every: int):
         self.folder = Path(folder)
         self.every = every
+        self.identity = identity
         h = hashlib.sha256()
         h.update(json.dumps(asdict(settings), sort_keys=True).encode())
-        h.update(json.dumps(asdict(identity), sort_keys=True).encode())
         h.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
         self.key = h.hexdigest()[:24]
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint_dir {str(self.folder)!r} exists and is not a folder; pass a folder path.")
         self.folder.mkdir(parents=True, exist_ok=True)
         state = self._state()
-        if state is not None and state.get("key") != self.key:
-            raise ValueError(
-                f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (other model, "
-                "corpus or settings); resuming it would mix two fits. Pass an empty folder, or delete "
-                "this one to start over."
-            )
+        if state is not None:
+            try:
+                recorded = ModelIdentity(**state["model"])
+            except (KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{self.folder / 'state.json'} has no valid 'model' section ({err}); delete the "
+                    "checkpoint folder to start over."
+                ) from None
+            recorded.require_same(identity, f"the fit checkpoint in {str(self.folder)!r}")
+            if state.get("key") != self.key:
+                raise ValueError(
+                    f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (same model, "
+                    "other corpus or settings); resuming it would mix two fits. Pass an empty folder, or "
+                    "delete this one to start over."
+                )
 
     def _state(self) -> Optional[dict]:
         path = self.folder / "state.json"
@@ -849,7 +860,8 @@ class _Checkpoint:
         if not current_context().is_main:
             return  # under torchrun every rank holds the same state; rank 0 alone writes it
 
-        state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key, "files": {}}
+        state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key,
+                                  "model": asdict(self.identity), "files": {}}
         counter = int(state.get("counter", 0)) + 1
         name = f"{phase}-{counter:06d}.safetensors"
         write_bytes_atomic(self.folder / name, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))

@@ -13,7 +13,9 @@ batch's residual stack to each *consumer*: any object with ``update(ids, stack)`
 * **Resumable**: with ``checkpoint_dir`` the consumers' states and the number of batches done are
   saved every ``checkpoint_every`` batches (safetensors + JSON, written atomically); a new run with
   the same corpus and settings continues where the last one stopped and ends with the same result
-  as an uninterrupted run.
+  as an uninterrupted run. The checkpoint records the model's identity (a fingerprint of its
+  weights, dtype, mode, sizes); resuming with another model, dtype or mode is refused with the
+  difference named.
 * **Data-parallel**: under ``torchrun`` each rank takes every ``world_size``-th batch and the
   states are merged across ranks at the end (:mod:`~tl_latentspaces.distributed`).
 
@@ -27,6 +29,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -42,7 +46,7 @@ from tl_latentspaces.distributed import (
     shard_batches,
 )
 from tl_latentspaces.files import write_bytes_atomic
-from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.model import ModelAccess, ModelIdentity
 
 __all__ = ["CorpusRunner"]
 
@@ -100,6 +104,14 @@ class CorpusRunner:
         digest = hashlib.sha256(sequences.numpy().tobytes())
         digest.update(f"{batch_size}".encode())
         self.fingerprint = digest.hexdigest()[:16]
+        self._identity: Optional[ModelIdentity] = None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model's identity (hashing its weights once, well under a second for 135M parameters)."""
+        if self._identity is None:
+            self._identity = ModelIdentity.of(self.access)
+        return self._identity
 
     @property
     def n_batches(self) -> int:
@@ -120,7 +132,7 @@ class CorpusRunner:
         path = self._checkpoint_path(rank)
         tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
-                "world_size": str(current_context().world_size)}
+                "world_size": str(current_context().world_size), "model": json.dumps(asdict(self.identity))}
         write_bytes_atomic(path, save(tensors, metadata=meta))
 
     def _load(self, rank: int, consumers: dict[str, Any]) -> int:
@@ -131,6 +143,7 @@ class CorpusRunner:
         path = self._checkpoint_path(rank)
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
+            self._check_model(path, meta)
             if meta.get("fingerprint") != self.fingerprint or meta.get("consumers") != ",".join(sorted(consumers)):
                 raise ValueError(
                     f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
@@ -146,6 +159,18 @@ class CorpusRunner:
             for name, consumer in consumers.items():
                 consumer.load_state_dict(_decode_state(fh.get_tensor(name)))
         return int(meta["done"])
+
+    def _check_model(self, path: Path, meta: dict) -> None:
+        """Refuse a checkpoint written with another model, dtype or mode, naming the difference."""
+        try:
+            recorded = ModelIdentity(**json.loads(meta["model"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
+                "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
+                "another checkpoint_dir, or delete it to start over."
+            ) from None
+        recorded.require_same(self.identity, f"the checkpoint {str(path)!r}")
 
     # ------------------------------------------------------------------ the run
     def run(self, consumers: dict[str, Factory]) -> dict[str, Any]:

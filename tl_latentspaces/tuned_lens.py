@@ -13,10 +13,12 @@ unembedding reads.
   :func:`tuned_lens`, ``lens_session``) through ``bind(access)``, and into TransformerLens 4.3's
   ``transformer_lens.tools.analysis.logit_lens(model, input, lens=lens)`` as the callable
   ``lens(entry, index)``.
-* ``save``/``load`` use a folder with a JSON config and safetensors parameters, written
-  atomically. ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the
-  ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``), reading
-  ``params.pt`` with ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
+* ``save``/``load`` use a folder with a JSON config and safetensors parameters, each file
+  written atomically and other files in the folder kept; the config names the SHA-256 of the
+  parameters it goes with. A lens with NaN or inf translators is neither read nor saved.
+  ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the ``tuned-lens``
+  package's folder format (``config.json`` + ``params.pt``), reading ``params.pt`` with
+  ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
 * :func:`default_tuned_lens` fits the default model's lens once and caches it.
 
 Fitting lives in :mod:`tl_latentspaces.fitting`; nothing here imports an optimizer.
@@ -33,20 +35,21 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 
-from tl_latentspaces.files import replace_folder_atomic
-from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.files import sha256_hex, write_into_folder
+from tl_latentspaces.model import ModelAccess, ModelIdentity
 from tl_latentspaces.readout import vocab_major
 
 __all__ = [
@@ -75,61 +78,6 @@ _PKG_LENS_TYPE = "linear_tuned_lens"
 
 def _access(model: Any) -> ModelAccess:
     return model if isinstance(model, ModelAccess) else ModelAccess(model)
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a saved lens records about the model it was fitted for.
-
-    Attributes:
-        name: The model's name (``cfg.model_name``).
-        n_layers: Number of layers (one translator each).
-        d_model: Residual width.
-        d_vocab: Vocabulary size of the unembedding.
-        unembedding_fingerprint: :meth:`ModelAccess.unembedding_fingerprint`, a hash of
-            ``W_U`` and ``b_U`` (empty when unknown, e.g. a lens imported without checks).
-    """
-
-    name: str
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    unembedding_fingerprint: str
-
-    @classmethod
-    def of(cls, model: Any) -> "ModelIdentity":
-        """The identity of ``model`` (a TransformerLens model or a :class:`ModelAccess`)."""
-        access = _access(model)
-        return cls(
-            name=access.name,
-            n_layers=access.n_layers,
-            d_model=access.d_model,
-            d_vocab=access.d_vocab,
-            unembedding_fingerprint=access.unembedding_fingerprint(),
-        )
-
-    def mismatches(self, other: "ModelIdentity", *, check_unembedding: bool = True) -> list[str]:
-        """Human-readable differences that make a lens for ``self`` wrong for ``other``.
-
-        The name alone is not a mismatch (the same weights can be loaded under several names);
-        sizes and the unembedding hash are.
-        """
-        out = []
-        for field in ("n_layers", "d_model", "d_vocab"):
-            a, b = getattr(self, field), getattr(other, field)
-            if a != b:
-                out.append(f"{field}: lens {a}, model {b}")
-        if (
-            check_unembedding
-            and self.unembedding_fingerprint
-            and other.unembedding_fingerprint
-            and self.unembedding_fingerprint != other.unembedding_fingerprint
-        ):
-            out.append(
-                f"unembedding fingerprint (hash of W_U, b_U): lens {self.unembedding_fingerprint}, "
-                f"model {other.unembedding_fingerprint}"
-            )
-        return out
 
 
 def _mismatch_error(lens_id: ModelIdentity, model_id: ModelIdentity, problems: list[str], what: str) -> ValueError:
@@ -203,7 +151,7 @@ class TunedLens(torch.nn.Module):
     @classmethod
     def for_model(cls, model: Any) -> "TunedLens":
         """A zero-initialised lens for ``model``: exactly the logit lens until it is fitted."""
-        return cls(ModelIdentity.of(model))
+        return cls(ModelIdentity.of(model, weights=False))
 
     @property
     def n_layers(self) -> int:
@@ -254,6 +202,8 @@ class TunedLens(torch.nn.Module):
             return x
         W = self.weight[layer].to(x.device)
         b = self.bias[layer].to(x.device)
+        if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
+            self.check_finite("read")
         flat = x.reshape(-1, self.d_model)
         return (flat + torch.addmm(b, flat, W.T)).reshape(x.shape)
 
@@ -276,19 +226,37 @@ class TunedLens(torch.nn.Module):
                check_unembedding)
         if key == self._checked:
             return access
-        model_id = ModelIdentity.of(access)
+        model_id = ModelIdentity.of(access, weights=False)
         problems = self.identity.mismatches(model_id, check_unembedding=check_unembedding)
         if problems:
             raise _mismatch_error(self.identity, model_id, problems, what)
         self._checked = key
         return access
 
+    def check_finite(self, action: str = "read") -> None:
+        """Raise ``ValueError`` naming the layers whose translators hold NaN or inf values.
+
+        Args:
+            action: What was about to happen (``"read"``, ``"save"``), for the message.
+        """
+        bad_w, bad_b = _nonfinite_layers(self.weight), _nonfinite_layers(self.bias)
+        if bad_w or bad_b:
+            layers = sorted(set(bad_w) | set(bad_b))
+            parts = [f"weight of layer(s) {bad_w}"] * bool(bad_w) + [f"bias of layer(s) {bad_b}"] * bool(bad_b)
+            raise ValueError(
+                f"cannot {action} this tuned lens: the translator(s) of layer(s) {layers} hold NaN or inf "
+                f"values ({', '.join(parts)}), which would make every readout of those layers NaN. "
+                "Refit the lens (tl_latentspaces.fit_tuned_lens) or load a saved copy "
+                "(TunedLens.load); if you edited lens.weight or lens.bias, check what was written."
+            )
+
     def bind(self, access: ModelAccess) -> "BoundTunedLens":
         """This lens as a readout :class:`~tl_latentspaces.readout.Lens` for ``access``'s model.
 
-        Called by ``read_lenses``/``lens_session``; the translators are snapshotted (detached,
-        float32) at this point.
+        Called by ``read_lenses``/``lens_session``/``evaluate_lenses``; the translators are
+        snapshotted (detached, float32) at this point, and refused if any holds NaN or inf.
         """
+        self.check_finite("read")
         self.check_model(access)
         return BoundTunedLens(self, access)
 
@@ -305,30 +273,35 @@ class TunedLens(torch.nn.Module):
     def save(self, path: PathLike) -> Path:
         """Write the lens to the folder ``path``: ``tuned_lens.json`` + ``tuned_lens.safetensors``.
 
-        The folder is written next to ``path`` under a temporary name and renamed into place, so
-        ``path`` never holds a half-written lens. An existing lens folder at ``path`` is
-        replaced; any other existing file or folder is refused.
+        Only those two files are replaced, each atomically; anything else in the folder (a
+        README, notes) stays. The config names the SHA-256 of the parameter file it goes with,
+        and the files are written in an order that keeps a readable lens at every moment: first
+        an interim config naming both the new parameters and the previous lens, then the
+        parameters, then the final config. A crash in between leaves the old lens or the new
+        one for :meth:`load`, which detects a parameter file that belongs to neither. An
+        existing path that is neither empty nor a lens folder is refused, and so is a lens with
+        NaN or inf translators.
 
         Returns:
             The folder written.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        self.check_finite("save")
+        folder = Path(path)
         config = self._config()
-        try:
-            blob = json.dumps(config, indent=2, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
         tensors = {
             "weight": self.weight.detach().to("cpu", torch.float32).contiguous(),
             "bias": self.bias.detach().to("cpu", torch.float32).contiguous(),
         }
-
-        def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
-            (tmp / CONFIG_FILE).write_text(blob)
-
-        return replace_folder_atomic(Path(path), write, own_marker=CONFIG_FILE, what="lens folder")
+        params = save(tensors, metadata={"format": _FORMAT})
+        config["params_sha256"] = sha256_hex(params)
+        final = _config_bytes(config)
+        files = [(PARAMS_FILE, params), (CONFIG_FILE, final)]
+        previous = _previous_config(folder)
+        if previous is not None:
+            files.insert(0, (CONFIG_FILE, _config_bytes({**config, "previous": previous})))
+        return write_into_folder(folder, files, own_marker=CONFIG_FILE, what="lens folder")
 
     @classmethod
     def load(
@@ -354,7 +327,7 @@ class TunedLens(torch.nn.Module):
             ValueError: On a malformed file, missing or extra layers, or a model mismatch.
         """
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_bytes
 
         folder = Path(path)
         cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
@@ -384,13 +357,15 @@ class TunedLens(torch.nn.Module):
                 f"tl_latentspaces reads version {_FORMAT_VERSION}. Upgrade tl_latentspaces or refit."
             )
         try:
+            data = params_path.read_bytes()
+            tensors = load_bytes(data)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
+        config, unmatched = _matching_config(config, sha256_hex(data), cfg_path, params_path)
+        try:
             identity = ModelIdentity(**config["model"])
         except (KeyError, TypeError) as err:
             raise ValueError(f"{cfg_path} has no valid 'model' section: {err}.") from err
-        try:
-            tensors = load_file(str(params_path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
         extra = sorted(set(tensors) - {"weight", "bias"})
         missing = sorted({"weight", "bias"} - set(tensors))
         if extra or missing:
@@ -399,6 +374,8 @@ class TunedLens(torch.nn.Module):
                 f"extra {extra}. It was not written by TunedLens.save; save the lens again."
             )
         _check_layers(tensors["weight"], tensors["bias"], identity, str(params_path))
+        if unmatched is not None:
+            raise ValueError(unmatched)
         lens = cls(identity, weight=tensors["weight"], bias=tensors["bias"], info=config.get("info") or {})
         access = lens.check_model(model, check_unembedding=check_unembedding, what=f"the lens in {str(folder)!r}")
         return lens.to(device if device is not None else access.device)
@@ -413,10 +390,11 @@ class TunedLens(torch.nn.Module):
         Load it with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``.
 
         Args:
-            path: The folder (written atomically, as in :meth:`save`).
+            path: The folder (each file written atomically, other files kept, as in :meth:`save`).
             model: The model, to record the package's ``unembed_hash`` of ``W_U`` (optional; the
                 package only warns when it is absent or different).
         """
+        self.check_finite("save")
         unembed_hash = None
         if model is not None:
             access = self.check_model(model)
@@ -434,12 +412,12 @@ class TunedLens(torch.nn.Module):
         for layer in range(self.n_layers):
             state[f"{layer}.weight"] = self.weight[layer].detach().to("cpu", torch.float32).clone()
             state[f"{layer}.bias"] = self.bias[layer].detach().to("cpu", torch.float32).clone()
-
-        def write(tmp: Path) -> None:
-            torch.save(state, tmp / PKG_PARAMS_FILE)
-            (tmp / PKG_CONFIG_FILE).write_text(json.dumps(config))
-
-        return replace_folder_atomic(Path(path), write, own_marker=PKG_PARAMS_FILE, what="lens folder")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # The parameters first: the package's config names no hash, and its sizes are the same
+        # for the old and the new lens of one model.
+        files = [(PKG_PARAMS_FILE, buffer.getvalue()), (PKG_CONFIG_FILE, json.dumps(config).encode("utf-8"))]
+        return write_into_folder(Path(path), files, own_marker=PKG_PARAMS_FILE, what="lens folder")
 
     @classmethod
     def load_tuned_lens_format(
@@ -529,7 +507,7 @@ class TunedLens(torch.nn.Module):
             bias = torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
         else:
             bias = torch.zeros(L, d)
-        identity = ModelIdentity.of(access)
+        identity = ModelIdentity.of(access, weights=False)
         info = {"imported_from": "tuned-lens package format", "package_config": config}
         lens = cls(identity, weight=weight, bias=bias, info=_jsonable(info))
         return lens.to(device if device is not None else access.device)
@@ -608,8 +586,20 @@ def _check_param(name: str, t: Any, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be a float tensor of shape {list(shape)}, got {type(t).__name__}.")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)} (layers, d_model...), got {list(t.shape)}.")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or inf values; a lens needs finite translators.")
+    bad = _nonfinite_layers(t)
+    if bad:
+        raise ValueError(
+            f"{name} holds NaN or inf values in the translator(s) of layer(s) {bad}; a lens needs "
+            "finite translators. Refit the lens (tl_latentspaces.fit_tuned_lens) or use a good copy."
+        )
+
+
+def _nonfinite_layers(t: torch.Tensor) -> list[int]:
+    """Indices along the first (layer) axis of ``t`` that hold a NaN or an infinity."""
+    finite = torch.isfinite(t.detach())
+    if finite.all():
+        return []
+    return [int(i) for i in torch.nonzero(~finite.reshape(t.shape[0], -1).all(-1)).flatten()]
 
 
 def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdentity, where: str) -> None:
@@ -623,6 +613,58 @@ def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdent
         )
     _check_param(f"{where}: weight", weight, (L, d, d))
     _check_param(f"{where}: bias", bias, (L, d))
+
+
+def _config_bytes(config: dict) -> bytes:
+    try:
+        return json.dumps(config, indent=2, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
+
+
+def _previous_config(folder: Path) -> Optional[dict]:
+    """The config of the lens ``folder`` holds now (the one its parameter file goes with), or None.
+
+    After an interrupted save that is the config's ``previous`` section, not its top level.
+    """
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        digest = sha256_hex((folder / PARAMS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        return None
+    previous = config.pop("previous", None)
+    for candidate in (config, previous):
+        if isinstance(candidate, dict) and candidate.get("params_sha256") in (None, digest):
+            return candidate
+    return None
+
+
+def _matching_config(config: dict, digest: str, cfg_path: Path, params_path: Path) -> tuple[dict, Optional[str]]:
+    """The config that goes with a parameter file of SHA-256 ``digest``, and an error if none does.
+
+    A config written before the hash was recorded has no ``params_sha256`` and is taken as it
+    is. A ``previous`` section is the lens a save was replacing when it stopped: its parameters
+    are still in place.
+    """
+    previous = config.pop("previous", None)
+    recorded = config.get("params_sha256")
+    if recorded is None or recorded == digest:
+        return config, None
+    if isinstance(previous, dict) and previous.get("params_sha256") in (None, digest):
+        warnings.warn(
+            f"{cfg_path} records a save that did not finish: {params_path.name} still holds the "
+            "previous lens, which was loaded. Save the lens again to complete it.",
+            stacklevel=3,
+        )
+        return previous, None
+    return config, (
+        f"{params_path} (sha256 {digest[:16]}...) is not the parameter file {cfg_path.name} names "
+        f"(sha256 {str(recorded)[:16]}...): the two files of this lens folder do not belong together "
+        "(one was copied from another lens or edited, or a save was cut off). Save the lens again, "
+        "or copy both files from the same lens folder."
+    )
 
 
 def _tensor_key(t: Any) -> Optional[tuple]:
