@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from conftest import LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 from test_corpus import CharTokenizer
-from tl_latentspaces import cli
+from tl_latentspaces import cli, files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,10 @@ def test_user_errors_are_one_line_with_an_exit_status(raised, code, needle, monk
         raise raised
 
     monkeypatch.setattr(tll, "load_default_model", load)
-    assert cli.main(["--quiet"]) == code
+    try:
+        assert cli.main(["--quiet"]) == code
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     monkeypatch.setenv("TL_LATENTSPACES_TRACEBACK", "1")  # the way to see the traceback
@@ -235,9 +239,9 @@ def test_full_disk_keeps_the_json(command, extra, char_model, corpus_file, tmp_p
     capsys.readouterr()
 
     full = tmp_path / "full"
-    write = cli.write_bytes_atomic
+    write = files.write_bytes_atomic
     disk_full = _full_disk_under(full)
-    monkeypatch.setattr(cli, "write_bytes_atomic", lambda p, data, **k: disk_full(p) or write(p, data, **k))
+    monkeypatch.setattr(files, "write_bytes_atomic", lambda p, data, **k: disk_full(p) or write(p, data, **k))
     assert cli.main([*argv, "--out", str(full / "out.json")]) == 1
     err = capsys.readouterr().err
     kept = _kept_path(err)
@@ -246,7 +250,7 @@ def test_full_disk_keeps_the_json(command, extra, char_model, corpus_file, tmp_p
     assert not (full / "out.json").exists()
 
     # no writable temporary folder either: the JSON goes to stdout
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(full))
+    monkeypatch.setattr(tempfile, "tempdir", str(full))
     assert cli.main([*argv, "--out", str(full / "out.json")]) == 1
     out, err = capsys.readouterr()
     assert "the results are printed above instead" in err and err.count("\n") == 1
