@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tl_latentspaces.files import write_bytes_atomic
+from tl_latentspaces import files
 
 __all__ = ["main", "build_parser", "DEFAULT_PROMPT", "EPILOG"]
 
@@ -38,7 +38,7 @@ EPILOG = """\
 exit status:
   0    done
   1    the work was done, but its results could not be written where asked (disk full, read-only
-       folder); they were written to a temporary folder, or printed, and the message says where
+       folder); they are kept in a new temporary folder (or printed) and the message says where
   2    an error: a bad argument, a missing or unreadable file or model, an output path that cannot be
        written (every output path and the cache folder are checked before any work starts)
   130  interrupted (Ctrl-C)
@@ -107,12 +107,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _json_bytes(data: Any) -> bytes:
-    return json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
-
-
 # ---------------------------------------------------------------------- output paths
-class ResultsNotWritten(Exception):
+class _ResultsNotWritten(Exception):
     """The work is done but its results could not be written where asked; the message says where they are."""
 
 
@@ -131,7 +127,9 @@ def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}")
+        raise ValueError(
+            f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
 
@@ -143,10 +141,11 @@ def _check_json_out(value: Optional[str], option: str = "--out") -> None:
     p = Path(value).expanduser()
     what = f"{option} {value!r}"
     if p.suffix.lower() != ".json":
-        raise ValueError(f"{what} must name a .json file (got {p.suffix or 'no suffix'!r}), e.g. {option} results.json.")
+        suffix = repr(p.suffix) if p.suffix else "no suffix"
+        raise ValueError(f"{what} must name a .json file (got {suffix}), e.g. {option} results.json.")
     if p.is_dir():
         raise ValueError(f"{what} is an existing folder; name a .json file, e.g. {option} {str(p / 'results.json')!r}.")
-    _check_can_write_in(p.parent if str(p.parent) else Path("."), what, f"Pass a path in a writable folder.")
+    _check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
 
 
 def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optional[str] = None) -> None:
@@ -172,7 +171,7 @@ def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optio
             f"{what} names a {p.suffix} file, but this writes a folder; pass a folder path, e.g. "
             f"{option} {str(p.with_suffix(''))!r}."
         )
-    folder = p if written_in == "folder" else (p.parent if str(p.parent) else Path("."))
+    folder = p if written_in == "folder" else p.parent
     _check_can_write_in(folder, what, "Pass a path in a writable folder.")
 
 
@@ -212,7 +211,7 @@ def _check_targets(args: argparse.Namespace) -> None:
 
 
 def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[Callable[[], str]] = None) -> Path:
-    """``write(target)``; if that fails with an ``OSError``, keep the results and raise :class:`ResultsNotWritten`.
+    """``write(target)``; if that fails with an ``OSError``, keep the results and raise :class:`_ResultsNotWritten`.
 
     The results go to a new temporary folder under the target's name; if that fails too, ``dump()``
     (when given) is printed to stdout. The error message says where the results are.
@@ -230,13 +229,23 @@ def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[C
         if fallback is not None:
             shutil.rmtree(fallback, ignore_errors=True)
         if dump is None:
-            raise ResultsNotWritten(
+            raise _ResultsNotWritten(
                 f"could not write {str(target)!r} ({reason}), nor a copy in the temporary folder "
                 f"{tempfile.gettempdir()!r}; the results are lost."
             ) from None
         print(dump())
-        raise ResultsNotWritten(f"could not write {str(target)!r} ({reason}); the results are printed above instead.") from None
-    raise ResultsNotWritten(f"could not write {str(target)!r} ({reason}); the results were written to {str(kept)!r} instead.")
+        raise _ResultsNotWritten(
+            f"could not write {str(target)!r} ({reason}); the results are printed above instead."
+        ) from None
+    raise _ResultsNotWritten(
+        f"could not write {str(target)!r} ({reason}); the results were written to {str(kept)!r} instead."
+    )
+
+
+def _write_json(value: str, data: Any) -> Path:
+    """``data`` as JSON in the file ``value``, atomically; kept elsewhere if that fails (:func:`_write_or_keep`)."""
+    blob = json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
+    return _write_or_keep(Path(value).expanduser(), lambda p: files.write_bytes_atomic(p, blob), dump=blob.decode)
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -279,9 +288,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(f"{'entry':>10}" + "".join(f"{'KL ' + n:>14}" for n in ev["lenses"]))
     for e, label in enumerate(ev["labels"]):
         print(f"{label:>10}" + "".join(f"{ev['kl_to_final'][i][e]:>14.3f}" for i in range(len(ev["lenses"]))))
-    out = _write_or_keep(
-        Path(args.out), lambda p: write_report(report, p)[0].parent, dump=lambda: json.dumps(report.data, indent=1)
-    )
+    out = _write_or_keep(Path(args.out).expanduser(), lambda p: write_report(report, p)[0].parent,
+                         dump=lambda: json.dumps(report.data, indent=1))
     print(f"\nwrote {out / 'report.html'} and {out / 'report.json'}")
     return 0
 
@@ -302,7 +310,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if ctx.is_main:
-        print(f"saved the tuned lens to {_write_or_keep(Path(args.out), lens.save)}")
+        print(f"saved the tuned lens to {_write_or_keep(Path(args.out).expanduser(), lens.save)}")
     return 0
 
 
@@ -325,8 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(evaluation.to_dataframe().round(3).to_string())
     if args.out:
-        blob = _json_bytes(to_jsonable(evaluation))
-        print(f"\nwrote {_write_or_keep(Path(args.out), lambda p: write_bytes_atomic(p, blob), dump=blob.decode)}")
+        print(f"\nwrote {_write_json(args.out, to_jsonable(evaluation))}")
     return 0
 
 
@@ -350,8 +357,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     result = stats.result(progress=not args.quiet)
     print(result.to_dataframe().round(3).to_string())
     if args.out:
-        blob = _json_bytes(_alignment_data(result))
-        print(f"\nwrote {_write_or_keep(Path(args.out), lambda p: write_bytes_atomic(p, blob), dump=blob.decode)}")
+        print(f"\nwrote {_write_json(args.out, _alignment_data(result))}")
     return 0
 
 
@@ -453,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         finish_distributed()  # under torchrun: every rank waits for rank 0's writes, then leaves the group
         return code
-    except ResultsNotWritten as err:
+    except _ResultsNotWritten as err:
         return _fail(err, 1)
     except KeyboardInterrupt as err:
         return _fail(err, 130, "interrupted")
