@@ -203,6 +203,7 @@ def char_model(monkeypatch):
     cfg = dict(LLAMA_LIKE, n_ctx=128)
     model = build_bridge(cfg) if TL_MAJOR >= 3 else build_hooked(cfg)
     model.tokenizer = CharTokenizer()
+    model.tokenizer.padding_side = "right"  # HookedTransformer.forward reads it
     monkeypatch.setattr(tll, "load_default_model", lambda *a, **k: model)
     monkeypatch.setattr(default_model, "load_model", lambda *a, **k: model)
     return model
