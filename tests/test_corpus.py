@@ -127,3 +127,17 @@ def test_bad_corpus_items(model):
         tokenize_corpus(model, 3, seq_len=16)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         tokenize_corpus(model, ["ab"], seq_len=16)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, monkeypatch):
+    bom = "\ufeff".encode("utf-8")
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(bom + (json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"}) + "\n").encode())
+    assert check_corpus_file(jsonl) == jsonl
+    assert read_texts(jsonl) == ["first", "second"] == list(iter_texts(str(jsonl)))
+    text = tmp_path / "bom.txt"
+    text.write_bytes(bom + "first line\nsecond line\n".encode())
+    assert read_texts(text) == ["first line\nsecond line\n"]
+    # read in blocks, the mark is still dropped once, at the start of the file only
+    monkeypatch.setattr(corpus_module, "TEXT_BLOCK_CHARS", 8)
+    assert "".join(iter_texts(text)) == "first line\nsecond line\n"

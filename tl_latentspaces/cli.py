@@ -10,6 +10,9 @@ Subcommands:
     eval            held-out metrics of the logit (and a tuned) lens per layer
     align           the alignment suite over a corpus
 
+Every place a command writes (``--out``, ``--checkpoint-dir``, the cache folder) is checked before
+any work starts, and errors are one line with an exit status (see :data:`EPILOG`).
+
 Example:
     $ tl-latentspaces
     $ tl-latentspaces report --out report/
@@ -20,11 +23,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["main", "build_parser", "DEFAULT_PROMPT"]
+from tl_latentspaces import files
+
+__all__ = ["main", "build_parser", "DEFAULT_PROMPT", "EPILOG"]
+
+EPILOG = """\
+exit status:
+  0    done
+  1    the work was done, but its results could not be written where asked (disk full, read-only
+       folder); they are kept in a new temporary folder (or printed) and the message says where
+  2    an error: a bad argument, a missing or unreadable file or model, an output path that cannot be
+       written (every output path and the cache folder are checked before any work starts)
+  130  interrupted (Ctrl-C)
+Errors are one line on stderr, 'tl-latentspaces: error: ...'; set TL_LATENTSPACES_TRACEBACK=1 to see
+the full traceback instead."""
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
@@ -82,22 +101,151 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts-file {str(path)!r} does not exist.")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts-file {str(path)!r} holds no prompt (one per line).")
     return prompts
 
 
-def _write_json(path: str, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
-    from tl_latentspaces.files import write_bytes_atomic
-
-    return write_bytes_atomic(path, json.dumps(data, indent=1, allow_nan=False).encode("utf-8"))
+# ---------------------------------------------------------------------- output paths
+class _ResultsNotWritten(Exception):
+    """The work is done but its results could not be written where asked; the message says where they are."""
 
 
-def _check_out_file(path: Optional[str], suffix: str) -> None:
-    if path is not None and not path.endswith(suffix):
-        raise ValueError(f"--out {path!r} must name a {suffix} file.")
+#: Suffixes that name a file; a command that writes a folder refuses them (``--out report.html``).
+_FILE_SUFFIXES = (".json", ".jsonl", ".html", ".htm", ".txt", ".csv", ".safetensors", ".pt", ".png", ".gguf")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
+    """``folder`` exists and is writable, or can be created: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
+
+
+def _check_json_out(value: Optional[str], option: str = "--out") -> None:
+    """A JSON file target: a ``.json`` name, not a folder, in a folder that is writable or can be created."""
+    if value is None:
+        return
+    p = Path(value).expanduser()
+    what = f"{option} {value!r}"
+    if p.suffix.lower() != ".json":
+        suffix = repr(p.suffix) if p.suffix else "no suffix"
+        raise ValueError(f"{what} must name a .json file (got {suffix}), e.g. {option} results.json.")
+    if p.is_dir():
+        raise ValueError(f"{what} is an existing folder; name a .json file, e.g. {option} {str(p / 'results.json')!r}.")
+    _check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
+
+
+def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optional[str] = None) -> None:
+    """A folder target: not an existing file, no file suffix, and writable where it is written.
+
+    Args:
+        written_in: ``"folder"`` when files are written inside the folder (a report), ``"parent"`` when the
+            folder is written next to itself and renamed into place (a lens).
+        marker: A file that an existing folder must hold to be replaced (the lens's config).
+    """
+    p = Path(value).expanduser()
+    what = f"{option} {value!r}"
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"{what} is an existing file, but this writes a folder there; pass a folder path.")
+        if marker is not None and not (p / marker).is_file():
+            raise ValueError(
+                f"{what} is an existing folder that holds no {marker}, so it is not a lens folder to replace; "
+                "pass a new folder path, or remove it first."
+            )
+    elif p.suffix.lower() in _FILE_SUFFIXES:
+        raise ValueError(
+            f"{what} names a {p.suffix} file, but this writes a folder; pass a folder path, e.g. "
+            f"{option} {str(p.with_suffix(''))!r}."
+        )
+    folder = p if written_in == "folder" else p.parent
+    _check_can_write_in(folder, what, "Pass a path in a writable folder.")
+
+
+def _uses_cache(args: argparse.Namespace) -> bool:
+    """Whether the command may write to the cache folder: the default model's cache, the default tuned lens."""
+    tuned_auto = args.command in ("report", "eval") and not args.no_tuned and not getattr(args, "lens", None)
+    return args.model == "default" or tuned_auto
+
+
+def _check_targets(args: argparse.Namespace) -> None:
+    """Check every path the command will write (and the inputs that are only read late) before any work."""
+    if args.command == "report":
+        _check_folder_out(args.out, "--out", written_in="folder")
+    elif args.command == "fit-tuned-lens":
+        from tl_latentspaces.tuned_lens import CONFIG_FILE
+
+        _check_folder_out(args.out, "--out", written_in="parent", marker=CONFIG_FILE)
+    elif args.command in ("eval", "align"):
+        _check_json_out(args.out)
+    if getattr(args, "checkpoint_dir", None):
+        _check_folder_out(args.checkpoint_dir, "--checkpoint-dir", written_in="folder")
+    if getattr(args, "lens", None) and not Path(args.lens).expanduser().is_dir():
+        raise FileNotFoundError(f"--lens {args.lens!r} is not a folder; pass a folder written by fit-tuned-lens.")
+    if _uses_cache(args):
+        from tl_latentspaces.default_model import default_cache_dir
+
+        cache = default_cache_dir(args.cache_dir)
+        if args.cache_dir is not None:
+            what = f"--cache-dir {args.cache_dir!r}"
+        elif os.environ.get("TL_LATENTSPACES_CACHE"):
+            what = f"TL_LATENTSPACES_CACHE={os.environ['TL_LATENTSPACES_CACHE']!r}"
+        else:
+            what = f"the cache folder {str(cache)!r}"
+        if cache.exists() and not cache.is_dir():
+            raise ValueError(f"{what} is a file, not a folder. Pass --cache-dir or set TL_LATENTSPACES_CACHE to a folder.")
+        _check_can_write_in(cache, what, "Pass --cache-dir or set TL_LATENTSPACES_CACHE to a writable folder.")
+
+
+def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[Callable[[], str]] = None) -> Path:
+    """``write(target)``; if that fails with an ``OSError``, keep the results and raise :class:`_ResultsNotWritten`.
+
+    The results go to a new temporary folder under the target's name; if that fails too, ``dump()``
+    (when given) is printed to stdout. The error message says where the results are.
+    """
+    try:
+        return write(target)
+    except OSError as err:
+        reason = _one_line(err)
+    name = target.name or Path.cwd().name or "tl_latentspaces_out"
+    fallback: Optional[Path] = None
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="tl-latentspaces-"))
+        kept = write(fallback / name)
+    except OSError:
+        if fallback is not None:
+            shutil.rmtree(fallback, ignore_errors=True)
+        if dump is None:
+            raise _ResultsNotWritten(
+                f"could not write {str(target)!r} ({reason}), nor a copy in the temporary folder "
+                f"{tempfile.gettempdir()!r}; the results are lost."
+            ) from None
+        print(dump())
+        raise _ResultsNotWritten(
+            f"could not write {str(target)!r} ({reason}); the results are printed above instead."
+        ) from None
+    raise _ResultsNotWritten(
+        f"could not write {str(target)!r} ({reason}); the results were written to {str(kept)!r} instead."
+    )
+
+
+def _write_json(value: str, data: Any) -> Path:
+    """``data`` as JSON in the file ``value``, atomically; kept elsewhere if that fails (:func:`_write_or_keep`)."""
+    blob = json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
+    return _write_or_keep(Path(value).expanduser(), lambda p: files.write_bytes_atomic(p, blob), dump=blob.decode)
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -126,9 +274,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from tl_latentspaces.report import DEFAULT_PROMPTS, build_report, write_report
 
     ctx = init_distributed()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
     prompts = _prompts(args) or list(DEFAULT_PROMPTS)
     corpus = _corpus(args)
     model = _load(args)
@@ -139,12 +284,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
     if not ctx.is_main:
         return 0
-    page, data = write_report(report, out)
     ev = report.data["evaluation"]
-    print(f"\nwrote {page} and {data}\n")
     print(f"{'entry':>10}" + "".join(f"{'KL ' + n:>14}" for n in ev["lenses"]))
     for e, label in enumerate(ev["labels"]):
         print(f"{label:>10}" + "".join(f"{ev['kl_to_final'][i][e]:>14.3f}" for i in range(len(ev["lenses"]))))
+    out = _write_or_keep(Path(args.out).expanduser(), lambda p: write_report(report, p)[0].parent,
+                         dump=lambda: json.dumps(report.data, indent=1))
+    print(f"\nwrote {out / 'report.html'} and {out / 'report.json'}")
     return 0
 
 
@@ -164,7 +310,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if ctx.is_main:
-        print(f"saved the tuned lens to {lens.save(args.out)}")
+        print(f"saved the tuned lens to {_write_or_keep(Path(args.out).expanduser(), lens.save)}")
     return 0
 
 
@@ -174,7 +320,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tl_latentspaces.report import to_jsonable, tuned_lens_for
     from tl_latentspaces.tuned_lens import TunedLens
 
-    _check_out_file(args.out, ".json")
     ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)
@@ -199,7 +344,6 @@ def _cmd_align(args: argparse.Namespace) -> int:
     from tl_latentspaces.report import _alignment_data
     from tl_latentspaces.runner import CorpusRunner
 
-    _check_out_file(args.out, ".json")
     ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)
@@ -235,14 +379,24 @@ def _lens_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
 
 
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: its help ends with the exit statuses too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EPILOG)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-latentspaces",
         description="Read every layer of a language model through the logit, tuned and embedding lenses.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_options(parser)
     _lens_options(parser)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_SubParser)
 
     lens = sub.add_parser("lens", help="per-layer logit-lens and embedding-lens tokens for a prompt (default)")
     _model_options(lens)
@@ -290,17 +444,36 @@ _COMMANDS = {None: _cmd_lens, "lens": _cmd_lens, "report": _cmd_report, "fit-tun
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``tl-latentspaces`` console script."""
+    """Entry point of the ``tl-latentspaces`` console script; returns the exit status (see :data:`EPILOG`).
+
+    Every output path is checked before any work starts. A user's mistake (a bad argument, a missing
+    file or model, an unwritable path) is one line on stderr and status 2; results that could not be
+    written where asked are kept elsewhere, said so, and give status 1; Ctrl-C gives 130. Other
+    exceptions are bugs and keep their traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
+        _check_targets(args)
         code = _COMMANDS[args.command](args)
         from tl_latentspaces.distributed import finish_distributed
 
         finish_distributed()  # under torchrun: every rank waits for rank 0's writes, then leaves the group
         return code
-    except (ValueError, ModuleNotFoundError, FileNotFoundError, ImportError, RuntimeError) as err:
-        print(f"tl-latentspaces: error: {err}", file=sys.stderr)
-        return 2
+    except _ResultsNotWritten as err:
+        return _fail(err, 1)
+    except KeyboardInterrupt as err:
+        return _fail(err, 130, "interrupted")
+    # OSError covers a missing or unreadable file, a full disk, a read-only folder and the hub's errors
+    # for a model name that cannot be fetched; ImportError a missing optional dependency.
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
+        return _fail(err, 2)
+
+
+def _fail(err: BaseException, code: int, message: Optional[str] = None) -> int:
+    if os.environ.get("TL_LATENTSPACES_TRACEBACK", "") not in ("", "0"):
+        raise err
+    print(f"tl-latentspaces: {message or 'error: ' + _one_line(err)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

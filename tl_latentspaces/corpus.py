@@ -61,6 +61,8 @@ _TOKENIZE_GROUP = 64
 def read_texts(path: Union[str, Path]) -> list[str]:
     """Texts from a file: ``.jsonl`` (one object per line, its ``"text"`` field) or plain text.
 
+    Files are read as UTF-8; a leading byte-order mark is skipped.
+
     The whole file as a list; :func:`iter_texts` reads the same documents lazily.
 
     Raises:
@@ -87,7 +89,8 @@ def _iter_file(p: Path) -> Iterator[str]:
         raise FileNotFoundError(f"corpus file {str(p)!r} does not exist or is not a file.")
     found = False
     try:
-        with p.open(encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not read as part of the first text.
+        with p.open(encoding="utf-8-sig") as fh:
             for text in _jsonl_texts(p, fh) if p.suffix == ".jsonl" else _text_blocks(fh):
                 found = found or bool(text.strip())
                 yield text
