@@ -83,7 +83,7 @@ def _bad_outs(tmp_path):
         ],
         "fit-tuned-lens": [
             (["fit-tuned-lens", "--out", str(a_file)], "is an existing file"),
-            (["fit-tuned-lens", "--out", str(other)], "holds no tuned_lens.json"),
+            (["fit-tuned-lens", "--out", str(other)], "holds other files but no tuned_lens.json"),
             (["fit-tuned-lens", "--out", str(tmp_path / "lens.json")], "names a .json file"),
             (["fit-tuned-lens", "--out", str(a_file / "lens")], "because '" + str(a_file) + "' is a file"),
             (["fit-tuned-lens", "--out", str(tmp_path / "lens"), "--checkpoint-dir", str(a_file)], "--checkpoint-dir"),

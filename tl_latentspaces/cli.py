@@ -152,19 +152,19 @@ def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optio
     """A folder target: not an existing file, no file suffix, and writable where it is written.
 
     Args:
-        written_in: ``"folder"`` when files are written inside the folder (a report), ``"parent"`` when the
-            folder is written next to itself and renamed into place (a lens).
-        marker: A file that an existing folder must hold to be replaced (the lens's config).
+        written_in: ``"folder"`` when files are written inside the folder (a report, a lens),
+            ``"parent"`` when the folder is written next to itself and renamed into place.
+        marker: A file that an existing, non-empty folder must hold to be written into (the lens's config).
     """
     p = Path(value).expanduser()
     what = f"{option} {value!r}"
     if p.exists():
         if not p.is_dir():
             raise ValueError(f"{what} is an existing file, but this writes a folder there; pass a folder path.")
-        if marker is not None and not (p / marker).is_file():
+        if marker is not None and any(p.iterdir()) and not (p / marker).is_file():
             raise ValueError(
-                f"{what} is an existing folder that holds no {marker}, so it is not a lens folder to replace; "
-                "pass a new folder path, or remove it first."
+                f"{what} is a folder that holds other files but no {marker}, so it is not a lens folder to "
+                "write into; pass a new or empty folder path."
             )
     elif p.suffix.lower() in _FILE_SUFFIXES:
         raise ValueError(
@@ -188,7 +188,7 @@ def _check_targets(args: argparse.Namespace) -> None:
     elif args.command == "fit-tuned-lens":
         from tl_latentspaces.tuned_lens import CONFIG_FILE
 
-        _check_folder_out(args.out, "--out", written_in="parent", marker=CONFIG_FILE)
+        _check_folder_out(args.out, "--out", written_in="folder", marker=CONFIG_FILE)
     elif args.command in ("eval", "align"):
         _check_json_out(args.out)
     if getattr(args, "checkpoint_dir", None):
