@@ -32,6 +32,7 @@ import math
 import os
 import re
 import uuid
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -58,6 +59,9 @@ BUNDLE_GLOBAL = "TLLatentSpaces"
 
 # Saved pages may run their inline scripts and styles and nothing else: no request of any kind
 # leaves the page (a view that tried would fail its browser test with a CSP error).
+COMPACT_FROM = 24
+"""Grids of more positions than this open in compact mode (narrow columns)."""
+
 PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 
 Selector = Union[int, str]
@@ -254,17 +258,194 @@ def _target_names(result: LensResult, b: int, keep: list[int]) -> list[str]:
     return names
 
 
+# ====================================================================== tokens as text
+_ESCAPE = re.compile(r"[\udc80-\udcff]")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The printable alphabet byte-level BPE (GPT-2, Llama 3, SmolLM2) writes bytes in, inverted."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTE_ALPHABET = _byte_alphabet()
+
+
+def _escape_bytes(raw: bytes) -> str:
+    """Bytes as text: valid UTF-8 as characters, every other byte as a ``<0xE2>`` escape."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return _ESCAPE.sub(lambda m: f"<0x{ord(m.group()) - 0xDC00:02X}>", text)
+
+
+class TokenText:
+    """How views write tokens: text where a token is text, its bytes where it is not.
+
+    A byte-level tokenizer can split one character over several tokens (an emoji into three),
+    and each such token decodes to ``\ufffd`` alone. Here a token's bytes come from the
+    tokenizer's own vocabulary (the byte-level alphabet, or ``<0xE2>`` byte-fallback pieces), a
+    token that is not text on its own is written with ``<0xE2>``-style escapes, and a sequence
+    of input tokens is decoded as one byte stream, so a split character is shown whole.
+
+    Args:
+        decode: The result's ``decode``; its ``tokenizer`` attribute (see
+            :class:`tl_latentspaces.model.TokenDecoder`) is used when present.
+    """
+
+    def __init__(self, decode: Callable[[int], str]):
+        self.decode = decode
+        self.tokenizer = getattr(decode, "tokenizer", None)
+        self._bytes: dict[int, Optional[bytes]] = {}
+        self._text: dict[int, str] = {}
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        """The tokenizer's BOS id, or None."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos if isinstance(bos, int) else None
+
+    def token_bytes(self, token_id: int) -> Optional[bytes]:
+        """The bytes a token stands for, or None when the tokenizer does not say."""
+        i = int(token_id)
+        if i not in self._bytes:
+            self._bytes[i] = self._find_bytes(i)
+        return self._bytes[i]
+
+    def _find_bytes(self, i: int) -> Optional[bytes]:
+        text = self.decode(i)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        if convert is None:
+            return None
+        try:
+            piece = convert(i)
+        except (IndexError, KeyError, TypeError, ValueError, OverflowError):
+            return None
+        if not isinstance(piece, str) or not piece:
+            return None
+        match = _BYTE_PIECE.fullmatch(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        if all(c in _BYTE_ALPHABET for c in piece):
+            raw = bytes(_BYTE_ALPHABET[c] for c in piece)
+            # Only a byte-level vocabulary decodes to what the tokenizer itself says.
+            if raw.decode("utf-8", errors="replace").replace("\ufffd", "") == text.replace("\ufffd", ""):
+                return raw
+        return None
+
+    def text(self, token_id: int) -> str:
+        """One token on its own: its text, or escapes for bytes that are not text alone."""
+        i = int(token_id)
+        if i not in self._text:
+            text = self.decode(i)
+            if "\ufffd" in text:
+                raw = self.token_bytes(i)
+                text = text.replace("\ufffd", "<?>") if raw is None else _escape_bytes(raw)
+            self._text[i] = text
+        return self._text[i]
+
+    def sequence(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
+        """Input tokens read as one text: ``(texts, notes)``, one per token.
+
+        The tokens' bytes are decoded as one stream, so a character split over several tokens
+        is written whole in the token where it starts, and as ``…`` plus that character in a
+        token that only continues it. ``notes`` gives such a token's bytes and the character
+        it is part of, else is empty.
+        """
+        ids = [int(i) for i in ids]
+        raws = [self.token_bytes(i) for i in ids]
+        texts = [self.text(i) for i in ids]
+        notes = [""] * len(ids)
+        start = 0
+        while start < len(ids):
+            stop = start
+            while stop < len(ids) and raws[stop] is not None:
+                stop += 1
+            if stop > start:
+                self._decode_run(raws, start, stop, texts, notes)
+            start = stop + 1
+        return texts, notes
+
+    def _decode_run(self, raws: list[Optional[bytes]], start: int, stop: int, texts: list[str],
+                    notes: list[str]) -> None:
+        """Decode tokens ``start:stop`` (all with known bytes) as one byte stream."""
+        owner = [k for k in range(start, stop) for _ in raws[k] or b""]
+        stream = b"".join(raws[k] or b"" for k in range(start, stop)).decode("utf-8", errors="surrogateescape")
+        pieces: dict[int, list[str]] = {k: [] for k in range(start, stop)}
+        split: dict[int, str] = {}  # token -> a character it shares with another token
+        offset = 0
+        for ch in stream:
+            raw = ch.encode("utf-8", errors="surrogateescape")
+            shown = _escape_bytes(raw)
+            first = owner[offset]
+            pieces[first].append(shown)
+            for k in {owner[b] for b in range(offset, offset + len(raw))} - {first} if len(raw) > 1 else ():
+                split.setdefault(k, shown)
+                split.setdefault(first, shown)
+            offset += len(raw)
+        for k in range(start, stop):
+            if k not in split:
+                continue
+            texts[k] = "".join(pieces[k]) or "\u2026" + split[k]
+            hexes = " ".join(f"{b:02X}" for b in raws[k] or b"")
+            notes[k] = f"bytes {hexes}, part of \u201c{split[k]}\u201d"
+
+
 # ====================================================================== lens grid
+# Colour ranges: the central 96% of a lens's values, so that a few extreme cells (the BOS
+# position, 0_pre's KL of hundreds of nats, 0_pre's own-token cosine of 1) do not wash out the rest.
+Q_LOW, Q_HIGH = 0.02, 0.98
+_RANGES = {
+    "fixed": "fixed range",
+    "prob": "0 to the 98th percentile",
+    "quantile": "2nd to 98th percentile",
+    "log": "log scale, 2nd to 98th percentile",
+    "centred": "centred on 0, ± the 98th percentile of |value|",
+    "centred-log": "log scale, centred on 0, ± the 98th percentile of |value|",
+}
+
+# Old metric names, accepted for one release with a DeprecationWarning.
+_RENAMED = {"own_scores": "own_cosine", "own_ranks": "own_rank"}
+_RENAMED_TARGET = re.compile(r"target_(probs|ranks):(\d+)|target_(prob|rank)_delta:(\d+)")
+
+
+def _metric_name(name: str, *, stacklevel: int = 3) -> str:
+    """The current name of a metric given under an old name (with a DeprecationWarning)."""
+    new = _RENAMED.get(name)
+    match = _RENAMED_TARGET.fullmatch(name) if new is None else None
+    if match and match.group(1):
+        new = f"target{match.group(2)}_{match.group(1)[:-1]}"
+    elif match:
+        new = f"target{match.group(4)}_{match.group(3)}_delta"
+    if new is None:
+        return name
+    warnings.warn(
+        f"the metric name {name!r} is deprecated and will be removed in the next release; use {new!r} "
+        "(the column name LensResult.to_dataframe() and summary() use).",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return new
+
+
 def _metric(key: str, name: str, view: int, values: torch.Tensor, *, scale: str = "sequential",
             reverse: bool = False, log: bool = False, fmt: str = "number", unit: str = "",
-            description: str, fixed: Optional[tuple[float, float]] = None) -> dict[str, Any]:
+            description: str, ranging: str) -> dict[str, Any]:
     m: dict[str, Any] = {
         "key": key, "name": name, "view": view, "values": _nums(values), "scale": scale,
         "reverse": reverse, "log": log, "format": fmt, "description": description,
     }
     if unit:
         m["unit"] = unit
-    m["_fixed"] = fixed
+    m["_ranging"] = ranging
     return m
 
 
@@ -272,73 +453,115 @@ def _run_metrics(r: LensResult, view: int, b: int, keep: list[int], targets: lis
     sel = lambda t: t[:, b][:, keep]  # noqa: E731  [entry, pos]
     out = [
         _metric("top1_prob", "top-1 probability", view, sel(r.top_probs[..., 0]), fmt="percent",
-                description="probability of the cell's top-1 token under the lens", fixed=(0.0, 1.0)),
+                description="probability of the cell's top-1 token under the lens", ranging="prob"),
         _metric("entropy", "entropy", view, sel(r.entropy), reverse=True, unit="nats",
-                description="entropy of the lens's distribution (dark: confident)"),
-        _metric("kl_to_final", "KL to final", view, sel(r.kl_to_final), reverse=True, unit="nats",
-                description="KL(final ‖ lens) in nats (dark: close to the model's output)"),
+                description="entropy of the lens's distribution (dark: confident)", ranging="quantile"),
+        _metric("kl_to_final", "KL to final", view, sel(r.kl_to_final), reverse=True, log=True, unit="nats",
+                description="KL(final ‖ lens) (dark: close to the model's output)", ranging="log"),
     ]
     if r.target_probs is not None and r.target_ranks is not None:
         for t, name in enumerate(targets):
-            out.append(_metric(f"target_probs:{t}", f"p({name})", view, sel(r.target_probs[..., t]), fmt="percent",
-                               description=f"probability of the target {name}", fixed=(0.0, 1.0)))
-            out.append(_metric(f"target_ranks:{t}", f"rank({name})", view, sel(r.target_ranks[..., t].double()),
+            out.append(_metric(f"target{t}_prob", f"p({name})", view, sel(r.target_probs[..., t]), fmt="percent",
+                               description=f"probability of the target {name}", ranging="prob"))
+            out.append(_metric(f"target{t}_rank", f"rank({name})", view, sel(r.target_ranks[..., t].double()),
                                reverse=True, log=True, fmt="integer",
-                               description=f"rank of the target {name} (0 = top; dark: near the top; log scale)"))
+                               description=f"rank of the target {name} (0 = top; dark: near the top)",
+                               ranging="log"))
     if r.own_scores is not None:
-        out.append(_metric("own_scores", "own-token cosine", view, sel(r.own_scores), scale="diverging",
-                           description="cosine between the residual and its own input token's embedding"))
+        out.append(_metric("own_cosine", "own-token cosine", view, sel(r.own_scores), scale="diverging",
+                           description="cosine between the residual and its own input token's embedding "
+                                       "(blue: positive, red: negative)", ranging="centred"))
     if r.own_ranks is not None:
-        out.append(_metric("own_ranks", "own-token rank", view, sel(r.own_ranks.double()), reverse=True, log=True,
-                           fmt="integer", description="rank of the position's own token by cosine (0 = nearest)"))
+        out.append(_metric("own_rank", "own-token rank", view, sel(r.own_ranks.double()), reverse=True, log=True,
+                           fmt="integer", description="rank of the position's own token by cosine (0 = nearest)",
+                           ranging="log"))
     return out
 
 
 def _diff_metrics(d: LensDiff, b: int, keep: list[int], targets: list[str]) -> list[dict[str, Any]]:
     sel = lambda t: t[:, b][:, keep]  # noqa: E731
     base, other = d.base, d.other
-    out = [
+    out = []
+    divergence = getattr(d, "divergence", None)
+    if divergence is not None:
+        out.append(_metric("divergence", "divergence", -1, sel(divergence), log=True, unit="nats",
+                           description="KL(base lens ‖ other lens) at each cell (dark: the runs' readouts differ)",
+                           ranging="log"))
+    out += [
         _metric("top1_changed", "top-1 changed", -1, sel(d.top1_changed.double()), fmt="bool",
-                description="whether the lens's top-1 token differs between the runs", fixed=(0.0, 1.0)),
+                description="whether the lens's top-1 token differs between the runs", ranging="fixed"),
         _metric("kl_delta", "Δ KL to final", -1, sel(d.kl_delta), scale="diverging", unit="nats",
-                description="change in KL to each run's own final distribution"),
+                description="change in KL to each run's own final distribution", ranging="centred"),
         _metric("entropy_delta", "Δ entropy", -1, sel(d.entropy_delta), scale="diverging", unit="nats",
-                description="change in the lens's entropy"),
+                description="change in the lens's entropy", ranging="centred"),
     ]
     if d.target_prob_delta is not None and base.target_ranks is not None and other.target_ranks is not None:
         for t, name in enumerate(targets):
-            out.append(_metric(f"target_prob_delta:{t}", f"Δ p({name})", -1, sel(d.target_prob_delta[..., t]),
+            out.append(_metric(f"target{t}_prob_delta", f"Δ p({name})", -1, sel(d.target_prob_delta[..., t]),
                                scale="diverging", fmt="percent",
-                               description=f"change in the probability of {name} (percentage points)"))
+                               description=f"change in the probability of {name} (percentage points)",
+                               ranging="centred"))
             rank_delta = other.target_ranks[..., t].double() - base.target_ranks[..., t].double()
-            out.append(_metric(f"target_rank_delta:{t}", f"Δ rank({name})", -1, sel(rank_delta), scale="diverging",
+            out.append(_metric(f"target{t}_rank_delta", f"Δ rank({name})", -1, sel(rank_delta), scale="diverging",
                                log=True, fmt="integer", reverse=True,
-                               description=f"change in the rank of {name} (blue: moved up; log scale)"))
+                               description=f"change in the rank of {name} (blue: moved up)", ranging="centred-log"))
     return out
 
 
-def _fill_ranges(lenses: list[dict[str, Any]]) -> None:
-    """Give each metric its colour range, shared by every lens and view that has the metric."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+def _quantile(values: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(values, q)) if values.numel() else 0.0
+
+
+def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
+    """The colour range ``(min, max)`` of a metric's values (see ``_RANGES`` for the kinds)."""
+    v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+    if ranging == "fixed":
+        return 0.0, 1.0
+    if ranging in ("centred", "centred-log"):
+        size = v.abs()
+        bound = _quantile(size, Q_HIGH)
+        if bound <= 0:  # mostly zeros (cells a patch cannot reach): scale to what did change
+            bound = _quantile(size[size > 0], Q_HIGH) if bool((size > 0).any()) else 0.0
+        bound = bound if bound > 0 else 1e-6
+        return -bound, bound
+    if ranging == "prob":
+        lo, hi = 0.0, _quantile(v, Q_HIGH)
+    else:
+        lo, hi = _quantile(v, Q_LOW), _quantile(v, Q_HIGH)
+    if hi <= lo:  # (nearly) constant: widen to the data, then keep the scale non-degenerate
+        hi = max(hi, float(v.max())) if v.numel() else hi
+        hi = hi if hi > lo else lo + 1e-6
+    return lo, hi
+
+
+def _fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = ()) -> None:
+    """Give each metric of each lens its colour range, shared by the runs of that lens.
+
+    Ranges are per lens and per metric (the embedding lens's probabilities are a thousand times
+    smaller than the logit lens's), robust to outliers, and leave out the columns in ``skip``
+    (the BOS position, whose readouts are junk).
+    """
     for lens in lenses:
+        groups: dict[str, list[dict[str, Any]]] = {}
         for m in lens["metrics"]:
             groups.setdefault(m["key"], []).append(m)
-    for metrics in groups.values():
-        values = [v for m in metrics for row in m["values"] for v in row if v is not None]
-        fixed = metrics[0]["_fixed"]
-        if fixed is not None:
-            lo, hi = fixed
-        elif metrics[0]["scale"] == "diverging":
-            bound = max((abs(v) for v in values), default=0.0)
-            lo, hi = -bound, bound
-        else:
-            lo, hi = 0.0, max(values, default=0.0)
-            lo = min(lo, min(values, default=0.0))
-        if hi <= lo:  # a constant metric: keep the scale non-degenerate
-            hi = lo + 1e-6
-        for m in metrics:
-            m["min"], m["max"] = _num(lo), _num(hi)
-            del m["_fixed"]
+        for metrics in groups.values():
+            values = [v for m in metrics for row in m["values"] for p, v in enumerate(row)
+                      if v is not None and p not in skip]
+            ranging = metrics[0]["_ranging"]
+            lo, hi = colour_range(values, ranging)
+            lo_r, hi_r = _num(lo), _num(hi)
+            if lo_r is None or hi_r is None or not hi_r > lo_r:  # rounding merged them
+                lo_r, hi_r = lo, hi if hi > lo else lo + 1e-6
+            note = _RANGES[ranging] + (" of this lens" if ranging != "fixed" else "")
+            if skip and ranging != "fixed":
+                note += ", BOS excluded"
+            for m in metrics:
+                m["min"], m["max"] = lo_r, hi_r
+                m["rangeNote"] = note
+                m["clipLow"] = any(v is not None and v < lo_r for row in m["values"] for v in row)
+                m["clipHigh"] = any(v is not None and v > hi_r for row in m["values"] for v in row)
+                del m["_ranging"]
 
 
 def _grid_runs(
@@ -446,16 +669,18 @@ def _grid_props(
     ref = runs[0][0]
     b = _batch_index(batch, ref.tokens.shape[0])
     keep = _real_positions(ref, b)
-    decode = ref.decode
     positions = [ref.positions[i] for i in keep]
-    tokens = [decode(int(ref.tokens[b, p])) for p in positions]
+    words = TokenText(ref.decode)
+    row = [int(i) for i in ref.tokens[b].tolist()]
+    texts, notes = words.sequence(row)
+    tokens = [texts[p] for p in positions]
+    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
 
     lenses = []
     for name, rs, d in zip(names, runs, diffs):
-        decoded = [
-            [[[r.decode(int(i)) for i in cell] for cell in row] for row in r.top_ids[:, b][:, keep].tolist()]
-            for r in rs
-        ]
+        top_ids = [r.top_ids[:, b][:, keep].tolist() for r in rs]
+        run_words = [TokenText(r.decode) for r in rs]
+        decoded = [[[[w.text(i) for i in cell] for cell in row_] for row_ in ids] for w, ids in zip(run_words, top_ids)]
         targets = _target_names(rs[0], b, keep)
         metrics: list[dict[str, Any]] = []
         if d is not None:
@@ -466,19 +691,23 @@ def _grid_props(
             "name": name,
             "scoreName": "cosine" if rs[0].lens == "embedding" else "logit",
             "topTokens": decoded,
+            "topIds": top_ids,
             "topProbs": [_nums(r.top_probs[:, b][:, keep]) for r in rs],
             "topScores": [_nums(r.top_scores[:, b][:, keep]) for r in rs],
             "metrics": metrics,
         })
-    _fill_ranges(lenses)
+    _fill_ranges(lenses, skip=(0,) if bos else ())
 
     # The metric and view shown first.
     first = lenses[0]["metrics"]
     if metric is None:
+        offered = {m["key"] for m in first}
         if diff_mode:
-            metric = "target_prob_delta:0" if any(m["key"] == "target_prob_delta:0" for m in first) else "kl_delta"
+            metric = next(k for k in ("divergence", "target0_prob_delta", "kl_delta") if k in offered)
         else:
             metric = "top1_prob"
+    else:
+        metric = _metric_name(metric, stacklevel=4)
     matches = [m for m in first if metric in (m["key"], m["name"])]
     if not matches:
         valid = sorted({m["key"] for m in first}, key=[m["key"] for m in first].index)
@@ -494,7 +723,12 @@ def _grid_props(
     props: dict[str, Any] = {
         "labels": list(ref.labels),
         "tokens": tokens,
+        "tokenIds": [row[p] for p in positions],
+        "tokenNotes": [notes[p] for p in positions],
         "positions": positions,
+        "bos": bos,
+        "hideBos": bos and len(positions) > 1,
+        "compact": len(positions) > COMPACT_FROM,
         "lenses": lenses,
         "title": title,
         "initialLens": 0,
@@ -519,18 +753,29 @@ def lens_grid(
 
     Rows are the stack entries (``0_pre`` ... ``final_post``), columns the read positions of one
     batch row with their tokens as headers (padding dropped). Cells are coloured by a metric
-    chosen with buttons: top-1 probability, entropy, KL to final, and, where the results hold
-    them, a target token's probability and rank, and the embedding lens's own-token cosine and
-    rank. Hovering a cell shows its top-k tokens with their probabilities; clicking keeps them.
-    Several results make a lens switch: they must be readouts of the same input (same tokens,
-    positions and stack entries), e.g. the dict :func:`~tl_latentspaces.read_lenses` returns.
+    chosen with buttons, named as in :meth:`LensResult.to_dataframe`: ``top1_prob``,
+    ``entropy``, ``kl_to_final``, and, where the results hold them, ``target{t}_prob``,
+    ``target{t}_rank``, ``own_cosine`` and ``own_rank``. Hovering a cell shows its top-k tokens
+    with their ids and probabilities; clicking keeps them. Several results make a lens switch:
+    they must be readouts of the same input (same tokens, positions and stack entries), e.g.
+    the dict :func:`~tl_latentspaces.read_lenses` returns.
+
+    Colours: each lens and metric has its own range, robust to outliers and stated in the
+    legend: probabilities from 0 to their 98th percentile; entropy from the 2nd to the 98th
+    percentile; KL and ranks on a log scale over that range; cosines and differences on a scale
+    centred on zero. Values beyond the range take its end colour (the legend marks ``≤``/``≥``).
+    The BOS column (column 0 when it holds the tokenizer's BOS token) is left out of the ranges
+    and hidden at first (a toggle shows it). Byte-level tokens that are part of one character
+    are written as that character, or as ``<0xE2>``-style escapes; ids show on hover. Long
+    prompts open in compact mode; a zoom control sizes the cells.
 
     Difference mode, for two runs of the same input (clean vs patched): pass
     ``lens_grid(clean, patched, diff=True)`` with two LensResults or two ``read_lenses`` dicts
     (paired by lens), or LensDiffs (``clean.diff(patched)``). A view switch then shows either run
     or their difference: the patched top-1 token, the clean one struck through below it where it
-    changed, coloured by a change (KL to final, entropy, target probability and rank, or whether
-    the top-1 changed).
+    changed, coloured by ``divergence`` (KL between the runs' lens distributions, where the
+    LensDiff has it), a change (``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
+    ``target{t}_rank_delta``) or ``top1_changed``.
 
     Args:
         *results: LensResults, LensDiffs, or dicts of them (``read_lenses`` output).
@@ -539,8 +784,9 @@ def lens_grid(
         batch: Which batch row to show.
         diff: Compare two runs (see above).
         metric: Key (or button name) of the metric shown first, e.g. ``"kl_to_final"``,
-            ``"target_probs:0"``, ``"kl_delta"``. Default: top-1 probability; in difference mode
-            the change in the first target's probability, else in KL to final.
+            ``"target0_rank"``, ``"kl_delta"``. Default: ``top1_prob``; in difference mode
+            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. The old names
+            (``"target_ranks:0"``, ``"own_scores"``, ...) still work, with a DeprecationWarning.
         run_names: The two runs' names in difference mode, base first.
         title: Title over the grid.
 
@@ -549,7 +795,7 @@ def lens_grid(
 
     Example:
         >>> r = read_lenses(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
-        >>> lens_grid(r, metric="target_ranks:0")  # doctest: +SKIP
+        >>> lens_grid(r, metric="target0_rank")  # doctest: +SKIP
         >>> lens_grid(clean["logit"], patched["logit"], diff=True).save("patch.html")  # doctest: +SKIP
     """
     props = _grid_props(results, labels=labels, batch=batch, diff=diff, metric=metric,
@@ -558,13 +804,21 @@ def lens_grid(
 
 
 # ====================================================================== CircuitsVis components
-_DRIFT_METRICS: dict[str, tuple[str, Callable[[LensResult], Optional[torch.Tensor]]]] = {
-    "own_scores": ("own-token cosine", lambda r: r.own_scores),
-    "own_ranks": ("own-token rank", lambda r: None if r.own_ranks is None else r.own_ranks.double()),
-    "kl_to_final": ("KL to final (nats)", lambda r: r.kl_to_final),
-    "entropy": ("entropy (nats)", lambda r: r.entropy),
-    "top1_prob": ("top-1 probability", lambda r: r.top_probs[..., 0]),
-}
+def _intensity(values: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
+    """The colour intensity the components draw (js/src/colors.ts ``intensity``), without sign."""
+    squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
+    lo, hi = squash(torch.tensor(float(m["min"]))), squash(torch.tensor(float(m["max"])))
+    if m["scale"] == "diverging":
+        return (squash(values) / max(abs(float(lo)), abs(float(hi)))).clamp(-1, 1)
+    return ((squash(values) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[int]) -> int:
+    """The entry whose colours vary most across positions (``values`` is ``[entry, pos]``)."""
+    cols = [p for p in range(values.shape[1]) if p not in skip] or list(range(values.shape[1]))
+    t = _intensity(torch.nan_to_num(values[:, cols].double()), m)
+    spread = t.std(dim=1, correction=0) if t.shape[1] > 1 else t.abs()[:, 0]
+    return int(spread.argmax())
 
 
 def drift_tokens(
@@ -573,65 +827,81 @@ def drift_tokens(
     *,
     batch: int = 0,
     layers: Optional[Sequence[Selector]] = None,
+    title: Optional[str] = None,
 ) -> HTMLView:
-    """One per-token metric across layers, with CircuitsVis's ``colored_tokens_multi``.
+    """The input's tokens coloured by one per-token metric, one stack entry at a time.
 
-    The input's tokens are coloured by the metric at one stack entry, picked with a button per
-    entry; hovering a token lists its value at every entry. The default metric is the embedding
-    lens's own-token cosine (how far each position's residual has drifted from its own token's
-    input embedding), or KL to final for the other lenses.
+    A slider (and a button per entry) picks the stack entry; the tokens are coloured by the
+    metric there, on a range that fits the data (the same robust, per-metric ranges as
+    :func:`lens_grid`, stated in the legend). Hovering a token lists its value at every entry,
+    with its id. It opens on the entry whose colours vary most across the tokens (not
+    ``0_pre``, where the own-token cosine is 1 everywhere). The default metric is the embedding
+    lens's ``own_cosine`` (how far each position's residual has drifted from its own token's
+    input embedding), or ``kl_to_final`` for the other lenses.
 
     Args:
         result: A lens readout.
-        metric: ``"own_scores"``, ``"own_ranks"`` (embedding lens), ``"kl_to_final"``,
-            ``"entropy"``, ``"top1_prob"``, ``"target_probs:T"`` or ``"target_ranks:T"``.
+        metric: A metric named as in :meth:`LensResult.to_dataframe`: ``"own_cosine"``,
+            ``"own_rank"`` (embedding lens), ``"kl_to_final"``, ``"entropy"``, ``"top1_prob"``,
+            ``"target{t}_prob"`` or ``"target{t}_rank"``. The old names (``"own_scores"``,
+            ``"target_ranks:0"``, ...) still work, with a DeprecationWarning.
         batch: Which batch row to show (padding dropped).
         layers: The stack entries to offer (labels or indices), default all.
+        title: Title over the view (default: the metric, lens and model).
 
     Returns:
-        An :class:`HTMLView` of ``ColoredTokensMulti``; ``.props`` holds ``tokens``,
-        ``values`` (``[pos][entry]``) and ``labels``.
+        An :class:`HTMLView` of the ``TokenDrift`` component; ``.props`` holds ``tokens``,
+        ``labels``, ``values`` (``[entry][pos]``), ``metric`` (its key, name, range) and
+        ``initialEntry``.
     """
-    import circuitsvis.tokens
-
+    if not isinstance(result, LensResult):
+        raise ValueError(f"drift_tokens takes one LensResult, got {type(result).__name__}.")
     if metric is None:
-        metric = "own_scores" if result.own_scores is not None else "kl_to_final"
-    values: Optional[torch.Tensor]
-    if metric in _DRIFT_METRICS:
-        name, get = _DRIFT_METRICS[metric]
-        values = get(result)
-    elif metric.startswith(("target_probs:", "target_ranks:")) and result.target_ids is not None:
-        field, _, t = metric.partition(":")
-        T = result.target_ids.shape[-1]
-        if not (t.isdigit() and int(t) < T):
-            raise ValueError(f"{metric!r}: this result has {T} target(s); use {field}:0 ... {field}:{T - 1}.")
-        tensor = getattr(result, field)
-        values = None if tensor is None else tensor[..., int(t)].double()
-        name = f"{'p' if field == 'target_probs' else 'rank'}(target {t})"
-    else:
-        values = None
-        name = metric
-    if values is None:
-        valid = [k for k, (_, g) in _DRIFT_METRICS.items() if g(result) is not None]
-        if result.target_ids is not None:
-            valid += [f"target_probs:{t}" for t in range(result.target_ids.shape[-1])]
-            valid += [f"target_ranks:{t}" for t in range(result.target_ids.shape[-1])]
-        raise ValueError(f"metric {metric!r} is not available for this {result.lens} lens result; valid: {valid}.")
+        metric = "own_cosine" if result.own_scores is not None else "kl_to_final"
+    elif isinstance(metric, str):
+        metric = _metric_name(metric)
     b = _batch_index(batch, result.tokens.shape[0])
     keep = _real_positions(result, b)
+    offered = _run_metrics(result, 0, b, keep, _target_names(result, b, keep))
+    chosen = [m for m in offered if metric in (m["key"], m["name"])]
+    if not chosen:
+        raise ValueError(
+            f"metric {metric!r} is not available for this {result.lens} lens result; valid: "
+            f"{[m['key'] for m in offered]}."
+        )
+    m = chosen[0]
     entries = list(range(len(result.labels))) if layers is None else [_entry_index(result, e) for e in layers]
     if not entries:
         raise ValueError("layers is empty; pass at least one stack entry, or None for all.")
-    tokens = [result.decode(int(result.tokens[b, result.positions[i]])) for i in keep]
-    # [entry, pos] -> [pos, entry]: one value vector per stack entry, as the component wants.
-    matrix = values[entries][:, b][:, keep].T.contiguous().float()
-    matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
-    entry_labels = [result.labels[e] for e in entries]
-    rendered = circuitsvis.tokens.colored_tokens_multi(tokens, matrix, entry_labels)
-    title = f"{name} across layers · {result.lens} lens" + (f" · {result.model_name}" if result.model_name else "")
-    props = {"tokens": tokens, "values": _nums(matrix), "labels": entry_labels, "metric": metric}
-    kwargs = {"tokens": tokens, "values": matrix, "labels": entry_labels}
-    return _wrap(rendered, kwargs, title=title, component="ColoredTokensMulti", props=props)
+    m["values"] = [m["values"][e] for e in entries]
+    positions = [result.positions[i] for i in keep]
+    words = TokenText(result.decode)
+    row = [int(i) for i in result.tokens[b].tolist()]
+    texts, notes = words.sequence(row)
+    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+    skip = (0,) if bos else ()
+    lens = {"metrics": [m]}
+    _fill_ranges([lens], skip=skip)
+    del m["view"]
+    values = torch.tensor([[float("nan") if v is None else v for v in r] for r in m["values"]], dtype=torch.float64)
+    if title is None:
+        title = f"{m['name']} across layers · {result.lens} lens" + (
+            f" · {result.model_name}" if result.model_name else "")
+    props = {
+        "title": title,
+        "lens": result.lens,
+        "tokens": [texts[p] for p in positions],
+        "tokenIds": [row[p] for p in positions],
+        "tokenNotes": [notes[p] for p in positions],
+        "positions": positions,
+        "labels": [result.labels[e] for e in entries],
+        "values": m.pop("values"),
+        "metric": m,
+        "initialEntry": _informative_entry(values, m, skip),
+        "bos": bos,
+        "hideBos": bos and len(positions) > 1,
+    }
+    return _render_component("TokenDrift", props, title=title)
 
 
 def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) -> HTMLView:
@@ -693,11 +963,13 @@ def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) ->
             f"in the top-{result.top_ids.shape[-1]} and not a target. Read with the next tokens as targets: "
             "ids = model.to_tokens(text); tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))."
         )
-    prompt = [result.decode(int(ids[p])) for p in pos]
+    words = TokenText(result.decode)
+    texts, _ = words.sequence([int(i) for i in ids.tolist()])
+    prompt = [texts[p] for p in pos]
     props = {
         "prompt": prompt,
         "topKLogProbs": [[_num(math.log(max(p, 1e-45))) for p in top_probs[i].tolist()] for i in keep[:-1]],
-        "topKTokens": [[result.decode(t) for t in top_ids[i]] for i in keep[:-1]],
+        "topKTokens": [[words.text(t) for t in top_ids[i]] for i in keep[:-1]],
         "correctTokenRank": ranks,
         "correctTokenLogProb": [_num(lp) for lp in log_probs],
     }
