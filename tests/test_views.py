@@ -20,6 +20,7 @@ import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces import views
+from tl_latentspaces.model import TokenDecoder
 
 from conftest import FLAVOURS
 
@@ -247,6 +248,80 @@ def test_grid_refuses_mismatched_inputs(runs):
     no_tokens = dataclasses.replace(r, mask=torch.zeros_like(r.mask))
     with pytest.raises(ValueError, match="no real"):
         views.lens_grid(no_tokens)
+
+
+# ---------------------------------------------------------------------- byte-level tokens
+def byte_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) built in memory: every byte is a
+    token, plus one merge (``é`` as one token), and a BOS token with id 0."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<bos>": 0}
+    for ch in sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    vocab["Ã©"] = len(vocab)
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[("Ã", "©")]))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>")
+    return tok, TokenDecoder(tok, lambda i: tok.decode([int(i)]))
+
+
+def test_byte_tokens_are_characters_or_escapes():
+    tok, decode = byte_tokenizer()
+    text = "Café 🙂 naïve — ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert sum("\ufffd" in decode(i) for i in ids) >= 8  # what the tokenizer itself shows
+    words = views.TokenText(decode)
+    texts, notes = words.sequence(ids)
+    assert not any("\ufffd" in t for t in texts)
+    # The tokens where a character starts spell the text; the others continue a character.
+    assert "".join(t for t in texts if not t.startswith("\u2026")) == text
+    shown = dict(zip(texts, notes))
+    emoji = [k for k, i in enumerate(ids) if decode(i) == "\ufffd" and texts[k].endswith("🙂")]
+    assert [texts[k] for k in emoji] == ["🙂", "\u2026🙂", "\u2026🙂", "\u2026🙂"]
+    assert [notes[k] for k in emoji] == [f"bytes {b:02X}, part of \u201c🙂\u201d" for b in "🙂".encode()]
+    assert shown["é"] == "" and "\u2026ï" in shown  # é is one token; ï two
+    assert shown["\u2026—"].startswith("bytes ")
+    # One token alone: its text, or escapes for the bytes that are not text alone.
+    assert [words.text(i) for i in ids[4:9]] == [" ", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+    assert words.text(ids[0]) == "C" and words.bos_id == 0
+    # A tokenizer with byte-fallback pieces (SentencePiece style) and one that says nothing.
+
+    class Pieces:
+        bos_token_id = None
+
+        def convert_ids_to_tokens(self, i):
+            return ["<0xE2>", "<0x80>", "<0x94>", "\u2581x"][i]
+
+    fallback = TokenDecoder(Pieces(), lambda i: "\ufffd" if i < 3 else " x")
+    assert views.TokenText(fallback).sequence([3, 0, 1, 2, 3])[0] == [" x", "—", "\u2026—", "\u2026—", " x"]
+    assert views.TokenText(lambda i: "a\ufffd").text(5) == "a<?>"
+
+
+def test_grid_shows_byte_tokens_ids_and_bos(runs):
+    np = pytest.importorskip("numpy")
+    clean, _ = runs
+    tok, decode = byte_tokenizer()
+    ids = [0] + tok("é🙂aï", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 9
+    r = clean["logit"]
+    kl = r.kl_to_final.clone()
+    kl[:, 0, 0] = 1000.0  # the BOS column's junk
+    r = dataclasses.replace(r, tokens=torch.tensor([ids, ids]), decode=decode, kl_to_final=kl)
+    props = views.lens_grid(r).props
+    assert props["tokens"] == ["<bos>", "é", "🙂", "\u2026🙂", "\u2026🙂", "\u2026🙂", "a", "ï", "\u2026ï"]
+    assert props["tokenIds"] == ids
+    assert props["tokenNotes"][3] == "bytes 9F, part of \u201c🙂\u201d" and props["tokenNotes"][1] == ""
+    assert props["bos"] is True and props["hideBos"] is True
+    top = props["lenses"][0]["topTokens"][0]
+    assert top == [[[views.TokenText(decode).text(i) for i in c] for c in row] for row in r.top_ids[:, 0].tolist()]
+    m = _metric(props["lenses"][0], "kl_to_final")
+    rest = [v for row in m["values"] for v in row[1:]]
+    assert (m["min"], m["max"]) == pytest.approx((np.quantile(rest, 0.02), np.quantile(rest, 0.98)), rel=1e-4)
+    assert m["max"] < 1000.0 and "BOS excluded" in m["rangeNote"]
+    # Not at position 0, or not the BOS id: no BOS column.
+    assert views.lens_grid(dataclasses.replace(r, tokens=torch.tensor([ids[1:] + [1]] * 2))).props["bos"] is False
 
 
 # ---------------------------------------------------------------------- difference mode
