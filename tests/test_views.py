@@ -116,7 +116,9 @@ def test_grid_data_matches_the_readouts(runs):
 
 
 def _values(m: dict, skip: tuple = ()) -> list:
-    return [v for row in m["values"] for p, v in enumerate(row) if p not in skip]
+    """The values a metric's range is taken over (the entries and columns its legend leaves out, left out)."""
+    rows = m["values"][1:] if "0_pre" in m.get("rangeNote", "") else m["values"]
+    return [v for row in rows for p, v in enumerate(row) if p not in skip]
 
 
 def test_grid_colour_ranges(runs):
@@ -130,7 +132,7 @@ def test_grid_colour_ranges(runs):
             vals = np.array(_values(m))
             assert m["min"] < m["max"], m["key"]
             assert m["clipLow"] == bool((vals < m["min"]).any()) and m["clipHigh"] == bool((vals > m["max"]).any())
-            assert m["rangeNote"].endswith("of this lens")
+            assert "of this lens" in m["rangeNote"]
             if m["key"] in ("top1_prob", "target0_prob", "target1_prob"):
                 assert m["min"] == 0.0 and m["max"] == pytest.approx(np.quantile(vals, 0.98), rel=1e-4)
                 assert not m["log"] and m["scale"] == "sequential"
@@ -153,6 +155,28 @@ def test_grid_colour_ranges(runs):
     assert m2["max"] < 500.0 and m2["clipHigh"]
     assert m2["max"] == pytest.approx(np.quantile(_values(m2), 0.98), rel=1e-4)
     assert m["max"] < m2["max"]
+    # 0_pre, far from every later entry (a cosine of 1 against ~0), is left out of the range.
+    own = torch.randn(clean["embedding"].own_scores.shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    own[0] = 1.0
+    m3 = _metric(views.lens_grid(dataclasses.replace(clean["embedding"], own_scores=own)).props["lenses"][0],
+                 "own_cosine")
+    later = own[1:, 0].abs().double().numpy()
+    assert m3["max"] == pytest.approx(np.quantile(later, 0.98), rel=1e-4) and m3["max"] < 0.2
+    assert "0_pre left out" in m3["rangeNote"] and m3["clipHigh"]
+
+
+def test_embedding_entry_is_apart():
+    later = [[0.01 * e + 0.001 * k for k in range(5)] for e in range(1, 8)]  # medians 0.012 ... 0.072
+    assert views.embedding_entry_is_apart([[1.0] * 5] + later)
+    assert views.embedding_entry_is_apart([[-9.0] * 5] + later)
+    assert not views.embedding_entry_is_apart([[0.05] * 5] + later)  # among the others
+    assert not views.embedding_entry_is_apart([[1.0] * 5] + later[:2])  # too few entries to tell
+    kl = [[15.0 + e + k for k in range(3)] for e in range(10)]  # medians 16 ... 25
+    assert views.embedding_entry_is_apart([[231.0] * 3] + kl)
+    assert views.embedding_entry_is_apart([[231.0] * 3] + kl, log=True)
+    # 40 nats: apart on a linear scale, not on the log scale KL is drawn on.
+    assert views.embedding_entry_is_apart([[40.0] * 3] + kl)
+    assert not views.embedding_entry_is_apart([[40.0] * 3] + kl, log=True)
 
 
 def test_colour_range_kinds():
@@ -319,7 +343,7 @@ def test_grid_shows_byte_tokens_ids_and_bos(runs):
     m = _metric(props["lenses"][0], "kl_to_final")
     rest = [v for row in m["values"] for v in row[1:]]
     assert (m["min"], m["max"]) == pytest.approx((np.quantile(rest, 0.02), np.quantile(rest, 0.98)), rel=1e-4)
-    assert m["max"] < 1000.0 and "BOS excluded" in m["rangeNote"]
+    assert m["max"] < 1000.0 and "BOS left out" in m["rangeNote"]
     # Not at position 0, or not the BOS id: no BOS column.
     assert views.lens_grid(dataclasses.replace(r, tokens=torch.tensor([ids[1:] + [1]] * 2))).props["bos"] is False
 
@@ -499,7 +523,8 @@ def test_drift_tokens_data(runs, monkeypatch):
     _close(p["values"], emb.own_scores[:, 0])
     # Bounds fit the data (centred on 0 for a cosine), and the legend says how they were chosen.
     vals = emb.own_scores[:, 0].double().numpy()
-    assert m["scale"] == "diverging" and m["max"] == -m["min"] == pytest.approx(np.quantile(np.abs(vals), 0.98), rel=1e-4)
+    ranged = vals[1:] if "0_pre left out" in m["rangeNote"] else vals
+    assert m["scale"] == "diverging" and m["max"] == -m["min"] == pytest.approx(np.quantile(np.abs(ranged), 0.98), rel=1e-4)
     assert "centred on 0" in m["rangeNote"]
     assert "own-token cosine" in p["title"] and "embedding lens" in p["title"]
     # It opens on the entry whose colours vary most across the tokens.

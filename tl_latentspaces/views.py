@@ -534,28 +534,65 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = ()) -> None:
+def embedding_entry_is_apart(rows: Sequence[Sequence[float]], *, log: bool = False) -> bool:
+    """Whether the first stack entry's values sit far from every later entry's.
+
+    The first entry (``0_pre``) is the token embedding itself: its own-token cosine is 1 where
+    every later entry is near 0, its KL to final hundreds of nats against tens. Left in, it
+    sets the colour range and every other row is pale or saturated. It is apart when its median
+    lies more than three interquartile ranges (of the later entries' medians) outside their
+    quartiles. Later entries are never left out: the last ones, where the answer appears, are
+    the signal.
+
+    Args:
+        rows: The values of each entry (``[entry][...]``).
+        log: Compare ``log1p`` of the values (the metrics drawn on a log scale).
+    """
+    medians = []
+    for row in rows:
+        v = torch.tensor([x for x in row if x is not None], dtype=torch.float64)
+        if log:
+            v = v.sign() * v.abs().log1p()
+        medians.append(float(v.median()) if v.numel() else float("nan"))
+    later = torch.tensor(medians[1:], dtype=torch.float64)
+    later = later[torch.isfinite(later)]
+    if later.numel() < 3 or not math.isfinite(medians[0]):
+        return False
+    q1, q3 = _quantile(later, 0.25), _quantile(later, 0.75)
+    fence = 3 * (q3 - q1)
+    return medians[0] < q1 - fence or medians[0] > q3 + fence
+
+
+def _fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = (), labels: Sequence[str] = ()) -> None:
     """Give each metric of each lens its colour range, shared by the runs of that lens.
 
     Ranges are per lens and per metric (the embedding lens's probabilities are a thousand times
     smaller than the logit lens's), robust to outliers, and leave out the columns in ``skip``
-    (the BOS position, whose readouts are junk).
+    (the BOS position, whose readouts are junk) and, for a run's own metrics, the stack entries
+    ``0_pre`` when it is far from all others (:func:`embedding_entry_is_apart`); the legend says so.
     """
     for lens in lenses:
         groups: dict[str, list[dict[str, Any]]] = {}
         for m in lens["metrics"]:
             groups.setdefault(m["key"], []).append(m)
         for metrics in groups.values():
-            values = [v for m in metrics for row in m["values"] for p, v in enumerate(row)
-                      if v is not None and p not in skip]
             ranging = metrics[0]["_ranging"]
+            n_entries = len(metrics[0]["values"])
+            rows = [[v for m in metrics for p, v in enumerate(m["values"][e]) if v is not None and p not in skip]
+                    for e in range(n_entries)]
+            left_out: list[int] = []
+            if ranging in ("quantile", "log", "centred", "prob") and metrics[0].get("view", 0) >= 0:
+                left_out = [0] if embedding_entry_is_apart(rows, log=ranging == "log") else []
+            values = [v for e, row in enumerate(rows) if e not in left_out for v in row]
             lo, hi = colour_range(values, ranging)
             lo_r, hi_r = _num(lo), _num(hi)
             if lo_r is None or hi_r is None or not hi_r > lo_r:  # rounding merged them
                 lo_r, hi_r = lo, hi if hi > lo else lo + 1e-6
             note = _RANGES[ranging] + (" of this lens" if ranging != "fixed" else "")
-            if skip and ranging != "fixed":
-                note += ", BOS excluded"
+            excluded = (["BOS"] if skip and ranging != "fixed" else []) + [
+                labels[e] if e < len(labels) else f"entry {e}" for e in left_out]
+            if excluded:
+                note += f", {' and '.join(excluded)} left out"
             for m in metrics:
                 m["min"], m["max"] = lo_r, hi_r
                 m["rangeNote"] = note
@@ -696,7 +733,7 @@ def _grid_props(
             "topScores": [_nums(r.top_scores[:, b][:, keep]) for r in rs],
             "metrics": metrics,
         })
-    _fill_ranges(lenses, skip=(0,) if bos else ())
+    _fill_ranges(lenses, skip=(0,) if bos else (), labels=ref.labels)
 
     # The metric and view shown first.
     first = lenses[0]["metrics"]
@@ -881,7 +918,7 @@ def drift_tokens(
     bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
     skip = (0,) if bos else ()
     lens = {"metrics": [m]}
-    _fill_ranges([lens], skip=skip)
+    _fill_ranges([lens], skip=skip, labels=[result.labels[e] for e in entries])
     del m["view"]
     values = torch.tensor([[float("nan") if v is None else v for v in r] for r in m["values"]], dtype=torch.float64)
     if title is None:
