@@ -530,11 +530,14 @@ def test_svg_figures_render(open_page, tmp_path):
 def test_eiffel_grid_reads_paris(open_page, smol, tmp_path):
     results = tll.read_lenses(smol, EIFFEL, targets=" Paris")
     logit = results["logit"]
-    view = views.lens_grid(results, metric="target_ranks:0")
+    view = views.lens_grid(results, metric="target0_rank")
     pg = open_page(view.save(tmp_path / "eiffel.html"))
     pg.page.wait_for_selector("[data-testid=cell]")
     E, _, P, _ = logit.top_ids.shape
-    assert len(pg.cells()) == E * P == 31 * len(smol.to_tokens(EIFFEL, prepend_bos=True)[0])
+    # The BOS column is hidden at first.
+    assert view.props["bos"] and len(pg.cells()) == E * (P - 1) == 31 * (len(smol.to_tokens(EIFFEL, prepend_bos=True)[0]) - 1)
+    pg.page.click("[data-testid=bos-button]")
+    assert len(pg.cells()) == E * P
     final = logit.labels.index("final_post")
     last = pg.cell(final, P - 1)
     assert last.locator("[data-testid=cell-token]").text_content() == " Paris"
@@ -547,4 +550,110 @@ def test_eiffel_grid_reads_paris(open_page, smol, tmp_path):
     assert path.stat().st_size > 10_000
     pg.page.click('[data-testid=lens-button][data-name="embedding"]')
     assert {(e, p): t for e, p, t in pg.cells()} == _top1(results["embedding"])
+    pg.assert_clean()
+
+
+UNICODE_PROMPT = "Café crème brûlée 🙂 — naïve Zoë visited Tokyo (東京) and then the Eiffel Tower in the city of"
+
+
+def _strings(x):
+    """Every string in nested props."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _strings(v)
+
+
+def _row_intensities(pg: Page) -> list[list[float]]:
+    """The signed colour intensity of every drawn cell, by row."""
+    cells = pg.page.eval_on_selector_all(
+        "[data-testid=cell]", "els => els.map(e => [+e.dataset.entry, getComputedStyle(e).backgroundColor])")
+    rows: dict[int, list[float]] = {}
+    for e, css in cells:
+        rows.setdefault(e, []).append(intensity_of(tuple(int(x) for x in re.findall(r"\d+", css)[:3])))
+    return [rows[e] for e in sorted(rows)]
+
+
+def _assert_readable(rows: list[list[float]], what: str) -> None:
+    """Colours that vary across rows: neither saturated nor blank over most of the grid."""
+    flat = [abs(t) for row in rows for t in row]
+    saturated = sum(t > 0.97 for t in flat) / len(flat)
+    blank = sum(t < 0.03 for t in flat) / len(flat)
+    means = torch.tensor([sum(row) / len(row) for row in rows])
+    assert saturated < 0.5, f"{what}: {saturated:.0%} of the cells saturated"
+    assert blank < 0.5, f"{what}: {blank:.0%} of the cells blank"
+    assert float(means.std()) > 0.05, f"{what}: rows look alike (row means {means.tolist()})"
+    assert len({round(float(m), 2) for m in means}) > len(rows) // 3, f"{what}: row means {means.tolist()}"
+
+
+@pytest.mark.integration
+def test_real_prompt_with_emoji_and_accents(open_page, smol, tmp_path):
+    results = tll.read_lenses(smol, UNICODE_PROMPT, targets=" Paris", prepend_bos=True)
+    view = views.lens_grid(results, title="Lens grid · SmolLM2-135M-Instruct")
+    # The tokenizer itself decodes several of these tokens to U+FFFD; the view never shows it.
+    assert any("\ufffd" in t for t in results["logit"].str_tokens[0])
+    assert not any("\ufffd" in s for s in _strings(view.props))
+    assert "🙂" in "".join(view.props["tokens"]) and "東" in view.props["tokens"]
+    pg = open_page(view.save(tmp_path / "unicode.html"), width=1900, height=1150)
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert "\ufffd" not in pg.page.text_content("body")
+    assert pg.page.locator("[data-testid=col-header]").count() == len(view.props["tokens"]) - 1  # BOS hidden
+    pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
+    _assert_readable(_row_intensities(pg), "KL to final, logit lens")
+    pg.cell(20, 12).click()
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.screenshot("lens_grid_unicode_kl.png")
+    pg.page.click('[data-testid=lens-button][data-name="embedding"]')
+    pg.page.click('[data-testid=metric-button][data-value="own_cosine"]')
+    _assert_readable(_row_intensities(pg), "own-token cosine, embedding lens")
+    pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
+    _assert_readable(_row_intensities(pg), "KL to final, embedding lens")
+    pg.cell(3, 21).hover()
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.page.click('[data-testid=metric-button][data-value="own_cosine"]')
+    pg.screenshot("lens_grid_unicode_cosine.png")
+    pg.assert_clean()
+
+    drift = views.drift_tokens(results["embedding"])
+    assert drift.props["labels"][drift.props["initialEntry"]] != "0_pre"
+    pg = open_page(drift.save(tmp_path / "drift.html"), width=1300, height=720)
+    pg.page.wait_for_selector("[data-testid=drift-token]")
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.page.locator("[data-testid=drift-token]").nth(10).hover()
+    pg.screenshot("drift_unicode.png")
+    pg.assert_clean()
+
+
+@pytest.mark.integration
+def test_real_difference_grid(open_page, smol, tmp_path):
+    clean = tll.read_lenses(smol, EIFFEL, targets=" Paris", prepend_bos=True, lenses=("logit",))
+    pos = clean["logit"].str_tokens[0].index(" Tower")
+
+    def ablate(act, hook=None):
+        act[:, pos] = 0.0
+        return act
+
+    name = "blocks.8.hook_resid_post"
+    before = len(smol.hook_dict[name].fwd_hooks)
+    smol.add_hook(name, ablate)
+    try:
+        patched = tll.read_lenses(smol, EIFFEL, targets=" Paris", prepend_bos=True, lenses=("logit",))
+    finally:
+        smol.hook_dict[name].remove_hooks()
+    assert len(smol.hook_dict[name].fwd_hooks) == before
+    view = views.lens_grid(clean, patched, diff=True, run_names=("clean", "Tower ablated at 8_post"))
+    pg = open_page(view.save(tmp_path / "diff.html"), width=1500, height=1000)
+    pg.page.wait_for_selector("[data-testid=cell][data-changed=true]")
+    sizes = pg.page.eval_on_selector(
+        "[data-testid=cell][data-changed=true]",
+        "el => [el.querySelector('[data-testid=cell-token]'), el.querySelector('[data-testid=cell-base-token]')]"
+        ".map(x => parseFloat(getComputedStyle(x).fontSize))")
+    assert sizes[0] == sizes[1] >= 12
+    final = clean["logit"].labels.index("final_post")
+    pg.cell(final, len(clean["logit"].positions) - 1).click()
+    pg.screenshot("lens_grid_diff.png")
     pg.assert_clean()
