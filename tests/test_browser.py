@@ -203,7 +203,9 @@ def runs():
 
 
 def _top1(r, b: int = 0) -> dict[tuple[int, int], str]:
-    return {(e, p): shown(r.decode(int(i))) for e, row in enumerate(r.top_ids[:, b, :, 0].tolist()) for p, i in enumerate(row)}
+    """Each cell's top-1 token as drawn (byte tokens as escapes: test_views checks TokenText)."""
+    words = views.TokenText(r.decode)
+    return {(e, p): shown(words.text(int(i))) for e, row in enumerate(r.top_ids[:, b, :, 0].tolist()) for p, i in enumerate(row)}
 
 
 # ---------------------------------------------------------------------- lens grid
