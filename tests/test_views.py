@@ -559,8 +559,8 @@ def test_drift_tokens_data(runs, monkeypatch):
         views.drift_tokens(clean)
 
 
-def test_circuitsvis_html_is_repaired(runs):
-    """CircuitsVis's fragments: a closed div (so views after it survive) and script-safe props."""
+def test_circuitsvis_components_render_through_our_renderer(runs):
+    """CircuitsVis's component in our fragment: a closed div (so views after it survive), script-safe props."""
     clean, _ = runs
     nasty = "</script><!--"
     r = dataclasses.replace(clean["embedding"], decode=lambda i: nasty if int(i) % 2 else f"<{int(i)}>")
@@ -571,6 +571,8 @@ def test_circuitsvis_html_is_repaired(runs):
     src = view.local_src
     assert re.match(r'<div id="circuits-vis-[^"]+" style="margin: 15px 0;"></div>', src)
     assert src.count("</script>") == 1 and "<!--" not in src
+    assert view.component == "TokenLogProbs" and "unpkg.com" not in view._repr_html_()
+    assert "unpkg.com" in view.show_code()  # CircuitsVis's CDN version stays available on request
     match = re.search(r"CircuitsVis\.\w+,\s*(\{.*\})\s*\)\s*</script>", src, re.S)
     assert nasty in json.dumps(json.loads(match.group(1)), ensure_ascii=False).replace("\\/", "/")
     drift = views.drift_tokens(r).local_src
@@ -688,9 +690,9 @@ def test_layer_curves_view():
 
 
 def test_nice_ticks():
-    lo, hi, ticks, dec = views._nice_ticks(0.03, 0.97)
+    lo, hi, ticks, dec = views.nice_ticks(0.03, 0.97)
     assert (lo, hi) == (0.0, 1.0) and ticks[0] == 0.0 and ticks[-1] == pytest.approx(1.0) and dec == 1
-    lo, hi, ticks, dec = views._nice_ticks(5, 5)
+    lo, hi, ticks, dec = views.nice_ticks(5, 5)
     assert lo < 5 < hi and len(ticks) >= 2
 
 
