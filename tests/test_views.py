@@ -188,6 +188,8 @@ def test_colour_range_kinds():
     # A difference that is zero in most cells (a patch reaches few) is scaled to what changed.
     lo, hi = views.colour_range([0.0] * 99 + [0.5, -2.0], "centred")
     assert hi == pytest.approx(-lo) and 0.5 < hi <= 2.0
+    assert views.colour_range([0.0] * 99 + [0.5, -2.0], "change") == (-2.0, 2.0)
+    assert views.colour_range([0.0] * 5, "change") == (-1e-6, 1e-6)
     lo, hi = views.colour_range([3.0] * 5, "quantile")
     assert lo == 3.0 and hi > lo
 
@@ -379,7 +381,9 @@ def test_difference_mode_data(runs):
     assert _metric(lens, "kl_to_final", 0)["max"] == _metric(lens, "kl_to_final", 1)["max"]
     for m in lens["metrics"]:
         if m["view"] == -1 and m["scale"] == "diverging":
-            assert m["min"] == -m["max"] and m["max"] > 0
+            # A change's range is ± its largest size: the cells a patch reaches are the signal.
+            assert m["min"] == -m["max"] and m["max"] == pytest.approx(max(abs(v) for v in _values(m)), rel=1e-4)
+            assert "largest |change|" in m["rangeNote"]
 
 
 def test_difference_mode_inputs_agree(runs):

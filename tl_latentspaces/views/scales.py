@@ -2,7 +2,9 @@
 
 Each lens and metric gets its own colour range, robust to outliers and stated in the legend:
 probabilities from 0 to their 98th percentile, entropy over the 2nd to 98th percentile, KL and
-ranks on a log scale over that range, cosines and differences centred on zero.
+ranks on a log scale over that range, cosines centred on zero (± the 98th percentile of their
+size), and the changes between two runs centred on zero at ± the largest change (a patch's
+effect sits in a few cells: there its size is the signal).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _RANGES = {
     "quantile": "2nd to 98th percentile",
     "log": "log scale, 2nd to 98th percentile",
     "centred": "centred on 0, ± the 98th percentile of |value|",
-    "centred-log": "log scale, centred on 0, ± the 98th percentile of |value|",
+    "change": "centred on 0, ± the largest |change|",
+    "change-log": "log scale, centred on 0, ± the largest |change|",
 }
 
 # Old metric names, accepted for one release with a DeprecationWarning.
@@ -109,20 +112,20 @@ def diff_metrics(d: LensDiff, b: int, keep: list[int], targets: list[str]) -> li
         _metric("top1_changed", "top-1 changed", -1, sel(d.top1_changed.double()), fmt="bool",
                 description="whether the lens's top-1 token differs between the runs", ranging="fixed"),
         _metric("kl_delta", "Δ KL to final", -1, sel(d.kl_delta), scale="diverging", unit="nats",
-                description="change in KL to each run's own final distribution", ranging="centred"),
+                description="change in KL to each run's own final distribution", ranging="change"),
         _metric("entropy_delta", "Δ entropy", -1, sel(d.entropy_delta), scale="diverging", unit="nats",
-                description="change in the lens's entropy", ranging="centred"),
+                description="change in the lens's entropy", ranging="change"),
     ]
     if d.target_prob_delta is not None and base.target_ranks is not None and other.target_ranks is not None:
         for t, name in enumerate(targets):
             out.append(_metric(f"target{t}_prob_delta", f"Δ p({name})", -1, sel(d.target_prob_delta[..., t]),
                                scale="diverging", fmt="percent",
                                description=f"change in the probability of {name} (percentage points)",
-                               ranging="centred"))
+                               ranging="change"))
             rank_delta = other.target_ranks[..., t].double() - base.target_ranks[..., t].double()
             out.append(_metric(f"target{t}_rank_delta", f"Δ rank({name})", -1, sel(rank_delta), scale="diverging",
                                log=True, fmt="integer", reverse=True,
-                               description=f"change in the rank of {name} (blue: moved up)", ranging="centred-log"))
+                               description=f"change in the rank of {name} (blue: moved up)", ranging="change-log"))
     return out
 
 
@@ -135,7 +138,11 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
     v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
     if ranging == "fixed":
         return 0.0, 1.0
-    if ranging in ("centred", "centred-log"):
+    if ranging in ("change", "change-log"):
+        # A patch's effect sits in few cells (most cannot be reached): its size is the signal.
+        bound = float(v.abs().max()) if v.numel() else 0.0
+        return (-bound, bound) if bound > 0 else (-1e-6, 1e-6)
+    if ranging == "centred":
         size = v.abs()
         bound = _quantile(size, Q_HIGH)
         if bound <= 0:  # mostly zeros (cells a patch cannot reach): scale to what did change
