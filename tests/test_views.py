@@ -386,6 +386,35 @@ def test_difference_mode_data(runs):
             assert "largest |change|" in m["rangeNote"]
 
 
+def _with_divergence(d, divergence):
+    """``d`` with a ``divergence`` field: LensDiff's own once it has one, else a subclass's."""
+    if "divergence" in {f.name for f in dataclasses.fields(tll.LensDiff)}:
+        return dataclasses.replace(d, divergence=divergence)
+
+    @dataclasses.dataclass(frozen=True)
+    class WithDivergence(tll.LensDiff):
+        divergence: object = None
+
+    return WithDivergence(**{f.name: getattr(d, f.name) for f in dataclasses.fields(tll.LensDiff)},
+                          divergence=divergence)
+
+
+def test_difference_mode_divergence(runs):
+    clean, patched = runs
+    d = clean["logit"].diff(patched["logit"])
+    planted = torch.zeros_like(d.kl_delta)
+    planted[2:, :, 4:] = torch.linspace(0.1, 6.0, planted[2:, :, 4:].numel()).reshape(planted[2:, :, 4:].shape)
+    props = views.lens_grid(_with_divergence(d, planted)).props
+    assert props["initialView"] == -1 and props["initialMetric"] == "divergence"
+    m = _metric(props["lenses"][0], "divergence", -1)
+    _close(m["values"], planted[:, 0])
+    assert m["scale"] == "sequential" and m["log"] and not m["reverse"] and m["unit"] == "nats"
+    assert (m["min"], m["max"]) == (0.0, pytest.approx(float(planted[:, 0].max()), rel=1e-4))
+    assert views.lens_grid(_with_divergence(d, planted), metric="kl_delta").props["initialMetric"] == "kl_delta"
+    # Without the field (or with None) the grid offers what it did before.
+    assert "divergence" not in {m["key"] for m in views.lens_grid(_with_divergence(d, None)).props["lenses"][0]["metrics"]}
+
+
 def test_difference_mode_inputs_agree(runs):
     clean, patched = runs
     two = views.lens_grid(clean["logit"], patched["logit"], diff=True).props

@@ -30,6 +30,7 @@ _RANGES = {
     "log": "log scale, 2nd to 98th percentile",
     "centred": "centred on 0, ± the 98th percentile of |value|",
     "change": "centred on 0, ± the largest |change|",
+    "size-log": "log scale, 0 to the largest value",
     "change-log": "log scale, centred on 0, ± the largest |change|",
 }
 
@@ -107,7 +108,7 @@ def diff_metrics(d: LensDiff, b: int, keep: list[int], targets: list[str]) -> li
     if divergence is not None:
         out.append(_metric("divergence", "divergence", -1, sel(divergence), log=True, unit="nats",
                            description="KL(base lens ‖ other lens) at each cell (dark: the runs' readouts differ)",
-                           ranging="log"))
+                           ranging="size-log"))
     out += [
         _metric("top1_changed", "top-1 changed", -1, sel(d.top1_changed.double()), fmt="bool",
                 description="whether the lens's top-1 token differs between the runs", ranging="fixed"),
@@ -138,6 +139,9 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
     v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
     if ranging == "fixed":
         return 0.0, 1.0
+    if ranging == "size-log":
+        top = float(v.max()) if v.numel() else 0.0
+        return 0.0, top if top > 0 else 1e-6
     if ranging in ("change", "change-log"):
         # A patch's effect sits in few cells (most cannot be reached): its size is the signal.
         bound = float(v.abs().max()) if v.numel() else 0.0
