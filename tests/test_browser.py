@@ -9,6 +9,7 @@ no uncaught exception and no request other than the page's own file. Screenshots
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import tl_latentspaces as tll
 from tl_latentspaces import views
 
 from conftest import EIFFEL, FLAVOURS
+from test_views import byte_tokenizer
 
 try:
     from playwright.sync_api import sync_playwright
@@ -37,6 +39,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 ]
 POSITIVE = (30, 136, 229)  # js/src/colors.ts POSITIVE
+NEGATIVE = (216, 27, 96)  # js/src/colors.ts NEGATIVE
+DOCS_IMG = REPO / "docs" / "img"
 TARGETS = [5, 7]
 
 
@@ -149,10 +153,32 @@ def shown(token: str) -> str:
 
 
 def expected_colour(value: float, metric: dict) -> tuple[int, ...]:
-    """A sequential, linear metric's cell colour (js/src/colors.ts)."""
-    t = min(max((value - metric["min"]) / (metric["max"] - metric["min"]), 0.0), 1.0)
-    t = 1 - t if metric["reverse"] else t
-    return tuple(math.floor(255 + (c - 255) * t + 0.5) for c in POSITIVE)
+    """A metric's cell colour (js/src/colors.ts), written again from its definition."""
+    squash = (lambda x: math.copysign(math.log1p(abs(x)), x)) if metric["log"] else (lambda x: x)  # noqa: E731
+    lo, hi = squash(metric["min"]), squash(metric["max"])
+    if metric["scale"] == "diverging":
+        t = min(max(squash(value) / max(abs(lo), abs(hi)), -1.0), 1.0)
+        t = -t if metric["reverse"] else t
+    else:
+        t = min(max((squash(value) - lo) / (hi - lo), 0.0), 1.0)
+        t = 1 - t if metric["reverse"] else t
+    colour = POSITIVE if t >= 0 else NEGATIVE
+    return tuple(math.floor(255 + (c - 255) * abs(t) + 0.5) for c in colour)
+
+
+def intensity_of(rgb: tuple[int, ...]) -> float:
+    """The signed intensity a cell colour stands for: + blue, - red, 0 white."""
+    r, g, b = rgb[:3]
+    if b >= r:
+        return (255 - r) / (255 - POSITIVE[0])
+    return -(255 - g) / (255 - NEGATIVE[1])
+
+
+def shown_number(value: float, unit: str = "") -> str:
+    """js/src/format.ts formatNumber, for the legend."""
+    a = abs(value)
+    text = "0" if a == 0 else f"{value:.1f}" if a >= 100 else f"{value:.3f}" if a >= 0.01 else f"{value:.2g}"
+    return text + (f" {unit}" if unit else "")
 
 
 def _percent(text: str) -> float:
@@ -177,7 +203,9 @@ def runs():
 
 
 def _top1(r, b: int = 0) -> dict[tuple[int, int], str]:
-    return {(e, p): shown(r.decode(int(i))) for e, row in enumerate(r.top_ids[:, b, :, 0].tolist()) for p, i in enumerate(row)}
+    """Each cell's top-1 token as drawn (byte tokens as escapes: test_views checks TokenText)."""
+    words = views.TokenText(r.decode)
+    return {(e, p): shown(words.text(int(i))) for e, row in enumerate(r.top_ids[:, b, :, 0].tolist()) for p, i in enumerate(row)}
 
 
 # ---------------------------------------------------------------------- lens grid
@@ -203,7 +231,7 @@ def test_grid_cells_and_lens_switch(open_page, runs, tmp_path):
     assert pg.page.get_attribute('[data-testid=lens-button][data-name="embedding"]', "aria-pressed") == "true"
     # The embedding lens adds its own metrics; back on the logit lens they are gone again.
     metrics = pg.page.eval_on_selector_all("[data-testid=metric-button]", "els => els.map(e => e.dataset.value)")
-    assert "own_scores" in metrics and "own_ranks" in metrics
+    assert "own_cosine" in metrics and "own_rank" in metrics
     pg.page.click('[data-testid=lens-button][data-name="logit"]')
     assert {(e, p): text for e, p, text in pg.cells()} == _top1(logit)
     pg.assert_clean()
@@ -276,15 +304,25 @@ def test_metric_switch_recolours(open_page, runs, tmp_path):
             assert all(abs(a - b) <= 1 for a, b in zip(got, want)), (key, e, p, got, want)
 
     check("top1_prob")
-    assert pg.page.text_content("[data-testid=legend-max]") == "100.0%"
+    assert pg.page.text_content("[data-testid=legend-max]") == f"{100 * metric['top1_prob']['max']:.1f}%"
     pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
     check("kl_to_final")
-    assert pg.page.text_content("[data-testid=legend-max]") == f"{metric['kl_to_final']['max']:.3f} nats"
+    m = metric["kl_to_final"]
+    assert pg.page.text_content("[data-testid=legend-max]") == shown_number(m["max"], "nats")
+    assert pg.page.text_content("[data-testid=legend-range]") == f"({m['rangeNote']})"
+    assert "log scale" in m["rangeNote"]
+    assert pg.page.locator("[data-testid=legend-clip-high]").count() == int(m["clipHigh"])
     pg.page.click('[data-testid=metric-button][data-value="entropy"]')
     check("entropy")
-    pg.page.click('[data-testid=metric-button][data-value="target_probs:1"]')
-    check("target_probs:1")
+    pg.page.click('[data-testid=metric-button][data-value="target1_prob"]')
+    check("target1_prob")
     assert 'probability of the target "<7>"' in pg.page.text_content("[data-testid=legend]")
+    pg.page.click('[data-testid=lens-button][data-name="embedding"]')
+    pg.page.click('[data-testid=metric-button][data-value="own_cosine"]')
+    own = {m["key"]: m for m in view.props["lenses"][1]["metrics"]}["own_cosine"]
+    for e, p in some:
+        got, want = pg.background(e, p), expected_colour(own["values"][e][p], own)
+        assert all(abs(a - b) <= 1 for a, b in zip(got, want)), ("own_cosine", e, p, got, want)
     pg.assert_clean()
 
 
@@ -304,6 +342,12 @@ def test_difference_mode(open_page, runs, tmp_path):
     want = {(e, p) for e, p in d.top1_changed[:, 0].nonzero().tolist()}
     assert want and {(e, p) for e, p, _ in changed} == want
     assert all(text == _top1(base)[(e, p)] for e, p, text in changed)
+    # The struck-through base token is as large as the cell's own token, and dark.
+    sizes = pg.page.eval_on_selector(
+        "[data-testid=cell][data-changed=true]",
+        "el => [el.querySelector('[data-testid=cell-token]'), el.querySelector('[data-testid=cell-base-token]')]"
+        ".map(x => [parseFloat(getComputedStyle(x).fontSize), getComputedStyle(x).opacity])")
+    assert sizes[0][0] == sizes[1][0] >= 12 and sizes[1][1] == "1"
     e, p = sorted(want)[0]
     pg.cell(e, p).hover()
     tables = pg.topk()
@@ -343,6 +387,107 @@ def test_two_grids_and_other_views_share_a_notebook_page(open_page, runs, tmp_pa
     pg.page.click(f'{second} [data-testid=lens-button][data-name="logit"]')
     assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["logit"])
     assert pg.page.locator("rect.cell").count() == 16
+    pg.assert_clean()
+
+
+def test_byte_tokens_ids_bos_compact_and_zoom(open_page, runs, tmp_path):
+    clean, _ = runs
+    tok, decode = byte_tokenizer()
+    ids = [0] + tok("é🙂aï", add_special_tokens=False)["input_ids"]
+    r = dataclasses.replace(clean["logit"], tokens=torch.tensor([ids, ids]), decode=decode)
+    view = views.lens_grid(r)
+    pg = open_page(view.save(tmp_path / "bytes.html"))
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert "\ufffd" not in pg.page.text_content("body")
+    E = len(r.labels)
+    # The BOS column is hidden at first; the toggle shows it.
+    headers = pg.page.locator("[data-testid=col-header]")
+    assert headers.all_text_contents() == [f"{p}{t}" for p, t in zip(range(1, 9), ["é", "🙂", "…🙂", "…🙂", "…🙂", "a", "ï", "…ï"])]
+    assert pg.page.locator("[data-testid=cell]").count() == E * 8
+    assert headers.nth(2).get_attribute("title") == f"id {ids[3]} · bytes 9F, part of “🙂”"
+    pg.page.click("[data-testid=bos-button]")
+    assert headers.count() == 9 and headers.first.text_content() == "0<bos>"
+    assert pg.page.locator("[data-testid=cell]").count() == E * 9
+    pg.page.click("[data-testid=bos-button]")
+    assert headers.count() == 8
+    # Ids on hover: the input token's and the top-k's.
+    pg.cell(1, 2).hover()
+    assert pg.page.text_content("[data-testid=details-token-id]").strip() == f"id {ids[2]}"
+    assert pg.page.locator("[data-testid=topk-id]").all_text_contents() == [str(i) for i in r.top_ids[1, 0, 2].tolist()]
+    assert pg.cell(1, 2).get_attribute("title").endswith(f"(id {int(r.top_ids[1, 0, 2, 0])})")
+    # Compact mode and zoom size the columns (content width + padding + border).
+    width = lambda: pg.cell(1, 2).bounding_box()["width"]  # noqa: E731
+    assert pg.page.get_attribute("[data-testid=lens-grid]", "data-compact") == "false"
+    assert width() == pytest.approx(76 + 8 + 1, abs=1.5)
+    pg.page.click("[data-testid=compact-button]")
+    assert width() == pytest.approx(34 + 4 + 1, abs=1.5)
+    pg.page.locator("[data-testid=zoom]").fill("2")
+    assert width() == pytest.approx(68 + 4 + 1, abs=1.5) and pg.page.text_content("[data-testid=zoom-value]") == "200%"
+    pg.screenshot("lens_grid_tiny_bytes.png")
+    pg.assert_clean()
+
+
+def test_long_prompts_open_compact(open_page, runs, tmp_path):
+    clean, _ = runs
+    r = clean["logit"]
+    n = views.COMPACT_FROM + 6
+    tokens = torch.arange(n).remainder(100).expand(2, n)
+    long = dataclasses.replace(r, tokens=tokens, positions=list(range(n)), mask=torch.ones(2, n, dtype=torch.bool),
+                               **{f: getattr(r, f).repeat_interleave(4, dim=2)[:, :, :n] for f in (
+                                   "top_ids", "top_probs", "top_scores", "entropy", "kl_to_final", "target_probs",
+                                   "target_ranks")},
+                               target_ids=r.target_ids.repeat_interleave(4, dim=1)[:, :n], final_top1=tokens)
+    pg = open_page(views.lens_grid(long).save(tmp_path / "long.html"), width=1400)
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert pg.page.get_attribute("[data-testid=lens-grid]", "data-compact") == "true"
+    compact = pg.page.locator("[data-testid=lens-grid]").bounding_box()["width"]
+    pg.page.click("[data-testid=compact-button]")
+    assert pg.page.get_attribute("[data-testid=lens-grid]", "data-compact") == "false"
+    full = pg.page.locator("[data-testid=lens-grid]").bounding_box()["width"]
+    assert compact < 0.5 * full
+    pg.assert_clean()
+
+
+def test_drift_view(open_page, runs, tmp_path):
+    clean, _ = runs
+    emb = clean["embedding"]
+    own = torch.full_like(emb.own_scores, 0.05)
+    own[0] = 1.0
+    own[:, 0] += torch.linspace(-0.01, 0.01, own.shape[-1])
+    own[2, 0] = torch.linspace(-0.5, 0.5, own.shape[-1])
+    view = views.drift_tokens(dataclasses.replace(emb, own_scores=own))
+    p = view.props
+    m = p["metric"]
+    assert p["initialEntry"] == 2
+    pg = open_page(view.save(tmp_path / "drift.html"), width=1200, height=600)
+    pg.page.wait_for_selector("[data-testid=drift-token]")
+    assert pg.page.text_content("[data-testid=drift-title]") == p["title"]
+    assert pg.page.text_content("[data-testid=drift-entry]") == emb.labels[2]
+    assert pg.page.text_content("[data-testid=legend-name]") == "own-token cosine"
+    assert "centred on 0" in pg.page.text_content("[data-testid=legend-range]")
+    assert "0_pre" in m["rangeNote"]  # the entry of cosines 1 does not set the bounds
+
+    def colours():
+        return pg.page.eval_on_selector_all(
+            "[data-testid=drift-token]", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+
+    def check(entry):
+        got = [tuple(int(x) for x in re.findall(r"\d+", c)[:3]) for c in colours()]
+        want = [expected_colour(v, m) for v in p["values"][entry]]
+        assert all(abs(a - b) <= 1 for g, w in zip(got, want) for a, b in zip(g, w)), (entry, got, want)
+
+    check(2)
+    assert len({c for c in colours()}) == len(p["tokens"])  # a spread of colours, not a sign map
+    pg.page.click('[data-testid=drift-entry-button][data-name="0_pre"]')
+    assert pg.page.text_content("[data-testid=drift-entry]") == "0_pre"
+    check(0)
+    pg.page.locator("[data-testid=drift-slider]").fill("1")
+    assert pg.page.text_content("[data-testid=drift-entry]") == "1_pre"
+    check(1)
+    pg.page.locator("[data-testid=drift-token]").nth(3).hover()
+    values = pg.page.locator("[data-testid=drift-details-value]").all_text_contents()
+    assert len(values) == len(emb.labels) and values[2] == f"{p['values'][2][3]:+.3f}"
+    pg.screenshot("drift_tiny.png")
     pg.assert_clean()
 
 
@@ -387,11 +532,14 @@ def test_svg_figures_render(open_page, tmp_path):
 def test_eiffel_grid_reads_paris(open_page, smol, tmp_path):
     results = tll.read_lenses(smol, EIFFEL, targets=" Paris")
     logit = results["logit"]
-    view = views.lens_grid(results, metric="target_ranks:0")
+    view = views.lens_grid(results, metric="target0_rank")
     pg = open_page(view.save(tmp_path / "eiffel.html"))
     pg.page.wait_for_selector("[data-testid=cell]")
     E, _, P, _ = logit.top_ids.shape
-    assert len(pg.cells()) == E * P == 31 * len(smol.to_tokens(EIFFEL, prepend_bos=True)[0])
+    # The BOS column is hidden at first.
+    assert view.props["bos"] and len(pg.cells()) == E * (P - 1) == 31 * (len(smol.to_tokens(EIFFEL, prepend_bos=True)[0]) - 1)
+    pg.page.click("[data-testid=bos-button]")
+    assert len(pg.cells()) == E * P
     final = logit.labels.index("final_post")
     last = pg.cell(final, P - 1)
     assert last.locator("[data-testid=cell-token]").text_content() == " Paris"
@@ -404,4 +552,110 @@ def test_eiffel_grid_reads_paris(open_page, smol, tmp_path):
     assert path.stat().st_size > 10_000
     pg.page.click('[data-testid=lens-button][data-name="embedding"]')
     assert {(e, p): t for e, p, t in pg.cells()} == _top1(results["embedding"])
+    pg.assert_clean()
+
+
+UNICODE_PROMPT = "Café crème brûlée 🙂 — naïve Zoë visited Tokyo (東京) and then the Eiffel Tower in the city of"
+
+
+def _strings(x):
+    """Every string in nested props."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _strings(v)
+
+
+def _row_intensities(pg: Page) -> list[list[float]]:
+    """The signed colour intensity of every drawn cell, by row."""
+    cells = pg.page.eval_on_selector_all(
+        "[data-testid=cell]", "els => els.map(e => [+e.dataset.entry, getComputedStyle(e).backgroundColor])")
+    rows: dict[int, list[float]] = {}
+    for e, css in cells:
+        rows.setdefault(e, []).append(intensity_of(tuple(int(x) for x in re.findall(r"\d+", css)[:3])))
+    return [rows[e] for e in sorted(rows)]
+
+
+def _assert_readable(rows: list[list[float]], what: str) -> None:
+    """Colours that vary across rows: neither saturated nor blank over most of the grid."""
+    flat = [abs(t) for row in rows for t in row]
+    saturated = sum(t > 0.97 for t in flat) / len(flat)
+    blank = sum(t < 0.03 for t in flat) / len(flat)
+    means = torch.tensor([sum(row) / len(row) for row in rows])
+    assert saturated < 0.5, f"{what}: {saturated:.0%} of the cells saturated"
+    assert blank < 0.5, f"{what}: {blank:.0%} of the cells blank"
+    assert float(means.std()) > 0.05, f"{what}: rows look alike (row means {means.tolist()})"
+    assert len({round(float(m), 2) for m in means}) > len(rows) // 3, f"{what}: row means {means.tolist()}"
+
+
+@pytest.mark.integration
+def test_real_prompt_with_emoji_and_accents(open_page, smol, tmp_path):
+    results = tll.read_lenses(smol, UNICODE_PROMPT, targets=" Paris", prepend_bos=True)
+    view = views.lens_grid(results, title="Lens grid · SmolLM2-135M-Instruct")
+    # The tokenizer itself decodes several of these tokens to U+FFFD; the view never shows it.
+    assert any("\ufffd" in t for t in results["logit"].str_tokens[0])
+    assert not any("\ufffd" in s for s in _strings(view.props))
+    assert "🙂" in "".join(view.props["tokens"]) and "東" in view.props["tokens"]
+    pg = open_page(view.save(tmp_path / "unicode.html"), width=1900, height=1150)
+    pg.page.wait_for_selector("[data-testid=cell]")
+    assert "\ufffd" not in pg.page.text_content("body")
+    assert pg.page.locator("[data-testid=col-header]").count() == len(view.props["tokens"]) - 1  # BOS hidden
+    pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
+    _assert_readable(_row_intensities(pg), "KL to final, logit lens")
+    pg.cell(20, 12).click()
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.screenshot("lens_grid_unicode_kl.png")
+    pg.page.click('[data-testid=lens-button][data-name="embedding"]')
+    pg.page.click('[data-testid=metric-button][data-value="own_cosine"]')
+    _assert_readable(_row_intensities(pg), "own-token cosine, embedding lens")
+    pg.page.click('[data-testid=metric-button][data-value="kl_to_final"]')
+    _assert_readable(_row_intensities(pg), "KL to final, embedding lens")
+    pg.cell(3, 21).hover()
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.page.click('[data-testid=metric-button][data-value="own_cosine"]')
+    pg.screenshot("lens_grid_unicode_cosine.png")
+    pg.assert_clean()
+
+    drift = views.drift_tokens(results["embedding"])
+    assert drift.props["labels"][drift.props["initialEntry"]] != "0_pre"
+    pg = open_page(drift.save(tmp_path / "drift.html"), width=1300, height=720)
+    pg.page.wait_for_selector("[data-testid=drift-token]")
+    assert "\ufffd" not in pg.page.text_content("body")
+    pg.page.locator("[data-testid=drift-token]").nth(10).hover()
+    pg.screenshot("drift_unicode.png")
+    pg.assert_clean()
+
+
+@pytest.mark.integration
+def test_real_difference_grid(open_page, smol, tmp_path):
+    clean = tll.read_lenses(smol, EIFFEL, targets=" Paris", prepend_bos=True, lenses=("logit",))
+    pos = clean["logit"].str_tokens[0].index(" Tower")
+
+    def ablate(act, hook=None):
+        act[:, pos] = 0.0
+        return act
+
+    name = "blocks.8.hook_resid_post"
+    before = len(smol.hook_dict[name].fwd_hooks)
+    smol.add_hook(name, ablate)
+    try:
+        patched = tll.read_lenses(smol, EIFFEL, targets=" Paris", prepend_bos=True, lenses=("logit",))
+    finally:
+        smol.hook_dict[name].remove_hooks()
+    assert len(smol.hook_dict[name].fwd_hooks) == before
+    view = views.lens_grid(clean, patched, diff=True, run_names=("clean", "Tower ablated at 8_post"))
+    pg = open_page(view.save(tmp_path / "diff.html"), width=1500, height=1000)
+    pg.page.wait_for_selector("[data-testid=cell][data-changed=true]")
+    sizes = pg.page.eval_on_selector(
+        "[data-testid=cell][data-changed=true]",
+        "el => [el.querySelector('[data-testid=cell-token]'), el.querySelector('[data-testid=cell-base-token]')]"
+        ".map(x => parseFloat(getComputedStyle(x).fontSize))")
+    assert sizes[0] == sizes[1] >= 12
+    final = clean["logit"].labels.index("final_post")
+    pg.cell(final, len(clean["logit"].positions) - 1).click()
+    pg.screenshot("lens_grid_diff.png")
     pg.assert_clean()

@@ -20,6 +20,7 @@ import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces import views
+from tl_latentspaces.model import TokenDecoder
 
 from conftest import FLAVOURS
 
@@ -62,10 +63,6 @@ def _metric(lens: dict, key: str, view: int = 0) -> dict:
     return m
 
 
-def _without_ranges(lens: dict) -> dict:
-    return {**lens, "metrics": [{k: v for k, v in m.items() if k not in ("min", "max")} for m in lens["metrics"]]}
-
-
 def _embedded_props(src: str) -> dict:
     """The props JSON a rendered component passes to ``TLLatentSpaces.render``."""
     match = re.search(r'TLLatentSpaces\.render\(\s*"[^"]+",\s*TLLatentSpaces\.\w+,\s*(\{.*\})\s*\)\s*</script>', src, re.S)
@@ -87,55 +84,114 @@ def test_grid_data_matches_the_readouts(runs):
     assert [lens["name"] for lens in props["lenses"]] == ["logit", "embedding"]
     assert [lens["scoreName"] for lens in props["lenses"]] == ["logit", "cosine"]
     assert "runs" not in props and props["initialView"] == 0 and props["initialMetric"] == "top1_prob"
+    assert props["tokenIds"] == logit.tokens[0].tolist()
+    assert props["bos"] is False and props["hideBos"] is False  # the tiny model has no tokenizer
     for lens, r in zip(props["lenses"], (logit, emb)):
         assert len(lens["topTokens"]) == 1
         top = lens["topTokens"][0]
         assert [len(top), len(top[0]), len(top[0][0])] == [E, P, K]
         assert top == [[[r.decode(int(i)) for i in cell] for cell in row] for row in r.top_ids[:, 0].tolist()]
+        assert lens["topIds"] == [r.top_ids[:, 0].tolist()]
         _close(lens["topProbs"][0], r.top_probs[:, 0])
         _close(lens["topScores"][0], r.top_scores[:, 0])
         _close(_metric(lens, "top1_prob")["values"], r.top_probs[:, 0, :, 0])
         _close(_metric(lens, "entropy")["values"], r.entropy[:, 0])
         _close(_metric(lens, "kl_to_final")["values"], r.kl_to_final[:, 0])
         for t in range(len(TARGETS)):
-            _close(_metric(lens, f"target_probs:{t}")["values"], r.target_probs[:, 0, :, t])
-            _close(_metric(lens, f"target_ranks:{t}")["values"], r.target_ranks[:, 0, :, t].double())
+            _close(_metric(lens, f"target{t}_prob")["values"], r.target_probs[:, 0, :, t])
+            _close(_metric(lens, f"target{t}_rank")["values"], r.target_ranks[:, 0, :, t].double())
     # The top-1 token of every cell is what the result itself reports.
     assert [[cell[0] for cell in row] for row in props["lenses"][0]["topTokens"][0]] == [
         entry[0] for entry in logit.top_tokens()
     ]
-    # Only the embedding lens has the own-token metrics.
-    assert {m["key"] for m in props["lenses"][0]["metrics"]} == {
-        "top1_prob", "entropy", "kl_to_final", "target_probs:0", "target_ranks:0", "target_probs:1", "target_ranks:1"}
-    _close(_metric(props["lenses"][1], "own_scores")["values"], emb.own_scores[:, 0])
-    _close(_metric(props["lenses"][1], "own_ranks")["values"], emb.own_ranks[:, 0].double())
-    assert _metric(props["lenses"][0], "target_probs:0")["name"] == 'p("<5>")'
+    # Only the embedding lens has the own-token metrics. Every key is a column of to_dataframe().
+    keys = {m["key"] for m in props["lenses"][0]["metrics"]}
+    assert keys == {"top1_prob", "entropy", "kl_to_final", "target0_prob", "target0_rank", "target1_prob", "target1_rank"}
+    emb_keys = {m["key"] for m in props["lenses"][1]["metrics"]}
+    assert emb_keys == keys | {"own_cosine", "own_rank"}
+    assert emb_keys <= set(emb.to_dataframe().columns)
+    _close(_metric(props["lenses"][1], "own_cosine")["values"], emb.own_scores[:, 0])
+    _close(_metric(props["lenses"][1], "own_rank")["values"], emb.own_ranks[:, 0].double())
+    assert _metric(props["lenses"][0], "target0_prob")["name"] == 'p("<5>")'
+
+
+def _values(m: dict, skip: tuple = ()) -> list:
+    """The values a metric's range is taken over (the entries and columns its legend leaves out, left out)."""
+    rows = m["values"][1:] if "0_pre" in m.get("rangeNote", "") else m["values"]
+    return [v for row in rows for p, v in enumerate(row) if p not in skip]
 
 
 def test_grid_colour_ranges(runs):
+    """Per lens and metric, the central 96% of the values (numpy's quantiles as the reference)."""
+    np = pytest.importorskip("numpy")
     clean, _ = runs
     props = views.lens_grid(clean).props
-    lenses = props["lenses"]
-    for lens in lenses:
+    logit, emb = props["lenses"]
+    for lens in (logit, emb):
         for m in lens["metrics"]:
-            vals = [v for row in m["values"] for v in row]
-            assert all(v is not None for v in vals)
-            assert m["min"] < m["max"]
-            assert m["min"] <= min(vals) + 1e-9 and max(vals) <= m["max"] + 1e-9, m["key"]
-    by_key = lambda key: [_metric(lens, key) for lens in lenses if any(m["key"] == key for m in lens["metrics"])]  # noqa: E731
-    # Probabilities on a fixed [0, 1] scale; entropy and KL from 0 to the largest value of any lens,
-    # shared so that switching lens keeps the colours comparable.
-    for key in ("top1_prob", "target_probs:0"):
-        assert all((m["min"], m["max"]) == (0.0, 1.0) for m in by_key(key))
-    for key in ("entropy", "kl_to_final"):
-        ms = by_key(key)
-        top = max(v for m in ms for row in m["values"] for v in row)
-        assert all(m["min"] == 0.0 and m["max"] == pytest.approx(top, rel=1e-4) for m in ms)
-        assert all(m["reverse"] and m["scale"] == "sequential" for m in ms)
-    ranks = by_key("target_ranks:0")
-    assert all(m["log"] and m["reverse"] and m["format"] == "integer" for m in ranks)
-    own = _metric(lenses[1], "own_scores")
-    assert own["scale"] == "diverging" and own["min"] == -own["max"]
+            vals = np.array(_values(m))
+            assert m["min"] < m["max"], m["key"]
+            assert m["clipLow"] == bool((vals < m["min"]).any()) and m["clipHigh"] == bool((vals > m["max"]).any())
+            assert "of this lens" in m["rangeNote"]
+            if m["key"] in ("top1_prob", "target0_prob", "target1_prob"):
+                assert m["min"] == 0.0 and m["max"] == pytest.approx(np.quantile(vals, 0.98), rel=1e-4)
+                assert not m["log"] and m["scale"] == "sequential"
+            elif m["key"] in ("entropy", "kl_to_final", "target0_rank", "own_rank"):
+                assert (m["min"], m["max"]) == pytest.approx((np.quantile(vals, 0.02), np.quantile(vals, 0.98)), rel=1e-4)
+                assert m["reverse"] and m["scale"] == "sequential"
+                assert m["log"] == (m["key"] != "entropy")
+            elif m["key"] == "own_cosine":
+                assert m["scale"] == "diverging" and m["min"] == -m["max"]
+                assert m["max"] == pytest.approx(np.quantile(np.abs(vals), 0.98), rel=1e-4)
+                assert "centred on 0" in m["rangeNote"]
+    # Each lens has its own range: the two lenses' probabilities differ by orders of magnitude.
+    assert _metric(logit, "top1_prob")["max"] != _metric(emb, "top1_prob")["max"]
+    # The range of a metric with a few huge values (KL at 0_pre) fits the rest, not the outliers.
+    m = _metric(logit, "kl_to_final")
+    kl = clean["logit"].kl_to_final.clone()
+    kl[0, 0, 3] = 500.0  # one cell of an outlier
+    spiked = dataclasses.replace(clean["logit"], kl_to_final=kl)
+    m2 = _metric(views.lens_grid(spiked).props["lenses"][0], "kl_to_final")
+    assert m2["max"] < 500.0 and m2["clipHigh"]
+    assert m2["max"] == pytest.approx(np.quantile(_values(m2), 0.98), rel=1e-4)
+    assert m["max"] < m2["max"]
+    # 0_pre, far from every later entry (a cosine of 1 against ~0), is left out of the range.
+    own = torch.randn(clean["embedding"].own_scores.shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    own[0] = 1.0
+    m3 = _metric(views.lens_grid(dataclasses.replace(clean["embedding"], own_scores=own)).props["lenses"][0],
+                 "own_cosine")
+    later = own[1:, 0].abs().double().numpy()
+    assert m3["max"] == pytest.approx(np.quantile(later, 0.98), rel=1e-4) and m3["max"] < 0.2
+    assert "0_pre left out" in m3["rangeNote"] and m3["clipHigh"]
+
+
+def test_embedding_entry_is_apart():
+    later = [[0.01 * e + 0.001 * k for k in range(5)] for e in range(1, 8)]  # medians 0.012 ... 0.072
+    assert views.embedding_entry_is_apart([[1.0] * 5] + later)
+    assert views.embedding_entry_is_apart([[-9.0] * 5] + later)
+    assert not views.embedding_entry_is_apart([[0.05] * 5] + later)  # among the others
+    assert not views.embedding_entry_is_apart([[1.0] * 5] + later[:2])  # too few entries to tell
+    kl = [[15.0 + e + k for k in range(3)] for e in range(10)]  # medians 16 ... 25
+    assert views.embedding_entry_is_apart([[231.0] * 3] + kl)
+    assert views.embedding_entry_is_apart([[231.0] * 3] + kl, log=True)
+    # 40 nats: apart on a linear scale, not on the log scale KL is drawn on.
+    assert views.embedding_entry_is_apart([[40.0] * 3] + kl)
+    assert not views.embedding_entry_is_apart([[40.0] * 3] + kl, log=True)
+
+
+def test_colour_range_kinds():
+    assert views.colour_range([0.0, 0.5, 2.0], "fixed") == (0.0, 1.0)
+    values = [float(v) for v in range(101)]  # quantiles of 0..100 are the percentiles themselves
+    assert views.colour_range(values, "quantile") == pytest.approx((2.0, 98.0))
+    assert views.colour_range(values, "prob") == pytest.approx((0.0, 98.0))
+    assert views.colour_range([-v for v in values], "centred") == pytest.approx((-98.0, 98.0))
+    # A difference that is zero in most cells (a patch reaches few) is scaled to what changed.
+    lo, hi = views.colour_range([0.0] * 99 + [0.5, -2.0], "centred")
+    assert hi == pytest.approx(-lo) and 0.5 < hi <= 2.0
+    assert views.colour_range([0.0] * 99 + [0.5, -2.0], "change") == (-2.0, 2.0)
+    assert views.colour_range([0.0] * 5, "change") == (-1e-6, 1e-6)
+    lo, hi = views.colour_range([3.0] * 5, "quantile")
+    assert lo == 3.0 and hi > lo
 
 
 def test_grid_shows_one_batch_row_without_padding(runs):
@@ -171,8 +227,26 @@ def test_grid_initial_metric(runs):
     clean, _ = runs
     assert views.lens_grid(clean, metric="kl_to_final").props["initialMetric"] == "kl_to_final"
     assert views.lens_grid(clean, metric="KL to final").props["initialMetric"] == "kl_to_final"
-    with pytest.raises(ValueError, match=r"unknown metric 'own_scores'.*'top1_prob'"):
-        views.lens_grid(clean["logit"], metric="own_scores")
+    assert views.lens_grid(clean, metric="target1_rank").props["initialMetric"] == "target1_rank"
+    with pytest.raises(ValueError, match=r"unknown metric 'own_cosine'.*'top1_prob'"):
+        views.lens_grid(clean["logit"], metric="own_cosine")
+
+
+@pytest.mark.parametrize("old, new", [("target_ranks:1", "target1_rank"), ("target_probs:0", "target0_prob"),
+                                      ("own_scores", "own_cosine"), ("own_ranks", "own_rank")])
+def test_old_metric_names_are_deprecated_aliases(runs, old, new):
+    clean, patched = runs
+    with pytest.warns(DeprecationWarning, match=f"'{re.escape(old)}' is deprecated.*use '{new}'") as record:
+        props = views.lens_grid(clean["embedding"], metric=old).props
+    assert props["initialMetric"] == new
+    assert record[0].filename == __file__  # the warning points at the caller
+    with pytest.warns(DeprecationWarning, match=f"use '{new}'"):
+        assert views.drift_tokens(clean["embedding"], old).props["metric"]["key"] == new
+    if old.startswith("target"):
+        delta = old.replace("s:", "_delta:")
+        with pytest.warns(DeprecationWarning, match=f"use '{new}_delta'"):
+            props = views.lens_grid(clean["logit"], patched["logit"], diff=True, metric=delta).props
+        assert props["initialMetric"] == f"{new}_delta"
 
 
 def test_grid_refuses_mismatched_inputs(runs):
@@ -202,6 +276,80 @@ def test_grid_refuses_mismatched_inputs(runs):
         views.lens_grid(no_tokens)
 
 
+# ---------------------------------------------------------------------- byte-level tokens
+def byte_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) built in memory: every byte is a
+    token, plus one merge (``é`` as one token), and a BOS token with id 0."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<bos>": 0}
+    for ch in sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    vocab["Ã©"] = len(vocab)
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[("Ã", "©")]))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>")
+    return tok, TokenDecoder(tok, lambda i: tok.decode([int(i)]))
+
+
+def test_byte_tokens_are_characters_or_escapes():
+    tok, decode = byte_tokenizer()
+    text = "Café 🙂 naïve — ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert sum("\ufffd" in decode(i) for i in ids) >= 8  # what the tokenizer itself shows
+    words = views.TokenText(decode)
+    texts, notes = words.sequence(ids)
+    assert not any("\ufffd" in t for t in texts)
+    # The tokens where a character starts spell the text; the others continue a character.
+    assert "".join(t for t in texts if not t.startswith("\u2026")) == text
+    shown = dict(zip(texts, notes))
+    emoji = [k for k, i in enumerate(ids) if decode(i) == "\ufffd" and texts[k].endswith("🙂")]
+    assert [texts[k] for k in emoji] == ["🙂", "\u2026🙂", "\u2026🙂", "\u2026🙂"]
+    assert [notes[k] for k in emoji] == [f"bytes {b:02X}, part of \u201c🙂\u201d" for b in "🙂".encode()]
+    assert shown["é"] == "" and "\u2026ï" in shown  # é is one token; ï two
+    assert shown["\u2026—"].startswith("bytes ")
+    # One token alone: its text, or escapes for the bytes that are not text alone.
+    assert [words.text(i) for i in ids[4:9]] == [" ", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+    assert words.text(ids[0]) == "C" and words.bos_id == 0
+    # A tokenizer with byte-fallback pieces (SentencePiece style) and one that says nothing.
+
+    class Pieces:
+        bos_token_id = None
+
+        def convert_ids_to_tokens(self, i):
+            return ["<0xE2>", "<0x80>", "<0x94>", "\u2581x"][i]
+
+    fallback = TokenDecoder(Pieces(), lambda i: "\ufffd" if i < 3 else " x")
+    assert views.TokenText(fallback).sequence([3, 0, 1, 2, 3])[0] == [" x", "—", "\u2026—", "\u2026—", " x"]
+    assert views.TokenText(lambda i: "a\ufffd").text(5) == "a<?>"
+
+
+def test_grid_shows_byte_tokens_ids_and_bos(runs):
+    np = pytest.importorskip("numpy")
+    clean, _ = runs
+    tok, decode = byte_tokenizer()
+    ids = [0] + tok("é🙂aï", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 9
+    r = clean["logit"]
+    kl = r.kl_to_final.clone()
+    kl[:, 0, 0] = 1000.0  # the BOS column's junk
+    r = dataclasses.replace(r, tokens=torch.tensor([ids, ids]), decode=decode, kl_to_final=kl)
+    props = views.lens_grid(r).props
+    assert props["tokens"] == ["<bos>", "é", "🙂", "\u2026🙂", "\u2026🙂", "\u2026🙂", "a", "ï", "\u2026ï"]
+    assert props["tokenIds"] == ids
+    assert props["tokenNotes"][3] == "bytes 9F, part of \u201c🙂\u201d" and props["tokenNotes"][1] == ""
+    assert props["bos"] is True and props["hideBos"] is True
+    top = props["lenses"][0]["topTokens"][0]
+    assert top == [[[views.TokenText(decode).text(i) for i in c] for c in row] for row in r.top_ids[:, 0].tolist()]
+    m = _metric(props["lenses"][0], "kl_to_final")
+    rest = [v for row in m["values"] for v in row[1:]]
+    assert (m["min"], m["max"]) == pytest.approx((np.quantile(rest, 0.02), np.quantile(rest, 0.98)), rel=1e-4)
+    assert m["max"] < 1000.0 and "BOS left out" in m["rangeNote"]
+    # Not at position 0, or not the BOS id: no BOS column.
+    assert views.lens_grid(dataclasses.replace(r, tokens=torch.tensor([ids[1:] + [1]] * 2))).props["bos"] is False
+
+
 # ---------------------------------------------------------------------- difference mode
 def test_difference_mode_data(runs):
     clean, patched = runs
@@ -209,15 +357,19 @@ def test_difference_mode_data(runs):
     d = base.diff(other)
     props = views.lens_grid(base, other, diff=True).props
     assert props["runs"] == ["clean", "patched"]
-    assert props["initialView"] == -1 and props["initialMetric"] == "target_prob_delta:0"
+    divergence = getattr(d, "divergence", None)
+    assert props["initialView"] == -1
+    assert props["initialMetric"] == ("target0_prob_delta" if divergence is None else "divergence")
     (lens,) = props["lenses"]
     assert len(lens["topTokens"]) == 2
     assert lens["topTokens"][0] == [[[base.decode(int(i)) for i in c] for c in row] for row in base.top_ids[:, 0].tolist()]
     assert lens["topTokens"][1] == [[[other.decode(int(i)) for i in c] for c in row] for row in other.top_ids[:, 0].tolist()]
     _close(_metric(lens, "kl_delta", -1)["values"], d.kl_delta[:, 0])
     _close(_metric(lens, "entropy_delta", -1)["values"], d.entropy_delta[:, 0])
-    _close(_metric(lens, "target_prob_delta:1", -1)["values"], d.target_prob_delta[:, 0, :, 1])
-    _close(_metric(lens, "target_rank_delta:0", -1)["values"],
+    _close(_metric(lens, "target1_prob_delta", -1)["values"], d.target_prob_delta[:, 0, :, 1])
+    if divergence is not None:
+        _close(_metric(lens, "divergence", -1)["values"], divergence[:, 0])
+    _close(_metric(lens, "target0_rank_delta", -1)["values"],
            (other.target_ranks - base.target_ranks)[:, 0, :, 0].double())
     changed = _metric(lens, "top1_changed", -1)
     _close(changed["values"], d.top1_changed[:, 0].double())
@@ -229,7 +381,38 @@ def test_difference_mode_data(runs):
     assert _metric(lens, "kl_to_final", 0)["max"] == _metric(lens, "kl_to_final", 1)["max"]
     for m in lens["metrics"]:
         if m["view"] == -1 and m["scale"] == "diverging":
-            assert m["min"] == -m["max"] and m["max"] > 0
+            # A change's range is ± its largest size: the cells a patch reaches are the signal.
+            assert m["min"] == -m["max"] and m["max"] == pytest.approx(max(abs(v) for v in _values(m)), rel=1e-4)
+            assert "largest |change|" in m["rangeNote"]
+
+
+def _with_divergence(d, divergence):
+    """``d`` with a ``divergence`` field: LensDiff's own once it has one, else a subclass's."""
+    if "divergence" in {f.name for f in dataclasses.fields(tll.LensDiff)}:
+        return dataclasses.replace(d, divergence=divergence)
+
+    @dataclasses.dataclass(frozen=True)
+    class WithDivergence(tll.LensDiff):
+        divergence: object = None
+
+    return WithDivergence(**{f.name: getattr(d, f.name) for f in dataclasses.fields(tll.LensDiff)},
+                          divergence=divergence)
+
+
+def test_difference_mode_divergence(runs):
+    clean, patched = runs
+    d = clean["logit"].diff(patched["logit"])
+    planted = torch.zeros_like(d.kl_delta)
+    planted[2:, :, 4:] = torch.linspace(0.1, 6.0, planted[2:, :, 4:].numel()).reshape(planted[2:, :, 4:].shape)
+    props = views.lens_grid(_with_divergence(d, planted)).props
+    assert props["initialView"] == -1 and props["initialMetric"] == "divergence"
+    m = _metric(props["lenses"][0], "divergence", -1)
+    _close(m["values"], planted[:, 0])
+    assert m["scale"] == "sequential" and m["log"] and not m["reverse"] and m["unit"] == "nats"
+    assert (m["min"], m["max"]) == (0.0, pytest.approx(float(planted[:, 0].max()), rel=1e-4))
+    assert views.lens_grid(_with_divergence(d, planted), metric="kl_delta").props["initialMetric"] == "kl_delta"
+    # Without the field (or with None) the grid offers what it did before.
+    assert "divergence" not in {m["key"] for m in views.lens_grid(_with_divergence(d, None)).props["lenses"][0]["metrics"]}
 
 
 def test_difference_mode_inputs_agree(runs):
@@ -240,8 +423,8 @@ def test_difference_mode_inputs_agree(runs):
     both = views.lens_grid(clean, patched, diff=True, run_names=("before", "after")).props
     assert [lens["name"] for lens in both["lenses"]] == ["logit", "embedding"]
     assert both["runs"] == ["before", "after"]
-    # The same data; only the colour ranges differ, shared with the embedding lens.
-    assert _without_ranges(both["lenses"][0]) == _without_ranges(two["lenses"][0])
+    # Colour ranges are per lens: the logit lens's are the same with or without the embedding lens.
+    assert both["lenses"][0] == two["lenses"][0]
     diffs = views.lens_grid(clean["logit"].diff(patched["logit"]), clean["embedding"].diff(patched["embedding"])).props
     assert diffs["lenses"] == both["lenses"]
     # A run metric opens on the patched run's view.
@@ -359,46 +542,75 @@ def test_save_is_atomic(runs, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- CircuitsVis components
 def test_drift_tokens_data(runs, monkeypatch):
+    np = pytest.importorskip("numpy")
     clean, _ = runs
     emb, logit = clean["embedding"], clean["logit"]
     monkeypatch.setattr("circuitsvis.utils.render.internet_on", lambda: pytest.fail("probed the internet"))
     view = views.drift_tokens(emb)
-    assert view.component == "ColoredTokensMulti"
+    assert view.component == "TokenDrift"
     p = view.props
-    assert p["metric"] == "own_scores"
-    assert p["tokens"] == emb.str_tokens[0]
+    m = p["metric"]
+    assert m["key"] == "own_cosine" and m["name"] == "own-token cosine" and m["description"]
+    assert p["tokens"] == emb.str_tokens[0] and p["tokenIds"] == emb.tokens[0].tolist()
     assert p["labels"] == emb.labels
-    _close(p["values"], emb.own_scores[:, 0].T)
-    assert "ColoredTokensMulti" in view._repr_html_() and "unpkg.com" not in view._repr_html_()
-    assert "unpkg.com" in view.show_code()  # CircuitsVis's CDN version stays available on request
+    _close(p["values"], emb.own_scores[:, 0])
+    # Bounds fit the data (centred on 0 for a cosine), and the legend says how they were chosen.
+    vals = emb.own_scores[:, 0].double().numpy()
+    ranged = vals[1:] if "0_pre left out" in m["rangeNote"] else vals
+    assert m["scale"] == "diverging" and m["max"] == -m["min"] == pytest.approx(np.quantile(np.abs(ranged), 0.98), rel=1e-4)
+    assert "centred on 0" in m["rangeNote"]
+    assert "own-token cosine" in p["title"] and "embedding lens" in p["title"]
+    # It opens on the entry whose colours vary most across the tokens.
+    bound = m["max"]
+    spread = [float(np.std(np.clip(row / bound, -1, 1))) for row in vals]
+    assert p["initialEntry"] == int(np.argmax(spread))
+    # Planted: 0_pre's cosine is 1 everywhere (as on a model without position embeddings), one
+    # entry varies a lot across tokens, the others a little: that entry is shown first.
+    own = torch.full_like(emb.own_scores, 0.05)
+    own[0] = 1.0
+    own[:, 0] += torch.linspace(-0.01, 0.01, own.shape[-1])
+    own[3, 0] = torch.linspace(-0.5, 0.5, own.shape[-1])
+    planted = views.drift_tokens(dataclasses.replace(emb, own_scores=own)).props
+    assert planted["initialEntry"] == 3
+    assert "ColoredTokensMulti" not in view._repr_html_() and "unpkg.com" not in view._repr_html_()
+    assert _embedded_props(view.local_src) == json.loads(json.dumps(p))
     # Other lenses default to KL to final; a subset of layers and another batch row.
     p2 = views.drift_tokens(logit, batch=1, layers=["0_pre", -1]).props
-    assert p2["metric"] == "kl_to_final" and p2["labels"] == ["0_pre", "final_post"]
-    _close(p2["values"], logit.kl_to_final[[0, -1], 1].T)
-    p3 = views.drift_tokens(logit, "target_ranks:1").props
-    _close(p3["values"], logit.target_ranks[:, 0, :, 1].T.double())
-    with pytest.raises(ValueError, match=r"'own_scores' is not available for this logit lens.*'kl_to_final'"):
-        views.drift_tokens(logit, "own_scores")
-    with pytest.raises(ValueError, match="2 target"):
-        views.drift_tokens(logit, "target_probs:2")
+    assert p2["metric"]["key"] == "kl_to_final" and p2["labels"] == ["0_pre", "final_post"]
+    assert p2["metric"]["log"] and p2["metric"]["unit"] == "nats"
+    _close(p2["values"], logit.kl_to_final[[0, -1], 1])
+    p3 = views.drift_tokens(logit, "target1_rank").props
+    _close(p3["values"], logit.target_ranks[:, 0, :, 1].double())
+    assert views.drift_tokens(emb, "own_rank", title="drift").props["title"] == "drift"
+    with pytest.raises(ValueError, match=r"'own_cosine' is not available for this logit lens.*'kl_to_final'"):
+        views.drift_tokens(logit, "own_cosine")
+    with pytest.raises(ValueError, match=r"'target2_prob' is not available.*'target1_prob'"):
+        views.drift_tokens(logit, "target2_prob")
     with pytest.raises(ValueError, match="unknown stack label"):
         views.drift_tokens(logit, layers=["7_pre"])
+    with pytest.raises(ValueError, match="one LensResult, got dict"):
+        views.drift_tokens(clean)
 
 
-def test_circuitsvis_html_is_repaired(runs):
-    """CircuitsVis's fragments: a closed div (so views after it survive) and script-safe props."""
+def test_circuitsvis_components_render_through_our_renderer(runs):
+    """CircuitsVis's component in our fragment: a closed div (so views after it survive), script-safe props."""
     clean, _ = runs
     nasty = "</script><!--"
     r = dataclasses.replace(clean["embedding"], decode=lambda i: nasty if int(i) % 2 else f"<{int(i)}>")
     assert any(nasty in t for t in r.str_tokens[0])
-    for view in (views.drift_tokens(r), views.layer_predictions(dataclasses.replace(
-            clean["logit"], decode=r.decode, top_ids=clean["logit"].tokens.roll(-1, 1).expand(
-                len(clean["logit"].labels), -1, -1).unsqueeze(-1)), 0)):
-        src = view.local_src
-        assert re.match(r'<div id="circuits-vis-[^"]+" style="margin: 15px 0;"></div>', src)
-        assert src.count("</script>") == 1 and "<!--" not in src
-        match = re.search(r"CircuitsVis\.\w+,\s*(\{.*\})\s*\)\s*</script>", src, re.S)
-        assert nasty in json.dumps(json.loads(match.group(1)), ensure_ascii=False).replace("\\/", "/")
+    view = views.layer_predictions(dataclasses.replace(
+        clean["logit"], decode=r.decode, top_ids=clean["logit"].tokens.roll(-1, 1).expand(
+            len(clean["logit"].labels), -1, -1).unsqueeze(-1)), 0)
+    src = view.local_src
+    assert re.match(r'<div id="circuits-vis-[^"]+" style="margin: 15px 0;"></div>', src)
+    assert src.count("</script>") == 1 and "<!--" not in src
+    assert view.component == "TokenLogProbs" and "unpkg.com" not in view._repr_html_()
+    assert "unpkg.com" in view.show_code()  # CircuitsVis's CDN version stays available on request
+    match = re.search(r"CircuitsVis\.\w+,\s*(\{.*\})\s*\)\s*</script>", src, re.S)
+    assert nasty in json.dumps(json.loads(match.group(1)), ensure_ascii=False).replace("\\/", "/")
+    drift = views.drift_tokens(r).local_src
+    assert drift.count("</script>") == 1 and "<!--" not in drift
+    assert nasty in _embedded_props(drift)["tokens"]
 
 
 def test_layer_predictions_match_circuitsvis_token_log_probs(runs):
@@ -511,9 +723,9 @@ def test_layer_curves_view():
 
 
 def test_nice_ticks():
-    lo, hi, ticks, dec = views._nice_ticks(0.03, 0.97)
+    lo, hi, ticks, dec = views.nice_ticks(0.03, 0.97)
     assert (lo, hi) == (0.0, 1.0) and ticks[0] == 0.0 and ticks[-1] == pytest.approx(1.0) and dec == 1
-    lo, hi, ticks, dec = views._nice_ticks(5, 5)
+    lo, hi, ticks, dec = views.nice_ticks(5, 5)
     assert lo < 5 < hi and len(ticks) >= 2
 
 

@@ -91,6 +91,28 @@ class Tokens:
     prepend_bos: bool
 
 
+class TokenDecoder:
+    """Token id -> text, cached, for result objects; keeps the tokenizer it decodes with.
+
+    Views read ``tokenizer`` to show what a byte-level token holds when it is only part of a
+    UTF-8 character (its text alone would be ``\\ufffd``).
+
+    Attributes:
+        tokenizer: The model's tokenizer, or None.
+    """
+
+    def __init__(self, tokenizer: Any, decode_token: Callable[[int], str]):
+        self.tokenizer = tokenizer
+        self._decode_token = decode_token
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        i = int(token_id)
+        if i not in self._cache:
+            self._cache[i] = self._decode_token(i)
+        return self._cache[i]
+
+
 class ModelAccess:
     """A read-only view of a TransformerLens model that hides the version differences.
 
@@ -516,17 +538,9 @@ class ModelAccess:
             return f"<{int(token_id)}>"
         return tok.decode([int(token_id)])
 
-    def decoder(self) -> Callable[[int], str]:
+    def decoder(self) -> "TokenDecoder":
         """An id -> string function that caches what it decoded, for result objects."""
-        cache: dict[int, str] = {}
-
-        def decode(i: int) -> str:
-            i = int(i)
-            if i not in cache:
-                cache[i] = self.decode_token(i)
-            return cache[i]
-
-        return decode
+        return TokenDecoder(self.tokenizer, self.decode_token)
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,10 @@
 import { useState, type CSSProperties, type ReactNode } from "react";
-import { colorOf, intensity, legendGradient, textColorOf } from "./colors";
+import { colorOf, intensity, textColorOf } from "./colors";
+import { displayToken, formatProb, formatValue } from "./format";
+import { Legend } from "./Legend";
 import { useHoverLock } from "./useHoverLock";
+
+export { displayToken, formatValue } from "./format";
 
 /** One way of colouring the grid. */
 export interface LensGridMetric {
@@ -12,9 +16,14 @@ export interface LensGridMetric {
   view: number;
   /** Values, shape [entry][pos]; null where there is none. */
   values: (number | null)[][];
-  /** Colour range. */
+  /** Colour range (values beyond it take the end colours). */
   min: number;
   max: number;
+  /** How the range was chosen, stated in the legend. */
+  rangeNote?: string;
+  /** Whether some values lie below `min` / above `max`. */
+  clipLow?: boolean;
+  clipHigh?: boolean;
   /** White to blue (`"sequential"`), or red-white-blue around zero (`"diverging"`). */
   scale: "sequential" | "diverging";
   /** The colour is strongest at the low end (entropy, KL, ranks: low means close to the answer). */
@@ -37,6 +46,8 @@ export interface LensGridLens {
   scoreName: string;
   /** Top-k tokens, shape [run][entry][pos][k]. */
   topTokens: string[][][][];
+  /** Their token ids, shape [run][entry][pos][k]. */
+  topIds?: number[][][][];
   /** Their probabilities under the lens, shape [run][entry][pos][k]. */
   topProbs: number[][][][];
   /** Their raw scores, shape [run][entry][pos][k]. */
@@ -58,7 +69,12 @@ export interface LensGridLens {
 export function LensGrid({
   labels,
   tokens,
+  tokenIds,
+  tokenNotes,
   positions,
+  bos = false,
+  hideBos: initialHideBos = false,
+  compact: initialCompact = false,
   lenses,
   runs,
   title,
@@ -72,12 +88,24 @@ export function LensGrid({
   );
   const [view, setView] = useState<number>(initialView ?? (diffMode ? -1 : 0));
   const [metricKey, setMetricKey] = useState<string | undefined>(initialMetric);
+  const [hideBos, setHideBos] = useState<boolean>(bos && initialHideBos);
+  const [compact, setCompact] = useState<boolean>(initialCompact);
+  const [zoom, setZoom] = useState<number>(1);
   const { focused, onClick, onMouseEnter, onMouseLeave } = useHoverLock();
 
   const lens = lenses[lensIndex];
   const viewMetrics = lens.metrics.filter((m) => m.view === view);
   const metric = viewMetrics.find((m) => m.key === metricKey) ?? viewMetrics[0];
   const nPos = tokens.length;
+  // The columns drawn: every position, less the BOS column while it is hidden.
+  const columns = tokens.map((_t, p) => p).filter((p) => !(bos && hideBos && p === 0));
+  const width = Math.round((compact ? COMPACT_WIDTH : CELL_WIDTH) * zoom);
+  const fontSize = Math.max(7, Math.round((compact ? 10 : 12) * zoom));
+  const sized: CSSProperties = { width, minWidth: width, maxWidth: width };
+  const tokenTitle = (p: number) =>
+    [tokenIds ? `id ${tokenIds[p]}` : "", tokenNotes && tokenNotes[p] ? tokenNotes[p] : ""]
+      .filter((x) => x)
+      .join(" · ");
 
   // The run whose tokens the cells show: the other run in the difference view.
   const shownRun = view < 0 ? 1 : view;
@@ -90,6 +118,7 @@ export function LensGrid({
     const base1 = view < 0 ? lens.topTokens[0][e][p][0] : top1;
     const changed = view < 0 && base1 !== top1;
     const isFocused = focused === index;
+    const ids = lens.topIds ? lens.topIds[shownRun][e][p] : undefined;
     return (
       <td
         key={p}
@@ -97,11 +126,14 @@ export function LensGrid({
         data-entry={e}
         data-pos={p}
         data-changed={changed ? "true" : undefined}
+        title={ids ? `${labels[e]} · ${displayToken(top1)} (id ${ids[0]})` : undefined}
         onMouseEnter={() => onMouseEnter(index)}
         onMouseLeave={onMouseLeave}
         onClick={() => onClick(index)}
         style={{
           ...styles.cell,
+          ...sized,
+          padding: compact ? "0 2px" : styles.cell.padding,
           backgroundColor: metric ? colorOf(t) : "white",
           color: textColorOf(t),
           outline: isFocused ? "2px solid black" : changed ? "1px dashed black" : "none",
@@ -132,7 +164,16 @@ export function LensGrid({
         <div style={{ fontWeight: "bold", marginBottom: 4 }}>
           {labels[e]} · position {positions[p]}{" "}
           <span style={styles.token}>{displayToken(tokens[p])}</span>
+          {tokenIds ? (
+            <span data-testid="details-token-id" style={{ fontWeight: "normal", color: "#555" }}>
+              {" "}
+              id {tokenIds[p]}
+            </span>
+          ) : null}
         </div>
+        {tokenNotes && tokenNotes[p] ? (
+          <div style={{ color: "#555", marginBottom: 4 }}>{tokenNotes[p]}</div>
+        ) : null}
         {metric ? (
           <div data-testid="details-metric" style={{ marginBottom: 6 }}>
             {metric.name}: <b>{formatValue(metric.values[e][p], metric)}</b>
@@ -144,6 +185,7 @@ export function LensGrid({
             title={diffMode ? runs![run] : undefined}
             run={run}
             tokens={lens.topTokens[run][e][p]}
+            ids={lens.topIds ? lens.topIds[run][e][p] : undefined}
             probs={lens.topProbs[run][e][p]}
             scores={lens.topScores[run][e][p]}
             scoreName={lens.scoreName}
@@ -192,17 +234,57 @@ export function LensGrid({
           />
         ))}
       </ControlRow>
+      <ControlRow label="Show">
+        <Choice
+          testId="compact-button"
+          name="compact"
+          selected={compact}
+          onSelect={() => setCompact(!compact)}
+        />
+        {bos ? (
+          <Choice
+            testId="bos-button"
+            name="hide BOS"
+            selected={hideBos}
+            onSelect={() => setHideBos(!hideBos)}
+          />
+        ) : null}
+        <span style={{ marginLeft: 8 }}>zoom</span>
+        <input
+          data-testid="zoom"
+          type="range"
+          min={0.5}
+          max={2}
+          step={0.1}
+          value={zoom}
+          onChange={(ev) => setZoom(parseFloat(ev.target.value))}
+          style={{ verticalAlign: "middle", width: 100 }}
+        />
+        <span data-testid="zoom-value">{Math.round(zoom * 100)}%</span>
+      </ControlRow>
       {metric ? <Legend metric={metric} /> : null}
       <div style={styles.body}>
         <div style={styles.gridScroll}>
-          <table data-testid="lens-grid" data-lens={lens.name} style={styles.table}>
+          <table
+            data-testid="lens-grid"
+            data-lens={lens.name}
+            data-compact={compact ? "true" : "false"}
+            style={{ ...styles.table, fontSize }}
+          >
             <thead>
               <tr>
                 <th style={{ ...styles.corner }}>entry \ pos</th>
-                {tokens.map((tok, p) => (
-                  <th key={p} data-testid="col-header" data-pos={p} style={styles.colHeader}>
+                {columns.map((p) => (
+                  <th
+                    key={p}
+                    data-testid="col-header"
+                    data-pos={p}
+                    data-token-id={tokenIds ? tokenIds[p] : undefined}
+                    title={tokenTitle(p) || undefined}
+                    style={{ ...styles.colHeader, ...sized, padding: compact ? "1px 2px" : "2px 4px" }}
+                  >
                     <div style={{ color: "#888", fontWeight: "normal" }}>{positions[p]}</div>
-                    <div style={styles.cellText}>{displayToken(tok)}</div>
+                    <div style={styles.cellText}>{displayToken(tokens[p])}</div>
                   </th>
                 ))}
               </tr>
@@ -213,7 +295,7 @@ export function LensGrid({
                   <th data-testid="row-header" style={styles.rowHeader}>
                     {label}
                   </th>
-                  {tokens.map((_tok, p) => cell(e, p))}
+                  {columns.map((p) => cell(e, p))}
                 </tr>
               ))}
             </tbody>
@@ -232,6 +314,7 @@ function TopK({
   title,
   run,
   tokens,
+  ids,
   probs,
   scores,
   scoreName
@@ -239,6 +322,7 @@ function TopK({
   title?: string;
   run: number;
   tokens: string[];
+  ids?: number[];
   probs: number[];
   scores: number[];
   scoreName: string;
@@ -251,6 +335,7 @@ function TopK({
           <tr style={{ color: "#666", textAlign: "left" }}>
             <th style={styles.topkCell}>#</th>
             <th style={styles.topkCell}>token</th>
+            {ids ? <th style={{ ...styles.topkCell, textAlign: "right" }}>id</th> : null}
             <th style={{ ...styles.topkCell, textAlign: "right" }}>p</th>
             <th style={{ ...styles.topkCell, textAlign: "right" }}>{scoreName}</th>
           </tr>
@@ -262,6 +347,11 @@ function TopK({
               <td data-testid="topk-token" style={{ ...styles.topkCell, ...styles.token }}>
                 {displayToken(tok)}
               </td>
+              {ids ? (
+                <td data-testid="topk-id" style={{ ...styles.topkCell, textAlign: "right", color: "#555" }}>
+                  {ids[i]}
+                </td>
+              ) : null}
               <td
                 data-testid="topk-prob"
                 style={{
@@ -331,67 +421,9 @@ function Choice({
   );
 }
 
-function Legend({ metric }: { metric: LensGridMetric }) {
-  return (
-    <div data-testid="legend" style={{ display: "flex", alignItems: "center", gap: 6, margin: "6px 0" }}>
-      <span data-testid="legend-min">{formatValue(metric.min, metric)}</span>
-      <span
-        style={{
-          display: "inline-block",
-          width: 160,
-          height: 12,
-          border: "1px solid #999",
-          background: legendGradient(metric)
-        }}
-      />
-      <span data-testid="legend-max">{formatValue(metric.max, metric)}</span>
-      <span style={{ color: "#555" }}>{metric.description}</span>
-    </div>
-  );
-}
-
-/**
- * Tokens as shown: spaces kept (a leading space is part of the token), line breaks and tabs
- * drawn as visible symbols; a token of whitespace only is drawn with open boxes (␣ a space, ⍽ a
- * no-break space, · any other), the empty token as ∅, so that no cell looks empty.
- */
-export function displayToken(token: string): string {
-  if (token === "") return "\u2205";
-  const shown = token.replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
-  if (!/^\s+$/.test(shown)) return shown;
-  return shown.replace(/ /g, "\u2423").replace(/\u00a0/g, "\u237d").replace(/\s/g, "\u00b7");
-}
-
-function formatProb(p: number): string {
-  const pct = p * 100;
-  if (pct === 0) return "0%";
-  return pct >= 0.1 ? `${pct.toFixed(1)}%` : `${pct.toPrecision(2)}%`;
-}
-
-export function formatValue(
-  value: number | null,
-  metric: Pick<LensGridMetric, "format" | "unit" | "scale">
-): string {
-  if (value === null || !Number.isFinite(value)) return "–";
-  const signed = metric.scale === "diverging";
-  const sign = signed && value > 0 ? "+" : "";
-  switch (metric.format) {
-    case "percent": {
-      const pct = value * 100;
-      const text = Math.abs(pct) >= 0.1 || pct === 0 ? pct.toFixed(1) : pct.toPrecision(2);
-      return signed ? `${sign}${text} pp` : `${text}%`;
-    }
-    case "integer":
-      return `${sign}${Math.round(value)}`;
-    case "bool":
-      return value ? "yes" : "no";
-    default:
-      return `${sign}${value.toFixed(3)}${metric.unit ? ` ${metric.unit}` : ""}`;
-  }
-}
-
 const MONO = "ui-monospace, SFMono-Regular, Menlo, Consolas, 'DejaVu Sans Mono', monospace";
 const CELL_WIDTH = 76;
+const COMPACT_WIDTH = 34;
 
 const styles: Record<string, CSSProperties> = {
   root: {
@@ -451,14 +483,16 @@ const styles: Record<string, CSSProperties> = {
     textOverflow: "ellipsis",
     whiteSpace: "pre"
   },
+  // The base run's token, struck through: the cell's font size, in a dark grey that stays
+  // legible on the colours of the diverging scale.
   cellBase: {
     display: "block",
     overflow: "hidden",
     textOverflow: "ellipsis",
     whiteSpace: "pre",
-    fontSize: 10,
     textDecoration: "line-through",
-    opacity: 0.75
+    textDecorationThickness: 1,
+    fontWeight: "normal"
   },
   details: {
     flex: "0 0 280px",
@@ -478,6 +512,16 @@ export interface LensGridProps {
   labels: string[];
   /** Column headers: the input token at each shown position. Length P. */
   tokens: string[];
+  /** Their token ids (shown on hover). Length P. */
+  tokenIds?: number[];
+  /** A note per token, e.g. the bytes of a token that is part of one character. Length P. */
+  tokenNotes?: string[];
+  /** Column 0 holds the BOS token (its readouts are junk; a toggle hides it). */
+  bos?: boolean;
+  /** Hide the BOS column at first. */
+  hideBos?: boolean;
+  /** Open in compact mode (narrow columns), for long prompts. */
+  compact?: boolean;
   /** Each column's position in the input. Length P. */
   positions: number[];
   /** The lenses to switch between (at least one). */

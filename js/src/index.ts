@@ -6,4 +6,6 @@
  */
 export { render } from "./render-helper";
 export { LensGrid } from "./LensGrid";
+export { TokenDrift } from "./TokenDrift";
 export type { LensGridProps, LensGridLens, LensGridMetric } from "./LensGrid";
+export type { TokenDriftProps, TokenDriftMetric } from "./TokenDrift";

@@ -1,0 +1,257 @@
+"""The lens grid: stack entries x positions, each cell a lens's top-1 token (our ``LensGrid`` component)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from tl_latentspaces.results import LensDiff, LensResult
+from tl_latentspaces.views.data import batch_index, nums, real_positions, target_names
+from tl_latentspaces.views.render import HTMLView, render_component
+from tl_latentspaces.views.scales import diff_metrics, fill_ranges, metric_name, run_metrics
+from tl_latentspaces.views.tokens import TokenText
+
+__all__ = ["lens_grid"]
+
+COMPACT_FROM = 24
+"""Grids of more positions than this open in compact mode (narrow columns)."""
+
+
+def _grid_runs(
+    results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[str]]
+) -> tuple[list[str], list[list[LensResult]], list[Optional[LensDiff]]]:
+    """Normalise lens_grid's arguments to (lens names, runs per lens, diff per lens)."""
+    if not results:
+        raise ValueError(
+            "lens_grid needs at least one LensResult (or a read_lenses dict, or a LensDiff); got none."
+        )
+    named: list[tuple[str, Any]] = []
+    if diff:
+        if len(results) != 2:
+            raise ValueError(
+                f"lens_grid(..., diff=True) compares two runs: pass exactly two results, base first "
+                f"(e.g. lens_grid(clean, patched, diff=True)); got {len(results)}."
+            )
+        base, other = results
+        if isinstance(base, LensResult) and isinstance(other, LensResult):
+            named.append((base.lens, LensDiff.between(base, other)))
+        elif isinstance(base, Mapping) and isinstance(other, Mapping):
+            if list(base) != list(other):
+                raise ValueError(
+                    f"the two runs hold different lenses: {list(base)} vs {list(other)}; read both with the same lenses."
+                )
+            for key in base:
+                if not (isinstance(base[key], LensResult) and isinstance(other[key], LensResult)):
+                    raise ValueError(f"diff=True needs LensResult values; {key!r} holds {type(base[key]).__name__}.")
+                named.append((str(key), LensDiff.between(base[key], other[key])))
+        else:
+            raise ValueError(
+                "lens_grid(base, other, diff=True) takes two LensResults or two read_lenses dicts; got "
+                f"{type(base).__name__} and {type(other).__name__}."
+            )
+    else:
+        for item in results:
+            if isinstance(item, Mapping):
+                named.extend((str(k), v) for k, v in item.items())
+            else:
+                named.append(("", item))
+        for i, (name, item) in enumerate(named):
+            if isinstance(item, LensResult):
+                named[i] = (name or item.lens, item)
+            elif isinstance(item, LensDiff):
+                named[i] = (name or item.base.lens, item)
+            else:
+                raise ValueError(
+                    f"lens_grid takes LensResults, LensDiffs or read_lenses dicts of them; got "
+                    f"{type(item).__name__}. To compare two runs pass lens_grid(clean, patched, diff=True)."
+                )
+        if len({isinstance(item, LensDiff) for _, item in named}) > 1:
+            raise ValueError(
+                "lens_grid cannot mix LensResults and LensDiffs: show either readouts or differences."
+            )
+    names = [name for name, _ in named]
+    if labels is not None:
+        if isinstance(labels, str) or len(labels) != len(named) or not all(isinstance(s, str) for s in labels):
+            raise ValueError(
+                f"labels names the lens buttons: one string per result ({len(named)}: {names}), got {labels!r}."
+            )
+        names = list(labels)
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"the lens buttons would have duplicate names {names}; pass labels=[...] with one distinct name per result."
+        )
+    runs = [[item.base, item.other] if isinstance(item, LensDiff) else [item] for _, item in named]
+    diffs = [item if isinstance(item, LensDiff) else None for _, item in named]
+    return names, runs, diffs
+
+
+def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
+    ref, ref_name = runs[0][0], names[0]
+    for name, rs in zip(names, runs):
+        for r in rs:
+            problems = []
+            if r.tokens.shape != ref.tokens.shape or not torch.equal(r.tokens, ref.tokens):
+                problems.append("the input tokens")
+            if r.positions != ref.positions:
+                problems.append(f"the read positions ({r.positions} vs {ref.positions})")
+            if r.labels != ref.labels:
+                problems.append(f"the stack entries ({r.labels} vs {ref.labels})")
+            if problems:
+                raise ValueError(
+                    f"lens_grid shows lenses read on one input; {name!r} differs from {ref_name!r} in "
+                    f"{' and '.join(problems)}. Read them in one call, e.g. "
+                    "tll.read_lenses(model, input, lenses=('logit', 'embedding', tuned)), with the same layers and pos."
+                )
+
+
+def _grid_props(
+    results: tuple[Any, ...],
+    *,
+    labels: Optional[Sequence[str]],
+    batch: int,
+    diff: bool,
+    metric: Optional[str],
+    run_names: Sequence[str],
+    title: Optional[str],
+) -> dict[str, Any]:
+    names, runs, diffs = _grid_runs(results, diff, labels)
+    _check_same_input(names, runs)
+    diff_mode = diffs[0] is not None
+    if diff_mode and (isinstance(run_names, str) or len(run_names) != 2):
+        raise ValueError(f"run_names names the two runs, base first, e.g. ('clean', 'patched'); got {run_names!r}.")
+    ref = runs[0][0]
+    b = batch_index(batch, ref.tokens.shape[0])
+    keep = real_positions(ref, b)
+    positions = [ref.positions[i] for i in keep]
+    words = TokenText(ref.decode)
+    row = [int(i) for i in ref.tokens[b].tolist()]
+    texts, notes = words.sequence(row)
+    tokens = [texts[p] for p in positions]
+    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+
+    lenses = []
+    for name, rs, d in zip(names, runs, diffs):
+        top_ids = [r.top_ids[:, b][:, keep].tolist() for r in rs]
+        run_words = [TokenText(r.decode) for r in rs]
+        decoded = [[[[w.text(i) for i in cell] for cell in row_] for row_ in ids] for w, ids in zip(run_words, top_ids)]
+        targets = target_names(rs[0], b, keep)
+        metrics: list[dict[str, Any]] = []
+        if d is not None:
+            metrics += diff_metrics(d, b, keep, targets)
+        for view, r in enumerate(rs):
+            metrics += run_metrics(r, view, b, keep, targets)
+        lenses.append({
+            "name": name,
+            "scoreName": "cosine" if rs[0].lens == "embedding" else "logit",
+            "topTokens": decoded,
+            "topIds": top_ids,
+            "topProbs": [nums(r.top_probs[:, b][:, keep]) for r in rs],
+            "topScores": [nums(r.top_scores[:, b][:, keep]) for r in rs],
+            "metrics": metrics,
+        })
+    fill_ranges(lenses, skip=(0,) if bos else (), labels=ref.labels)
+
+    # The metric and view shown first.
+    first = lenses[0]["metrics"]
+    if metric is None:
+        offered = {m["key"] for m in first}
+        if diff_mode:
+            metric = next(k for k in ("divergence", "target0_prob_delta", "kl_delta") if k in offered)
+        else:
+            metric = "top1_prob"
+    else:
+        metric = metric_name(metric, stacklevel=4)
+    matches = [m for m in first if metric in (m["key"], m["name"])]
+    if not matches:
+        valid = sorted({m["key"] for m in first}, key=[m["key"] for m in first].index)
+        raise ValueError(f"unknown metric {metric!r}; this grid offers {valid}.")
+    # In difference mode a run metric opens on the other (e.g. patched) run.
+    view = -1 if any(m["view"] == -1 for m in matches) else max(m["view"] for m in matches)
+
+    model = ref.model_name
+    if title is None:
+        title = f"Lens grid · {model}" if model else "Lens grid"
+        if diff_mode:
+            title += f" · {run_names[1]} vs {run_names[0]}"
+    props: dict[str, Any] = {
+        "labels": list(ref.labels),
+        "tokens": tokens,
+        "tokenIds": [row[p] for p in positions],
+        "tokenNotes": [notes[p] for p in positions],
+        "positions": positions,
+        "bos": bos,
+        "hideBos": bos and len(positions) > 1,
+        "compact": len(positions) > COMPACT_FROM,
+        "lenses": lenses,
+        "title": title,
+        "initialLens": 0,
+        "initialMetric": matches[0]["key"],
+        "initialView": view,
+    }
+    if diff_mode:
+        props["runs"] = list(run_names)
+    return props
+
+
+def lens_grid(
+    *results: Union[LensResult, LensDiff, Mapping[str, Any]],
+    labels: Optional[Sequence[str]] = None,
+    batch: int = 0,
+    diff: bool = False,
+    metric: Optional[str] = None,
+    run_names: Sequence[str] = ("clean", "patched"),
+    title: Optional[str] = None,
+) -> HTMLView:
+    """The lens grid: stack entries x positions, each cell the lens's top-1 token.
+
+    Rows are the stack entries (``0_pre`` ... ``final_post``), columns the read positions of one
+    batch row with their tokens as headers (padding dropped). Cells are coloured by a metric
+    chosen with buttons, named as in :meth:`LensResult.to_dataframe`: ``top1_prob``,
+    ``entropy``, ``kl_to_final``, and, where the results hold them, ``target{t}_prob``,
+    ``target{t}_rank``, ``own_cosine`` and ``own_rank``. Hovering a cell shows its top-k tokens
+    with their ids and probabilities; clicking keeps them. Several results make a lens switch:
+    they must be readouts of the same input (same tokens, positions and stack entries), e.g.
+    the dict :func:`~tl_latentspaces.read_lenses` returns.
+
+    Colours: each lens and metric has its own range, robust to outliers and stated in the
+    legend: probabilities from 0 to their 98th percentile; entropy from the 2nd to the 98th
+    percentile; KL and ranks on a log scale over that range; cosines and differences on a scale
+    centred on zero. Values beyond the range take its end colour (the legend marks ``≤``/``≥``).
+    The BOS column (column 0 when it holds the tokenizer's BOS token) is left out of the ranges
+    and hidden at first (a toggle shows it). Byte-level tokens that are part of one character
+    are written as that character, or as ``<0xE2>``-style escapes; ids show on hover. Long
+    prompts open in compact mode; a zoom control sizes the cells.
+
+    Difference mode, for two runs of the same input (clean vs patched): pass
+    ``lens_grid(clean, patched, diff=True)`` with two LensResults or two ``read_lenses`` dicts
+    (paired by lens), or LensDiffs (``clean.diff(patched)``). A view switch then shows either run
+    or their difference: the patched top-1 token, the clean one struck through below it where it
+    changed, coloured by ``divergence`` (KL between the runs' lens distributions, where the
+    LensDiff has it), a change (``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
+    ``target{t}_rank_delta``) or ``top1_changed``.
+
+    Args:
+        *results: LensResults, LensDiffs, or dicts of them (``read_lenses`` output).
+        labels: Names on the lens buttons, one per result (default: each result's ``lens``, or
+            the dict keys).
+        batch: Which batch row to show.
+        diff: Compare two runs (see above).
+        metric: Key (or button name) of the metric shown first, e.g. ``"kl_to_final"``,
+            ``"target0_rank"``, ``"kl_delta"``. Default: ``top1_prob``; in difference mode
+            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. The old names
+            (``"target_ranks:0"``, ``"own_scores"``, ...) still work, with a DeprecationWarning.
+        run_names: The two runs' names in difference mode, base first.
+        title: Title over the grid.
+
+    Returns:
+        An :class:`HTMLView` of the ``LensGrid`` component (``.props`` holds its data).
+
+    Example:
+        >>> r = read_lenses(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
+        >>> lens_grid(r, metric="target0_rank")  # doctest: +SKIP
+        >>> lens_grid(clean["logit"], patched["logit"], diff=True).save("patch.html")  # doctest: +SKIP
+    """
+    props = _grid_props(results, labels=labels, batch=batch, diff=diff, metric=metric,
+                        run_names=run_names, title=title)
+    return render_component("LensGrid", props, title=props["title"])

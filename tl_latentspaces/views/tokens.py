@@ -1,0 +1,338 @@
+"""Token views: tokens written readably, one metric per token across layers, next-token predictions.
+
+* :class:`TokenText`: how every view writes a token (byte-level tokens as the character they
+  form, or ``<0xE2>`` escapes; never ``\ufffd``).
+* :func:`drift_tokens`: the input's tokens coloured by one metric, one stack entry at a time (our
+  ``TokenDrift`` component).
+* :func:`layer_predictions`: one stack entry's next-token predictions (CircuitsVis's
+  ``TokenLogProbs``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from tl_latentspaces.results import LensResult
+from tl_latentspaces.views.data import Selector, batch_index, entry_index, num, real_positions, target_names
+from tl_latentspaces.views.render import HTMLView, render_component
+from tl_latentspaces.views.scales import fill_ranges, metric_name, run_metrics
+
+__all__ = ["TokenText", "drift_tokens", "layer_predictions"]
+
+
+_ESCAPE = re.compile(r"[\udc80-\udcff]")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The printable alphabet byte-level BPE (GPT-2, Llama 3, SmolLM2) writes bytes in, inverted."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTE_ALPHABET = _byte_alphabet()
+
+
+def _escape_bytes(raw: bytes) -> str:
+    """Bytes as text: valid UTF-8 as characters, every other byte as a ``<0xE2>`` escape."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    return _ESCAPE.sub(lambda m: f"<0x{ord(m.group()) - 0xDC00:02X}>", text)
+
+
+class TokenText:
+    """How views write tokens: text where a token is text, its bytes where it is not.
+
+    A byte-level tokenizer can split one character over several tokens (an emoji into three),
+    and each such token decodes to ``\ufffd`` alone. Here a token's bytes come from the
+    tokenizer's own vocabulary (the byte-level alphabet, or ``<0xE2>`` byte-fallback pieces), a
+    token that is not text on its own is written with ``<0xE2>``-style escapes, and a sequence
+    of input tokens is decoded as one byte stream, so a split character is shown whole.
+
+    Args:
+        decode: The result's ``decode``; its ``tokenizer`` attribute (see
+            :class:`tl_latentspaces.model.TokenDecoder`) is used when present.
+    """
+
+    def __init__(self, decode: Callable[[int], str]):
+        self.decode = decode
+        self.tokenizer = getattr(decode, "tokenizer", None)
+        self._bytes: dict[int, Optional[bytes]] = {}
+        self._text: dict[int, str] = {}
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        """The tokenizer's BOS id, or None."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos if isinstance(bos, int) else None
+
+    def token_bytes(self, token_id: int) -> Optional[bytes]:
+        """The bytes a token stands for, or None when the tokenizer does not say."""
+        i = int(token_id)
+        if i not in self._bytes:
+            self._bytes[i] = self._find_bytes(i)
+        return self._bytes[i]
+
+    def _find_bytes(self, i: int) -> Optional[bytes]:
+        text = self.decode(i)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        if convert is None:
+            return None
+        try:
+            piece = convert(i)
+        except (IndexError, KeyError, TypeError, ValueError, OverflowError):
+            return None
+        if not isinstance(piece, str) or not piece:
+            return None
+        match = _BYTE_PIECE.fullmatch(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        if all(c in _BYTE_ALPHABET for c in piece):
+            raw = bytes(_BYTE_ALPHABET[c] for c in piece)
+            # Only a byte-level vocabulary decodes to what the tokenizer itself says.
+            if raw.decode("utf-8", errors="replace").replace("\ufffd", "") == text.replace("\ufffd", ""):
+                return raw
+        return None
+
+    def text(self, token_id: int) -> str:
+        """One token on its own: its text, or escapes for bytes that are not text alone."""
+        i = int(token_id)
+        if i not in self._text:
+            text = self.decode(i)
+            if "\ufffd" in text:
+                raw = self.token_bytes(i)
+                text = text.replace("\ufffd", "<?>") if raw is None else _escape_bytes(raw)
+            self._text[i] = text
+        return self._text[i]
+
+    def sequence(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
+        """Input tokens read as one text: ``(texts, notes)``, one per token.
+
+        The tokens' bytes are decoded as one stream, so a character split over several tokens
+        is written whole in the token where it starts, and as ``…`` plus that character in a
+        token that only continues it. ``notes`` gives such a token's bytes and the character
+        it is part of, else is empty.
+        """
+        ids = [int(i) for i in ids]
+        raws = [self.token_bytes(i) for i in ids]
+        texts = [self.text(i) for i in ids]
+        notes = [""] * len(ids)
+        start = 0
+        while start < len(ids):
+            stop = start
+            while stop < len(ids) and raws[stop] is not None:
+                stop += 1
+            if stop > start:
+                self._decode_run(raws, start, stop, texts, notes)
+            start = stop + 1
+        return texts, notes
+
+    def _decode_run(self, raws: list[Optional[bytes]], start: int, stop: int, texts: list[str],
+                    notes: list[str]) -> None:
+        """Decode tokens ``start:stop`` (all with known bytes) as one byte stream."""
+        owner = [k for k in range(start, stop) for _ in raws[k] or b""]
+        stream = b"".join(raws[k] or b"" for k in range(start, stop)).decode("utf-8", errors="surrogateescape")
+        pieces: dict[int, list[str]] = {k: [] for k in range(start, stop)}
+        split: dict[int, str] = {}  # token -> a character it shares with another token
+        offset = 0
+        for ch in stream:
+            raw = ch.encode("utf-8", errors="surrogateescape")
+            shown = _escape_bytes(raw)
+            first = owner[offset]
+            pieces[first].append(shown)
+            for k in {owner[b] for b in range(offset, offset + len(raw))} - {first} if len(raw) > 1 else ():
+                split.setdefault(k, shown)
+                split.setdefault(first, shown)
+            offset += len(raw)
+        for k in range(start, stop):
+            if k not in split:
+                continue
+            texts[k] = "".join(pieces[k]) or "\u2026" + split[k]
+            hexes = " ".join(f"{b:02X}" for b in raws[k] or b"")
+            notes[k] = f"bytes {hexes}, part of \u201c{split[k]}\u201d"
+
+
+def _intensity(values: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
+    """The colour intensity the components draw (js/src/colors.ts ``intensity``), without sign."""
+    squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
+    lo, hi = squash(torch.tensor(float(m["min"]))), squash(torch.tensor(float(m["max"])))
+    if m["scale"] == "diverging":
+        return (squash(values) / max(abs(float(lo)), abs(float(hi)))).clamp(-1, 1)
+    return ((squash(values) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[int]) -> int:
+    """The entry whose colours vary most across positions (``values`` is ``[entry, pos]``)."""
+    cols = [p for p in range(values.shape[1]) if p not in skip] or list(range(values.shape[1]))
+    t = _intensity(torch.nan_to_num(values[:, cols].double()), m)
+    spread = t.std(dim=1, correction=0) if t.shape[1] > 1 else t.abs()[:, 0]
+    return int(spread.argmax())
+
+
+def drift_tokens(
+    result: LensResult,
+    metric: Optional[str] = None,
+    *,
+    batch: int = 0,
+    layers: Optional[Sequence[Selector]] = None,
+    title: Optional[str] = None,
+) -> HTMLView:
+    """The input's tokens coloured by one per-token metric, one stack entry at a time.
+
+    A slider (and a button per entry) picks the stack entry; the tokens are coloured by the
+    metric there, on a range that fits the data (the same robust, per-metric ranges as
+    :func:`lens_grid`, stated in the legend). Hovering a token lists its value at every entry,
+    with its id. It opens on the entry whose colours vary most across the tokens (not
+    ``0_pre``, where the own-token cosine is 1 everywhere). The default metric is the embedding
+    lens's ``own_cosine`` (how far each position's residual has drifted from its own token's
+    input embedding), or ``kl_to_final`` for the other lenses.
+
+    Args:
+        result: A lens readout.
+        metric: A metric named as in :meth:`LensResult.to_dataframe`: ``"own_cosine"``,
+            ``"own_rank"`` (embedding lens), ``"kl_to_final"``, ``"entropy"``, ``"top1_prob"``,
+            ``"target{t}_prob"`` or ``"target{t}_rank"``. The old names (``"own_scores"``,
+            ``"target_ranks:0"``, ...) still work, with a DeprecationWarning.
+        batch: Which batch row to show (padding dropped).
+        layers: The stack entries to offer (labels or indices), default all.
+        title: Title over the view (default: the metric, lens and model).
+
+    Returns:
+        An :class:`HTMLView` of the ``TokenDrift`` component; ``.props`` holds ``tokens``,
+        ``labels``, ``values`` (``[entry][pos]``), ``metric`` (its key, name, range) and
+        ``initialEntry``.
+    """
+    if not isinstance(result, LensResult):
+        raise ValueError(f"drift_tokens takes one LensResult, got {type(result).__name__}.")
+    if metric is None:
+        metric = "own_cosine" if result.own_scores is not None else "kl_to_final"
+    elif isinstance(metric, str):
+        metric = metric_name(metric)
+    b = batch_index(batch, result.tokens.shape[0])
+    keep = real_positions(result, b)
+    offered = run_metrics(result, 0, b, keep, target_names(result, b, keep))
+    chosen = [m for m in offered if metric in (m["key"], m["name"])]
+    if not chosen:
+        raise ValueError(
+            f"metric {metric!r} is not available for this {result.lens} lens result; valid: "
+            f"{[m['key'] for m in offered]}."
+        )
+    m = chosen[0]
+    entries = list(range(len(result.labels))) if layers is None else [entry_index(result, e) for e in layers]
+    if not entries:
+        raise ValueError("layers is empty; pass at least one stack entry, or None for all.")
+    m["values"] = [m["values"][e] for e in entries]
+    positions = [result.positions[i] for i in keep]
+    words = TokenText(result.decode)
+    row = [int(i) for i in result.tokens[b].tolist()]
+    texts, notes = words.sequence(row)
+    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+    skip = (0,) if bos else ()
+    lens = {"metrics": [m]}
+    fill_ranges([lens], skip=skip, labels=[result.labels[e] for e in entries])
+    del m["view"]
+    values = torch.tensor([[float("nan") if v is None else v for v in r] for r in m["values"]], dtype=torch.float64)
+    if title is None:
+        title = f"{m['name']} across layers · {result.lens} lens" + (
+            f" · {result.model_name}" if result.model_name else "")
+    props = {
+        "title": title,
+        "lens": result.lens,
+        "tokens": [texts[p] for p in positions],
+        "tokenIds": [row[p] for p in positions],
+        "tokenNotes": [notes[p] for p in positions],
+        "positions": positions,
+        "labels": [result.labels[e] for e in entries],
+        "values": m.pop("values"),
+        "metric": m,
+        "initialEntry": _informative_entry(values, m, skip),
+        "bos": bos,
+        "hideBos": bos and len(positions) > 1,
+    }
+    return render_component("TokenDrift", props, title=title)
+
+
+def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) -> HTMLView:
+    """One stack entry's next-token predictions, with CircuitsVis's ``TokenLogProbs`` component.
+
+    Each token after the first is coloured by the log-probability the lens at ``label`` gave it
+    from the previous position; hovering shows that position's top-k tokens and the true next
+    token's rank. It draws the component ``circuitsvis.logits.token_log_probs`` draws, with the
+    same props, built from the readout (the readout keeps the top-k, not the full distribution
+    ``token_log_probs`` takes).
+
+    The true next token's probability and rank come from the top-k when it is there, else from
+    the result's targets: read with the next tokens as targets to have them everywhere::
+
+        ids = model.to_tokens(text)
+        result = tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))
+
+    Args:
+        result: A lens readout whose read positions are consecutive.
+        label: The stack entry (``"12_pre"``, ``"final_post"`` or an index).
+        batch: Which batch row to show (padding dropped).
+
+    Returns:
+        An :class:`HTMLView` of ``TokenLogProbs``; ``.props`` holds its props.
+    """
+    e = entry_index(result, label)
+    b = batch_index(batch, result.tokens.shape[0])
+    keep = real_positions(result, b)
+    pos = [result.positions[i] for i in keep]
+    if len(pos) < 2:
+        raise ValueError("layer_predictions needs at least two consecutive real positions.")
+    if any(q - p != 1 for p, q in zip(pos, pos[1:])):
+        raise ValueError(
+            f"layer_predictions shows each position predicting the next, so the read positions must be "
+            f"consecutive; these are {pos}. Read with pos=None or a slice."
+        )
+    ids = result.tokens[b]
+    top_ids = result.top_ids[e, b].tolist()
+    top_probs = result.top_probs[e, b].double()
+    ranks, log_probs, missing = [], [], []
+    for i in range(len(keep) - 1):
+        nxt = int(ids[pos[i + 1]])
+        row = top_ids[keep[i]]
+        if nxt in row:
+            k = row.index(nxt)
+            ranks.append(k)
+            log_probs.append(math.log(max(float(top_probs[keep[i], k]), 1e-45)))
+            continue
+        tids = None if result.target_ids is None else result.target_ids[b, keep[i]].tolist()
+        if tids is not None and nxt in tids and result.target_probs is not None and result.target_ranks is not None:
+            t = tids.index(nxt)
+            ranks.append(int(result.target_ranks[e, b, keep[i], t]))
+            log_probs.append(math.log(max(float(result.target_probs[e, b, keep[i], t]), 1e-45)))
+            continue
+        missing.append(pos[i])
+    if missing:
+        raise ValueError(
+            f"the next token's probability at {result.labels[e]} is unknown at positions {missing}: it is not "
+            f"in the top-{result.top_ids.shape[-1]} and not a target. Read with the next tokens as targets: "
+            "ids = model.to_tokens(text); tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))."
+        )
+    words = TokenText(result.decode)
+    texts, _ = words.sequence([int(i) for i in ids.tolist()])
+    prompt = [texts[p] for p in pos]
+    props = {
+        "prompt": prompt,
+        "topKLogProbs": [[num(math.log(max(p, 1e-45))) for p in top_probs[i].tolist()] for i in keep[:-1]],
+        "topKTokens": [[words.text(t) for t in top_ids[i]] for i in keep[:-1]],
+        "correctTokenRank": ranks,
+        "correctTokenLogProb": [num(lp) for lp in log_probs],
+    }
+    title = f"{result.labels[e]} predictions · {result.lens} lens" + (
+        f" · {result.model_name}" if result.model_name else "")
+    return render_component("TokenLogProbs", props, title=title, circuitsvis=True)
