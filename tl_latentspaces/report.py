@@ -121,8 +121,9 @@ def _grid_data(results: dict[str, Any]) -> dict[str, Any]:
             "kl_to_final": r.kl_to_final[:, 0],
         }
         if r.own_scores is not None:
-            lens["own_scores"] = r.own_scores[:, 0]
-            lens["own_ranks"] = r.own_ranks[:, 0]
+            # named as in LensResult.to_dataframe() and the views
+            lens["own_cosine"] = r.own_scores[:, 0]
+            lens["own_rank"] = r.own_ranks[:, 0]
         out["lenses"][name] = to_jsonable(lens)
     return out
 
@@ -199,7 +200,7 @@ def build_report(
     from tl_latentspaces.evaluation import LensEvalAccumulator
     from tl_latentspaces.runner import CorpusRunner
     from tl_latentspaces.lenses import read_lenses
-    from tl_latentspaces.views import cka_matrix_view, layer_curves_view, lens_grid
+    from tl_latentspaces.views import cka_matrix_view, drift_tokens, layer_curves_view, lens_grid
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("the report")
@@ -273,6 +274,10 @@ def build_report(
     for prompt, results in grids:
         parts.append(f"<h3>{html.escape(repr(prompt))}</h3>")
         parts.append(lens_grid(results, title=prompt).local_src)
+        if "embedding" in results:
+            parts.append(_guide("Per-token drift: each input token coloured by the cosine between its residual and "
+                                "its own input embedding, at the entry the slider picks; hover for every entry."))
+            parts.append(drift_tokens(results["embedding"], "own_cosine", title=f"Drift from the own token: {prompt}").local_src)
     parts += [
         "<h2>Alignment with the embedding and unembedding spaces</h2>",
         f'<p class="meta">{alignment.n_tokens} tokens of {alignment.n_sequences} held-out sequences '
