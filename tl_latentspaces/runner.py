@@ -115,9 +115,11 @@ class CorpusRunner:
 
     @property
     def n_batches(self) -> int:
+        """Batches in one pass over the packed corpus (the last may be short)."""
         return (self.sequences.shape[0] + self.batch_size - 1) // self.batch_size
 
     def batch(self, index: int) -> torch.Tensor:
+        """The ``[batch_size, seq_len]`` token ids of batch ``index`` (fewer rows for the last batch)."""
         return self.sequences[index * self.batch_size : (index + 1) * self.batch_size]
 
     # ------------------------------------------------------------------ checkpoints

@@ -155,10 +155,12 @@ class TunedLens(torch.nn.Module):
 
     @property
     def n_layers(self) -> int:
+        """Layers of the model the lens was fitted for (one translator per ``resid_pre`` entry)."""
         return self.identity.n_layers
 
     @property
     def d_model(self) -> int:
+        """Residual width of the model the lens was fitted for."""
         return self.identity.d_model
 
     def extra_repr(self) -> str:
