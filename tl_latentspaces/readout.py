@@ -465,9 +465,12 @@ def read_stack(
     if any(own) and own_ids is None:
         raise ValueError("own-token ranks were asked for without own_ids.")
     groups: list[_Group] = []
+    layouts: dict[int, torch.Tensor] = {}  # one vocabulary-major layout per weight, even where it copies
 
     def group_of(lens: Lens) -> _Group:
-        wt = vocab_major(lens.weight).T
+        if id(lens.weight) not in layouts:
+            layouts[id(lens.weight)] = vocab_major(lens.weight).T
+        wt = layouts[id(lens.weight)]
         key = _group_key(wt, lens.bias)
         for g in groups:
             if g.key == key:
@@ -522,9 +525,11 @@ def read_stack(
             e_f, alpha_f, s_prev_f = ref.final_rows(final_slot)
             for blk in blocks:
                 blk.cross(e_f, alpha_f, s_prev_f)
-        x_f = ref.x[:, final_slot : final_slot + 1]
-        log_s_f = ref.stats.s[: ref.rows].view(n, ref.L)[:, final_slot : final_slot + 1].log()
-        s_f = log_s_f.exp()
+        for blk in blocks:
+            blk.log_s = blk.stats.s[: blk.rows].view(n, blk.L).log()
+        # one log for the final rows and every other row: a row equal to the final one gets exactly 0
+        x_f, log_s_f = ref.x[:, final_slot : final_slot + 1], ref.log_s[:, final_slot : final_slot + 1]
+        s_f = ref.stats.s[: ref.rows].view(n, ref.L)[:, final_slot : final_slot + 1]
         for blk in blocks:
             _finish(blk, lenses, outs, slice(start, stop), top_k, T, x_f, s_f, log_s_f)
         final_top1[start:stop] = ref.top_ids[: ref.rows].view(n, ref.L, -1)[:, final_slot, 0]
@@ -541,8 +546,7 @@ def _finish(
     blk.top_ids = torch.gather(torch.cat(blk.cand_i, 1), 1, pick)
     lse = blk.stats.logsumexp()[:rows].view(n, L, 1)
     entropy = blk.stats.entropy()[:rows].view(n, L)
-    log_s = blk.stats.s[:rows].view(n, L).log()
-    kl = (LN2 * (x_f - blk.x) / s_f + log_s - log_s_f).clamp_min_(0.0)
+    kl = (LN2 * (x_f - blk.x) / s_f + blk.log_s - log_s_f).clamp_min_(0.0)
     top_v, top_i = top_v[:rows].view(n, L, -1), blk.top_ids[:rows].view(n, L, -1)
     probs = (top_v.to(torch.float64) - lse).exp()
     if blk.ids is not None:
