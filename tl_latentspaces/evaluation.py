@@ -334,7 +334,8 @@ def evaluate_lenses(
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
     seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
-    template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows, readout_dtype=readout_dtype)  # every lens checked before reading
+    # every lens checked before reading
+    template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows, readout_dtype=readout_dtype)
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=max(max_tokens, seq_len), progress=progress)
     return runner.run({"evaluation": template.empty})["evaluation"].result()

@@ -410,7 +410,8 @@ def read_lenses(
         incl_mid: Also read every layer's ``resid_mid``.
         pos: Positions to read (an int, a slice, a list), default all.
         temperature: The embedding lens's softmax temperature.
-        chunk_rows: Rows per block of the streaming readout (its score tiles are ``[chunk_rows, 2048]``).
+        chunk_rows: Rows per matmul of the streaming readout: a block reads every entry and lens
+            of ``chunk_rows // (entries x lenses)`` positions (at least one) against 2048-token tiles.
 
     The forward pass is the model's own: hooks the user registered fire, so an ablation before
     layer ``l`` changes what the lens reads from layer ``l + 1`` on. The lens's capture hooks are

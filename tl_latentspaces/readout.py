@@ -145,7 +145,9 @@ def _tiles(d_vocab: int) -> list[tuple[int, int]]:
     return [(a, min(a + TILE_COLS, d_vocab)) for a in range(0, d_vocab, TILE_COLS)]
 
 
-def _tile_scores(bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+def _tile_scores(
+    bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, a: int, b: int, out: torch.Tensor
+) -> torch.Tensor:
     """Scores of vocabulary columns ``a:b`` into ``out`` (float32); ``wt`` is ``[d_vocab, d_in]``.
 
     In a low-precision mode (``y`` and ``wt`` bfloat16) the product is converted to float32 and
