@@ -127,12 +127,35 @@ def table(rows, base, base_label):
     return lines
 
 
+def short_report(sp, prompt, access, args, load_start):
+    return [
+        "# Readout benchmark: the default model, all 31 stack entries, top-5 + entropy + KL to final",
+        "",
+        f"Machine: {machine()}.",
+        f"Load average at the start: {load_start:.1f} (1 min), at the end: {os.getloadavg()[0]:.1f}. The machine is "
+        "shared: other jobs inflate every row, not evenly; compare rows of one table (measured side by side, "
+        "interleaved) only.",
+        f"Command: `python benchmarks/readout.py --short-only --repeats {args.repeats}`; medians over "
+        f"{args.repeats} interleaved rounds after one warm-up call each.",
+        "",
+        f"## One prompt: {prompt.shape[1]} tokens (BOS included), {len(access.stack_sites())} entries",
+        "",
+        *table(sp, sp["forward"][0], "forward"),
+        "",
+        f"- logit lens / plain forward: **{sp['logit'][0] / sp['forward'][0]:.2f}x** (target <= 3x).",
+        f"- logit lens / TransformerLens `logit_lens(top_k=5)`: **{sp['logit'][0] / sp['transformer_lens'][0]:.2f}** "
+        "(target <= 0.5; ours also computes KL to final, theirs does not).",
+        f"- logit + embedding / logit alone: **{sp['logit+embedding'][0] / sp['logit'][0]:.2f}x** (target <= 1.5x).",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--prompt", default="The Eiffel Tower is in the city of")
     parser.add_argument("--out", default="benchmarks/results/readout.md")
+    parser.add_argument("--short-only", action="store_true", help="only the one-prompt table")
     parser.add_argument("--transformer-lens-512", action="store_true",
                         help="also time TransformerLens on the 512 tokens (about 35 s and 9 GiB per call)")
     args = parser.parse_args()
@@ -159,6 +182,12 @@ def main() -> int:
     theirs = tl_logit_lens(model, prompt, positions=None, top_k=5, return_type="probs")
     if not torch.equal(ours.top_ids, theirs.readout.top_ids):
         raise SystemExit("top-5 ids differ from TransformerLens on the prompt: the timings would compare different work")
+
+    if args.short_only:
+        text = "\n".join(short_report(short, prompt, access, args, load_start)) + "\n"
+        print(text)
+        write_result(args.out, text)
+        return 0
 
     # ---------------------------------------------------------------- 512 tokens
     tokens = tokenize_corpus(model, default_corpus("heldout"), seq_len=args.tokens)[:1]
