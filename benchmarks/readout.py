@@ -283,7 +283,7 @@ def main() -> int:
         f"**{lp['ours_bf16'][0] / floor_t:.2f}x**; ours_bf16 / bf16 tiled floor: "
         f"{lp['ours_bf16'][0] / lp['floor_tiled_bf16'][0]:.2f}x.",
         "",
-        "## Precision on the same 512 tokens",
+        f"## Precision on the same {tokens.shape[1]} tokens",
         "",
         f"- float32 readout against float64 (final norm in float32, then float64 products and softmax), every one "
         f"of the {E * tokens.shape[1]:,} cells: max |KL error| = {kl_err:.1e} nats (largest KL {kl_max:.1f} nats), "
