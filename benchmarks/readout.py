@@ -1,17 +1,21 @@
-"""Benchmark: the streaming logit-lens readout against TransformerLens 4.3 and the matmul floor.
+"""Benchmark: the streaming readout against the plain forward, TransformerLens 4.3 and the matmul floor.
 
-Work: the default model (SmolLM2-135M-Instruct), one 512-token sequence of held-out text, all 31
-stack entries, top-5 + entropy + KL to final for every (entry, position).
+Two tables, each measured in one run (interleaved rounds, medians), on the default model
+(SmolLM2-135M-Instruct), all 31 stack entries, top-5 + entropy + KL to final for every cell:
 
-* ``ours``: ``tl_latentspaces.logit_lens(model, tokens, cache=cache, top_k=5)``.
-* ``transformer_lens``: TransformerLens 4.3's ``tools.analysis.logit_lens`` producing the same
-  quantities. It needs two calls: ``top_k=5`` (top-5 and entropy) and ``return_type="log_probs"``
-  over the whole vocabulary, from which KL to final is computed.
-* ``floor``: the bare ``[31*512, 576] @ [576, 49152]`` float32 matmul on already-normalized
-  inputs (one shot), the least any exact readout has to do.
-* ``floor_tiled``: the same products as the readout's own tiles (512 rows x ``TILE_COLS``
-  columns, into one reused buffer) and nothing else; it beats the one-shot floor on this CPU,
-  because it never writes a 1.8 GiB output. Ratios use the faster floor.
+1. One short prompt (the notebook case): ``forward`` (the plain forward pass); ``logit``
+   (``tl_latentspaces.logit_lens``, its own forward pass included); ``logit+embedding``
+   (``read_lenses(("logit", "embedding"))``); ``transformer_lens`` (TransformerLens 4.3's
+   ``tools.analysis.logit_lens(top_k=5)``: top-5 and entropy, no KL, its own forward included).
+2. One 512-token sequence of held-out text, read from a cache: ``floor`` (the bare
+   ``[31*512, 576] @ [576, 49152]`` float32 matmul, one shot), ``floor_tiled`` (the same products
+   as 512-row x ``TILE_COLS`` tiles into one buffer: what the readout multiplies, nothing else),
+   ``ours`` (``logit_lens(cache=...)``), ``floor_tiled_bf16`` and ``ours_bf16`` (the bfloat16
+   readout, ``read_stack(readout_dtype=torch.bfloat16)``), optionally ``transformer_lens``
+   (two calls: top-5, and full log-probs for KL).
+
+Precision, on the 512 tokens: every cell's KL to final against float64 (float32 readout), and
+the bfloat16 readout against the float32 one (top-1 agreement, KL error).
 
 Times are medians over ``--repeats`` rounds, each round running every method once (interleaved,
 so a slow spell of a shared machine hits every method alike); peak extra memory is the highest
@@ -36,7 +40,7 @@ import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
-from tl_latentspaces.readout import TILE_COLS, vocab_major
+from tl_latentspaces.readout import TILE_COLS, read_stack, vocab_major
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -96,88 +100,13 @@ def machine() -> str:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--out", default="benchmarks/results/readout.md")
-    parser.add_argument("--no-transformer-lens", action="store_true", help="skip the slow TransformerLens rows")
-    args = parser.parse_args()
-
-    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
-
-    model = tll.load_default_model(progress=False)
-    access = tll.ModelAccess(model)
-    tokens = tokenize_corpus(model, default_corpus("heldout"), seq_len=args.tokens)[:1]
-    names = [name for _, name in access.stack_sites()]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    E = len(names)
-    normed = torch.cat([access.final_norm(cache[n][0]) for n in names])  # for the floor only
-    W_U = access.W_U.detach().contiguous()
-
-    def ours():
-        return tll.logit_lens(model, tokens, cache=cache, top_k=5)
-
-    def transformer_lens():
-        with torch.no_grad():
-            top = tl_logit_lens(model, cache=cache, positions=None, top_k=5, return_type="probs")
-            full = tl_logit_lens(model, cache=cache, positions=None, return_type="log_probs")
-            log_q = full.readout.values  # [E, 1, pos, d_vocab]
-            log_p = log_q[-1:]
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        return top, kl
-
-    def floor():
-        with torch.no_grad():
-            return normed @ W_U
-
-    wt = vocab_major(W_U).T  # [d_vocab, d_model], the layout the readout multiplies by
-    tile_buf = torch.empty(512, TILE_COLS)
-
-    def floor_tiled():
-        with torch.no_grad():
-            for start in range(0, normed.shape[0], 512):
-                y = normed[start : start + 512]
-                for a in range(0, wt.shape[0], TILE_COLS):
-                    b = min(a + TILE_COLS, wt.shape[0])
-                    torch.mm(y, wt[a:b].T, out=tile_buf[: y.shape[0], : b - a])
-
-    # Same answers before timing anything.
-    agreement = "Agreement with TransformerLens: not checked (run without --no-transformer-lens)."
-    if not args.no_transformer_lens:
-        r = ours()
-        top, kl = transformer_lens()
-        if not torch.equal(r.top_ids, top.readout.top_ids):
-            raise SystemExit("top-5 ids differ from TransformerLens: the timings would compare different work")
-        prob_err = (r.top_probs - top.readout.values).abs().max().item()
-        kl_err = (r.kl_to_final - kl).abs().max().item()
-        ent_err = (r.entropy - top.readout.entropy).abs().max().item()
-        # Which KL is closer to the truth: both against float64 on every third entry.
-        with torch.no_grad():
-            W64 = W_U.double()
-            lp_f = torch.log_softmax(access.final_norm(cache[names[-1]][0]).double() @ W64, -1)
-            ours_err = tl_err = 0.0
-            for e in range(0, E, 3):
-                lq = torch.log_softmax(access.final_norm(cache[names[e]][0]).double() @ W64, -1)
-                exact = (lp_f.exp() * (lp_f - lq)).sum(-1)
-                ours_err = max(ours_err, (r.kl_to_final[e, 0].double() - exact).abs().max().item())
-                tl_err = max(tl_err, (kl[e, 0].double() - exact).abs().max().item())
-        agreement = (
-            f"Agreement with TransformerLens on this input: identical top-5 ids; max |Δ top-5 prob| = {prob_err:.1e}, "
-            f"max |Δ entropy| = {ent_err:.1e} nats, max |Δ KL to final| = {kl_err:.1e} nats. Against a float64 "
-            f"KL (every third entry): ours is off by at most {ours_err:.1e} nats, TransformerLens's by {tl_err:.1e}."
-        )
-        del r, top, kl
-
-    load_start = os.getloadavg()[0]
-    methods = [("floor", floor), ("floor_tiled", floor_tiled), ("ours", ours), ("transformer_lens", transformer_lens)]
-    if args.no_transformer_lens:
-        methods.pop()
-    times: dict[str, list[float]] = {name: [] for name, _ in methods}
-    extras: dict[str, list[int]] = {name: [] for name, _ in methods}
-    # Interleaved: repeat r runs every method once, so a slow spell of the machine hits all alike.
-    for _ in range(args.repeats):
+def timed(methods, repeats):
+    """Medians (and min, max, peak extra memory) of interleaved rounds: ``{name: (med, lo, hi, extra)}``."""
+    times = {name: [] for name, _ in methods}
+    extras = {name: [] for name, _ in methods}
+    for name, fn in methods:  # warm up once (caches, allocator)
+        fn()
+    for _ in range(repeats):
         for name, fn in methods:
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
@@ -185,34 +114,188 @@ def main() -> int:
                 times[name].append(time.perf_counter() - t0)
             extras[name].append(mem.extra)
             del out
-    rows = [
-        (name, statistics.median(times[name]), min(times[name]), max(times[name]), statistics.median(extras[name]))
+    return {
+        name: (statistics.median(times[name]), min(times[name]), max(times[name]), statistics.median(extras[name]))
         for name, _ in methods
-    ]
-    floor_t = min(rows[0][1], rows[1][1])  # the faster of the two bare-matmul floors
-    lines = [
-        "# Logit-lens readout: 31 entries x 512 tokens, top-5 + entropy + KL to final",
+    }
+
+
+def table(rows, base, base_label):
+    lines = [f"| method | median s | min s | max s | x {base_label} | peak extra memory |", "|---|---|---|---|---|---|"]
+    for name, (med, lo, hi, extra) in rows.items():
+        lines.append(f"| {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {med / base:.2f} | {extra / 2**20:,.0f} MiB |")
+    return lines
+
+
+def short_report(sp, prompt, access, args, load_start):
+    return [
+        "# Readout benchmark: the default model, all 31 stack entries, top-5 + entropy + KL to final",
         "",
         f"Machine: {machine()}.",
-        f"Load average at the start: {load_start:.1f} (1 min); other jobs on the machine inflate every row alike, "
-        "not evenly: compare rows of one run only.",
-        f"Command: `python benchmarks/readout.py --repeats {args.repeats} --tokens {args.tokens}`; "
-        f"{E} stack entries x {tokens.shape[1]} tokens of held-out text; medians over {args.repeats} interleaved rounds.",
+        f"Load average at the start: {load_start:.1f} (1 min), at the end: {os.getloadavg()[0]:.1f}. The machine is "
+        "shared: other jobs inflate every row, not evenly; compare rows of one table (measured side by side, "
+        "interleaved) only.",
+        f"Command: `python benchmarks/readout.py --short-only --repeats {args.repeats}`; medians over "
+        f"{args.repeats} interleaved rounds after one warm-up call each.",
         "",
-        "| method | median s | min s | max s | x floor | peak extra memory |",
-        "|---|---|---|---|---|---|",
+        f"## One prompt: {prompt.shape[1]} tokens (BOS included), {len(access.stack_sites())} entries",
+        "",
+        *table(sp, sp["forward"][0], "forward"),
+        "",
+        f"- logit lens / plain forward: **{sp['logit'][0] / sp['forward'][0]:.2f}x** (target <= 3x).",
+        f"- logit lens / TransformerLens `logit_lens(top_k=5)`: **{sp['logit'][0] / sp['transformer_lens'][0]:.2f}** "
+        "(target <= 0.5; ours also computes KL to final, theirs does not).",
+        f"- logit + embedding / logit alone: **{sp['logit+embedding'][0] / sp['logit'][0]:.2f}x** (target <= 1.5x).",
     ]
-    for name, med, lo, hi, extra in rows:
-        lines.append(f"| {name} | {med:.2f} | {lo:.2f} | {hi:.2f} | {med / floor_t:.2f} | {extra / 2**20:,.0f} MiB |")
-    lines += [
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--prompt", default="The Eiffel Tower is in the city of")
+    parser.add_argument("--out", default="benchmarks/results/readout.md")
+    parser.add_argument("--short-only", action="store_true", help="only the one-prompt table")
+    parser.add_argument("--transformer-lens-512", action="store_true",
+                        help="also time TransformerLens on the 512 tokens (about 35 s and 9 GiB per call)")
+    args = parser.parse_args()
+
+    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+    model = tll.load_default_model(progress=False)
+    access = tll.ModelAccess(model)
+    load_start = os.getloadavg()[0]
+
+    # ---------------------------------------------------------------- one short prompt
+    prompt = model.to_tokens(args.prompt, prepend_bos=True)
+    with torch.no_grad():
+        short = timed(
+            [
+                ("forward", lambda: model(prompt)),
+                ("logit", lambda: tll.logit_lens(model, prompt, top_k=5)),
+                ("logit+embedding", lambda: tll.read_lenses(model, prompt, lenses=("logit", "embedding"), top_k=5)),
+                ("transformer_lens", lambda: tl_logit_lens(model, prompt, positions=None, top_k=5, return_type="probs")),
+            ],
+            args.repeats,
+        )
+    ours = tll.logit_lens(model, prompt, top_k=5)
+    theirs = tl_logit_lens(model, prompt, positions=None, top_k=5, return_type="probs")
+    if not torch.equal(ours.top_ids, theirs.readout.top_ids):
+        raise SystemExit("top-5 ids differ from TransformerLens on the prompt: the timings would compare different work")
+
+    if args.short_only:
+        text = "\n".join(short_report(short, prompt, access, args, load_start)) + "\n"
+        print(text)
+        write_result(args.out, text)
+        return 0
+
+    # ---------------------------------------------------------------- 512 tokens
+    tokens = tokenize_corpus(model, default_corpus("heldout"), seq_len=args.tokens)[:1]
+    names = [name for _, name in access.stack_sites()]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    E = len(names)
+    normed = torch.cat([access.final_norm(cache[n][0]) for n in names])  # for the floors only
+    W_U = access.W_U.detach().contiguous()
+    wt = vocab_major(W_U).T  # [d_vocab, d_model], the layout the readout multiplies by
+    wt_bf16 = wt.to(torch.bfloat16)
+    normed_bf16 = normed.to(torch.bfloat16)
+    tile_buf = torch.empty(512, TILE_COLS)
+    stack = torch.stack([cache[n][0] for n in names])
+    lens = tll.LogitLens(access)
+
+    def read(dtype):
+        return read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens,
+                          top_k=5, readout_dtype=dtype)
+
+    def floor_tiled(y_all, w, out):
+        for start in range(0, y_all.shape[0], 512):
+            y = y_all[start : start + 512]
+            for a in range(0, w.shape[0], TILE_COLS):
+                b = min(a + TILE_COLS, w.shape[0])
+                r = torch.mm(y, w[a:b].T)
+                if out is not None:
+                    out[: y.shape[0], : b - a].copy_(r)
+
+    methods = [
+        ("floor", lambda: normed @ W_U),
+        ("floor_tiled", lambda: floor_tiled(normed, wt, None)),
+        ("ours", lambda: tll.logit_lens(model, tokens, cache=cache, top_k=5)),
+        ("floor_tiled_bf16", lambda: floor_tiled(normed_bf16, wt_bf16, None)),
+        ("ours_bf16", lambda: read(torch.bfloat16)),
+    ]
+    if args.transformer_lens_512:
+
+        def transformer_lens():
+            top = tl_logit_lens(model, cache=cache, positions=None, top_k=5, return_type="probs")
+            full = tl_logit_lens(model, cache=cache, positions=None, return_type="log_probs")
+            log_q = full.readout.values
+            return top, (log_q[-1:].exp() * (log_q[-1:] - log_q)).sum(-1)
+
+        methods.append(("transformer_lens", transformer_lens))
+    with torch.no_grad():
+        long = timed(methods, args.repeats)
+
+    # ---------------------------------------------------------------- precision on the 512 tokens
+    with torch.no_grad():
+        r32, r16 = read(torch.float32).lenses[0], read(torch.bfloat16).lenses[0]
+        W64 = W_U.double()
+        lp_f = torch.log_softmax(access.final_norm(stack[-1]).double() @ W64, -1)
+        kl_err = ent_err = 0.0
+        for e in range(E):
+            lq = torch.log_softmax(access.final_norm(stack[e]).double() @ W64, -1)
+            exact = (lp_f.exp() * (lp_f - lq)).sum(-1)
+            kl_err = max(kl_err, (r32.kl_to_final[e].double() - exact).abs().max().item())
+            ent = -(lq.exp() * lq).sum(-1)
+            ent_err = max(ent_err, (r32.entropy[e].double() - ent).abs().max().item())
+        kl_max = r32.kl_to_final.max().item()
+        agree = (r16.top_ids[..., 0] == r32.top_ids[..., 0]).double().mean().item()
+        d_kl = (r16.kl_to_final - r32.kl_to_final).abs()
+        d_h = (r16.entropy - r32.entropy).abs()
+
+    sp = short
+    lp = long
+    floor_t = min(lp["floor"][0], lp["floor_tiled"][0])
+    lines = [
+        "# Readout benchmark: the default model, all 31 stack entries, top-5 + entropy + KL to final",
         "",
-        agreement,
+        f"Machine: {machine()}.",
+        f"Load average at the start: {load_start:.1f} (1 min), at the end: {os.getloadavg()[0]:.1f}. The machine is "
+        "shared: other jobs inflate every row, not evenly; compare rows of one table (measured side by side, "
+        "interleaved) only.",
+        f"Command: `python benchmarks/readout.py --repeats {args.repeats} --tokens {args.tokens}`; medians over "
+        f"{args.repeats} interleaved rounds after one warm-up call each.",
+        "",
+        f"## One prompt: {prompt.shape[1]} tokens (BOS included), {E} entries",
+        "",
+        *table(sp, sp["forward"][0], "forward"),
+        "",
+        f"- logit lens / plain forward: **{sp['logit'][0] / sp['forward'][0]:.2f}x** (target <= 3x).",
+        f"- logit lens / TransformerLens `logit_lens(top_k=5)`: **{sp['logit'][0] / sp['transformer_lens'][0]:.2f}** "
+        "(target <= 0.5; ours also computes KL to final, theirs does not).",
+        f"- logit + embedding / logit alone: **{sp['logit+embedding'][0] / sp['logit'][0]:.2f}x** (target <= 1.5x).",
+        "",
+        f"## {tokens.shape[1]} tokens of held-out text, {E} entries, from a cache",
+        "",
+        *table(lp, floor_t, "floor"),
+        "",
+        f"- ours / fp32 floor: **{lp['ours'][0] / floor_t:.2f}x** (target <= 1.1x); ours_bf16 / fp32 floor: "
+        f"**{lp['ours_bf16'][0] / floor_t:.2f}x**; ours_bf16 / bf16 tiled floor: "
+        f"{lp['ours_bf16'][0] / lp['floor_tiled_bf16'][0]:.2f}x.",
+        "",
+        f"## Precision on the same {tokens.shape[1]} tokens",
+        "",
+        f"- float32 readout against float64 (final norm in float32, then float64 products and softmax), every one "
+        f"of the {E * tokens.shape[1]:,} cells: max |KL error| = {kl_err:.1e} nats (largest KL {kl_max:.1f} nats), "
+        f"max |entropy error| = {ent_err:.1e} nats.",
+        f"- bfloat16 readout against float32: top-1 agreement {agree:.2%}; |KL error| max {d_kl.max().item():.3f}, "
+        f"mean {d_kl.mean().item():.4f} nats; |entropy error| max {d_h.max().item():.3f}, mean {d_h.mean().item():.4f} nats.",
         "",
         "floor: the one-shot float32 matmul of the already-normalized stack with W_U (its output alone is "
-        f"{E * tokens.shape[1] * W_U.shape[1] * 4 / 2**30:.1f} GiB). floor_tiled: the same products as "
-        f"512-row x {TILE_COLS}-column tiles into one reused buffer, the matmuls the readout itself does, "
-        "with nothing else. `x floor` divides by the faster of the two. transformer_lens: two calls of "
-        "`tools.analysis.logit_lens` (top_k=5; full-vocabulary log-probs for KL).",
+        f"{E * tokens.shape[1] * W_U.shape[1] * 4 / 2**30:.1f} GiB). floor_tiled(_bf16): the same products as "
+        f"512-row x {TILE_COLS}-column tiles, the matmuls the readout itself does, with nothing else. "
+        "`x floor` divides by the faster float32 floor. On the CPU torch's bfloat16 matmul rounds its float32 "
+        "accumulator to bfloat16 on output; the readout's reductions run in float32 with float64 sums either way.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

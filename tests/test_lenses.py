@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import tl_latentspaces as tll
-from tl_latentspaces.model import ModelAccess
 
 
 def _reference_logits(model, resid: torch.Tensor) -> torch.Tensor:
@@ -176,30 +175,6 @@ def test_tile_candidates_hold_the_top_k():
         want = tile.topk(min(k, width), -1).values
         torch.testing.assert_close(v.topk(min(k, width), -1).values, want, rtol=0, atol=0)
         torch.testing.assert_close(m.squeeze(1), tile.amax(-1), rtol=0, atol=0)
-
-
-def test_final_entry_read_once_equals_read_twice(tiny, tokens):
-    """The logit lens takes its final entry from the final-distribution pass; reading it again agrees."""
-    from tl_latentspaces.lenses import LogitLens
-    from tl_latentspaces.readout import final_distribution, stream_readout
-
-    access = ModelAccess(tiny)
-    _, stack = _residuals(tiny, tokens)
-    flat = stack.reshape(stack.shape[0], -1, stack.shape[-1])
-    lens = LogitLens(access)
-    E = flat.shape[0]
-    targets = torch.tensor([[3, 17]]).expand(flat.shape[1], 2)
-    with torch.no_grad():
-        plain = final_distribution(flat[-1], lens, [lens], entry=E - 1)
-        kept = final_distribution(flat[-1], lens, [lens], entry=E - 1, top_k=4, targets=targets)
-        assert kept.readout_for(lens, E - 1, 4, targets) is not None
-        assert kept.readout_for(lens, E - 1, 3, targets) is None and kept.readout_for(lens, E - 2, 4, targets) is None
-        twice = stream_readout(flat[-1:], lens, [E - 1], plain, 0, top_k=4, targets=targets)
-        once = stream_readout(flat[-1:], lens, [E - 1], kept, 0, top_k=4, targets=targets)
-    assert torch.equal(once.top_ids, twice.top_ids) and torch.equal(once.target_ranks, twice.target_ranks)
-    for name in ("top_probs", "entropy", "kl_to_final", "target_probs"):
-        torch.testing.assert_close(getattr(once, name), getattr(twice, name), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(plain.u[0], kept.u[0], atol=0, rtol=0)
 
 
 def test_tiled_softmax_statistics_match_float64():

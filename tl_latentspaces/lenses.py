@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -32,7 +33,7 @@ import torch
 from tl_latentspaces.checks import check_bool, check_float, check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, Tokens
-from tl_latentspaces.readout import Lens, final_distribution, stream_readout, vocab_major
+from tl_latentspaces.readout import Lens, read_stack, tensor_key, vocab_major
 from tl_latentspaces.results import LensInputs, LensResult
 
 __all__ = [
@@ -52,6 +53,39 @@ LayerSel = Union[Sequence[Union[int, str]], None]
 
 DEFAULT_CHUNK_ROWS = 512
 
+_WEIGHTS: "weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple, Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _cached(access: ModelAccess, kind: str, source: torch.Tensor, build: Any) -> Any:
+    """``build(source)``, computed once per model and weight: rebuilt when ``source`` changes.
+
+    The readout matrices (a float32, vocabulary-major ``W_U``; the row-normalized ``W_E``) cost a
+    49K x d_model copy to build, more than a short prompt's whole readout. They are kept per model
+    (weakly: they go with it), keyed by :func:`~tl_latentspaces.readout.tensor_key` of the weight
+    they come from, so a weight replaced or changed in place is noticed.
+    """
+    per_model = _WEIGHTS.setdefault(access.model, {})
+    key = tensor_key(source)
+    hit = per_model.get(kind)
+    if hit is None or hit[0] != key:
+        hit = (key, build(source.detach()))
+        per_model[kind] = hit
+    return hit[1]
+
+
+def _unembedding(access: ModelAccess) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``W_U`` (float32, vocabulary-major) and ``b_U`` (None when zero: a zero bias costs a pass per tile)."""
+    weight = _cached(access, "W_U", access.W_U, lambda w: vocab_major(w.to(torch.float32)))
+    b = access.b_U
+    bias = _cached(access, "b_U", b, lambda t: None if not bool(t.any()) else t.to(torch.float32))
+    return weight, bias
+
+
+def _normalized_embedding(W_E: torch.Tensor) -> torch.Tensor:
+    W_E = W_E.to(torch.float32)
+    # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
+    return (W_E / W_E.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T  # [d_model, d_vocab], one row per token underneath
+
 
 class LogitLens:
     """``ln_final(x) @ W_U + b_U``: the model's own readout applied to any residual vector.
@@ -65,11 +99,9 @@ class LogitLens:
 
     def __init__(self, access: ModelAccess):
         self.access = access
-        # One row per token (no copy for the bridge, whose W_U is a transposed view): see vocab_major.
-        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
-        b = access.b_U.detach().to(torch.float32)
-        # A zero bias costs a full pass per chunk; skip it.
-        self.bias = None if not bool(b.any()) else b
+        # One row per token (no copy for the bridge, whose W_U is a transposed view), built once
+        # per model and weight: see vocab_major and _cached.
+        self.weight, self.bias = _unembedding(access)
 
     def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
         return self.access.final_norm(x)
@@ -89,10 +121,7 @@ class EmbeddingLens:
 
     def __init__(self, access: ModelAccess, temperature: float = 1.0):
         temperature = check_float(temperature, "temperature", minimum=0.0, open_minimum=True)
-        W_E = access.W_E.detach().to(torch.float32)
-        norms = W_E.norm(dim=-1, keepdim=True)
-        # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
-        self.weight = (W_E / norms.clamp_min(1e-12)).T  # [d_model, d_vocab], one row per token underneath
+        self.weight = _cached(access, "W_E normalized", access.W_E, _normalized_embedding)
         self.bias = None
         self.score_scale = math.sqrt(access.d_model) / float(temperature)
 
@@ -268,7 +297,12 @@ def _plan(
 
 
 def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str, LensResult]:
-    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses."""
+    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses.
+
+    Every lens and every entry is read in one sweep over the vocabulary (see
+    :func:`~tl_latentspaces.readout.read_stack`); the logit lens's read of the final entry is the
+    final distribution itself.
+    """
     access, tokens = plan.access, plan.tokens
     positions = _select_positions(plan.pos, tokens.ids.shape[1])
     B, P = tokens.ids.shape[0], len(positions)
@@ -277,35 +311,30 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
     with torch.no_grad():
         stack = stack[:, :, positions].to(dev)
         flat = stack.reshape(stack.shape[0], B * P, stack.shape[-1])
-        final_idx = len(plan.all_labels) - 1
-        reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None)
-        reads_final = reference is not None and final_idx in plan.entries
-        reference = reference or LogitLens(access)
+        reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None) or LogitLens(access)
         targets = _resolve_targets(access, plan.targets, (B, P))
         flat_targets = None if targets is None else targets.reshape(B * P, -1).to(dev)
-        # When the logit lens reads the final entry, that read and the final distribution are one pass.
-        final = final_distribution(
-            flat[by_label[plan.final_label]], reference, lenses, entry=final_idx, chunk_rows=plan.chunk_rows,
-            top_k=plan.top_k if reads_final else None, targets=flat_targets if reads_final else None,
-        )
         own = tokens.ids[:, positions].reshape(-1).to(dev)
-        read_rows = torch.tensor([by_label[plan.all_labels[i]] for i in plan.entries])
-        sub = flat[read_rows]
+        read_rows = [by_label[plan.all_labels[i]] for i in plan.entries]
+        out = read_stack(
+            flat[read_rows],
+            plan.entries,
+            lenses,
+            final=flat[by_label[plan.final_label]],
+            final_entry=len(plan.all_labels) - 1,
+            reference=reference,
+            top_k=plan.top_k,
+            targets=flat_targets,
+            own_ids=own,
+            own=[isinstance(lens, EmbeddingLens) for lens in lenses],
+            chunk_rows=plan.chunk_rows,
+        )
+        E = len(plan.entries)
+        shape3 = (E, B, P)
+        final_top1 = out.final_top1.reshape(B, P).cpu()
+        resid = flat[read_rows].reshape(E, B, P, -1).cpu()  # kept for LensDiff.divergence
         results = {}
-        for li, lens in enumerate(lenses):
-            r = stream_readout(
-                sub,
-                lens,
-                plan.entries,
-                final,
-                li,
-                top_k=plan.top_k,
-                targets=flat_targets,
-                own_ids=own if isinstance(lens, EmbeddingLens) else None,
-                chunk_rows=plan.chunk_rows,
-            )
-            E = len(plan.entries)
-            shape3 = (E, B, P)
+        for lens, r in zip(lenses, out.lenses):
             opt = lambda t, extra=(): None if t is None else t.reshape(*shape3, *extra).cpu()  # noqa: E731
             results[lens.name] = LensResult(
                 lens=lens.name,
@@ -318,7 +347,7 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
                 top_scores=r.top_scores.reshape(*shape3, -1).cpu(),
                 entropy=r.entropy.reshape(shape3).cpu(),
                 kl_to_final=r.kl_to_final.reshape(shape3).cpu(),
-                final_top1=final.top1.reshape(B, P).cpu(),
+                final_top1=final_top1,
                 target_ids=None if targets is None else targets.cpu(),
                 target_probs=opt(r.target_probs, (-1,)),
                 target_ranks=opt(r.target_ranks, (-1,)),
@@ -326,7 +355,7 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
                 own_ranks=opt(r.own_ranks),
                 model_name=access.name,
                 decode=access.decoder(),
-                inputs=LensInputs(resid=sub.reshape(E, B, P, -1).cpu(), lens=lens, entries=list(plan.entries)),
+                inputs=LensInputs(resid=resid, lens=lens, entries=list(plan.entries)),
             )
     return results
 
@@ -414,7 +443,8 @@ def read_lenses(
         incl_mid: Also read every layer's ``resid_mid``.
         pos: Positions to read (an int, a slice, a list), default all.
         temperature: The embedding lens's softmax temperature.
-        chunk_rows: Rows per block of the streaming readout (its score tiles are ``[chunk_rows, 2048]``).
+        chunk_rows: Rows per matmul of the streaming readout: a block reads every entry and lens
+            of ``chunk_rows // (entries x lenses)`` positions (at least one) against 2048-token tiles.
 
     The forward pass is the model's own: hooks the user registered fire, so an ablation before
     layer ``l`` changes what the lens reads from layer ``l + 1`` on. The lens's capture hooks are

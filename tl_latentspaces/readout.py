@@ -1,34 +1,44 @@
 """Streaming readout: reduce lens scores over the vocabulary without storing them.
 
-A lens maps a residual vector ``x`` to vocabulary scores ``z = project(x) @ weight + bias``. The
-readout walks the residual stack in blocks of rows and the vocabulary in tiles of
-:data:`TILE_COLS` columns. Each ``[rows, tile]`` score tile is computed once, folded into running
-reductions (top-k, an online softmax for entropy and log-normalizer, counts of tokens scoring
-above each ranked token) while it is still in cache, and discarded. At most one tile of scores
-exists at a time; ``[layers, batch, pos, d_vocab]`` is never materialized, nor even one row
-block's ``[rows, d_vocab]``.
+A lens maps a residual vector ``x`` to vocabulary scores ``z = project(x) @ weight + bias``.
+:func:`read_stack` reads a residual stack through any number of lenses in one sweep over the
+vocabulary. Its rows, for a block of positions, are every read entry of every lens at once
+(plus the final distribution's own rows); lenses that share a weight (the logit and tuned
+lenses share ``W_U``) share one matmul per tile. The vocabulary is walked in tiles of
+:data:`TILE_COLS` columns: each ``[rows, tile]`` score tile is computed once, folded into running
+reductions (top-k candidates, an online softmax, rank counts, the KL's cross term) while it is
+still in cache, and discarded. ``[layers, batch, pos, d_vocab]`` is never materialized, nor one
+row block's ``[rows, d_vocab]``. A short prompt is one block: one pass over ``W_U`` per call.
 
-KL from the final distribution needs no stored final probabilities. For a lens whose scores are
-linear in ``y = project(x)``::
+KL to final without cancellation. With ``w = (z - m) log2(e)`` (``m`` the running maximum of the
+row, so ``w <= 0``), ``s = sum 2^w`` and, for the final distribution's row ``f`` of the same
+position, ``X_q = sum_v 2^{w_f,v} w_q,v``::
 
-    KL(p_final || softmax(z)) = sum p_f log p_f - p_f . z + logsumexp(z)
-    p_f . z = y . (weight @ p_f) + bias . p_f
+    KL(p_f || q) = ln(2) (X_f - X_q) / s_f + ln s_q - ln s_f
 
-so one ``d_in`` vector ``u = weight @ p_f`` per position (computed once, in the pass over the
-final entry) replaces a ``d_vocab`` dot product per entry. Everything is computed in float32,
-whatever the model's dtype.
+Every term is a sum of small same-signed products taken tile by tile in float32 and added up in
+float64, with the running maxima's shifts applied in float64; no large logit-sized terms cancel,
+and a row identical to the final row gets exactly 0. The remaining error is the float32 matmul's
+own rounding of the scores (measured against float64: below 1e-4 nats on every cell, see
+``tests/test_readout.py``). Entropy ``ln s - ln(2) t / s`` (``t = sum 2^w w``) and the
+log-normalizer ``m + ln s`` come from the same float64 sums.
+
+``readout_dtype=torch.bfloat16`` multiplies in bfloat16 (float32 accumulation inside the
+kernel; on the CPU torch rounds the product to bfloat16 on output) and runs the same reductions
+in float32/float64: about twice as fast on CPUs with bf16 matrix units, at the precision the
+README's performance section measures.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
-__all__ = ["Lens", "FinalDistribution", "ReadoutTensors", "final_distribution", "stream_readout"]
+__all__ = ["Lens", "ReadoutTensors", "StackReadout", "read_stack", "tensor_key", "vocab_major"]
 
 
 class Lens(Protocol):
@@ -36,7 +46,8 @@ class Lens(Protocol):
 
     Attributes:
         name: Short name (``"logit"``, ``"embedding"``, ``"tuned"``).
-        weight: ``[d_in, d_vocab]`` float32.
+        weight: ``[d_in, d_vocab]`` float32. Lenses whose weights are the same tensor share a
+            matmul.
         bias: ``[d_vocab]`` float32 or None.
         score_scale: Divides scores into the values reported as ``top_scores`` (1 for logits).
     """
@@ -48,40 +59,6 @@ class Lens(Protocol):
 
     def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_in"]:
         ...
-
-
-@dataclass(frozen=True)
-class FinalDistribution:
-    """What the readout keeps of the model's final distribution, per position.
-
-    Attributes:
-        neg_entropy: ``[n]`` sum of ``p_f log p_f``.
-        top1: ``[n]`` the final top-1 token id.
-        u: one ``[n, d_in]`` tensor per lens: ``p_f @ weight.T``.
-        c: one ``[n]`` tensor per lens: ``p_f @ bias`` (zeros without a bias).
-        reference: The lens that defined the distribution, and ``entry`` its stack index.
-        readout: The reference lens's own readout of that entry (``E = 1``), made in the same
-            pass, so :func:`stream_readout` need not read the entry a second time; None when not
-            asked for.
-        targets: The targets that readout was made with.
-    """
-
-    neg_entropy: torch.Tensor
-    top1: torch.Tensor
-    u: list[torch.Tensor]
-    c: list[torch.Tensor]
-    reference: Optional["Lens"] = None
-    entry: int = -1
-    readout: Optional["ReadoutTensors"] = None
-    targets: Optional[torch.Tensor] = None
-
-    def readout_for(self, lens: "Lens", entry: int, top_k: int, targets: Optional[torch.Tensor]) -> Optional["ReadoutTensors"]:
-        """The stored readout when it is exactly the one asked for, else None."""
-        if self.readout is None or lens is not self.reference or entry != self.entry:
-            return None
-        if self.readout.top_ids.shape[-1] != top_k or targets is not self.targets:
-            return None
-        return self.readout
 
 
 @dataclass
@@ -100,9 +77,29 @@ class ReadoutTensors:
     target_log_probs: Optional[torch.Tensor] = None  # [E, N, T]; finite where the probability underflows
 
 
+@dataclass(frozen=True)
+class StackReadout:
+    """What :func:`read_stack` returns.
+
+    Attributes:
+        lenses: One :class:`ReadoutTensors` per lens, in the order given.
+        final_top1: ``[N]`` the final distribution's top-1 token per row.
+    """
+
+    lenses: list[ReadoutTensors]
+    final_top1: Int[torch.Tensor, " N"]
+
+
 TILE_COLS = 2048
 """Vocabulary columns per score tile: a ``[512, 2048]`` float32 tile (4 MiB) stays in cache
 while every reduction reads it, where a whole ``[rows, d_vocab]`` row block would not."""
+
+MIN_ROWS = 16
+"""Matmuls get at least this many rows (zero rows pad a smaller block): below that the CPU
+BLAS switches kernels and a row's scores would depend on how many rows were read with it."""
+
+LOG2E = 1.4426950408889634  # exp(w) = exp2(w * log2(e)); exp2 is the faster kernel on the CPU
+LN2 = math.log(2.0)
 
 
 def vocab_major(weight: torch.Tensor) -> torch.Tensor:
@@ -115,18 +112,56 @@ def vocab_major(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.T.is_contiguous() else weight.T.contiguous().T
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """A cheap key that changes when ``t`` is replaced or changed, for caches derived from weights.
+
+    Storage, layout and the autograd version counter (bumped by every in-place op) catch a new
+    tensor and ordinary in-place updates; a float64 sum over a strided sample also catches writes
+    through ``.data``, which bypass the version counter.
+    """
+    sample = t.detach()[tuple(slice(None, None, 7 + 6 * dim) for dim in range(t.ndim))]
+    return (
+        t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, str(t.device), t._version,
+        float(sample.sum(dtype=torch.float64)),
+    )
+
+
+_LOW_PRECISION: dict[tuple, torch.Tensor] = {}
+
+
+def _low_precision(wt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``wt`` in ``dtype``, converted once per weight (the two most recent are kept)."""
+    if wt.dtype == dtype:
+        return wt
+    key = (tensor_key(wt), dtype)
+    if key not in _LOW_PRECISION:
+        while len(_LOW_PRECISION) >= 2:
+            _LOW_PRECISION.pop(next(iter(_LOW_PRECISION)))
+        _LOW_PRECISION[key] = wt.to(dtype).contiguous()
+    return _LOW_PRECISION[key]
+
+
 def _tiles(d_vocab: int) -> list[tuple[int, int]]:
     return [(a, min(a + TILE_COLS, d_vocab)) for a in range(0, d_vocab, TILE_COLS)]
 
 
-def _tile_scores(lens: Lens, y: torch.Tensor, wt: torch.Tensor, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-    """Scores of vocabulary columns ``a:b``; ``wt`` is the lens weight in ``[d_vocab, d_in]`` layout."""
-    if lens.bias is None:
+def _tile_scores(
+    bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, a: int, b: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Scores of vocabulary columns ``a:b`` into ``out`` (float32); ``wt`` is ``[d_vocab, d_in]``.
+
+    In a low-precision mode (``y`` and ``wt`` bfloat16) the product is converted to float32 and
+    the bias added in float32.
+    """
+    if y.dtype != torch.float32:
+        out.copy_(torch.mm(y, wt[a:b].T))
+        return out if bias is None else out.add_(bias[a:b])
+    if bias is None:
         return torch.mm(y, wt[a:b].T, out=out)
-    return torch.addmm(lens.bias[a:b], y, wt[a:b].T, out=out)
+    return torch.addmm(bias[a:b], y, wt[a:b].T, out=out)
 
 
-def _exact_scores(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _exact_scores(bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Scores of the token ``ids`` (``[n, T]``) for each row, bit for bit as the tiles compute them.
 
     The distinct ids are gathered into one tile-like matrix: a matmul of at least 64 columns takes
@@ -135,49 +170,56 @@ def _exact_scores(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tens
     """
     uniq, inverse = torch.unique(ids, return_inverse=True)
     cols = uniq if uniq.numel() >= 64 else torch.cat([uniq, uniq[:1].expand(64 - uniq.numel())])
-    z = y @ wt[cols].T
-    if lens.bias is not None:
-        z += lens.bias[cols]
+    z = (y @ wt[cols].T).to(torch.float32)
+    if bias is not None:
+        z += bias[cols]
     return torch.gather(z, 1, inverse)
-
-
-LOG2E = 1.4426950408889634  # exp(w) = exp2(w * log2(e)); exp2 is the faster kernel on the CPU
 
 
 class _SoftmaxStats:
     """Online softmax statistics over vocabulary tiles, for a block of rows.
 
-    Keeps the running maximum ``m``, ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)``
-    (``t`` in base-2 units); at the end ``logsumexp(z) = m + log s`` and the entropy is
-    ``log s - t ln(2) / s``. Per-tile partial sums keep the float32 error at the level of a blocked
-    summation.
+    Keeps the running maximum ``m`` (float32, what the tiles are shifted by), and in float64
+    ``s = sum 2^w`` and ``t = sum 2^w w`` with ``w = (z - m) log2(e)``. At the end
+    ``logsumexp(z) = m + ln s`` and the entropy is ``ln s - ln(2) t / s``. After each
+    :meth:`update`, ``shift`` (the change of ``w`` for earlier tiles, ``<= 0``), ``alpha = 2^shift``
+    and ``s_prev`` (``s`` before the tile) let other running sums follow the new maximum.
     """
 
     def __init__(self, n: int, like: torch.Tensor):
-        self.m = torch.full((n, 1), -math.inf, dtype=torch.float32, device=like.device)
-        self.s = torch.zeros(n, 1, dtype=torch.float32, device=like.device)
-        self.t = torch.zeros(n, 1, dtype=torch.float32, device=like.device)
+        dev = like.device
+        self.m = torch.full((n, 1), -math.inf, dtype=torch.float32, device=dev)
+        self.s = torch.zeros(n, 1, dtype=torch.float64, device=dev)
+        self.t = torch.zeros(n, 1, dtype=torch.float64, device=dev)
+        self.shift = torch.zeros_like(self.s)
+        self.alpha = torch.ones_like(self.s)
+        self.s_prev = self.s
+        self._first = True
 
     def update(self, z: torch.Tensor, tile_max: torch.Tensor, e_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold in the tile ``z`` (overwritten); returns ``exp(z - m)`` and the rescale factor of the old sums."""
+        """Fold in the tile ``z`` (overwritten with ``w``); returns ``2^w`` and ``alpha``."""
         m_new = torch.maximum(self.m, tile_max)
-        shift = (self.m - m_new) * LOG2E  # <= 0; -inf before the first tile
-        alpha = torch.exp2(shift)
-        # rescale the old sums to the new maximum: t' = alpha (t + shift s); nothing to rescale at first
-        self.t = torch.where(self.s > 0, alpha * (self.t + shift * self.s), self.t)
-        self.s = alpha * self.s
-        self.m = m_new
         w = z.sub_(m_new).mul_(LOG2E)
         e = torch.exp2(w, out=e_out)
-        self.s += e.sum(-1, keepdim=True)
-        self.t += torch.linalg.vecdot(e, w).unsqueeze(1)
-        return e, alpha
+        s_tile = e.sum(-1, keepdim=True, dtype=torch.float64)
+        t_tile = torch.linalg.vecdot(e, w).unsqueeze(1).to(torch.float64)
+        self.s_prev = self.s
+        if self._first:
+            self.s, self.t = s_tile, t_tile
+            self._first = False
+        else:
+            self.shift = (self.m.to(torch.float64) - m_new.to(torch.float64)) * LOG2E
+            self.alpha = torch.exp2(self.shift)
+            self.t = self.alpha * (self.t + self.shift * self.s) + t_tile
+            self.s = self.alpha * self.s + s_tile
+        self.m = m_new
+        return e, self.alpha
 
     def logsumexp(self) -> torch.Tensor:
-        return self.m + self.s.log()
+        return self.m.to(torch.float64) + self.s.log()
 
     def entropy(self) -> torch.Tensor:
-        return self.s.log() - self.t * math.log(2.0) / self.s
+        return self.s.log() - self.t * LN2 / self.s
 
 
 GROUP_ROWS = 16
@@ -214,24 +256,11 @@ def _group_offsets(width: int, C: int, device: torch.device) -> torch.Tensor:
     return _OFFSETS[key]
 
 
-@dataclass
-class _Block:
-    """One row block read through a lens over every vocabulary tile."""
-
-    top_values: torch.Tensor  # [n, k], sorted
-    top_ids: torch.Tensor  # [n, k]
-    lse: torch.Tensor  # [n, 1]
-    entropy: torch.Tensor  # [n, 1]
-    ranked_scores: Optional[torch.Tensor]  # [n, R] scores of the ranked ids
-    ranks: Optional[torch.Tensor]  # [n, R] int32: tokens scoring strictly higher
-    u: list[torch.Tensor]  # per accumulated weight: [n, d_in] p @ weight.T
-    c: list[torch.Tensor]  # per accumulated weight: [n, 1] p @ bias
-
-
 class _Buffers:
     """Tile-sized scratch space, allocated once per call and reused by every block."""
 
     def __init__(self, rows: int, ranked: bool, device: torch.device):
+        rows = max(rows, MIN_ROWS)
         self.z = torch.empty(rows * TILE_COLS, dtype=torch.float32, device=device)
         self.e = torch.empty(rows * TILE_COLS, dtype=torch.float32, device=device)
         self.b = torch.empty(rows * TILE_COLS, dtype=torch.bool, device=device) if ranked else None
@@ -257,68 +286,100 @@ def token_ranks(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor
     """Ranks of the token ``ids`` (``[n, R]``) under ``lens`` for the projected rows ``y``.
 
     The rank is the number of vocabulary tokens scoring strictly higher (0 = top), counted tile by
-    tile exactly as :func:`stream_readout` ranks targets and own tokens, without the softmax.
+    tile exactly as :func:`read_stack` ranks targets and own tokens, without the softmax.
     ``wt`` is the lens weight in ``[d_vocab, d_in]`` layout; ``bufs`` holds at least ``n`` rows.
     Returns ``[n, R]`` int32.
     """
+    rows = y.shape[0]
+    y, ids = _pad_rows(y), _pad_rows(ids)
     n = y.shape[0]
-    scores = _exact_scores(lens, y, wt, ids)
+    scores = _exact_scores(lens.bias, y, wt, ids)
     counts = torch.zeros(n, ids.shape[1], dtype=torch.int32, device=y.device)
     for a, b in _tiles(wt.shape[0]):
         width = b - a
-        z = _tile_scores(lens, y, wt, a, b, bufs.z[: n * width].view(n, width))
+        z = _tile_scores(lens.bias, y, wt, a, b, bufs.z[: n * width].view(n, width))
         _count_above(z, a, ids, scores, counts, bufs.b[: n * width].view(n, width))
-    return counts
+    return counts[:rows]
 
 
-def _read_block(
-    lens: Lens,
-    y: torch.Tensor,
-    wt: torch.Tensor,
-    top_k: int,
-    ranked_ids: Optional[torch.Tensor],
-    bufs: _Buffers,
-    accumulate: Sequence[tuple[torch.Tensor, Optional[torch.Tensor]]] = (),
-) -> _Block:
-    """Read the projected rows ``y`` through ``lens``, one vocabulary tile at a time.
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with zero rows appended up to :data:`MIN_ROWS` rows."""
+    if t.shape[0] >= MIN_ROWS:
+        return t
+    return torch.cat([t, t.new_zeros(MIN_ROWS - t.shape[0], *t.shape[1:])])
 
-    ``accumulate`` lists ``(wt_i, bias_i)`` pairs (vocabulary-major weights): for each, the
-    block also returns ``p @ wt_i`` and ``p @ bias_i`` under this lens's distribution ``p``.
+
+
+
+@dataclass
+class _Slot:
+    """One kind of row in a block: lens ``lens`` reading stack slab ``e_pos`` (entry ``entry``).
+
+    ``lens == -1`` is the reference lens reading the final residual, added only when no read row
+    already is.
     """
-    n = y.shape[0]
-    dev = y.device
-    V = wt.shape[0]
-    if ranked_ids is not None:
-        ranked_scores = _exact_scores(lens, y, wt, ranked_ids)
-        counts = torch.zeros(n, ranked_ids.shape[1], dtype=torch.int32, device=dev)
-    stats = _SoftmaxStats(n, y)
-    u_acc = [torch.zeros(n, w.shape[1], dtype=torch.float32, device=dev) for w, _ in accumulate]
-    c_acc = [torch.zeros(n, 1, dtype=torch.float32, device=dev) for _ in accumulate]
-    cand_v, cand_i = [], []
-    for a, b in _tiles(V):
-        width = b - a
-        z = _tile_scores(lens, y, wt, a, b, bufs.z[: n * width].view(n, width))
-        if ranked_ids is not None:
-            _count_above(z, a, ranked_ids, ranked_scores, counts, bufs.b[: n * width].view(n, width))
-        tile_v, tile_i, tile_max = _tile_candidates(z, top_k)
-        cand_v.append(tile_v)
-        cand_i.append(tile_i + a)
-        e, alpha = stats.update(z, tile_max, bufs.e[: n * width].view(n, width))
-        for (w_i, b_i), u_i, c_i in zip(accumulate, u_acc, c_acc):
-            u_i.mul_(alpha).addmm_(e, w_i[a:b])
-            if b_i is not None:
-                c_i.mul_(alpha).addmm_(e, b_i[a:b, None])
-    top_v, pick = torch.topk(torch.cat(cand_v, 1), top_k, dim=-1, sorted=True)
-    return _Block(
-        top_values=top_v,
-        top_ids=torch.gather(torch.cat(cand_i, 1), 1, pick),
-        lse=stats.logsumexp(),
-        entropy=stats.entropy(),
-        ranked_scores=ranked_scores if ranked_ids is not None else None,
-        ranks=counts if ranked_ids is not None else None,
-        u=[u_i / stats.s for u_i in u_acc],
-        c=[c_i / stats.s for c_i in c_acc],
-    )
+
+    lens: int
+    e_pos: int
+    entry: int
+
+
+@dataclass
+class _Group:
+    """Lenses that share one weight and bias: their rows are one matmul per tile."""
+
+    key: tuple
+    wt: torch.Tensor  # [d_vocab, d_in], vocabulary-major
+    bias: Optional[torch.Tensor]
+    slots: list[_Slot] = field(default_factory=list)
+    wt_mm: Optional[torch.Tensor] = None  # wt in the readout dtype
+    own: bool = False  # some lens of the group reports own-token scores and ranks
+
+
+class _GroupBlock:
+    """One group's running reductions over the vocabulary tiles, for one block of positions."""
+
+    def __init__(self, group: _Group, y: torch.Tensor, ids: Optional[torch.Tensor], n: int, bufs: _Buffers):
+        self.group = group
+        self.n, self.L = n, len(group.slots)
+        self.rows = n * self.L
+        self.y = y  # [R, d_in] padded, in the readout dtype
+        self.ids = ids  # [R, T (+1)] or None
+        self.bufs = bufs
+        R = y.shape[0]
+        self.stats = _SoftmaxStats(R, y)
+        self.cand_v: list[torch.Tensor] = []
+        self.cand_i: list[torch.Tensor] = []
+        self.x = torch.zeros(n, self.L, dtype=torch.float64, device=y.device)  # the KL's cross term
+        if ids is not None:
+            self.exact = _exact_scores(group.bias, y, group.wt_mm, ids)
+            self.counts = torch.zeros(R, ids.shape[1], dtype=torch.int32, device=y.device)
+
+    def tile(self, a: int, b: int, top_k: int) -> None:
+        """Scores of columns ``a:b``; fold them into ranks, candidates and softmax statistics."""
+        R, width = self.y.shape[0], b - a
+        z = _tile_scores(self.group.bias, self.y, self.group.wt_mm, a, b, self.bufs.z[: R * width].view(R, width))
+        if self.ids is not None:
+            _count_above(z, a, self.ids, self.exact, self.counts, self.bufs.b[: R * width].view(R, width))
+        v, i, tile_max = _tile_candidates(z, top_k)
+        self.cand_v.append(v)
+        self.cand_i.append(i + a)
+        self.e, _ = self.stats.update(z, tile_max, self.bufs.e[: R * width].view(R, width))
+        self.w = z
+
+    def cross(self, e_f: torch.Tensor, alpha_f: torch.Tensor, s_prev_f: torch.Tensor) -> None:
+        """Fold this tile into ``X_q = sum 2^{w_f} w_q`` (``e_f`` ``[n, width]``: the final rows' ``2^{w_f}``)."""
+        n, L = self.n, self.L
+        tile_x = torch.bmm(self.w[: self.rows].view(n, L, -1), e_f.unsqueeze(-1)).view(n, L)
+        shift = self.stats.shift[: self.rows].view(n, L)
+        # earlier tiles: w_q moves by the row's shift, 2^{w_f} scales by the final row's alpha
+        self.x = alpha_f * (self.x + shift * s_prev_f) + tile_x.to(torch.float64)
+
+    def final_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``2^{w_f}``, ``alpha`` and ``s_prev`` of the final rows (slot ``slot``) for this tile."""
+        n, L = self.n, self.L
+        pick = lambda t: t[: self.rows].view(n, L, *t.shape[1:])[:, slot]  # noqa: E731
+        return pick(self.e), pick(self.stats.alpha), pick(self.stats.s_prev)
 
 
 class _Output:
@@ -337,29 +398,6 @@ class _Output:
         self.o_scores = torch.empty(E, N, **f32) if own else None
         self.o_ranks = torch.empty(E, N, dtype=torch.long, device=device) if own else None
 
-    def fill(self, e: int, rows: slice, blk: _Block, kl: torch.Tensor, score_scale: float) -> None:
-        self.top_ids[e, rows] = blk.top_ids
-        self.top_probs[e, rows] = (blk.top_values - blk.lse).exp()
-        self.top_scores[e, rows] = blk.top_values / score_scale
-        self.entropy[e, rows] = blk.entropy.squeeze(1)
-        self.kl[e, rows] = kl
-        T = 0 if self.t_probs is None else self.t_probs.shape[-1]
-        if self.t_probs is not None:
-            self.t_ranks[e, rows] = blk.ranks[:, :T]
-            self.t_logp[e, rows] = blk.ranked_scores[:, :T] - blk.lse
-            self.t_probs[e, rows] = self.t_logp[e, rows].exp()
-        if self.o_scores is not None:
-            self.o_ranks[e, rows] = blk.ranks[:, T]
-            self.o_scores[e, rows] = blk.ranked_scores[:, T] / score_scale
-
-    def copy_entry(self, e: int, src: ReadoutTensors) -> None:
-        """Take entry 0 of an already-made readout as entry ``e``."""
-        self.top_ids[e], self.top_probs[e], self.top_scores[e] = src.top_ids[0], src.top_probs[0], src.top_scores[0]
-        self.entropy[e], self.kl[e] = src.entropy[0], src.kl_to_final[0]
-        if self.t_probs is not None:
-            self.t_probs[e], self.t_ranks[e] = src.target_probs[0], src.target_ranks[0]
-            self.t_logp[e] = src.target_log_probs[0]
-
     def tensors(self) -> ReadoutTensors:
         return ReadoutTensors(
             top_ids=self.top_ids,
@@ -375,121 +413,161 @@ class _Output:
         )
 
 
-def _kl(neg_entropy: torch.Tensor, y: torch.Tensor, u: torch.Tensor, c: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``KL(p_f || softmax(z)) = sum p_f log p_f - (y . u + c) + logsumexp(z)``, clamped at 0."""
-    pz = torch.linalg.vecdot(y, u) + c
-    return (neg_entropy - pz + lse.squeeze(1)).clamp_min_(0.0)
+def _group_key(wt: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
+    b = None if bias is None else (bias.data_ptr(), tuple(bias.shape), bias.stride(), bias.dtype)
+    return (wt.data_ptr(), tuple(wt.shape), wt.stride(), wt.dtype, str(wt.device), b)
 
 
-def final_distribution(
-    final_resid: Float[torch.Tensor, "N d_model"],
-    reference: Lens,
+def read_stack(
+    stack: Float[torch.Tensor, "E N d_model"],
+    entries: Sequence[int],
     lenses: Sequence[Lens],
     *,
-    entry: int,
-    chunk_rows: int = 512,
-    top_k: Optional[int] = None,
-    targets: Optional[Int[torch.Tensor, "N T"]] = None,
-) -> FinalDistribution:
-    """Summarize the final distribution ``softmax(reference(final_resid))`` for ``lenses``.
-
-    ``reference`` is the logit lens read at the final stack entry (index ``entry``): the model's
-    own prediction. The vocabulary is walked in tiles; ``u = p_f @ weight.T`` accumulates from
-    ``exp(z - m)`` tile by tile and is rescaled whenever the running maximum moves.
-
-    With ``top_k`` given, the reference lens's full readout of this entry (with ``targets``) is
-    kept too, and :func:`stream_readout` reuses it instead of reading the entry again.
-    """
-    n = final_resid.shape[0]
-    dev = final_resid.device
-    ref_wt = vocab_major(reference.weight).T
-    keep = top_k is not None
-    acc_lenses = list(lenses)
-    ref_index = next((i for i, lens in enumerate(lenses) if lens is reference), None)
-    if keep and ref_index is None:  # the reference's own u is needed for its KL column
-        ref_index = len(acc_lenses)
-        acc_lenses.append(reference)
-    accumulate = [(vocab_major(lens.weight).T, lens.bias) for lens in acc_lenses]
-    neg_h = torch.empty(n, dtype=torch.float32, device=dev)
-    top1 = torch.empty(n, dtype=torch.long, device=dev)
-    us = [torch.empty(n, lens.weight.shape[0], dtype=torch.float32, device=dev) for lens in lenses]
-    cs = [torch.zeros(n, dtype=torch.float32, device=dev) for _ in lenses]
-    out = _Output(1, n, top_k, None if targets is None else targets.shape[1], False, dev) if keep else None
-    bufs = _Buffers(min(chunk_rows, n), keep and targets is not None, dev)
-    for start in range(0, n, chunk_rows):
-        stop = min(start + chunk_rows, n)
-        y = reference.project(final_resid[start:stop].to(torch.float32), entry)
-        ranked = targets[start:stop] if keep and targets is not None else None
-        blk = _read_block(reference, y, ref_wt, top_k or 1, ranked, bufs, accumulate)
-        neg_h[start:stop] = -blk.entropy.squeeze(1)
-        top1[start:stop] = blk.top_ids[:, 0]
-        for i, lens in enumerate(lenses):
-            us[i][start:stop] = blk.u[i]
-            if lens.bias is not None:
-                cs[i][start:stop] = blk.c[i].squeeze(1)
-        if keep:
-            kl = _kl(neg_h[start:stop], y, blk.u[ref_index], blk.c[ref_index].squeeze(1), blk.lse)
-            out.fill(0, slice(start, stop), blk, kl, reference.score_scale)
-    return FinalDistribution(
-        neg_entropy=neg_h,
-        top1=top1,
-        u=us,
-        c=cs,
-        reference=reference if keep else None,
-        entry=entry,
-        readout=out.tensors() if keep else None,
-        targets=targets if keep else None,
-    )
-
-
-def stream_readout(
-    stack: Float[torch.Tensor, "E N d_model"],
-    lens: Lens,
-    entries: Sequence[int],
-    final: FinalDistribution,
-    lens_index: int,
-    *,
+    final: Float[torch.Tensor, "N d_model"],
+    final_entry: int,
+    reference: Lens,
     top_k: int,
     targets: Optional[Int[torch.Tensor, "N T"]] = None,
     own_ids: Optional[Int[torch.Tensor, " N"]] = None,
+    own: Optional[Sequence[bool]] = None,
     chunk_rows: int = 512,
-) -> ReadoutTensors:
-    """Read every entry of ``stack`` through ``lens`` in blocks of ``chunk_rows`` rows.
+    readout_dtype: torch.dtype = torch.float32,
+) -> StackReadout:
+    """Read every slab of ``stack`` through every lens in one sweep over the vocabulary.
 
     Args:
-        stack: Residual vectors, one ``[N, d_model]`` slab per entry (any float dtype).
-        lens: The lens to read through.
+        stack: Residual vectors, one ``[N, d_model]`` slab per read entry (any float dtype).
         entries: The stack index of each slab, passed to ``lens.project`` (a tuned lens picks
             its translator by it).
-        final: The final distribution from :func:`final_distribution`.
-        lens_index: Which of ``final.u`` / ``final.c`` belongs to ``lens``.
+        lenses: The lenses to read through.
+        final: The final residual ``[N, d_model]``; the final distribution is
+            ``softmax(reference(final))``, the model's own prediction.
+        final_entry: The final residual's stack index. When a slab has this index and
+            ``reference`` is one of ``lenses``, that read is the final distribution's (no second
+            read).
+        reference: The lens that defines the final distribution (the logit lens).
         top_k: Number of top tokens to keep.
         targets: Per-row target ids ``[N, T]``: their probabilities and ranks are reported.
-        own_ids: Per-row ids whose score and rank are reported (each position's input token).
-        chunk_rows: Rows per block.
+        own_ids: Per-row ids whose score and rank are reported for the lenses flagged in ``own``
+            (each position's input token).
+        own: One flag per lens.
+        chunk_rows: Rows per matmul: a block holds ``chunk_rows // rows-per-position``
+            positions (at least one).
+        readout_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for the score matmuls;
+            every reduction runs in float32 with float64 sums either way.
 
     Returns:
-        The per-(entry, row) tensors, on the stack's device.
+        A :class:`StackReadout`, on the stack's device.
     """
+    if readout_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"readout_dtype must be torch.float32 or torch.bfloat16, got {readout_dtype!r}.")
     E, N, _ = stack.shape
     dev = stack.device
-    wt = vocab_major(lens.weight).T
-    out = _Output(E, N, top_k, None if targets is None else targets.shape[1], own_ids is not None, dev)
-    # Ranked ids: the targets, then each row's own token. rank = how many tokens score strictly higher.
-    ranked = [t for t in (targets, None if own_ids is None else own_ids[:, None]) if t is not None]
-    ranked_ids = torch.cat(ranked, 1) if ranked else None
-    bufs = _Buffers(min(chunk_rows, N), ranked_ids is not None, dev)
-    u, c = final.u[lens_index], final.c[lens_index]
-    for e_pos, entry in enumerate(entries):
-        done = final.readout_for(lens, entry, top_k, targets) if own_ids is None else None
-        if done is not None:
-            out.copy_entry(e_pos, done)
+    own = list(own) if own is not None else [False] * len(lenses)
+    if any(own) and own_ids is None:
+        raise ValueError("own-token ranks were asked for without own_ids.")
+    groups: list[_Group] = []
+    layouts: dict[int, torch.Tensor] = {}  # one vocabulary-major layout per weight, even where it copies
+
+    def group_of(lens: Lens) -> _Group:
+        if id(lens.weight) not in layouts:
+            layouts[id(lens.weight)] = vocab_major(lens.weight).T
+        wt = layouts[id(lens.weight)]
+        key = _group_key(wt, lens.bias)
+        for g in groups:
+            if g.key == key:
+                return g
+        g = _Group(key, wt, lens.bias)
+        g.wt_mm = _low_precision(wt, readout_dtype)
+        groups.append(g)
+        return g
+
+    ref_group = group_of(reference)  # first: its final rows feed every group's KL term
+    for li, lens in enumerate(lenses):
+        g = group_of(lens)
+        g.own = g.own or own[li]
+        g.slots += [_Slot(li, e_pos, entry) for e_pos, entry in enumerate(entries)]
+    ref_index = next((i for i, lens in enumerate(lenses) if lens is reference), None)
+    final_slot = next(
+        (j for j, s in enumerate(ref_group.slots) if s.lens == ref_index and entries[s.e_pos] == final_entry), None
+    ) if ref_index is not None else None
+    if final_slot is None:
+        ref_group.slots.append(_Slot(-1, -1, final_entry))
+        final_slot = len(ref_group.slots) - 1
+    groups = [g for g in groups if g.slots]
+
+    T = None if targets is None else targets.shape[1]
+    outs = [_Output(E, N, top_k, T, own[li], dev) for li in range(len(lenses))]
+    final_top1 = torch.empty(N, dtype=torch.long, device=dev)
+    per_block = max(1, chunk_rows // max(len(g.slots) for g in groups))
+    bufs = [_Buffers(min(per_block, N) * len(g.slots), targets is not None or g.own, dev) for g in groups]
+    for start in range(0, N, per_block):
+        stop = min(start + per_block, N)
+        n = stop - start
+        blocks = []
+        for g, buf in zip(groups, bufs):
+            y = torch.empty(n, len(g.slots), g.wt.shape[1], dtype=torch.float32, device=dev)
+            for j, slot in enumerate(g.slots):
+                lens = reference if slot.lens < 0 else lenses[slot.lens]
+                x = final[start:stop] if slot.lens < 0 else stack[slot.e_pos, start:stop]
+                y[:, j] = lens.project(x.to(torch.float32), slot.entry)
+            y = _pad_rows(y.view(n * len(g.slots), -1)).to(readout_dtype)
+            ranked = [] if targets is None else [targets[start:stop]]
+            if g.own:
+                ranked.append(own_ids[start:stop, None])
+            ids = None
+            if ranked:
+                ids = torch.cat(ranked, 1).unsqueeze(1).expand(n, len(g.slots), -1).reshape(n * len(g.slots), -1)
+                ids = _pad_rows(ids)
+            blocks.append(_GroupBlock(g, y, ids, n, buf))
+        ref = blocks[0]
+        for a, b in _tiles(ref_group.wt.shape[0]):
+            for blk in blocks:
+                blk.tile(a, b, top_k)
+            e_f, alpha_f, s_prev_f = ref.final_rows(final_slot)
+            for blk in blocks:
+                blk.cross(e_f, alpha_f, s_prev_f)
+        for blk in blocks:
+            blk.log_s = blk.stats.s[: blk.rows].view(n, blk.L).log()
+        # one log for the final rows and every other row: a row equal to the final one gets exactly 0
+        x_f, log_s_f = ref.x[:, final_slot : final_slot + 1], ref.log_s[:, final_slot : final_slot + 1]
+        s_f = ref.stats.s[: ref.rows].view(n, ref.L)[:, final_slot : final_slot + 1]
+        for blk in blocks:
+            _finish(blk, lenses, outs, slice(start, stop), top_k, T, x_f, s_f, log_s_f)
+        final_top1[start:stop] = ref.top_ids[: ref.rows].view(n, ref.L, -1)[:, final_slot, 0]
+    return StackReadout(lenses=[o.tensors() for o in outs], final_top1=final_top1)
+
+
+def _finish(
+    blk: _GroupBlock, lenses: Sequence[Lens], outs: list[_Output], cols: slice, top_k: int, T: Optional[int],
+    x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor,
+) -> None:
+    """Top-k, probabilities, entropy and KL of a finished block, written into each lens's output."""
+    n, L, rows = blk.n, blk.L, blk.rows
+    top_v, pick = torch.topk(torch.cat(blk.cand_v, 1), top_k, dim=-1, sorted=True)
+    blk.top_ids = torch.gather(torch.cat(blk.cand_i, 1), 1, pick)
+    lse = blk.stats.logsumexp()[:rows].view(n, L, 1)
+    entropy = blk.stats.entropy()[:rows].view(n, L)
+    kl = (LN2 * (x_f - blk.x) / s_f + blk.log_s - log_s_f).clamp_min_(0.0)
+    top_v, top_i = top_v[:rows].view(n, L, -1), blk.top_ids[:rows].view(n, L, -1)
+    probs = (top_v.to(torch.float64) - lse).exp()
+    if blk.ids is not None:
+        exact = blk.exact[:rows].view(n, L, -1)
+        counts = blk.counts[:rows].view(n, L, -1)
+    for j, slot in enumerate(blk.group.slots):
+        if slot.lens < 0:
             continue
-        for start in range(0, N, chunk_rows):
-            stop = min(start + chunk_rows, N)
-            y = lens.project(stack[e_pos, start:stop].to(torch.float32), entry)
-            ids = None if ranked_ids is None else ranked_ids[start:stop]
-            blk = _read_block(lens, y, wt, top_k, ids, bufs)
-            kl = _kl(final.neg_entropy[start:stop], y, u[start:stop], c[start:stop], blk.lse)
-            out.fill(e_pos, slice(start, stop), blk, kl, lens.score_scale)
-    return out.tensors()
+        out, e, scale = outs[slot.lens], slot.e_pos, lenses[slot.lens].score_scale
+        out.top_ids[e, cols] = top_i[:, j]
+        out.top_probs[e, cols] = probs[:, j]
+        out.top_scores[e, cols] = top_v[:, j] / scale
+        out.entropy[e, cols] = entropy[:, j]
+        out.kl[e, cols] = kl[:, j]
+        if T is not None:
+            logp = exact[:, j, :T].to(torch.float64) - lse[:, j]
+            out.t_logp[e, cols] = logp
+            out.t_probs[e, cols] = logp.exp()
+            out.t_ranks[e, cols] = counts[:, j, :T]
+        if out.o_scores is not None:
+            out.o_scores[e, cols] = exact[:, j, -1] / scale
+            out.o_ranks[e, cols] = counts[:, j, -1]

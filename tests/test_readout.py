@@ -1,0 +1,225 @@
+"""The streaming readout against float64: KL to final, entropy and probabilities on every cell.
+
+A linear lens on random residuals (rows scaled to give KLs from exactly 0 to beyond 100 nats),
+the logit and embedding lenses of tiny random models, and the real default model
+(``integration``). Also: one sweep of the unembedding per call, the weight caches noticing a
+changed weight, and the bfloat16 mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tl_latentspaces as tll
+from tl_latentspaces import readout
+from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import read_stack
+
+KL_TOL = 1e-4  # nats, on every cell
+
+
+class _Linear:
+    """A lens with ``scores = x @ weight + bias``: residual scale goes straight into the logits."""
+
+    name = "linear"
+    score_scale = 1.0
+
+    def __init__(self, weight: torch.Tensor, bias=None):
+        self.weight, self.bias = weight, bias
+
+    def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
+        return x
+
+
+def _exact(z: torch.Tensor, z_final: torch.Tensor):
+    """float64 log-probs, entropy and KL(p_final || q) of scores ``z`` ``[..., V]``."""
+    logq = torch.log_softmax(z.double(), -1)
+    logp = torch.log_softmax(z_final.double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return logq, -(logq.exp() * logq).sum(-1), kl
+
+
+def _planted_stack(E=6, N=40, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stack = torch.randn(E, N, d, generator=g)
+    stack *= torch.logspace(-2, 1.5, N).view(1, N, 1)  # logits from nearly flat to peaked
+    stack[-2] = stack[-1]  # identical to the final row: KL exactly 0
+    stack[-3] = stack[-1] * 1.0001  # a hair away from it
+    stack[0, :10] *= 8.0  # very peaked and wrong: KL beyond 100 nats
+    return stack
+
+
+@pytest.fixture(params=[2048, 500, 37], ids=["one-tile", "tiles-of-500", "tiles-of-37"])
+def tiles(request, monkeypatch):
+    monkeypatch.setattr(readout, "TILE_COLS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_kl_entropy_and_probabilities_match_float64_on_every_cell(tiles, with_bias):
+    g = torch.Generator().manual_seed(1)
+    V, d = 3000, 64
+    weight = torch.randn(d, V, generator=g) / math.sqrt(d)
+    bias = torch.randn(V, generator=g) if with_bias else None
+    lens = _Linear(weight, bias)
+    stack = _planted_stack(d=d)
+    E, N, _ = stack.shape
+    targets = torch.randint(0, V, (N, 2), generator=g)
+    out = read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens,
+                     top_k=5, targets=targets, chunk_rows=64)
+    r = out.lenses[0]
+    z = stack.double() @ weight.double() + (0 if bias is None else bias.double())
+    logq, entropy, kl = _exact(z, z[-1])
+    assert float(kl.max()) > 100, "the planted cells should reach beyond 100 nats"
+    err = (r.kl_to_final.double() - kl).abs()
+    assert float(err.max()) < KL_TOL, f"worst KL cell off by {float(err.max()):.2e} nats"
+    assert torch.equal(r.kl_to_final[-1], torch.zeros(N))  # the final distribution against itself: exactly 0
+    assert float(r.kl_to_final[-2].max()) < 1e-6  # a copy of the final row, in another row of the matmul
+    torch.testing.assert_close(r.entropy.double(), entropy, atol=1e-5, rtol=0)
+    top = logq.topk(5, -1)
+    assert torch.equal(r.top_ids, top.indices)
+    torch.testing.assert_close(r.top_probs.double(), top.values.exp(), atol=1e-6, rtol=1e-5)
+    want_t = logq.gather(-1, targets.expand(E, N, 2))
+    torch.testing.assert_close(r.target_log_probs.double(), want_t, atol=1e-4, rtol=1e-6)
+    assert torch.equal(out.final_top1, z[-1].argmax(-1))
+
+
+def _reference_logits(model, resid: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.ln_final(resid).double() @ model.W_U.double() + model.b_U.double()
+
+
+def _stack(model, tokens):
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+    names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return torch.stack([cache[n] for n in names])
+
+
+def test_logit_lens_kl_within_bound_on_every_cell_of_tiny_models(tiny, tokens):
+    stack = _stack(tiny, tokens)
+    r = tll.logit_lens(tiny, tokens, top_k=3)
+    z = _reference_logits(tiny, stack)
+    logq, entropy, kl = _exact(z, z[-1])
+    assert float(kl.max()) > 0.5
+    assert float((r.kl_to_final.double() - kl).abs().max()) < KL_TOL
+    assert torch.equal(r.kl_to_final[-1], torch.zeros_like(r.kl_to_final[-1]))
+    torch.testing.assert_close(r.entropy.double(), entropy, atol=1e-5, rtol=0)
+
+
+def test_embedding_lens_kl_within_bound(tiny, tokens):
+    stack = _stack(tiny, tokens)
+    r = tll.embedding_lens(tiny, tokens, top_k=3)
+    W_E = tiny.W_E.detach().double()
+    cos = torch.nn.functional.cosine_similarity(stack.double().unsqueeze(-2), W_E, dim=-1)
+    logq = torch.log_softmax(cos * tiny.cfg.d_model**0.5, -1)
+    logp = torch.log_softmax(_reference_logits(tiny, stack[-1]), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    assert float((r.kl_to_final.double() - kl).abs().max()) < KL_TOL
+
+
+def test_one_sweep_of_the_unembedding_per_call(tiny, tokens, monkeypatch):
+    """Every entry of the logit lens (and a tuned lens beside it: the same W_U) in one matmul per tile."""
+    calls = []
+    real = readout._tile_scores
+    monkeypatch.setattr(readout, "_tile_scores", lambda *a: calls.append(a[3]) or real(*a))
+    n_tiles = math.ceil(tiny.cfg.d_vocab / readout.TILE_COLS)
+    tll.logit_lens(tiny, tokens)
+    assert len(calls) == n_tiles
+    calls.clear()
+    tll.read_lenses(tiny, tokens, lenses=("logit", tll.TunedLens.for_model(tiny)))
+    shared = tll.LogitLens(ModelAccess(tiny)).weight.data_ptr() == tll.tuned_lens.TunedLens.for_model(tiny).bind(
+        ModelAccess(tiny)).weight.data_ptr()
+    assert len(calls) == (n_tiles if shared else 2 * n_tiles)
+    calls.clear()
+    tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"))
+    assert len(calls) == 2 * n_tiles  # two weights (W_U, normalized W_E), one sweep
+
+
+def test_final_rows_read_apart_equal_final_rows_read_as_an_entry(tiny, tokens):
+    """Without the final entry among the read ones, its rows ride along unreported: same numbers."""
+    with_final = tll.logit_lens(tiny, tokens, layers=[1, -1], targets=[3])
+    without = tll.logit_lens(tiny, tokens, layers=[1], targets=[3])
+    for name in ("top_ids", "target_ranks"):
+        assert torch.equal(getattr(with_final, name)[0], getattr(without, name)[0])
+    for name in ("top_probs", "entropy", "kl_to_final", "target_probs"):
+        torch.testing.assert_close(getattr(with_final, name)[0], getattr(without, name)[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(with_final.final_top1, without.final_top1)
+
+
+def test_cached_readout_weights_follow_changes_to_the_model(tiny, tokens):
+    access = ModelAccess(tiny)
+    first = tll.LogitLens(access)
+    assert tll.LogitLens(access).weight is first.weight  # built once per model and weight
+    with torch.no_grad():
+        access.W_U.mul_(3.0)  # in place: the version counter moves
+    r = tll.logit_lens(tiny, tokens, layers=[-1])
+    with torch.no_grad():
+        want = tiny(tokens).log_softmax(-1)
+    torch.testing.assert_close(r.top_probs[0, ..., 0].log(), want.max(-1).values, atol=1e-4, rtol=0)
+    access.W_E.data.mul_(-1.0)  # through .data: no version bump, the sampled sum still sees it
+    e = tll.embedding_lens(tiny, tokens, layers=[0])
+    stack = _stack(tiny, tokens)
+    cos = torch.nn.functional.cosine_similarity(stack[0].double().unsqueeze(-2), tiny.W_E.detach().double(), dim=-1)
+    assert torch.equal(e.top_ids[0], cos.topk(5, -1).indices)
+
+
+def test_bfloat16_readout_is_close_and_checked(tiny, tokens):
+    stack = _stack(tiny, tokens)
+    E = stack.shape[0]
+    flat = stack.reshape(E, -1, stack.shape[-1])
+    lens = tll.LogitLens(ModelAccess(tiny))
+    kw = dict(final=flat[-1], final_entry=E - 1, reference=lens, top_k=1)
+    exact = read_stack(flat, list(range(E)), [lens], **kw).lenses[0]
+    fast = read_stack(flat, list(range(E)), [lens], readout_dtype=torch.bfloat16, **kw).lenses[0]
+    agree = (fast.top_ids == exact.top_ids).double().mean()
+    assert float(agree) > 0.9
+    assert float((fast.kl_to_final - exact.kl_to_final).abs().mean()) < 0.05
+    assert not torch.equal(fast.kl_to_final, exact.kl_to_final)  # it did multiply in bfloat16
+    with pytest.raises(ValueError, match="readout_dtype must be torch.float32"):
+        read_stack(flat, list(range(E)), [lens], readout_dtype=torch.float16, **kw)
+    with pytest.raises(ValueError, match=r"readout_dtype must be torch.float32 \(exact\)"):
+        tll.LensEvalAccumulator(tiny, readout_dtype=torch.float16)
+
+
+def test_bfloat16_evaluation_accumulator_is_close(tiny):
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    stack = _stack(tiny, ids)
+    sums = []
+    for dtype in (torch.float32, torch.bfloat16):
+        acc = tll.LensEvalAccumulator(tiny, ("logit",), readout_dtype=dtype)
+        acc.update(ids, stack)
+        sums.append(acc.result())
+    torch.testing.assert_close(sums[1].kl_to_final, sums[0].kl_to_final, atol=0.05, rtol=0.05)
+
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(strict=True, reason="issue 12 target not met yet: the worst cell of the Eiffel prompt is 6.6e-4 "
+                   "nats off float64 (1.0e-3 on 128 held-out tokens, KLs up to 236 nats)")
+def test_real_model_kl_within_bound_on_every_cell(smol):
+    from conftest import EIFFEL
+
+    prompts = [EIFFEL, "def add(a, b):\n    return a + b", "Water boils at one hundred degrees"]
+    access = ModelAccess(smol)
+    for prompt in prompts:
+        tokens = smol.to_tokens(prompt, prepend_bos=True)
+        rs = tll.read_lenses(smol, tokens, lenses=("logit", "embedding"), prepend_bos=True)
+        stack = _stack(smol, tokens)[:, 0]
+        with torch.no_grad():
+            W_U = access.W_U.double()
+            z = access.final_norm(stack).double() @ W_U
+            logq, entropy, kl = _exact(z, z[-1])
+            W_E = access.W_E.double()
+            cos = (stack.double() / stack.double().norm(dim=-1, keepdim=True)) @ (
+                W_E / W_E.norm(dim=-1, keepdim=True)).T
+            logq_e = torch.log_softmax(cos * access.d_model**0.5, -1)
+            kl_e = (logq[-1].exp() * (logq[-1] - logq_e)).sum(-1)
+        logit, emb = rs["logit"], rs["embedding"]
+        assert float((logit.kl_to_final[:, 0].double() - kl).abs().max()) < KL_TOL, prompt
+        assert float((emb.kl_to_final[:, 0].double() - kl_e).abs().max()) < KL_TOL, prompt
+        torch.testing.assert_close(logit.entropy[:, 0].double(), entropy, atol=1e-4, rtol=0)
