@@ -375,11 +375,8 @@ def _rope_type_loose(raw: dict) -> Optional[str]:
     return None
 
 
-def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n_ctx: Optional[int]) -> Any:
-    """TransformerLens's own config for ``folder``, every field checked against ``raw``."""
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens import loading_from_pretrained as loading
-
+def _check_hooked_raw(raw: dict, source: str) -> float:
+    """Refuse, naming the field, what the HookedTransformer conversion would not honour; the rotary base."""
     archs = list(raw.get("architectures") or [])
     if not archs or archs[0] not in HOOKED_ARCHITECTURES:
         raise ValueError(
@@ -393,23 +390,55 @@ def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases", fix)
-    n_heads = int(raw["num_attention_heads"])
-    d_head = int(raw["hidden_size"]) // n_heads
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                           "vocab_size", "max_position_embeddings") if not isinstance(raw.get(k), int)]
+    if missing:
+        raise _refuse(source, missing[0], f"is {raw.get(missing[0])!r}, not an integer", "fix config.json.")
+    d_head = raw["hidden_size"] // raw["num_attention_heads"]
     if raw.get("head_dim") not in (None, d_head):
         raise _refuse(source, "head_dim", f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}", fix)
+    return theta
+
+
+def _tl_config_folder(raw: dict) -> tempfile.TemporaryDirectory:
+    """A folder holding only ``config.json``, for TransformerLens to read a local model's config from.
+
+    TransformerLens 2.x decides the architecture from the folder's *name* when it contains "llama" or
+    "gemma" (and then fails), so it never sees the user's folder name.
+    """
+    for _ in range(10):
+        tmp = tempfile.TemporaryDirectory(prefix="tll-config-")
+        if not any(word in tmp.name.lower() for word in ("llama", "gemma")):
+            break
+        tmp.cleanup()
+    else:  # pragma: no cover - TMPDIR itself holds one of the words
+        raise RuntimeError(f"the temporary folder {tmp.name!r} names an architecture; set TMPDIR elsewhere.")
+    (Path(tmp.name) / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    return tmp
+
+
+def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n_ctx: Optional[int]) -> Any:
+    """TransformerLens's own config for the model in ``folder``, every field checked against ``raw``."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as loading
+
+    theta = _check_hooked_raw(raw, source)
+    fix = "this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge (TransformerLens >= 3)."
+    n_heads = raw["num_attention_heads"]
+    d_head = raw["hidden_size"] // n_heads
     n_kv = raw.get("num_key_value_heads") or n_heads
-    n_ctx_full = int(raw["max_position_embeddings"])
+    n_ctx_full = raw["max_position_embeddings"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = loading.get_pretrained_model_config(str(folder), fold_ln=False, device=str(device), dtype=torch.float32)
     fields = cfg.to_dict()
     expected = {
-        "d_model": (int(raw["hidden_size"]), "hidden_size"),
+        "d_model": (raw["hidden_size"], "hidden_size"),
         "n_heads": (n_heads, "num_attention_heads"),
         "d_head": (d_head, "hidden_size / num_attention_heads"),
-        "d_mlp": (int(raw["intermediate_size"]), "intermediate_size"),
-        "n_layers": (int(raw["num_hidden_layers"]), "num_hidden_layers"),
-        "d_vocab": (int(raw["vocab_size"]), "vocab_size"),
+        "d_mlp": (raw["intermediate_size"], "intermediate_size"),
+        "n_layers": (raw["num_hidden_layers"], "num_hidden_layers"),
+        "d_vocab": (raw["vocab_size"], "vocab_size"),
         "act_fn": (raw.get("hidden_act", "silu"), "hidden_act"),
         "n_key_value_heads": (None if n_kv == n_heads else int(n_kv), "num_key_value_heads"),
         "eps": (float(raw.get("rms_norm_eps", 1e-6)), "rms_norm_eps"),
@@ -421,10 +450,10 @@ def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n
     }
     for name, (want, key) in expected.items():
         got = fields.get(name)
-        same = abs(float(got) - float(want)) <= 1e-12 * abs(float(want)) if isinstance(want, float) else got == want
+        same = abs(float(got) - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
         if not same:
             raise _refuse(source, key, f"is {want!r} in config.json, but TransformerLens read {name}={got!r}", fix)
-    # TransformerLens 2.x takes the rotary base of a local Llama folder from nowhere (10,000): set it.
+    # TransformerLens 2.x gives a local Llama folder the default rotary base (10,000): set the real one.
     fields["rotary_base"] = theta
     fields["rotary_dim"] = d_head
     if n_ctx is not None:
@@ -436,15 +465,18 @@ def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n
     return HookedTransformerConfig.from_dict(fields)
 
 
-def _hooked_from_hf(folder: Path, raw: dict, source: str, hf: Any, tokenizer: Any, device: torch.device,
+def _hooked_from_hf(raw: dict, source: str, hf: Any, tokenizer: Any, device: torch.device,
                     dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    cfg = _hooked_config(folder, raw, source, device, n_ctx)
+    with _tl_config_folder(raw) as tmp:
+        cfg = _hooked_config(Path(tmp), raw, source, device, n_ctx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf, dtype=torch.float32)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
         # The checkpoint's own weights: see the module docstring for why nothing is folded.
         model.load_and_process_state_dict(
@@ -562,7 +594,7 @@ def _load(folder: Path, kind: str, device: torch.device, dtype: Optional[torch.d
         if kind == "bridge":
             model = _boot_hf(hf, tokenizer, DEFAULT_MODEL_NAME, device)
         else:
-            model = _hooked_from_hf(folder, raw, source, hf, tokenizer, device, dtype, n_ctx)
+            model = _hooked_from_hf(raw, source, hf, tokenizer, device, dtype, n_ctx)
         bar.update(1)
     return model
 
@@ -668,11 +700,9 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
         hf.config.architectures = [type(hf).__name__]
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, path.stem, dev)
-    # The GGUF's configuration as transformers parsed it, written where TransformerLens reads configs.
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.config.save_pretrained(tmp)
-        raw = json.loads((Path(tmp) / "config.json").read_text(encoding="utf-8"))
-        return _hooked_from_hf(Path(tmp), raw, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
+    # The GGUF's configuration as transformers parsed it.
+    raw = json.loads(hf.config.to_json_string())
+    return _hooked_from_hf(raw, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
 
 
 def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
@@ -702,8 +732,8 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
         )
     if kind == "bridge":
         _check_transformers_read(raw, config, source)
-    elif archs[0] in HOOKED_ARCHITECTURES:
-        _rope_theta(raw, source)  # refuse unconvertible rotary settings before loading any weight
+    else:
+        _check_hooked_raw(raw, source)  # refuse what would convert wrongly before loading any weight
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -718,7 +748,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
     tokenizer = _folder_tokenizer(path)
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, path.name, dev)
-    return _hooked_from_hf(path, raw, source, hf, tokenizer, dev, dtype, n_ctx)
+    return _hooked_from_hf(raw, source, hf, tokenizer, dev, dtype, n_ctx)
 
 
 def _folder_tokenizer(path: Path) -> Any:
