@@ -152,7 +152,7 @@ def test_hooked_transformer_equals_the_bridge_within_1e_3_nats(smol):
     from transformer_lens import HookedTransformer
 
     model = smol if isinstance(smol, HookedTransformer) else tll.load_default_model(kind="hooked", progress=False)
-    assert isinstance(model, HookedTransformer) and not model.training
+    assert isinstance(model, HookedTransformer) and not model.training and model.cfg.model_name == default_model.DEFAULT_MODEL_NAME
     # the rotary base comes from rope_parameters.rope_theta (transformers 5) or rope_theta (4.x): 1e5, not 1e4
     assert model.cfg.rotary_base == 100_000.0 and model.cfg.n_ctx == default_model.HOOKED_MAX_N_CTX
     # unprocessed weights: the tied W_E / W_U stay tied, ln_final keeps its weight
@@ -303,6 +303,7 @@ def test_local_llama_folder_as_hooked_transformer_reads_the_rotary_base(tmp_path
     ids, logits = _tiny_llama(tmp_path / "llama", theta=50_000.0, rope_format=rope_format)
     model = tll.load_model(str(tmp_path / "llama"), kind="hooked", progress=False)
     assert model.cfg.rotary_base == 50_000.0 and not model.training
+    assert model.cfg.model_name == "llama"
     with torch.no_grad():
         ours = model(ids)
     torch.testing.assert_close(ours.log_softmax(-1), logits.log_softmax(-1), atol=1e-4, rtol=0)

@@ -415,7 +415,7 @@ def _tl_config_folder(raw: dict) -> tempfile.TemporaryDirectory:
     return tmp
 
 
-def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n_ctx: Optional[int]) -> Any:
+def _hooked_config(folder: Path, raw: dict, model_name: str, source: str, device: torch.device, n_ctx: Optional[int]) -> Any:
     """TransformerLens's own config for the model in ``folder``, every field checked against ``raw``."""
     from transformer_lens import HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as loading
@@ -454,6 +454,7 @@ def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n
     # TransformerLens 2.x gives a local Llama folder the default rotary base (10,000): set the real one.
     fields["rotary_base"] = theta
     fields["rotary_dim"] = d_head
+    fields["model_name"] = model_name  # not the temporary folder TransformerLens read the config from
     if n_ctx is not None:
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 1 <= n_ctx <= n_ctx_full:
             raise ValueError(f"n_ctx must be an int in [1, {n_ctx_full}] (max_position_embeddings), got {n_ctx!r}.")
@@ -463,13 +464,13 @@ def _hooked_config(folder: Path, raw: dict, source: str, device: torch.device, n
     return HookedTransformerConfig.from_dict(fields)
 
 
-def _hooked_from_hf(raw: dict, source: str, hf: Any, tokenizer: Any, device: torch.device,
+def _hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, device: torch.device,
                     dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
     with _tl_config_folder(raw) as tmp:
-        cfg = _hooked_config(Path(tmp), raw, source, device, n_ctx)
+        cfg = _hooked_config(Path(tmp), raw, name, source, device, n_ctx)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float32)
@@ -612,7 +613,7 @@ def _load(folder: Path, kind: str, device: torch.device, dtype: Optional[torch.d
         if kind == "bridge":
             model = _boot_hf(hf, tokenizer, DEFAULT_MODEL_NAME, device)
         else:
-            model = _hooked_from_hf(raw, source, hf, tokenizer, device, dtype, n_ctx)
+            model = _hooked_from_hf(raw, DEFAULT_MODEL_NAME, source, hf, tokenizer, device, dtype, n_ctx)
         bar.update(1)
     return model
 
@@ -720,7 +721,7 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
         return _boot_hf(hf.to(dev), tokenizer, path.stem, dev)
     # The GGUF's configuration as transformers parsed it.
     raw = json.loads(hf.config.to_json_string())
-    return _hooked_from_hf(raw, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
+    return _hooked_from_hf(raw, path.stem, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
 
 
 def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
@@ -766,7 +767,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
     tokenizer = _folder_tokenizer(path)
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, path.name, dev)
-    return _hooked_from_hf(raw, source, hf, tokenizer, dev, dtype, n_ctx)
+    return _hooked_from_hf(raw, path.name, source, hf, tokenizer, dev, dtype, n_ctx)
 
 
 def _folder_tokenizer(path: Path) -> Any:
