@@ -121,9 +121,7 @@ def tokens():
 
 @pytest.fixture(scope="session")
 def smol():
-    """The real default model (SmolLM2-135M-Instruct) as a TransformerBridge."""
-    if TL_MAJOR < 3:
-        pytest.skip("the default model is served as a TransformerBridge (TransformerLens >= 3)")
+    """The real default model (SmolLM2-135M-Instruct): a TransformerBridge, or a HookedTransformer on 2.x."""
     import tl_latentspaces as tll
 
     return tll.load_default_model(progress=False)
