@@ -122,6 +122,36 @@ def test_sketch_with_full_probes_is_exact_and_converges(tiny):
     assert full.name == "jacobian_sketch" and full.info["fit"]["probes"] == d
 
 
+def test_interrupted_fit_resumes_to_the_same_lens(tmp_path, monkeypatch):
+    import tl_latentspaces.jacobian_lens as jl
+
+    model = build_hooked(LLAMA_LIKE) if TL_MAJOR < 4 else build_bridge(LLAMA_LIKE)
+    ids = _seqs(4)
+    kw = dict(seq_len=12, skip_first_positions=3, max_tokens=None, progress=False, mode="sketch", probes=8,
+              layers=[0, 2])
+    whole = fit_jacobian_lens(model, ids, **kw)
+    real, calls = jl._sequence_rows, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jl, "_sequence_rows", flaky)
+    before = hook_counts(model)
+    with pytest.raises(KeyboardInterrupt):
+        fit_jacobian_lens(model, ids, checkpoint_dir=tmp_path, **kw)
+    assert hook_counts(model) == before
+    monkeypatch.setattr(jl, "_sequence_rows", real)
+    resumed = fit_jacobian_lens(model, ids, checkpoint_dir=tmp_path, **kw)
+    assert resumed.info["n_prompts"] == 4
+    for label in whole.labels:
+        torch.testing.assert_close(resumed.matrices[label], whole.matrices[label], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="belongs to another corpus"):
+        fit_jacobian_lens(model, ids, checkpoint_dir=tmp_path, **{**kw, "probes": 4})
+
+
 def test_fit_bad_input(tiny):
     ids = _seqs()
     with pytest.raises(ValueError, match="mode must be one of"):

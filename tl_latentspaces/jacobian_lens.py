@@ -35,7 +35,8 @@ vector-Jacobian products from the final residual back to *every* source entry at
 Why not the corpus runner: its consumers receive detached residual stacks, and a Jacobian needs
 the autograd graph of the forward pass that produced them. The fit therefore has its own loop
 over the same packed sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`), shards them
-across ``torchrun`` processes with the same helpers and merges the per-process sums.
+across ``torchrun`` processes with the same helpers, merges the per-process sums the same way, and
+saves them to a checkpoint folder to resume from, as the runner does.
 
 Two estimators:
 
@@ -63,6 +64,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -236,7 +238,8 @@ class JacobianLens:
         ``HookedTransformer`` with processed weights).
         """
         access = _access(model)
-        key = (id(access.model), id(access.W_U), access.W_U._version)
+        # Hashing W_U takes a fraction of a second; skip it for the storage checked last, unchanged.
+        key = (id(access.model), access.W_U.data_ptr(), access.W_U._version)
         if key == self._checked:
             return access
         model_id = ModelIdentity.of(access)
@@ -511,8 +514,9 @@ class BoundJacobianLens:
         self._matrix_of_entry = mapping
 
     def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
-        if not 0 <= entry < len(self._matrix_of_entry):
-            raise ValueError(f"stack entry {entry} is out of range for this Jacobian lens (0..{len(self._matrix_of_entry) - 1}).")
+        n = len(self._matrix_of_entry)
+        if not 0 <= entry < n:
+            raise ValueError(f"stack entry {entry} is out of range for this Jacobian lens (0..{n - 1}).")
         m = self._matrix_of_entry[entry]
         x = x.to(torch.float32)
         return self.access.final_norm(x if m is None else x @ m.T)
@@ -540,6 +544,39 @@ class _JacobianSums:
         self.sums += other.sums
         self.n += other.n
         return self
+
+
+class _Checkpoint:
+    """The running sums of one process, saved atomically and read back only for the same work."""
+
+    def __init__(self, folder: Path, rank: int, seqs: torch.Tensor, settings: dict):
+        self.path = folder / f"jacobian-lens-rank{rank}.safetensors"
+        digest = hashlib.sha256(seqs.numpy().tobytes())
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def save(self, sums: _JacobianSums, done: int) -> None:
+        from safetensors.torch import save
+
+        meta = {"fingerprint": self.fingerprint, "done": str(done), "n": str(sums.n)}
+        write_bytes_atomic(self.path, save({"sums": sums.sums.contiguous()}, metadata=meta))
+
+    def load(self, sums: _JacobianSums) -> int:
+        """Sequences of this process already in ``sums`` (0 without a checkpoint)."""
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return 0
+        with safe_open(str(self.path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"the checkpoint {str(self.path)!r} belongs to another corpus or other settings (mode, "
+                    "layers, probes, seed, number of processes); pass another checkpoint_dir or delete it."
+                )
+            sums.sums.copy_(fh.get_tensor("sums"))
+        sums.n = int(meta["n"])
+        return int(meta["done"])
 
 
 def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
@@ -659,6 +696,8 @@ def fit_jacobian_lens(
     prepend_bos: bool = True,
     seed: int = 0,
     name: Optional[str] = None,
+    checkpoint_dir: Optional[PathLike] = None,
+    checkpoint_every: int = 1,
     progress: bool = True,
 ) -> JacobianLens:
     """Fit a Jacobian lens on any supported model: ``HookedTransformer`` or ``TransformerBridge``.
@@ -688,6 +727,10 @@ def fit_jacobian_lens(
         prepend_bos: Start each sequence with BOS (when tokenizing text).
         seed: Seeds the sketch's random directions.
         name: The lens's name (default ``"jacobian"``, or ``"jacobian_sketch"`` in sketch mode).
+        checkpoint_dir: Save the running sums here every ``checkpoint_every`` sequences (one
+            safetensors file per process, written atomically) and resume from them: a resumed run
+            ends with the same lens as an uninterrupted one.
+        checkpoint_every: Sequences between checkpoints.
         progress: Show a progress bar (directions done).
 
     Returns:
@@ -713,6 +756,7 @@ def fit_jacobian_lens(
             f"position; use seq_len >= {skip + 2} or a smaller skip_first_positions."
         )
     dim_batch = check_int(dim_batch, "dim_batch", minimum=1)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
     probes = check_int(probes, "probes", minimum=1, maximum=d, why=" (d_model)")
     if max_tokens is not None:
         max_tokens = check_int(max_tokens, "max_tokens", minimum=seq_len, why=" (seq_len: one sequence)")
@@ -730,19 +774,27 @@ def fit_jacobian_lens(
     gen = torch.Generator().manual_seed(int(seed))
     eye = torch.eye(d, dtype=torch.float64)
     sums = _JacobianSums(sources, d)
+    settings = {"mode": mode, "skip": skip, "probes": probes, "seed": int(seed), "sources": sources,
+                "world_size": ctx.world_size}
+    checkpoint = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), ctx.rank, seqs, settings)
+    done = 0 if checkpoint is None else checkpoint.load(sums)
     start_time = time.perf_counter()
-    bar = tqdm(total=len(mine) * n_dirs, desc=f"Jacobian lens ({mode})", unit="dir",
+    bar = tqdm(total=(len(mine) - done) * n_dirs, desc=f"Jacobian lens ({mode})", unit="dir",
                disable=not (progress and ctx.is_main))
     try:
+        k = 0  # sequences of this rank seen so far
         for i in range(seqs.shape[0]):
             if mode == "sketch":
-                # Every rank draws every sequence's directions, so the estimate does not depend on
-                # the number of processes. Columns of Q: random orthonormal directions.
+                # Every rank draws every sequence's directions (a resumed run too), so the estimate
+                # does not depend on the number of processes or interruptions.
                 Q = torch.linalg.qr(torch.randn(d, probes, generator=gen, dtype=torch.float64))[0]
-                dirs = Q.T
+                dirs = Q.T  # rows: random orthonormal directions
             else:
                 dirs = torch.eye(d, dtype=torch.float64)
             if i not in mine:
+                continue
+            k += 1
+            if k <= done:
                 continue
             ids = seqs[i : i + 1, : seq_len - 1]
             rows = _sequence_rows(access, ids, dirs, dim_batch, sources, target_name, valid, bar)
@@ -752,6 +804,8 @@ def fit_jacobian_lens(
                 else:  # I + (d/m) Q (Q^T J - Q^T): unbiased, identity as control variate
                     sums.sums[si] += eye + (d / probes) * Q @ (rows[si] - Q.T)
             sums.n += 1
+            if checkpoint is not None and (k % checkpoint_every == 0 or k == len(mine)):
+                checkpoint.save(sums, k)
     finally:
         bar.close()
     reduce_accumulator(sums, lambda: _JacobianSums(sources, d))
