@@ -120,6 +120,11 @@ def _model_kind(access: ModelAccess) -> str:
     return "bridge-compat" if access.compatibility_mode else "bridge-raw"
 
 
+def _check_key(access: ModelAccess) -> tuple:
+    # Hashing W_U takes a fraction of a second; a lens skips it for the storage it checked last.
+    return (id(access.model), access.W_U.data_ptr(), access.W_U._version)
+
+
 def _pre_label(label: str, n_layers: int) -> Optional[int]:
     """``l`` for a ``"{l}_pre"`` label of an ``n_layers`` model, else None."""
     if label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < n_layers:
@@ -238,8 +243,7 @@ class JacobianLens:
         ``HookedTransformer`` with processed weights).
         """
         access = _access(model)
-        # Hashing W_U takes a fraction of a second; skip it for the storage checked last, unchanged.
-        key = (id(access.model), access.W_U.data_ptr(), access.W_U._version)
+        key = _check_key(access)
         if key == self._checked:
             return access
         model_id = ModelIdentity.of(access)
@@ -372,7 +376,9 @@ class JacobianLens:
             "model_kind": "bridge-raw",
             "transformer_lens_metadata": _jsonable(dict(getattr(lens, "metadata", {}) or {})),
         }
-        return cls(ModelIdentity.of(access), matrices, info=info, name=name)
+        converted = cls(ModelIdentity.of(access), matrices, info=info, name=name)
+        converted._checked = _check_key(access)  # its identity is this model's: no second hash
+        return converted
 
     def _transformer_lens_payload(self) -> tuple[dict[int, torch.Tensor], dict]:
         kind = self.info.get("model_kind")
