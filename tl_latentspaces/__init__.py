@@ -1,7 +1,7 @@
 """tl_latentspaces: watch the residual stream drift away from the embedding space.
 
 Read every layer of a TransformerLens model (``HookedTransformer`` or ``TransformerBridge``)
-through the logit lens, the embedding lens and tuned lenses, compare the residual stream's
+through the logit lens, the embedding lens, tuned lenses and Jacobian lenses, compare the residual stream's
 subspaces with those of ``W_E`` and ``W_U``, and see it all in CircuitsVis views.
 """
 
@@ -11,6 +11,7 @@ from tl_latentspaces.default_model import default_cache_dir, load_default_model,
 from tl_latentspaces.evaluation import LensEvalAccumulator, LensEvaluation, evaluate_lenses
 from tl_latentspaces.fitting import fit_tuned_lens
 from tl_latentspaces.hooks import HookSession, hook_counts
+from tl_latentspaces.jacobian_lens import JacobianLens, fit_jacobian_lens
 from tl_latentspaces.lenses import (
     EmbeddingLens,
     LensSession,
@@ -44,6 +45,8 @@ __all__ = [
     "CorpusRunner",
     "LensEvaluation",
     "TunedLens",
+    "JacobianLens",
+    "fit_jacobian_lens",
     "alignment_from_cache",
     "alignment_suite",
     "default_tuned_lens",

@@ -32,6 +32,7 @@ import torch
 
 from tl_latentspaces.checks import check_bool, check_float, check_int
 from tl_latentspaces.hooks import HookSession, ResidualCollector
+from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jacobian_lens
 from tl_latentspaces.model import ModelAccess, Tokens
 from tl_latentspaces.readout import Lens, read_stack, tensor_key, vocab_major
 from tl_latentspaces.results import LensInputs, LensResult
@@ -377,14 +378,17 @@ def _build_lenses(
             built.append(LogitLens(access))
         elif lens == "embedding":
             built.append(EmbeddingLens(access, temperature=temperature))
-        elif hasattr(lens, "bind") and callable(lens.bind):
-            bound = lens.bind(access)  # a TunedLens binds itself to this model
+        elif hasattr(lens, "bind") and callable(lens.bind) or is_transformer_lens_jacobian_lens(lens):
+            if is_transformer_lens_jacobian_lens(lens):  # TransformerLens's own model check runs first
+                lens = JacobianLens.from_transformer_lens(lens, access)
+            bound = lens.bind(access)  # a TunedLens or JacobianLens binds itself to this model
             if labels is not None and hasattr(bound, "check_labels"):
                 bound.check_labels(labels)  # maps stack labels to translators; refuses resid_mid entries
             built.append(bound)
         else:
             raise ValueError(
-                f"unknown lens {lens!r}; pass 'logit', 'embedding' or a tl_latentspaces.TunedLens."
+                f"unknown lens {lens!r}; pass 'logit', 'embedding', a tl_latentspaces.TunedLens or "
+                "JacobianLens, or a TransformerLens JacobianLens."
             )
     names = [lens.name for lens in built]
     if len(set(names)) != len(names):

@@ -1,0 +1,861 @@
+"""The Jacobian lens (Gurnee et al. 2026): one corpus-averaged Jacobian per layer before the logit lens.
+
+A Jacobian lens reads the residual ``h`` of stack entry ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``)
+as ``ln_final(J_l h) @ W_U + b_U``, where ``J_l`` is the ``d_model x d_model`` Jacobian of the last
+block's output (``final_post``) with respect to that residual, averaged over a corpus:
+
+    J_l = mean over prompts of  (1/|V|) sum_{t in V} sum_{t' in V, t' >= t}  d h_final[t'] / d h_l[t]
+
+``V`` is the set of valid positions: all but the first ``skip_first_positions`` (attention sinks
+with atypical residuals) and the last. The logit lens is the special case ``J_l = I``; the final
+entry is read unchanged. This is TransformerLens 4.3's ``transformer_lens.tools.analysis.JacobianLens``
+and the published J-lens artifacts, in our labels: its layer ``l`` (the output of block ``l``) is
+our ``"{l+1}_pre"``. We also fit ``"0_pre"`` (the embedding output), which it leaves out.
+
+* :class:`JacobianLens` holds the matrices and the identity of the model they were fitted for
+  (:class:`~tl_latentspaces.tuned_lens.ModelIdentity`: sizes and a hash of the unembedding, which
+  also tells a raw bridge from the same model in compatibility mode). It plugs into
+  ``read_lenses``, ``lens_session``, ``evaluate_lenses`` and the views through ``bind(access)``,
+  like the tuned lens. An entry without a fitted matrix (``"0_pre"`` of a lens converted from
+  TransformerLens) is read with ``J = I``, i.e. as the logit lens.
+* A TransformerLens ``JacobianLens`` object passed in ``lenses=`` is converted on the fly
+  (:meth:`JacobianLens.from_transformer_lens`), after TransformerLens's own model check (raw
+  ``TransformerBridge``, same model name, revision and sizes) and ours (the recorded sizes).
+  :meth:`JacobianLens.to_transformer_lens` goes the other way; the artifact format (a ``.pt``
+  dict with ``J``, ``n_prompts``, ``source_layers``, ``d_model``) is read with
+  ``torch.load(weights_only=True)`` only, so a pickle carrying code is refused.
+* ``save``/``load`` use a folder with a JSON config and safetensors matrices, written atomically.
+
+Fitting (:func:`fit_jacobian_lens`) works on every model class the package reads
+(``HookedTransformer``, ``TransformerBridge`` raw or in compatibility mode): it runs the model's
+own forward pass with capture hooks added through a :class:`~tl_latentspaces.hooks.HookSession`
+(so the user's hooks act on what is differentiated, and stay registered), then takes batched
+vector-Jacobian products from the final residual back to *every* source entry at once.
+
+Why not the corpus runner: its consumers receive detached residual stacks, and a Jacobian needs
+the autograd graph of the forward pass that produced them. The fit therefore has its own loop
+over the same packed sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`), shards them
+across ``torchrun`` processes with the same helpers, merges the per-process sums the same way, and
+saves them to a checkpoint folder to resume from, as the runner does.
+
+Two estimators:
+
+* ``mode="exact"``: TransformerLens's estimator. One forward pass per batch of sequences keeps
+  the graph from the lowest source entry up (the layers below it run without a graph), then
+  ``ceil(d_model / dim_batch)`` backward passes, each carrying ``dim_batch`` one-hot cotangents at
+  once (``torch.autograd.grad(..., is_grads_batched=True)``). TransformerLens instead replicates
+  the prompt ``dim_batch`` times in the forward pass and runs every layer with a graph.
+* ``mode="sketch"``: a randomized sketch with ``probes`` random orthonormal directions
+  ``Q`` (``d_model x probes``, fresh per sequence). The backward passes give ``R = Q^T J``; the
+  estimate ``I + (d_model / probes) Q (R - Q^T)`` is unbiased (``E[Q Q^T] = (probes/d_model) I``)
+  and uses the identity, the residual stream's skip path, as a control variate, so only the
+  smaller ``J - I`` carries sketch noise. It costs ``probes / d_model`` of the exact backward
+  work per sequence; spend the saving on more sequences. See ``benchmarks/results/jacobian_lens.md``
+  for its measured accuracy against the exact lens.
+
+Example:
+    >>> import tl_latentspaces as tll
+    >>> model = tll.load_default_model()  # doctest: +SKIP
+    >>> lens = tll.fit_jacobian_lens(model, max_tokens=8 * 128)  # doctest: +SKIP
+    >>> r = tll.read_lenses(model, "The Eiffel Tower is in the city of", lenses=("logit", lens))  # doctest: +SKIP
+    >>> lens.save("smollm2-jlens")  # doctest: +SKIP
+    >>> same = tll.JacobianLens.load("smollm2-jlens", model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+
+from tl_latentspaces.checks import check_int
+from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
+from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
+from tl_latentspaces.hooks import HookSession
+from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import vocab_major
+from tl_latentspaces.tuned_lens import ModelIdentity
+
+__all__ = [
+    "JacobianLens",
+    "BoundJacobianLens",
+    "fit_jacobian_lens",
+    "is_transformer_lens_jacobian_lens",
+    "CONFIG_FILE",
+    "PARAMS_FILE",
+    "DEFAULT_SKIP_FIRST_POSITIONS",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: Our folder format: a JSON config and a safetensors file of ``{label: matrix}``.
+CONFIG_FILE = "jacobian_lens.json"
+PARAMS_FILE = "jacobian_lens.safetensors"
+_FORMAT = "tl_latentspaces.jacobian_lens"
+_FORMAT_VERSION = 1
+
+#: TransformerLens's (and the reference implementation's) default: leading positions left out.
+DEFAULT_SKIP_FIRST_POSITIONS = 16
+
+MODES = ("exact", "sketch")
+
+
+def _access(model: Any) -> ModelAccess:
+    return model if isinstance(model, ModelAccess) else ModelAccess(model)
+
+
+def _model_kind(access: ModelAccess) -> str:
+    """The residual basis a lens is fitted in: ``"bridge-raw"``, ``"bridge-compat"`` or ``"hooked"``."""
+    if access.kind == "hooked":
+        return "hooked"
+    return "bridge-compat" if access.compatibility_mode else "bridge-raw"
+
+
+def _check_key(access: ModelAccess) -> tuple:
+    # Hashing W_U takes a fraction of a second; a lens skips it for the storage it checked last.
+    return (id(access.model), access.W_U.data_ptr(), access.W_U._version)
+
+
+def _pre_label(label: str, n_layers: int) -> Optional[int]:
+    """``l`` for a ``"{l}_pre"`` label of an ``n_layers`` model, else None."""
+    if label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < n_layers:
+        return int(label[:-4])
+    return None
+
+
+def is_transformer_lens_jacobian_lens(obj: Any) -> bool:
+    """Whether ``obj`` is a ``transformer_lens.tools.analysis.JacobianLens`` (TransformerLens >= 4.3)."""
+    cls = type(obj)
+    return (
+        cls.__name__ == "JacobianLens"
+        and cls.__module__.startswith("transformer_lens.")
+        and isinstance(getattr(obj, "jacobians", None), dict)
+        and callable(getattr(obj, "validate_model", None))
+    )
+
+
+class JacobianLens:
+    """Per-entry ``d_model x d_model`` Jacobians, read as ``ln_final(J h) @ W_U + b_U``.
+
+    Args:
+        identity: The model the lens is for (sizes and unembedding hash).
+        matrices: ``{label: [d_model, d_model]}`` for ``"{l}_pre"`` labels; entries left out read
+            with the identity (the logit lens).
+        info: JSON-serialisable notes (fit settings, provenance); saved with the lens.
+        name: The lens's name in results and evaluations (two J-lenses read side by side need two
+            names; see :meth:`renamed`).
+
+    Attributes:
+        matrices: ``{label: float32 [d_model, d_model]}`` on the CPU, in stack order.
+        identity: :class:`~tl_latentspaces.tuned_lens.ModelIdentity`.
+        info: dict.
+    """
+
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        matrices: dict[str, Float[torch.Tensor, "d_model d_model"]],
+        *,
+        info: Optional[dict] = None,
+        name: str = "jacobian",
+    ):
+        if not isinstance(identity, ModelIdentity):
+            raise TypeError(
+                f"identity must be a ModelIdentity, got {type(identity).__name__}. Fit a lens with "
+                "tl_latentspaces.fit_jacobian_lens(model, corpus) or convert one with "
+                "JacobianLens.from_transformer_lens(lens, model)."
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}.")
+        L, d = identity.n_layers, identity.d_model
+        if not isinstance(matrices, dict) or not matrices:
+            raise ValueError("matrices must be a non-empty {label: [d_model, d_model] tensor} dict.")
+        clean: dict[str, torch.Tensor] = {}
+        for label, m in matrices.items():
+            if not isinstance(label, str) or _pre_label(label, L) is None:
+                raise ValueError(
+                    f"a Jacobian lens has matrices for the '{{l}}_pre' entries 0_pre..{L - 1}_pre of "
+                    f"this {L}-layer model; got the label {label!r}."
+                )
+            if not isinstance(m, torch.Tensor) or not m.is_floating_point() or tuple(m.shape) != (d, d):
+                got = f"{list(m.shape)} {m.dtype}" if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"matrices[{label!r}] must be a float tensor of shape [{d}, {d}], got {got}.")
+            if not torch.isfinite(m).all():
+                raise ValueError(f"matrices[{label!r}] holds NaN or inf values; a lens needs finite matrices.")
+            clean[label] = m.detach().to("cpu", torch.float32).contiguous()
+        self.identity = identity
+        self.matrices = {label: clean[label] for label in sorted(clean, key=lambda s: int(s[:-4]))}
+        self.info = dict(info or {})
+        self.name = name
+        self._checked: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def n_layers(self) -> int:
+        return self.identity.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.identity.d_model
+
+    @property
+    def labels(self) -> list[str]:
+        """The stack labels with a fitted matrix, in stack order."""
+        return list(self.matrices)
+
+    def __repr__(self) -> str:
+        labels = self.labels
+        span = labels[0] if len(labels) == 1 else f"{labels[0]}..{labels[-1]}"
+        return (
+            f"JacobianLens(name={self.name!r}, model={self.identity.name!r}, entries={span} "
+            f"({len(labels)}), d_model={self.d_model}, n_prompts={self.info.get('n_prompts')})"
+        )
+
+    def renamed(self, name: str) -> "JacobianLens":
+        """The same matrices under another name (to read two J-lenses side by side)."""
+        return JacobianLens(self.identity, self.matrices, info=self.info, name=name)
+
+    def transform_hidden(
+        self, h: Float[torch.Tensor, "... d_model"], label: str
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """``J h`` for the residuals ``h`` of stack entry ``label`` (unchanged without a matrix), float32."""
+        if h.shape[-1] != self.d_model:
+            raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(h.shape)}.")
+        x = h.to(torch.float32)
+        m = self.matrices.get(label)
+        return x if m is None else x @ m.to(x.device).T
+
+    # ------------------------------------------------------------------ model check and readout
+    def check_model(self, model: Any) -> ModelAccess:
+        """Raise ``ValueError`` naming every mismatch between this lens and ``model``.
+
+        Sizes and the unembedding hash must match the model the lens was fitted for; the hash
+        also refuses the same weights in another residual basis (compatibility mode, a
+        ``HookedTransformer`` with processed weights).
+        """
+        access = _access(model)
+        key = _check_key(access)
+        if key == self._checked:
+            return access
+        model_id = ModelIdentity.of(access)
+        problems = self.identity.mismatches(model_id)
+        if problems:
+            raise ValueError(
+                f"this Jacobian lens was fitted for {self.identity.name!r} "
+                f"({self.info.get('model_kind', 'unknown kind')}) and does not fit model "
+                f"{model_id.name!r} ({_model_kind(access)}): " + "; ".join(problems) + ". A J-lens "
+                "belongs to one model in one residual basis: fit one for this model with "
+                "tl_latentspaces.fit_jacobian_lens(model, corpus), or load the model the lens was made for."
+            )
+        self._checked = key
+        return access
+
+    def bind(self, access: ModelAccess) -> "BoundJacobianLens":
+        """This lens as a readout :class:`~tl_latentspaces.readout.Lens` for ``access``'s model."""
+        self.check_model(access)
+        return BoundJacobianLens(self, access)
+
+    # ------------------------------------------------------------------ save / load
+    def _config(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "name": self.name,
+            "model": asdict(self.identity),
+            "labels": self.labels,
+            "readout": "ln_final(h @ J[label].T) @ W_U + b_U; entries without a matrix read unchanged",
+            "info": self.info,
+        }
+
+    def save(self, path: PathLike) -> Path:
+        """Write the lens to the folder ``path``: ``jacobian_lens.json`` + ``jacobian_lens.safetensors``.
+
+        Written under a temporary name and renamed into place; an existing lens folder is
+        replaced, any other existing file or folder refused.
+        """
+        from safetensors.torch import save_file
+
+        try:
+            blob = json.dumps(self._config(), indent=2, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
+        tensors = dict(self.matrices)
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
+            (tmp / CONFIG_FILE).write_text(blob)
+
+        return replace_folder_atomic(Path(path), write, own_marker=CONFIG_FILE, what="Jacobian lens folder")
+
+    @classmethod
+    def load(cls, path: PathLike, model: Any) -> "JacobianLens":
+        """Load a lens saved by :meth:`save` and check it against ``model``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
+        if not cfg_path.is_file() or not params_path.is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a Jacobian lens folder: it needs {CONFIG_FILE} and {PARAMS_FILE} "
+                "(written by JacobianLens.save). For a TransformerLens .pt artifact use "
+                "JacobianLens.load_transformer_lens_format."
+            )
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cfg_path} is not valid JSON ({err}); the folder is damaged.") from err
+        if not isinstance(config, dict) or config.get("format") != _FORMAT:
+            raise ValueError(f"{cfg_path} is not a {_FORMAT} config (format {config.get('format')!r}).")
+        if config.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path} has format_version {config.get('format_version')!r}; this version reads "
+                f"{_FORMAT_VERSION}. Upgrade tl_latentspaces or save the lens again."
+            )
+        try:
+            identity = ModelIdentity(**config["model"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{cfg_path} has no valid 'model' entry ({err}); the folder is damaged.") from err
+        try:
+            tensors = load_file(str(params_path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {params_path} as safetensors: {err}.") from err
+        labels = list(config.get("labels", []))
+        if sorted(tensors) != sorted(labels):
+            raise ValueError(
+                f"{params_path} holds matrices {sorted(tensors)} but its config lists {labels}: the "
+                "folder is damaged or was edited; save the lens again."
+            )
+        lens = cls(identity, tensors, info=config.get("info") or {}, name=config.get("name", "jacobian"))
+        lens.check_model(model)
+        return lens
+
+    # ------------------------------------------------------------------ TransformerLens interop
+    @classmethod
+    def from_transformer_lens(cls, lens: Any, model: Any, *, name: str = "jacobian") -> "JacobianLens":
+        """Convert a TransformerLens ``JacobianLens`` (fitted or loaded) for reading ``model``.
+
+        TransformerLens's own ``lens.validate_model(model)`` runs first (a raw
+        ``TransformerBridge``; the recorded model name and revision; ``d_model``; the layer range;
+        the final-block target), then the converted lens records ``model``'s identity, so every
+        later read checks sizes and the unembedding hash too. Its layer ``l`` becomes ``"{l+1}_pre"``.
+
+        Raises:
+            TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``, or ``model`` is not a
+                ``TransformerBridge``.
+            ValueError: If TransformerLens's model check or ours fails.
+        """
+        if not is_transformer_lens_jacobian_lens(lens):
+            raise TypeError(
+                f"expected a transformer_lens.tools.analysis.JacobianLens, got {type(lens).__module__}."
+                f"{type(lens).__name__}."
+            )
+        access = _access(model)
+        lens.validate_model(access.model)  # TransformerLens's check: raw bridge, same model
+        L = access.n_layers
+        matrices = {}
+        for layer, matrix in lens.jacobians.items():
+            if not 0 <= int(layer) < L - 1:
+                raise ValueError(
+                    f"the TransformerLens lens has a matrix for layer {layer}, outside 0..{L - 2} of "
+                    f"this {L}-layer model."
+                )
+            matrices[f"{int(layer) + 1}_pre"] = matrix
+        info = {
+            "converted_from": "transformer_lens.tools.analysis.JacobianLens",
+            "n_prompts": int(getattr(lens, "n_prompts", 0)),
+            "model_kind": "bridge-raw",
+            "transformer_lens_metadata": _jsonable(dict(getattr(lens, "metadata", {}) or {})),
+        }
+        converted = cls(ModelIdentity.of(access), matrices, info=info, name=name)
+        converted._checked = _check_key(access)  # its identity is this model's: no second hash
+        return converted
+
+    def _transformer_lens_payload(self) -> tuple[dict[int, torch.Tensor], dict]:
+        kind = self.info.get("model_kind")
+        if kind != "bridge-raw":
+            raise ValueError(
+                f"this lens was fitted on a {kind or 'model of unknown kind'}; TransformerLens's "
+                "JacobianLens reads only raw TransformerBridge activations (a HookedTransformer or a "
+                "compatibility-mode bridge speaks another residual basis). Fit on a freshly booted "
+                "raw TransformerBridge to export."
+            )
+        jac = {}
+        for label, m in self.matrices.items():
+            layer = int(label[:-4]) - 1
+            if layer >= 0:  # "0_pre" (the embedding output) has no TransformerLens layer
+                jac[layer] = m
+        if not jac:
+            raise ValueError("this lens has no matrix TransformerLens can hold (only 0_pre); nothing to export.")
+        meta = {
+            "model_name": self.identity.name,
+            "target_layer": self.n_layers - 1,
+            "converted_from": _FORMAT,
+        }
+        return jac, meta
+
+    def to_transformer_lens(self) -> Any:
+        """This lens as a ``transformer_lens.tools.analysis.JacobianLens`` (TransformerLens >= 4.3).
+
+        ``"0_pre"`` has no TransformerLens layer and is left out. Only a lens fitted on (or
+        converted for) a raw ``TransformerBridge`` exports.
+        """
+        try:
+            from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
+        except ImportError as err:
+            raise ImportError(
+                "to_transformer_lens needs TransformerLens >= 4.3 (transformer_lens.tools.analysis."
+                "JacobianLens); save_transformer_lens_format writes its artifact format without it."
+            ) from err
+        jac, meta = self._transformer_lens_payload()
+        return TLJacobianLens(jac, n_prompts=int(self.info.get("n_prompts", 0)), d_model=self.d_model, metadata=meta)
+
+    def save_transformer_lens_format(self, path: PathLike, *, dtype: torch.dtype = torch.float16) -> Path:
+        """Write TransformerLens's (and the reference implementation's) ``.pt`` artifact, atomically.
+
+        Keys ``J`` (``{layer: matrix}`` in ``dtype``), ``n_prompts``, ``source_layers``,
+        ``d_model`` and ``metadata``, loadable by ``JacobianLens.load`` there with
+        ``weights_only=True``. ``dtype`` defaults to float16 as theirs does.
+        """
+        jac, meta = self._transformer_lens_payload()
+        payload = {
+            "J": {layer: m.to(dtype) for layer, m in jac.items()},
+            "n_prompts": int(self.info.get("n_prompts", 0)),
+            "source_layers": sorted(jac),
+            "d_model": self.d_model,
+            "metadata": meta,
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return write_bytes_atomic(Path(path), buf.getvalue())
+
+    @classmethod
+    def load_transformer_lens_format(cls, path: PathLike, model: Any, *, name: str = "jacobian") -> "JacobianLens":
+        """Read a TransformerLens / reference ``.pt`` artifact (or fit checkpoint) for ``model``.
+
+        The file is read with ``torch.load(weights_only=True)``: tensors and plain containers
+        only, never code. The model is checked as :meth:`from_transformer_lens` does (through
+        TransformerLens's own ``validate_model``, which needs TransformerLens >= 4.3).
+        """
+        try:
+            from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
+        except ImportError as err:
+            raise ImportError(
+                "TransformerLens J-lens artifacts are fitted on raw TransformerBridge activations and "
+                "checked by TransformerLens >= 4.3 (transformer_lens.tools.analysis.JacobianLens); "
+                "install it to read them."
+            ) from err
+        payload = _safe_torch_load(Path(path))
+        if "J" in payload:
+            jac = payload["J"]
+            n_prompts = payload.get("n_prompts", 0)
+        elif "jacobian_sum" in payload:
+            n_prompts = payload.get("n_done", payload.get("n_prompts", 0))
+            if not isinstance(n_prompts, int) or n_prompts <= 0:
+                raise ValueError(f"{path} is a fit checkpoint with n_done={n_prompts!r}; a positive count is needed.")
+            jac = {k: v / n_prompts for k, v in payload["jacobian_sum"].items() if isinstance(v, torch.Tensor)}
+        else:
+            raise ValueError(
+                f"{path} is not a Jacobian lens artifact: it needs a 'J' key (artifact) or a "
+                f"'jacobian_sum' key (fit checkpoint); it has {sorted(map(str, payload))[:8]}."
+            )
+        if not isinstance(jac, dict) or not jac or not all(isinstance(v, torch.Tensor) for v in jac.values()):
+            raise ValueError(f"{path}: 'J' must be a non-empty {{layer: tensor}} dict.")
+        d = next(iter(jac.values())).shape[-1]
+        meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
+        if "target_layer" in payload and "target_layer" not in meta:
+            meta = {**meta, "target_layer": payload["target_layer"]}
+        tl_lens = TLJacobianLens(
+            {int(k): v for k, v in jac.items()}, n_prompts=int(n_prompts or 0), d_model=int(payload.get("d_model", d)),
+            metadata=meta,
+        )
+        return cls.from_transformer_lens(tl_lens, model, name=name)
+
+
+class BoundJacobianLens:
+    """A :class:`JacobianLens` bound to one model: the readout's ``Lens`` protocol.
+
+    ``project(x, entry) = ln_final(x @ J_entry.T)``; scores are that times ``W_U`` plus ``b_U``
+    (the logit lens's own readout weights, so the two compare bit for bit where ``J = I``).
+    """
+
+    score_scale = 1.0
+
+    def __init__(self, lens: JacobianLens, access: ModelAccess):
+        self.access = access
+        self.name = lens.name
+        self.n_layers = lens.n_layers
+        dev = access.device
+        self._by_label = {label: m.to(dev, torch.float32) for label, m in lens.matrices.items()}
+        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
+        b = access.b_U.detach().to(torch.float32)
+        self.bias = None if not bool(b.any()) else b
+        # Entry e of the default stack (incl_mid=False) is "{e}_pre"; the last is final_post.
+        self._matrix_of_entry: list[Optional[torch.Tensor]] = [
+            self._by_label.get(f"{e}_pre") for e in range(self.n_layers)
+        ] + [None]
+
+    def check_labels(self, labels: Sequence[str]) -> None:
+        """Map stack labels to matrices; refuse ``"{l}_mid"`` entries (no Jacobian is fitted there)."""
+        mapping: list[Optional[torch.Tensor]] = []
+        for label in labels:
+            if label == "final_post":
+                mapping.append(None)
+            elif _pre_label(label, self.n_layers) is not None:
+                mapping.append(self._by_label.get(label))
+            else:
+                raise ValueError(
+                    f"the Jacobian lens has no matrix for stack entry {label!r}: it reads the "
+                    "'{l}_pre' entries and 'final_post'. Read it with incl_mid=False."
+                )
+        self._matrix_of_entry = mapping
+
+    def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
+        n = len(self._matrix_of_entry)
+        if not 0 <= entry < n:
+            raise ValueError(f"stack entry {entry} is out of range for this Jacobian lens (0..{n - 1}).")
+        m = self._matrix_of_entry[entry]
+        x = x.to(torch.float32)
+        return self.access.final_norm(x if m is None else x @ m.T)
+
+
+# ---------------------------------------------------------------------- fitting
+class _JacobianSums:
+    """Running float64 sums of per-sequence Jacobian estimates: mergeable across processes."""
+
+    def __init__(self, labels: list[str], d: int):
+        self.labels = list(labels)
+        self.sums = torch.zeros(len(labels), d, d, dtype=torch.float64)
+        self.n = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "n": self.n, "labels": list(self.labels)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["labels"]) != self.labels:
+            raise ValueError(f"cannot load Jacobian sums over {state['labels']} into sums over {self.labels}.")
+        self.sums.copy_(state["sums"])
+        self.n = int(state["n"])
+
+    def merge(self, other: "_JacobianSums") -> "_JacobianSums":
+        self.sums += other.sums
+        self.n += other.n
+        return self
+
+
+class _Checkpoint:
+    """The running sums of one process, saved atomically and read back only for the same work."""
+
+    def __init__(self, folder: Path, rank: int, seqs: torch.Tensor, settings: dict):
+        self.path = folder / f"jacobian-lens-rank{rank}.safetensors"
+        digest = hashlib.sha256(seqs.numpy().tobytes())
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def save(self, sums: _JacobianSums, done: int) -> None:
+        from safetensors.torch import save
+
+        meta = {"fingerprint": self.fingerprint, "done": str(done), "n": str(sums.n)}
+        write_bytes_atomic(self.path, save({"sums": sums.sums.contiguous()}, metadata=meta))
+
+    def load(self, sums: _JacobianSums) -> int:
+        """Sequences of this process already in ``sums`` (0 without a checkpoint)."""
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return 0
+        with safe_open(str(self.path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"the checkpoint {str(self.path)!r} belongs to another corpus or other settings (mode, "
+                    "layers, probes, seed, number of processes); pass another checkpoint_dir or delete it."
+                )
+            sums.sums.copy_(fh.get_tensor("sums"))
+        sums.n = int(meta["n"])
+        return int(meta["done"])
+
+
+def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
+    L = access.n_layers
+    if layers is None:
+        return [f"{layer}_pre" for layer in range(L)]
+    items = [layers] if isinstance(layers, (int, str)) else list(layers)
+    out = set()
+    for item in items:
+        if isinstance(item, str) and _pre_label(item, L) is not None:
+            out.add(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and -L <= item < L:
+            out.add(f"{item % L}_pre")
+        else:
+            raise ValueError(
+                f"layers must hold stack labels '0_pre'..'{L - 1}_pre' or layer indices -{L}..{L - 1} "
+                f"(layer l means the residual entering block l); got {item!r}."
+            )
+    if not out:
+        raise ValueError("layers is empty; pass None for every '{l}_pre' entry.")
+    return sorted(out, key=lambda s: int(s[:-4]))
+
+
+def _forward_with_graph(
+    access: ModelAccess, ids: torch.Tensor, sources: list[str], target_name: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass of the model's own, keeping the graph from the lowest source entry up.
+
+    The lowest source's hook returns a detached copy that requires grad and switches autograd on
+    for the rest of the pass, so the layers below it build no graph and the model's parameters
+    are left as they are (no ``requires_grad`` flag is changed). Every source and the target are
+    captured after the user's hooks on those points.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    names = {label: f"blocks.{int(label[:-4])}.hook_resid_pre" for label in sources}
+
+    def make(key: str, root: bool) -> Any:
+        def hook(activation: torch.Tensor, hook: Any = None) -> Optional[torch.Tensor]:
+            if root:
+                activation = activation.detach().requires_grad_(True)
+                # Restored by the torch.no_grad() block around the forward pass.
+                torch.set_grad_enabled(True)
+                captured[key] = activation
+                return activation
+            captured[key] = activation
+            return None
+
+        return hook
+
+    with HookSession(access) as session:
+        for i, label in enumerate(sources):
+            session.add(names[label], make(label, i == 0))
+        session.add(target_name, make("__target__", False))
+        with torch.no_grad():
+            access.model(ids.to(access.device), return_type=None)
+    missing = [names[s] for s in sources if s not in captured] + ([target_name] if "__target__" not in captured else [])
+    if missing:
+        raise RuntimeError(
+            f"no activation was captured at {missing}: the forward pass did not reach these hook points "
+            "or other code removed the lens's hooks."
+        )
+    target = captured["__target__"]
+    if not target.requires_grad:
+        raise RuntimeError(
+            f"the final residual ({target_name}) does not depend on the source entries: a hook between "
+            "them replaced the stream with a constant, so there is no Jacobian to fit."
+        )
+    return target, [captured[s] for s in sources]
+
+
+def _sequence_rows(
+    access: ModelAccess,
+    ids: torch.Tensor,
+    directions: torch.Tensor,
+    dim_batch: int,
+    sources: list[str],
+    target_name: str,
+    valid: torch.Tensor,
+    bar: Any,
+) -> list[torch.Tensor]:
+    """``directions @ J`` (``[n, d]``) of the one sequence ``ids`` (``[1, seq]``), for every source entry.
+
+    The sequence is replicated ``K = min(dim_batch, n)`` times in one forward pass; each of the
+    ``ceil(n / K)`` backward passes through that graph plants direction ``a + k`` as the cotangent
+    at every valid target position of copy ``k``, so copy ``k``'s gradient at source position ``t``
+    is ``direction^T sum_{t' >= t} d h_final[t'] / d h[t]``. Rows are averaged over the valid
+    source positions. Returns one ``[n, d]`` float64 tensor per source entry.
+    """
+    n, d = directions.shape
+    K = min(dim_batch, n)
+    target, srcs = _forward_with_graph(access, ids.expand(K, -1), sources, target_name)
+    rows = [torch.zeros(n, d, dtype=torch.float64) for _ in sources]
+    cot = torch.zeros_like(target)
+    chunks = [(a, min(a + K, n)) for a in range(0, n, K)]
+    for ci, (a, z) in enumerate(chunks):
+        cot.zero_()
+        cot[: z - a, valid, :] = directions[a:z].to(target.device, target.dtype)[:, None, :]
+        grads = torch.autograd.grad(target, srcs, cot, retain_graph=ci < len(chunks) - 1)
+        for si, g in enumerate(grads):
+            rows[si][a:z] = g[: z - a, valid, :].to(torch.float64).mean(1).cpu()
+        del grads
+        bar.update(z - a)
+    return rows
+
+
+def fit_jacobian_lens(
+    model: Any,
+    corpus: Any = None,
+    *,
+    mode: str = "exact",
+    seq_len: int = 128,
+    max_tokens: Optional[int] = 8 * 128,
+    layers: Any = None,
+    skip_first_positions: int = DEFAULT_SKIP_FIRST_POSITIONS,
+    dim_batch: int = 8,
+    probes: int = 32,
+    prepend_bos: bool = True,
+    seed: int = 0,
+    name: Optional[str] = None,
+    checkpoint_dir: Optional[PathLike] = None,
+    checkpoint_every: int = 1,
+    progress: bool = True,
+) -> JacobianLens:
+    """Fit a Jacobian lens on any supported model: ``HookedTransformer`` or ``TransformerBridge``.
+
+    Each sequence of the packed corpus contributes its Jacobian of the final residual
+    (``final_post``) with respect to every source entry, summed over valid target positions
+    ``t' >= t`` and averaged over valid source positions; sequences are averaged with equal
+    weight. The forward pass is the model's own, with the user's hooks (an ablation upstream of a
+    source changes what is differentiated; one between source and target changes the Jacobian).
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` (raw or compatibility mode) in eval mode.
+        corpus: As for :func:`~tl_latentspaces.corpus.tokenize_corpus` (texts, files, a
+            ``[n, seq_len]`` token tensor); default the training split of the offline corpus. For
+            the same prompts as TransformerLens's ``JacobianLens.fit``, pass
+            ``model.to_tokens(prompt)[:, :max_seq_len]`` rows as a token tensor.
+        mode: ``"exact"`` (TransformerLens's estimator) or ``"sketch"`` (randomized; see the module
+            docstring).
+        seq_len: Tokens per sequence, BOS included.
+        max_tokens: Use at most this many tokens (whole sequences); None for the whole corpus.
+        layers: Entries to fit: ``"{l}_pre"`` labels or layer indices; default every ``"{l}_pre"``.
+        skip_first_positions: Leading positions left out as sources and targets (16 as TransformerLens).
+        dim_batch: Directions per backward pass: each sequence is replicated this many times in
+            the forward pass (memory grows with it, total work barely), as TransformerLens's
+            ``dim_batch``.
+        probes: Random directions per sequence in ``"sketch"`` mode (``<= d_model``).
+        prepend_bos: Start each sequence with BOS (when tokenizing text).
+        seed: Seeds the sketch's random directions.
+        name: The lens's name (default ``"jacobian"``, or ``"jacobian_sketch"`` in sketch mode).
+        checkpoint_dir: Save the running sums here every ``checkpoint_every`` sequences (one
+            safetensors file per process, written atomically) and resume from them: a resumed run
+            ends with the same lens as an uninterrupted one.
+        checkpoint_every: Sequences between checkpoints.
+        progress: Show a progress bar (directions done).
+
+    Returns:
+        A :class:`JacobianLens` whose ``info`` records the settings, sequences and seconds.
+
+    Example:
+        >>> lens = fit_jacobian_lens(model, texts, max_tokens=4 * 64, seq_len=64)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+
+    access = _access(model)
+    access.require_eval("fit_jacobian_lens")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
+    d, L = access.d_model, access.n_layers
+    seq_len = check_int(seq_len, "seq_len", minimum=3, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
+    skip = check_int(skip_first_positions, "skip_first_positions", minimum=0)
+    if seq_len <= skip + 1:
+        raise ValueError(
+            f"seq_len={seq_len} leaves no valid position after skip_first_positions={skip} and the last "
+            f"position; use seq_len >= {skip + 2} or a smaller skip_first_positions."
+        )
+    dim_batch = check_int(dim_batch, "dim_batch", minimum=1)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    probes = check_int(probes, "probes", minimum=1, maximum=d, why=" (d_model)")
+    if max_tokens is not None:
+        max_tokens = check_int(max_tokens, "max_tokens", minimum=seq_len, why=" (seq_len: one sequence)")
+    sources = _resolve_sources(access, layers)
+    target_name = f"blocks.{L - 1}.hook_resid_post"
+    if corpus is None:
+        corpus = default_corpus("train")
+    seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
+    ctx = current_context()
+    mine = list(shard_batches(seqs.shape[0], ctx))
+    # The last position is neither a source nor a target, and by causality nothing before it
+    # depends on it: it is left out of the forward pass.
+    valid = torch.arange(skip, seq_len - 1, device=access.device)
+    n_dirs = d if mode == "exact" else probes
+    gen = torch.Generator().manual_seed(int(seed))
+    eye = torch.eye(d, dtype=torch.float64)
+    sums = _JacobianSums(sources, d)
+    settings = {"mode": mode, "skip": skip, "probes": probes, "seed": int(seed), "sources": sources,
+                "world_size": ctx.world_size}
+    checkpoint = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), ctx.rank, seqs, settings)
+    done = 0 if checkpoint is None else checkpoint.load(sums)
+    start_time = time.perf_counter()
+    bar = tqdm(total=(len(mine) - done) * n_dirs, desc=f"Jacobian lens ({mode})", unit="dir",
+               disable=not (progress and ctx.is_main))
+    try:
+        k = 0  # sequences of this rank seen so far
+        for i in range(seqs.shape[0]):
+            if mode == "sketch":
+                # Every rank draws every sequence's directions (a resumed run too), so the estimate
+                # does not depend on the number of processes or interruptions.
+                Q = torch.linalg.qr(torch.randn(d, probes, generator=gen, dtype=torch.float64))[0]
+                dirs = Q.T  # rows: random orthonormal directions
+            else:
+                dirs = torch.eye(d, dtype=torch.float64)
+            if i not in mine:
+                continue
+            k += 1
+            if k <= done:
+                continue
+            ids = seqs[i : i + 1, : seq_len - 1]
+            rows = _sequence_rows(access, ids, dirs, dim_batch, sources, target_name, valid, bar)
+            for si in range(len(sources)):
+                if mode == "exact":
+                    sums.sums[si] += rows[si]
+                else:  # I + (d/m) Q (Q^T J - Q^T): unbiased, identity as control variate
+                    sums.sums[si] += eye + (d / probes) * Q @ (rows[si] - Q.T)
+            sums.n += 1
+            if checkpoint is not None and (k % checkpoint_every == 0 or k == len(mine)):
+                checkpoint.save(sums, k)
+    finally:
+        bar.close()
+    reduce_accumulator(sums, lambda: _JacobianSums(sources, d))
+    if sums.n == 0:
+        raise ValueError("no sequence was fitted; pass a longer corpus or a larger max_tokens.")
+    seconds = time.perf_counter() - start_time
+    matrices = {label: (sums.sums[i] / sums.n).to(torch.float32) for i, label in enumerate(sources)}
+    info = {
+        "model_kind": _model_kind(access),
+        "n_prompts": sums.n,
+        "fit": {
+            "mode": mode,
+            "seq_len": seq_len,
+            "skip_first_positions": skip,
+            "probes": probes if mode == "sketch" else None,
+            "dim_batch": dim_batch,
+            "seed": int(seed),
+            "seconds": round(seconds, 3),
+            "world_size": ctx.world_size,
+            "target": target_name,
+        },
+    }
+    default_name = "jacobian" if mode == "exact" else "jacobian_sketch"
+    return JacobianLens(ModelIdentity.of(access), matrices, info=info, name=name or default_name)
+
+
+# ---------------------------------------------------------------------- helpers
+def _safe_torch_load(path: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor file (the unpickler, restricted to "
+            f"tensors and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run "
+            "arbitrary code, so nothing in it was executed."
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold a dict (keys 'J', 'd_model', ...), got {type(state).__name__}.")
+    return state
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
