@@ -83,5 +83,5 @@ def test_report_opens_with_its_story(tmp_path, smol, monkeypatch):
         at = readable_from(data["evaluation"]["labels"], agreement[i])
         assert story["facts"]["readable_from"][name] == (None if at is None else data["evaluation"]["labels"][at])
     page = (out / "report.html").read_text()
-    assert page.index('<section class="story">') < page.index("<h2>Logit lens vs tuned lens")
+    assert page.index('<section class="story">') < page.index("lens on held-out text</h2>")
     assert page.count('class="guide"') >= 6

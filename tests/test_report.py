@@ -96,3 +96,26 @@ def test_bad_input_leaves_no_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["report", "--out", str(out), "--dtype", "int8"])
     assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_report_puts_a_jacobian_lens_beside_the_others(smol, tmp_path):
+    from tl_latentspaces.report import build_report, write_report
+
+    jlens = tll.fit_jacobian_lens(smol, max_tokens=20, seq_len=20, skip_first_positions=8, dim_batch=96,
+                                  progress=False)
+    folder = tmp_path / "jlens"
+    jlens.save(folder)
+    out = tmp_path / "r"
+    assert cli.main(["report", "--out", str(out), "--prompt", EIFFEL, "--no-tuned", "--jacobian-lens", str(folder),
+                     *SMALL]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["evaluation"]["lenses"] == ["logit", "jacobian"]
+    assert set(data["grids"][0]["lenses"]) == {"logit", "jacobian", "embedding"}
+    # the J-lens's held-out numbers are those evaluate_lenses gives for the same lens and text
+    from tl_latentspaces.corpus import default_corpus
+    from tl_latentspaces.evaluation import evaluate_lenses
+
+    ev = evaluate_lenses(smol, ["logit", tll.JacobianLens.load(folder, smol)], default_corpus("heldout"),
+                         max_tokens=512, progress=False)
+    torch.testing.assert_close(torch.tensor(data["evaluation"]["kl_to_final"]), ev.kl_to_final.float(), atol=1e-5, rtol=1e-6)

@@ -195,6 +195,11 @@ def _check_targets(args: argparse.Namespace) -> None:
         _check_folder_out(args.checkpoint_dir, "--checkpoint-dir", written_in="folder")
     if getattr(args, "lens", None) and not Path(args.lens).expanduser().is_dir():
         raise FileNotFoundError(f"--lens {args.lens!r} is not a folder; pass a folder written by fit-tuned-lens.")
+    for path in getattr(args, "jacobian_lens", None) or ():
+        if not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"--jacobian-lens {path!r} is not a folder; pass a folder written by JacobianLens.save."
+            )
     if _uses_cache(args):
         from tl_latentspaces.default_model import default_cache_dir
 
@@ -277,8 +282,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     prompts = _prompts(args) or list(DEFAULT_PROMPTS)
     corpus = _corpus(args)
     model = _load(args)
+    from tl_latentspaces.jacobian_lens import JacobianLens
+
+    extra = [JacobianLens.load(path, model) for path in args.jacobian_lens or ()]
     report = build_report(
-        model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto",
+        model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto", lenses=extra,
         eval_tokens=args.eval_tokens, align_tokens=args.align_tokens, cache_dir=args.cache_dir,
         progress=not args.quiet,
     )
@@ -411,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for logit vs tuned (default 4096)")
     report.add_argument("--align-tokens", type=int, default=4096, help="tokens for the alignment suite (default 4096)")
     report.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
+    report.add_argument("--jacobian-lens", action="append", default=None, metavar="DIR",
+                        help="a saved Jacobian lens folder (JacobianLens.save) to read and evaluate beside the "
+                             "other lenses (repeatable)")
 
     fit = sub.add_parser("fit-tuned-lens", help="fit a tuned lens and save it")
     _model_options(fit)

@@ -172,6 +172,7 @@ def build_report(
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     corpus: Any = None,
     tuned: Any = "auto",
+    lenses: Sequence[Any] = (),
     eval_tokens: int = 4096,
     align_tokens: int = 4096,
     top_k: int = 5,
@@ -188,6 +189,9 @@ def build_report(
             token tensor); default the held-out split of the offline default corpus.
         tuned: ``"auto"`` (the cached tuned lens, fitted if missing), a ``TunedLens``, or None to
             leave the tuned lens out.
+        lenses: More lenses to put beside the logit and tuned lenses, in the grids and in the
+            held-out table: a :class:`~tl_latentspaces.JacobianLens`, another ``TunedLens``, a
+            TransformerLens ``JacobianLens``.
         eval_tokens: Tokens of ``corpus`` for the logit-vs-tuned metrics.
         align_tokens: Tokens of ``corpus`` for the alignment suite.
         top_k: Top tokens per grid cell.
@@ -212,13 +216,14 @@ def build_report(
     if corpus is None:
         corpus = default_corpus("heldout")
     lens = tuned_lens_for(access, cache_dir=cache_dir, progress=progress) if tuned == "auto" else tuned
-    grid_lenses: list[Any] = ["logit"] + ([lens] if lens is not None else []) + ["embedding"]
+    extra = list(lenses)
+    grid_lenses: list[Any] = ["logit"] + ([lens] if lens is not None else []) + extra + ["embedding"]
 
     grids = []
     for prompt in prompts:
         results = read_lenses(access.model, prompt, lenses=grid_lenses, top_k=top_k, prepend_bos=prepend_bos)
         grids.append((prompt, results))
-    eval_lenses = ["logit"] + ([lens] if lens is not None else [])
+    eval_lenses = ["logit"] + ([lens] if lens is not None else []) + extra
     # The corpus statistics stream through the corpus runner: one pass feeds both when their token
     # budgets agree, and under torchrun each process takes its share of the batches.
     passes: dict[int, dict[str, Any]] = {}
@@ -252,7 +257,7 @@ def build_report(
         f'<p class="meta">{access.n_layers} layers, d_model {access.d_model}, vocabulary {access.d_vocab}; '
         f"created {data['created']}. Every number shown is in report.json.</p>",
         story.to_html(),
-        "<h2>Logit lens vs tuned lens on held-out text</h2>",
+        f"<h2>{' vs '.join(evaluation.lenses)} lens on held-out text</h2>",
         f'<p class="meta">{evaluation.n_positions} positions of {evaluation.n_sequences} held-out sequences, '
         "BOS left out. KL = KL(final || lens) in nats. Prediction depth: the first entry from which "
         "the lens's top-1 stays equal to the final top-1.</p>",
