@@ -34,6 +34,9 @@ def test_means_and_cosines_match_a_float64_reference(tiny, tokens):
     assert lens.labels == labels and lens.n_tokens == 6 * 9
     # mean over every position but the first of each sequence
     torch.testing.assert_close(lens.means, stack[:, :, 1:].mean(dim=(1, 2)), atol=1e-6, rtol=1e-6)
+    skip2 = tll.centered_embedding_lens(tiny, corpus, seq_len=10, skip_positions=2)
+    assert skip2.n_tokens == 6 * 8
+    torch.testing.assert_close(skip2.means, stack[:, :, 2:].mean(dim=(1, 2)), atol=1e-6, rtol=1e-6)
 
     r = tll.read_lenses(tiny, tokens, lenses=("embedding", lens), incl_mid=True, top_k=3)
     assert set(r) == {"embedding", "embedding_centered"}
@@ -107,6 +110,8 @@ def test_bad_input_is_refused_with_the_fix(tiny, tokens):
         tll.EmbeddingLens(access, center=torch.full((4, d), float("nan")))
     with pytest.raises(ValueError, match="max_tokens"):
         tll.centered_embedding_lens(tiny, _corpus(), seq_len=10, max_tokens=0)
+    with pytest.raises(ValueError, match=r"skip_positions must be an int in \[0, 9\]"):
+        tll.centered_embedding_lens(tiny, _corpus(), seq_len=10, skip_positions=10)
     lens = tll.centered_embedding_lens(tiny, _corpus(), seq_len=10)
     # a lens estimated without the mid entries cannot read them
     keep = [i for i, label in enumerate(lens.labels) if not label.endswith("_mid")]

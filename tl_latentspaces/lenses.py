@@ -272,13 +272,14 @@ def centered_embedding_lens(
     seq_len: int = 128,
     batch_size: int = 8,
     center_embedding: bool = True,
+    skip_positions: int = 1,
     progress: bool = False,
 ) -> CenteredEmbeddingLens:
     """Estimate the residual stream's mean per stack entry and return a centred embedding lens.
 
     Every entry of the stack (``"{l}_pre"``, ``"{l}_mid"`` and ``"final_post"``) is averaged
-    over the corpus's tokens, the BOS position of every sequence left out (its residual norms
-    are outliers by orders of magnitude on many models), with float64 sums.
+    over the corpus's tokens, the first ``skip_positions`` of every sequence left out (BOS: its
+    residual norms are outliers by orders of magnitude on many models), with float64 sums.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
@@ -289,6 +290,7 @@ def centered_embedding_lens(
         seq_len: Tokens per sequence, BOS included.
         batch_size: Sequences per forward pass.
         center_embedding: Centre the ``W_E`` rows too (recommended; see :class:`EmbeddingLens`).
+        skip_positions: Leading positions of every sequence left out of the means (1: BOS).
         progress: Show a progress bar.
 
     Example:
@@ -299,6 +301,10 @@ def centered_embedding_lens(
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("estimating the residual mean")
     max_tokens = check_int(max_tokens, "max_tokens", minimum=1)
+    seq_len = check_int(seq_len, "seq_len", minimum=2)
+    skip_positions = check_int(
+        skip_positions, "skip_positions", minimum=0, maximum=seq_len - 1, why=" (seq_len - 1: keep a position)"
+    )
     center_embedding = check_bool(center_embedding, "center_embedding")
     sequences = tokenize_corpus(
         access, default_corpus("train") if corpus is None else corpus, seq_len=seq_len, max_tokens=max_tokens
@@ -308,7 +314,7 @@ def centered_embedding_lens(
     n = 0
     for _, stack in stream_residuals(access, sequences, dict(sites), batch_size=batch_size, progress=progress,
                                      desc="residual mean"):
-        body = stack[:, :, 1:]  # position 0 is BOS in every packed sequence
+        body = stack[:, :, skip_positions:]
         sums += body.to("cpu", torch.float64).sum(dim=(1, 2))
         n += body.shape[1] * body.shape[2]
     if not torch.isfinite(sums).all():
