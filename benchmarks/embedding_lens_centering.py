@@ -5,9 +5,10 @@ Estimates the residual stream's mean per stack entry on the training split of th
 text through three lenses:
 
 * ``plain``: the default ``"embedding"`` lens, cosine of the raw residual with raw ``W_E`` rows;
-* ``resid-centred``: the residual's mean subtracted, ``W_E`` left as it is;
-* ``centred``: both the residual's mean and the mean ``W_E`` row subtracted (the default of
+* ``resid-centred``: the residual's mean subtracted, ``W_E`` left as it is (the default of
   :func:`~tl_latentspaces.centered_embedding_lens`);
+* ``centred``: both the residual's mean and the mean ``W_E`` row subtracted
+  (``center_embedding=True``);
 * ``standardized`` (computed here, not a library lens): the centred vectors, residual and ``W_E``
   rows alike, divided coordinate-wise by the stream's standard deviation at that entry (the same
   training tokens), so that no dimension weighs more than its spread. Its centred part is checked
@@ -50,13 +51,16 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=4, help="held-out sequences read")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per held-out sequence, BOS included")
     parser.add_argument("--positions", type=int, nargs=2, default=[12, 40], help="positions whose top-5 is shown")
+    parser.add_argument("--skip-positions", type=int, default=1, help="leading positions left out of the means")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.manual_seed(0)
 
     model = tll.load_default_model()
     t0 = time.perf_counter()
-    centred = tll.centered_embedding_lens(model, max_tokens=args.fit_tokens)
+    centred = tll.centered_embedding_lens(
+        model, max_tokens=args.fit_tokens, skip_positions=args.skip_positions, center_embedding=True
+    )
     fit_s = time.perf_counter() - t0
     resid_only = tll.CenteredEmbeddingLens(
         centred.labels, centred.means, n_tokens=centred.n_tokens, identity=centred.identity, center_embedding=False
@@ -81,7 +85,7 @@ def main() -> None:
     s2 = torch.zeros_like(s1)
     n = 0
     for _, stack in stream_residuals(access, fit_ids, names, progress=False):
-        body = stack[:, :, 1:].double()
+        body = stack[:, :, args.skip_positions:].double()
         s1 += body.sum((1, 2))
         s2 += (body**2).sum((1, 2))
         n += body.shape[1] * body.shape[2]
@@ -109,7 +113,8 @@ def main() -> None:
     lines = [
         "# The embedding lens with and without centring (SmolLM2-135M-Instruct)",
         "",
-        f"Means from {centred.n_tokens} training-split tokens of the default corpus ({fit_s:.1f} s); read on "
+        f"Means from {centred.n_tokens} training-split tokens (first {args.skip_positions} position(s) of each "
+        f"sequence left out) of the default corpus ({fit_s:.1f} s); read on "
         f"{tokens.shape[0]} held-out sequences of {tokens.shape[1]} tokens (BOS left out: "
         f"{tokens.shape[0] * (tokens.shape[1] - 1)} positions). Rank 0 = own embedding nearest; chance "
         f"is about {(d_vocab - 1) / 2:.0f} of {d_vocab}.",
@@ -143,13 +148,13 @@ def main() -> None:
             f"Top-5 at position {p} of the first sequence (own token {tok.decode([int(seq[p])])!r}; "
             f"context ...{tok.decode(seq[max(1, p - 8) : p + 1].tolist())!r}):",
             "",
-            "| entry | plain | centred |",
-            "|---|---|---|",
+            "| entry | plain | resid-centred | centred |",
+            "|---|---|---|---|",
         ]
         for label in TOP_ENTRIES:
             i = ENTRIES.index(label)
             cells = []
-            for k in ("plain", "centred"):
+            for k in ("plain", "resid-centred", "centred"):
                 ids = results[k].top_ids[i, 0, p - 1].tolist()  # pos starts at 1
                 cells.append(" ".join(repr(tok.decode([t])) for t in ids).replace("|", "\\|"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

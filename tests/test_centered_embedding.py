@@ -29,9 +29,9 @@ def _cosines(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def test_means_and_cosines_match_a_float64_reference(tiny, tokens):
     corpus = _corpus()
-    lens = tll.centered_embedding_lens(tiny, corpus, seq_len=10, batch_size=4)
+    lens = tll.centered_embedding_lens(tiny, corpus, seq_len=10, batch_size=4, center_embedding=True)
     labels, stack = _stack(tiny, corpus)
-    assert lens.labels == labels and lens.n_tokens == 6 * 9
+    assert lens.labels == labels and lens.n_tokens == 6 * 9 and lens.center_embedding
     # mean over every position but the first of each sequence
     torch.testing.assert_close(lens.means, stack[:, :, 1:].mean(dim=(1, 2)), atol=1e-6, rtol=1e-6)
     skip2 = tll.centered_embedding_lens(tiny, corpus, seq_len=10, skip_positions=2)
@@ -57,6 +57,16 @@ def test_means_and_cosines_match_a_float64_reference(tiny, tokens):
     plain = tll.embedding_lens(tiny, tokens, incl_mid=True, top_k=3)
     assert torch.equal(r["embedding"].top_ids, plain.top_ids)
     assert torch.equal(r["embedding"].own_ranks, plain.own_ranks)
+    # by default only the stream is centred: the cosine is with the raw W_E rows
+    default = tll.centered_embedding_lens(tiny, corpus, seq_len=10)
+    assert not default.center_embedding
+    d = tll.read_lenses(tiny, tokens, lenses=(default,), incl_mid=True)["embedding_centered"]
+    W = tiny.W_E.detach().double()
+    for e in range(len(labels)):
+        cos = _cosines(resid[e] - default.means[e], W)
+        own = cos.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(d.own_scores[e].double(), own, atol=1e-5, rtol=0)
+        assert torch.equal(d.own_ranks[e], (cos > own.unsqueeze(-1)).sum(-1))
 
 
 def test_centred_cosine_is_invariant_to_a_constant_shift_of_the_stream(tiny, tokens):

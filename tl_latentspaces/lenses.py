@@ -8,7 +8,11 @@ A lens maps a residual vector to vocabulary scores:
   with every token's embedding. Its distribution is ``softmax(cos * sqrt(d_model) / T)``: a random
   direction has cosine of standard deviation ``1/sqrt(d_model)`` with any embedding, so the scores
   are cosines in units of chance and the default temperature ``T = 1`` gives a distribution that
-  is flat for noise and sharp for a vector that sits on one token's embedding.
+  is flat for noise and sharp for a vector that sits on one token's embedding;
+* :class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`): the same cosine after the
+  residual stream's mean at each entry (estimated on a corpus) is subtracted, read as
+  ``"embedding_centered"`` beside the plain lens. On models with a large mean direction and
+  massive activations, the plain cosine mostly measures those.
 
 Data flows one way: model + input -> residual stack (from hooks or a cache) -> lens ->
 :mod:`~tl_latentspaces.readout` -> :class:`~tl_latentspaces.results.LensResult`.
@@ -193,7 +197,8 @@ class CenteredEmbeddingLens:
     :func:`centered_embedding_lens`); reading it subtracts that mean from the residual and, with
     ``center_embedding``, the mean ``W_E`` row from every embedding, before the cosine. On models
     with massive-activation dimensions those few coordinates dominate every plain cosine; the
-    mean carries most of them. Its results are named ``"embedding_centered"``.
+    mean carries most of them. Its results are named ``"embedding_centered"``. What it does and does
+    not recover on the default model: ``docs/alignment.md``, "A centred embedding lens".
 
     Attributes:
         labels: Stack labels (``"0_pre"``, ``"0_mid"``, ..., ``"final_post"``), one per row of
@@ -213,7 +218,7 @@ class CenteredEmbeddingLens:
         *,
         n_tokens: int,
         identity: ModelIdentity,
-        center_embedding: bool = True,
+        center_embedding: bool = False,
     ):
         labels = list(labels)
         if means.ndim != 2 or means.shape[0] != len(labels) or means.shape[1] != identity.d_model:
@@ -271,7 +276,7 @@ def centered_embedding_lens(
     max_tokens: int = 2048,
     seq_len: int = 128,
     batch_size: int = 8,
-    center_embedding: bool = True,
+    center_embedding: bool = False,
     skip_positions: int = 1,
     progress: bool = False,
 ) -> CenteredEmbeddingLens:
@@ -289,7 +294,9 @@ def centered_embedding_lens(
         max_tokens: Tokens read (whole sequences of ``seq_len``).
         seq_len: Tokens per sequence, BOS included.
         batch_size: Sequences per forward pass.
-        center_embedding: Centre the ``W_E`` rows too (recommended; see :class:`EmbeddingLens`).
+        center_embedding: Centre the ``W_E`` rows too (see :class:`EmbeddingLens`). Off by default:
+            on the default model it keeps ``0_pre`` exact and ranks own tokens better
+            (``docs/alignment.md``, "A centred embedding lens").
         skip_positions: Leading positions of every sequence left out of the means (1: BOS).
         progress: Show a progress bar.
 
