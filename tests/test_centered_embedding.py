@@ -133,3 +133,11 @@ def test_bad_input_is_refused_with_the_fix(tiny, tokens):
     # the means of one model do not read another (here: same sizes, another unembedding)
     with pytest.raises(ValueError, match="does not fit.*unembedding"):
         tll.read_lenses(build_llama_like(seed=3), tokens, lenses=(lens,))
+
+
+def test_public_names():
+    from tl_latentspaces import lenses
+
+    for name in ("centered_embedding_lens", "CenteredEmbeddingLens", "EmbeddingLens"):
+        assert getattr(tll, name) is getattr(lenses, name), name
+        assert name in tll.__all__ and name in lenses.__all__, name
