@@ -5,9 +5,9 @@ Estimates the residual stream's mean per stack entry on the training split of th
 text through three lenses:
 
 * ``plain``: the default ``"embedding"`` lens, cosine of the raw residual with raw ``W_E`` rows;
-* ``resid-centred``: the residual's mean subtracted, ``W_E`` left as it is (the default of
+* ``stream-centred``: the residual's mean subtracted, ``W_E`` left as it is (the default of
   :func:`~tl_latentspaces.centered_embedding_lens`);
-* ``centred``: both the residual's mean and the mean ``W_E`` row subtracted
+* ``both centred``: both the residual's mean and the mean ``W_E`` row subtracted
   (``center_embedding=True``);
 * ``standardized`` (computed here, not a library lens): the centred vectors, residual and ``W_E``
   rows alike, divided coordinate-wise by the stream's standard deviation at that entry (the same
@@ -71,8 +71,8 @@ def main() -> None:
     both = tll.read_lenses(model, tokens, lenses=("embedding", centred), **read)
     results = {
         "plain": both["embedding"],
-        "resid-centred": tll.read_lenses(model, tokens, lenses=(resid_only,), **read)["embedding_centered"],
-        "centred": both["embedding_centered"],
+        "stream-centred": tll.read_lenses(model, tokens, lenses=(resid_only,), **read)["embedding_centered"],
+        "both centred": both["embedding_centered"],
     }
     tok = model.tokenizer
     d_vocab = model.cfg.d_vocab
@@ -98,16 +98,16 @@ def main() -> None:
     own_ids = tokens[:, 1:].reshape(-1)
     W = model.W_E.detach().double()
     W = W - W.mean(0)
-    manual = {"centred": ([], []), "standardized": ([], [])}
+    manual = {"both centred": ([], []), "standardized": ([], [])}
     for i in range(len(ENTRIES)):
-        for key, scale in (("centred", torch.ones_like(std[i])), ("standardized", std[i].clamp_min(1e-6))):
+        for key, scale in (("both centred", torch.ones_like(std[i])), ("standardized", std[i].clamp_min(1e-6))):
             x = (resid[i] - mean[i]) / scale
             w = W / scale
             cos = (x / x.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=-1, keepdim=True)).T
             own = cos.gather(1, own_ids[:, None])
             manual[key][0].append(own.squeeze(1))
             manual[key][1].append((cos > own).sum(-1))
-    gap = max(float((manual["centred"][0][i] - results["centred"].own_scores[i].reshape(-1)).abs().max())
+    gap = max(float((manual["both centred"][0][i] - results["both centred"].own_scores[i].reshape(-1)).abs().max())
               for i in range(len(ENTRIES)))
 
     lines = [
@@ -124,8 +124,8 @@ def main() -> None:
         "",
         "Own-token cosine and rank, mean over positions (median rank in brackets):",
         "",
-        "| entry | cos plain | cos resid-centred | cos centred | cos standardized | rank plain "
-        "| rank resid-centred | rank centred | rank standardized |",
+        "| entry | cos plain | cos stream-centred | cos both centred | cos standardized | rank plain "
+        "| rank stream-centred | rank both centred | rank standardized |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, label in enumerate(ENTRIES):
@@ -148,13 +148,13 @@ def main() -> None:
             f"Top-5 at position {p} of the first sequence (own token {tok.decode([int(seq[p])])!r}; "
             f"context ...{tok.decode(seq[max(1, p - 8) : p + 1].tolist())!r}):",
             "",
-            "| entry | plain | resid-centred | centred |",
+            "| entry | plain | stream-centred | both centred |",
             "|---|---|---|---|",
         ]
         for label in TOP_ENTRIES:
             i = ENTRIES.index(label)
             cells = []
-            for k in ("plain", "resid-centred", "centred"):
+            for k in ("plain", "stream-centred", "both centred"):
                 ids = results[k].top_ids[i, 0, p - 1].tolist()  # pos starts at 1
                 cells.append(" ".join(repr(tok.decode([t])) for t in ids).replace("|", "\\|"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
