@@ -301,8 +301,7 @@ def centered_embedding_lens(
         batch_size: Sequences per forward pass.
         center_embedding: Centre the ``W_E`` rows too (see :class:`EmbeddingLens`). Off by default:
             on the default model it keeps every own token nearest at ``0_pre`` and ranks own
-            tokens better
-            (``docs/alignment.md``, "A centred embedding lens").
+            tokens better (``docs/alignment.md``, "A centred embedding lens").
         skip_positions: Leading positions of every sequence left out of the means (1: BOS).
         progress: Show a progress bar.
 
