@@ -13,9 +13,11 @@ from tl_latentspaces.fitting import fit_tuned_lens
 from tl_latentspaces.hooks import HookSession, hook_counts
 from tl_latentspaces.jacobian_lens import JacobianLens, fit_jacobian_lens
 from tl_latentspaces.lenses import (
+    CenteredEmbeddingLens,
     EmbeddingLens,
     LensSession,
     LogitLens,
+    centered_embedding_lens,
     embedding_lens,
     lens_session,
     logit_lens,
@@ -65,6 +67,8 @@ __all__ = [
     "layer_predictions",
     "lens_grid",
     "EmbeddingLens",
+    "CenteredEmbeddingLens",
+    "centered_embedding_lens",
     "HookSession",
     "LensDiff",
     "LensResult",
