@@ -81,9 +81,8 @@ from tl_latentspaces.checks import check_int
 from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
 from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
-from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.model import ModelAccess, ModelIdentity
 from tl_latentspaces.readout import vocab_major
-from tl_latentspaces.tuned_lens import ModelIdentity
 
 __all__ = [
     "JacobianLens",
