@@ -359,11 +359,10 @@ def test_export_refuses_a_lens_of_another_basis():
 
 # ---------------------------------------------------------------------- the default model
 @pytest.mark.integration
+@needs_tl43
 def test_default_model_fit_and_readout_equal_transformer_lens(smol):
     from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
 
-    if TL_MAJOR < 4:
-        pytest.skip("needs TransformerLens >= 4.3")
     prompt = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
     ids = smol.to_tokens(prompt)[:, :12]
     tl = TLJacobianLens.fit(smol, [prompt], corpus="test", max_seq_len=12, dim_batch=96, skip_first_positions=6,
