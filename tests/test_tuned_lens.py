@@ -622,10 +622,10 @@ def _lenses_pass_labels() -> bool:
 
     from tl_latentspaces import lenses
 
-    return "labels" in inspect.signature(lenses._build_lenses).parameters
+    return "labels" in inspect.signature(lenses.build_lenses).parameters
 
 
-@pytest.mark.skipif(not _lenses_pass_labels(), reason="lenses._build_lenses does not pass stack labels to bound lenses yet")
+@pytest.mark.skipif(not _lenses_pass_labels(), reason="lenses.build_lenses does not pass stack labels to bound lenses yet")
 def test_resid_mid_entries_are_refused_through_read_lenses(tiny, tokens):
     lens = _random_lens(tiny)
     with pytest.raises(ValueError, match="no translator for stack entry '0_mid'"):

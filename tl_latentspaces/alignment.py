@@ -886,7 +886,7 @@ class AlignmentAccumulator:
 
     def _update_ranks(self, x: Tensor, tok: Tensor) -> None:
         # Ranks exactly as the embedding lens reads them: the same projection, weight and tiles.
-        from tl_latentspaces.readout import _Buffers, token_ranks, vocab_major
+        from tl_latentspaces.readout import ReadoutBuffers, token_ranks, vocab_major
 
         E, every = self.n_entries, self.settings.rank_every
         xr = x[:, :, ::every]
@@ -894,7 +894,7 @@ class AlignmentAccumulator:
         n = own.shape[0]
         lens = self._lens
         wt = vocab_major(lens.weight).T
-        bufs = _Buffers(min(_RANK_CHUNK_ROWS, n), ranked=True, device=x.device)
+        bufs = ReadoutBuffers(min(_RANK_CHUNK_ROWS, n), ranked=True, device=x.device)
         for e in range(E):
             slab = xr[e].reshape(n, self.d_model)
             ranks = torch.empty(n, dtype=torch.long, device=x.device)

@@ -349,7 +349,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     """The alignment suite through the corpus runner: resumable, and data-parallel under torchrun."""
     from tl_latentspaces.alignment import AlignmentAccumulator
     from tl_latentspaces.distributed import init_distributed
-    from tl_latentspaces.report import _alignment_data
+    from tl_latentspaces.report import alignment_data
     from tl_latentspaces.runner import CorpusRunner
 
     ctx = init_distributed()
@@ -365,7 +365,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     result = stats.result(progress=not args.quiet)
     print(result.to_dataframe().round(3).to_string())
     if args.out:
-        print(f"\nwrote {_write_json(args.out, _alignment_data(result))}")
+        print(f"\nwrote {_write_json(args.out, alignment_data(result))}")
     return 0
 
 

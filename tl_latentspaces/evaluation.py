@@ -145,7 +145,7 @@ class LensEvalAccumulator:
         self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
         readout_dtype: torch.dtype = torch.float32,
     ):
-        from tl_latentspaces.lenses import LogitLens, _build_lenses
+        from tl_latentspaces.lenses import LogitLens, build_lenses
 
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         access.require_eval("evaluate_lenses")
@@ -158,7 +158,7 @@ class LensEvalAccumulator:
         if isinstance(lenses, (str, bytes)) or not hasattr(lenses, "__iter__"):
             lenses = [lenses]
         self.labels = [label for label, _ in access.stack_sites()]
-        self.built = _build_lenses(access, list(lenses), 1.0, self.labels)
+        self.built = build_lenses(access, list(lenses), 1.0, self.labels)
         if not self.built:
             raise ValueError("lenses is empty; pass e.g. ('logit', tuned_lens).")
         self.access = access

@@ -52,6 +52,7 @@ __all__ = [
     "read_lenses",
     "LensSession",
     "lens_session",
+    "build_lenses",
 ]
 
 Input = Union[str, Sequence[str], torch.Tensor]
@@ -568,9 +569,12 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
     return results
 
 
-def _build_lenses(
+def build_lenses(
     access: ModelAccess, lenses: Sequence[Any], temperature: float, labels: Optional[Sequence[str]] = None
 ) -> list[Lens]:
+    """The readout lenses for ``lenses`` (names, TunedLens / JacobianLens objects, a TransformerLens
+    ``JacobianLens``) bound to ``access``; ``labels`` (the stack labels to be read) are checked
+    against each bound lens's translators. Raises ValueError on an unknown, empty or repeated lens."""
     if isinstance(lenses, (str, torch.nn.Module)) or not hasattr(lenses, "__iter__"):
         lenses = [lenses]  # one lens given bare
     lenses = list(lenses)
@@ -667,7 +671,7 @@ def read_lenses(
         model, input, operation="read_lenses", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
         layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
     )
-    built = _build_lenses(plan.access, lenses, temperature, plan.all_labels)
+    built = build_lenses(plan.access, lenses, temperature, plan.all_labels)
     return _read(plan, _collect(plan, cache, verify_cache), built)
 
 
@@ -814,4 +818,4 @@ def lens_session(
         model, input, operation="lens_session", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
         layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
     )
-    return LensSession(plan, _build_lenses(plan.access, lenses, temperature, plan.all_labels))
+    return LensSession(plan, build_lenses(plan.access, lenses, temperature, plan.all_labels))

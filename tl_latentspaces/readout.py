@@ -42,7 +42,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 from jaxtyping import Float, Int
 
-__all__ = ["Lens", "ReadoutTensors", "StackReadout", "read_stack", "tensor_key", "vocab_major"]
+__all__ = ["Lens", "ReadoutBuffers", "ReadoutTensors", "StackReadout", "read_stack", "tensor_key", "token_ranks", "vocab_major"]
 
 
 class Lens(Protocol):
@@ -260,7 +260,7 @@ def _group_offsets(width: int, C: int, device: torch.device) -> torch.Tensor:
     return _OFFSETS[key]
 
 
-class _Buffers:
+class ReadoutBuffers:
     """Tile-sized scratch space, allocated once per call and reused by every block."""
 
     def __init__(self, rows: int, ranked: bool, device: torch.device):
@@ -286,7 +286,7 @@ def _count_above(
     counts -= ((own_z > ranked_scores) & inside).to(torch.int32)
 
 
-def token_ranks(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: "_Buffers") -> torch.Tensor:
+def token_ranks(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: "ReadoutBuffers") -> torch.Tensor:
     """Ranks of the token ``ids`` (``[n, R]``) under ``lens`` for the projected rows ``y``.
 
     The rank is the number of vocabulary tokens scoring strictly higher (0 = top), counted tile by
@@ -343,7 +343,7 @@ class _Group:
 class _GroupBlock:
     """One group's running reductions over the vocabulary tiles, for one block of positions."""
 
-    def __init__(self, group: _Group, y: torch.Tensor, ids: Optional[torch.Tensor], n: int, bufs: _Buffers):
+    def __init__(self, group: _Group, y: torch.Tensor, ids: Optional[torch.Tensor], n: int, bufs: ReadoutBuffers):
         self.group = group
         self.n, self.L = n, len(group.slots)
         self.rows = n * self.L
@@ -504,7 +504,7 @@ def read_stack(
     outs = [_Output(E, N, top_k, T, own[li], dev) for li in range(len(lenses))]
     final_top1 = torch.empty(N, dtype=torch.long, device=dev)
     per_block = max(1, chunk_rows // max(len(g.slots) for g in groups))
-    bufs = [_Buffers(min(per_block, N) * len(g.slots), targets is not None or g.own, dev) for g in groups]
+    bufs = [ReadoutBuffers(min(per_block, N) * len(g.slots), targets is not None or g.own, dev) for g in groups]
     for start in range(0, N, per_block):
         stop = min(start + per_block, N)
         n = stop - start

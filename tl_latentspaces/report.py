@@ -34,7 +34,7 @@ from tl_latentspaces.files import write_files_atomic
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.narrative import tell_story
 
-__all__ = ["Report", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
+__all__ = ["Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
 
 DEFAULT_PROMPTS = (
     "The Eiffel Tower is in the city of",
@@ -248,7 +248,7 @@ def build_report(
                      "eval_tokens": eval_tokens, "align_tokens": align_tokens, "tuned_lens": lens is not None},
         "grids": [dict(prompt=p, **_grid_data(r)) for p, r in grids],
         "evaluation": to_jsonable(evaluation),
-        "alignment": _alignment_data(alignment),
+        "alignment": alignment_data(alignment),
     }
 
     labels = evaluation.labels
@@ -341,7 +341,7 @@ def _guide(text: str) -> str:
     return f'<p class="guide">{html.escape(text)}</p>'
 
 
-def _alignment_data(alignment: Any) -> Any:
+def alignment_data(alignment: Any) -> Any:
     """The suite's numbers for the JSON file, without the full histograms (the page shows quantiles)."""
     data = to_jsonable(alignment)
     for key in ("cos_hist", "rank_hist"):
