@@ -15,11 +15,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_notebook_runs(path, tmp_path, smol, monkeypatch):
     import os
 
-    from tl_latentspaces.model import transformer_lens_version
-
-    if path.stem == "03_tuned_lens" and transformer_lens_version()[0] < 3:
-        pytest.skip("notebook 03 fails on the TransformerLens 2.x HookedTransformer: not yet diagnosed")
-
     # the kernel imports the package under test, installed or not
     root = str(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))
