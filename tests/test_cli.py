@@ -130,6 +130,17 @@ def test_unwritable_folder_is_refused_before_the_model_loads(tmp_path, monkeypat
         assert f"the folder '{locked}' is not writable" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_folder_whose_permission_bits_lie_is_refused_before_the_model_loads(monkeypatch, capsys):
+    # /proc passes os.access for root, yet no file can be created in it: only a probe write tells.
+    _no_model_load(monkeypatch)
+    for argv in (["report", "--out", "/proc/tll-no-such/report"], ["eval", "--out", "/proc/tll-no-such/e.json"],
+                 ["fit-tuned-lens", "--out", "/proc/tll-no-such/lens"]):
+        assert cli.main([*argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot write in the folder '/proc'" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("command", ["lens", "report", "fit-tuned-lens", "eval", "align"])
 def test_bad_out_from_the_console_is_one_line_in_seconds(command, tmp_path):
     """The acceptance check, as a user runs it: a missing model is never reached, the --out error comes first."""

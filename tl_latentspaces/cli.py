@@ -132,6 +132,15 @@ def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
+    # Permission bits do not tell everything (root on a pseudo file system such as /proc, some
+    # network mounts): create and remove a probe file where the first real write will happen.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{what}: cannot write in the folder {str(existing)!r} ({err.strerror or err}). {fix}"
+        ) from None
 
 
 def _check_json_out(value: Optional[str], option: str = "--out") -> None:
