@@ -38,7 +38,10 @@ from pathlib import Path
 
 import torch
 
-import tl_latentspaces as tll
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed copy
+
+import tl_latentspaces as tll  # noqa: E402
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.readout import TILE_COLS, read_stack, vocab_major
 
