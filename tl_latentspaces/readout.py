@@ -184,8 +184,8 @@ def _sum64(e: torch.Tensor) -> torch.Tensor:
     """Row sums ``[n, 1]`` in float64 of a float32 tile, at a fraction of a float64 reduction's cost.
 
     Pieces of 128 columns are summed in float32 (pairwise inside the kernel: relative error about
-    4e-8), their sums in float64. A float64 reduction of the whole tile converts every element
-    and took about 20% of a 128-token readout.
+    4e-8), their sums in float64. A float64 reduction of the whole tile converts every element:
+    it took 0.40 s of the 1.9 s a 128-token readout spent beyond its matmuls.
     """
     n, width = e.shape
     if width % 128:
