@@ -19,13 +19,14 @@ position, ``X_q = sum_v 2^{w_f,v} w_q,v``::
 Every term is a sum of small same-signed products taken tile by tile in float32 and added up in
 float64, with the running maxima's shifts applied in float64; no large logit-sized terms cancel,
 and a row identical to the final row gets exactly 0. Within a tile the cross term is a pairwise
-(``vecdot``) sum: a sequential matrix-vector product there lost 6.6e-4 nats at KLs near 200. What
-remains is the float32 matmul's own rounding of the scores: the streamed reductions are within
-2e-5 nats of the same float32 scores reduced in float64 (``tests/test_readout.py``); against
-float64 scores, every cell is within 1e-4 nats on random models and short real prompts, and the
-worst of 3,968 cells of 128 held-out tokens on SmolLM2 was 2.7e-4 (a plain float32 matmul with an
-exact float64 softmax: 2.7e-4 too). Entropy ``ln s - ln(2) t / s`` (``t = sum 2^w w``) and the
-log-normalizer ``m + ln s`` come from the same float64 sums.
+(``vecdot``) sum: a sequential matrix-vector product there lost 6.6e-4 nats at KLs near 200.
+What remains is the float32 matmul's own rounding of the scores, which moves a KL by up to
+2.7e-4 nats on SmolLM2 (a plain float32 matmul with an exact float64 softmax is off by that
+much). Float32 readouts correct it to first order: the scores of each row's top-k tokens and
+the final distribution's top-k are taken again in float64 (:func:`_kl_rounding`), which brings
+every cell of 128 held-out tokens within 4e-5 nats of float64 (``tests/test_readout.py``).
+Entropy ``ln s - ln(2) t / s`` (``t = sum 2^w w``) and the log-normalizer ``m + ln s`` come from
+the same float64 sums.
 
 ``readout_dtype=torch.bfloat16`` multiplies in bfloat16 (float32 accumulation inside the
 kernel; on the CPU torch rounds the product to bfloat16 on output) and runs the same reductions
