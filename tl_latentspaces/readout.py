@@ -388,7 +388,7 @@ class _GroupBlock:
     def cross(self, e_f: torch.Tensor, alpha_f: torch.Tensor, s_prev_f: torch.Tensor) -> None:
         """Fold this tile into ``X_q = sum 2^{w_f} w_q`` (``e_f`` ``[n, width]``: the final rows' ``2^{w_f}``)."""
         n, L = self.n, self.L
-        tile_x = torch.linalg.vecdot(self.w[: self.rows].view(n, L, -1), e_f.unsqueeze(1)).to(torch.float64)
+        tile_x = torch.linalg.vecdot(self.w[: self.rows].view(n, L, -1), e_f.unsqueeze(1))
         shift = self.stats.shift[: self.rows].view(n, L)
         # earlier tiles: w_q moves by the row's shift, 2^{w_f} scales by the final row's alpha
         self.x = alpha_f * (self.x + shift * s_prev_f) + tile_x.to(torch.float64)
@@ -584,7 +584,7 @@ def _kl_rounding(blk: "_GroupBlock", kl: torch.Tensor, lse: torch.Tensor, ref: "
         z64 = torch.einsum("rd,rcd->rc", y.double(), group.wt[ids].double())
         if group.bias is not None:
             z64 += group.bias[ids].double()
-        return z32.view(n, L, -1), (z32.view(n, L, -1) - z64.view(n, L, -1))
+        return z32.view(n, L, -1), (z32 - z64).view(n, L, -1)
 
     zq, dq = scores(blk.group, blk.y[:rows])
     zf, df = scores(ref.group, f_rows.repeat_interleave(L, 0))
