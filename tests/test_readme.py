@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -25,3 +26,7 @@ def test_readme_python_example_runs(smol, monkeypatch, tmp_path):
     assert list(lens.top_ids.shape) == [31, 1, 10, 5]
     assert namespace["diff"].changed_entries()  # the ablation changes something downstream
     assert (tmp_path / "eiffel.html").stat().st_size > 10_000
+    # The user-lens example: final_post reads as the model does, the rotated entries otherwise.
+    rotation, logit = namespace["mine"]["rotation"], namespace["mine"]["logit"]
+    assert float(rotation.kl_to_final[-1].abs().max()) < 1e-5
+    assert not torch.equal(rotation.top_ids[1:-1], logit.top_ids[1:-1])

@@ -15,6 +15,7 @@ from tl_latentspaces.jacobian_lens import JacobianLens, fit_jacobian_lens
 from tl_latentspaces.lenses import (
     CenteredEmbeddingLens,
     EmbeddingLens,
+    Lens,
     LensSession,
     LogitLens,
     centered_embedding_lens,
@@ -71,6 +72,7 @@ __all__ = [
     "centered_embedding_lens",
     "HookSession",
     "LensDiff",
+    "Lens",
     "LensResult",
     "LensSession",
     "LogitLens",

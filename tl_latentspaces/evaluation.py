@@ -128,7 +128,8 @@ class LensEvalAccumulator:
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode (or a ``ModelAccess``).
-        lenses: ``"logit"``, ``"embedding"`` and/or :class:`~tl_latentspaces.TunedLens` objects.
+        lenses: ``"logit"``, ``"embedding"`` and/or lenses (:class:`~tl_latentspaces.Lens`: a
+            ``TunedLens``, a ``JacobianLens``, one of your own).
         chunk_rows: Rows per block of the readout.
         readout_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype of the score
             matmuls (reductions stay float32/float64). bfloat16 is about twice as fast on CPUs
@@ -299,7 +300,8 @@ def evaluate_lenses(
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        lenses: ``"logit"``, ``"embedding"`` and/or :class:`~tl_latentspaces.TunedLens` objects.
+        lenses: ``"logit"``, ``"embedding"`` and/or lenses (:class:`~tl_latentspaces.Lens`: a
+            ``TunedLens``, a ``JacobianLens``, one of your own).
         corpus: Text, a list of texts, file paths or a ``[n, seq_len]`` token tensor; default
             the held-out split of the offline default corpus (disjoint from the training split
             :func:`~tl_latentspaces.fit_tuned_lens` uses by default).

@@ -15,8 +15,8 @@ our ``"{l+1}_pre"``. We also fit ``"0_pre"`` (the embedding output), which it le
 * :class:`JacobianLens` holds the matrices and the identity of the model they were fitted for
   (:class:`~tl_latentspaces.tuned_lens.ModelIdentity`: sizes and a hash of the unembedding, which
   also tells a raw bridge from the same model in compatibility mode). It plugs into
-  ``read_lenses``, ``lens_session``, ``evaluate_lenses`` and the views through ``bind(access)``,
-  like the tuned lens. An entry without a fitted matrix (``"0_pre"`` of a lens converted from
+  ``read_lenses``, ``lens_session``, ``evaluate_lenses`` and the views as a
+  :class:`~tl_latentspaces.Lens` (``translate(x, label)``), like the tuned lens. An entry without a fitted matrix (``"0_pre"`` of a lens converted from
   TransformerLens) is read with ``J = I``, i.e. as the logit lens.
 * A TransformerLens ``JacobianLens`` object passed in ``lenses=`` is converted on the fly
   (:meth:`JacobianLens.from_transformer_lens`), after TransformerLens's own model check (raw
@@ -82,11 +82,9 @@ from tl_latentspaces.distributed import current_context, reduce_accumulator, sha
 from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
 from tl_latentspaces.model import ModelAccess, ModelIdentity
-from tl_latentspaces.readout import vocab_major
 
 __all__ = [
     "JacobianLens",
-    "BoundJacobianLens",
     "fit_jacobian_lens",
     "is_transformer_lens_jacobian_lens",
     "CONFIG_FILE",
@@ -233,6 +231,16 @@ class JacobianLens:
         m = self.matrices.get(label)
         return x if m is None else x @ m.to(x.device).T
 
+    def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
+        """The :class:`~tl_latentspaces.Lens` protocol: ``x @ J[label].T`` (unchanged for ``"final_post"``
+        and for a ``"{l}_pre"`` entry without a matrix); a ``"{l}_mid"`` label raises ``ValueError``."""
+        if label != "final_post" and (not isinstance(label, str) or _pre_label(label, self.n_layers) is None):
+            raise ValueError(
+                f"the Jacobian lens has no matrix for stack entry {label!r}: it reads the "
+                "'{l}_pre' entries and 'final_post'. Read it with incl_mid=False."
+            )
+        return self.transform_hidden(x, label)
+
     # ------------------------------------------------------------------ model check and readout
     def check_model(self, model: Any) -> ModelAccess:
         """Raise ``ValueError`` naming every mismatch between this lens and ``model``.
@@ -257,11 +265,6 @@ class JacobianLens:
             )
         self._checked = key
         return access
-
-    def bind(self, access: ModelAccess) -> "BoundJacobianLens":
-        """This lens as a readout :class:`~tl_latentspaces.readout.Lens` for ``access``'s model."""
-        self.check_model(access)
-        return BoundJacobianLens(self, access)
 
     # ------------------------------------------------------------------ save / load
     def _config(self) -> dict:
@@ -478,53 +481,6 @@ class JacobianLens:
             metadata=meta,
         )
         return cls.from_transformer_lens(tl_lens, model, name=name)
-
-
-class BoundJacobianLens:
-    """A :class:`JacobianLens` bound to one model: the readout's ``Lens`` protocol.
-
-    ``project(x, entry) = ln_final(x @ J_entry.T)``; scores are that times ``W_U`` plus ``b_U``
-    (the logit lens's own readout weights, so the two compare bit for bit where ``J = I``).
-    """
-
-    score_scale = 1.0
-
-    def __init__(self, lens: JacobianLens, access: ModelAccess):
-        self.access = access
-        self.name = lens.name
-        self.n_layers = lens.n_layers
-        dev = access.device
-        self._by_label = {label: m.to(dev, torch.float32) for label, m in lens.matrices.items()}
-        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
-        b = access.b_U.detach().to(torch.float32)
-        self.bias = None if not bool(b.any()) else b
-        # Entry e of the default stack (incl_mid=False) is "{e}_pre"; the last is final_post.
-        self._matrix_of_entry: list[Optional[torch.Tensor]] = [
-            self._by_label.get(f"{e}_pre") for e in range(self.n_layers)
-        ] + [None]
-
-    def check_labels(self, labels: Sequence[str]) -> None:
-        """Map stack labels to matrices; refuse ``"{l}_mid"`` entries (no Jacobian is fitted there)."""
-        mapping: list[Optional[torch.Tensor]] = []
-        for label in labels:
-            if label == "final_post":
-                mapping.append(None)
-            elif _pre_label(label, self.n_layers) is not None:
-                mapping.append(self._by_label.get(label))
-            else:
-                raise ValueError(
-                    f"the Jacobian lens has no matrix for stack entry {label!r}: it reads the "
-                    "'{l}_pre' entries and 'final_post'. Read it with incl_mid=False."
-                )
-        self._matrix_of_entry = mapping
-
-    def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
-        n = len(self._matrix_of_entry)
-        if not 0 <= entry < n:
-            raise ValueError(f"stack entry {entry} is out of range for this Jacobian lens (0..{n - 1}).")
-        m = self._matrix_of_entry[entry]
-        x = x.to(torch.float32)
-        return self.access.final_norm(x if m is None else x @ m.T)
 
 
 # ---------------------------------------------------------------------- fitting

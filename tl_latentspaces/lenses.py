@@ -30,19 +30,23 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+from jaxtyping import Float
 
 from tl_latentspaces.checks import check_bool, check_float, check_int
 from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jacobian_lens
 from tl_latentspaces.model import ModelAccess, ModelIdentity, Tokens
-from tl_latentspaces.readout import Lens, read_stack, tensor_key, vocab_major
+from tl_latentspaces.readout import Readout, read_stack, tensor_key, vocab_major
 from tl_latentspaces.results import LensInputs, LensResult
+from tl_latentspaces.tuned_lens import TunedLens
 
 __all__ = [
+    "Lens",
+    "TranslatedLens",
     "LogitLens",
     "EmbeddingLens",
     "CenteredEmbeddingLens",
@@ -121,6 +125,82 @@ class LogitLens:
 
     def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
         return self.access.final_norm(x)
+
+
+@runtime_checkable
+class Lens(Protocol):
+    """What a lens is: a map from one stack entry's residuals into the final residual basis.
+
+    Any object with a ``name`` and a ``translate`` method is a lens; the model's own readout
+    (final norm, ``W_U``, ``b_U``) turns what it returns into vocabulary scores. It reads
+    wherever a built-in lens does: :func:`read_lenses`, :func:`lens_session`,
+    :func:`~tl_latentspaces.evaluate_lenses`, :func:`~tl_latentspaces.lens_grid` and the report.
+    :class:`~tl_latentspaces.TunedLens` and :class:`~tl_latentspaces.JacobianLens` are lenses of
+    this kind; ``"logit"`` is the identity one.
+
+    Attributes:
+        name: The lens's name in results (``results[name]``) and tables; unique per call.
+
+    ``translate(x, label)`` gets ``x``, a ``[n, d_model]`` float32 tensor of residuals of the
+    stack entry ``label`` (``"0_pre"`` ... ``"{n_layers-1}_pre"``, ``"{l}_mid"`` with
+    ``incl_mid=True``, ``"final_post"``) and returns ``[n, d_model]``. A lens with nothing for a
+    label raises ``ValueError``: every label is tried (on zero rows) before the forward pass, so
+    that error comes first.
+
+    Example (a fixed random rotation of the residual basis):
+        >>> class Rotation:
+        ...     name = "rotation"
+        ...     def __init__(self, d_model, seed=0):
+        ...         g = torch.Generator().manual_seed(seed)
+        ...         self.Q = torch.linalg.qr(torch.randn(d_model, d_model, generator=g))[0]
+        ...     def translate(self, x, label):
+        ...         return x @ self.Q.to(x.device)
+        >>> results = read_lenses(model, "The Eiffel Tower is in", lenses=("logit", Rotation(576)))  # doctest: +SKIP
+        >>> results["rotation"].top_tokens()  # doctest: +SKIP
+    """
+
+    name: str
+
+    def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
+        ...
+
+
+class TranslatedLens:
+    """A :class:`Lens` read through the model's own readout: ``ln_final(translate(x, label)) @ W_U + b_U``.
+
+    The readout weights are the logit lens's own (the same tensor), so every translated lens and
+    the logit lens share one sweep of ``W_U``, and the identity lens reads exactly as ``"logit"``.
+
+    Args:
+        lens: The lens.
+        access: The model.
+        labels: The stack labels, indexed by the readout's entry numbers; each is tried on zero
+            rows now, so a label the lens refuses fails before any forward pass.
+    """
+
+    score_scale = 1.0
+
+    def __init__(self, lens: Lens, access: ModelAccess, labels: Sequence[str]):
+        self.lens, self.access, self.name = lens, access, lens.name
+        self.labels = list(labels)
+        self.weight, self.bias = _unembedding(access)
+        empty = torch.zeros(0, access.d_model, device=access.device)
+        for label in self.labels:
+            self.translate(empty, label)
+
+    def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
+        with torch.no_grad():
+            y = self.lens.translate(x, label)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
+            got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"lens {self.name!r}: translate(x, {label!r}) must return a tensor of the shape of x, "
+                f"{list(x.shape)}; it returned {got}."
+            )
+        return y
+
+    def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
+        return self.access.final_norm(self.translate(x, self.labels[entry]))
 
 
 class EmbeddingLens:
@@ -505,7 +585,7 @@ def _plan(
     return _Plan(access, tokens, all_labels, names, entries, collect, top_k, targets, pos, chunk_rows)
 
 
-def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str, LensResult]:
+def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[str, LensResult]:
     """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses.
 
     Every lens and every entry is read in one sweep over the vocabulary (see
@@ -571,11 +651,13 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Lens]) -> dict[str,
 
 def build_lenses(
     access: ModelAccess, lenses: Sequence[Any], temperature: float, labels: Optional[Sequence[str]] = None
-) -> list[Lens]:
-    """The readout lenses for ``lenses`` (names, TunedLens / JacobianLens objects, a TransformerLens
-    ``JacobianLens``) bound to ``access``; ``labels`` (the stack labels to be read) are checked
-    against each bound lens's translators. Raises ValueError on an unknown, empty or repeated lens."""
-    if isinstance(lenses, (str, torch.nn.Module)) or not hasattr(lenses, "__iter__"):
+) -> list[Readout]:
+    """The readouts of ``lenses`` on ``access``'s model: names (``"logit"``, ``"embedding"``), any
+    :class:`Lens` (a TunedLens, a JacobianLens, a user's own), a CenteredEmbeddingLens or a
+    TransformerLens ``JacobianLens``. ``labels`` are the stack labels by entry number (default
+    ``"0_pre"`` ... ``"final_post"``); every lens is tried on each. Raises ValueError on an unknown,
+    empty or repeated lens, or a label a lens refuses."""
+    if isinstance(lenses, (str, torch.nn.Module)) or isinstance(lenses, Lens) or not hasattr(lenses, "__iter__"):
         lenses = [lenses]  # one lens given bare
     lenses = list(lenses)
     if len(lenses) == 0:
@@ -583,25 +665,29 @@ def build_lenses(
             "lenses is empty: nothing to read. Pass some of 'logit', 'embedding' or a TunedLens, "
             "e.g. lenses=('logit',)."
         )
-    built: list[Lens] = []
+    if labels is None:
+        labels = [f"{layer}_pre" for layer in range(access.n_layers)] + ["final_post"]
+    built: list[Readout] = []
     for lens in lenses:
-        if lens == "logit":
+        if is_transformer_lens_jacobian_lens(lens):  # TransformerLens's own model check runs first
+            lens = JacobianLens.from_transformer_lens(lens, access)
+        if isinstance(lens, str) and lens == "logit":
             built.append(LogitLens(access))
-        elif lens == "embedding":
+        elif isinstance(lens, str) and lens == "embedding":
             built.append(EmbeddingLens(access, temperature=temperature))
         elif isinstance(lens, CenteredEmbeddingLens):
             built.append(lens.bind(access, temperature=temperature, labels=labels))
-        elif hasattr(lens, "bind") and callable(lens.bind) or is_transformer_lens_jacobian_lens(lens):
-            if is_transformer_lens_jacobian_lens(lens):  # TransformerLens's own model check runs first
-                lens = JacobianLens.from_transformer_lens(lens, access)
-            bound = lens.bind(access)  # a TunedLens or JacobianLens binds itself to this model
-            if labels is not None and hasattr(bound, "check_labels"):
-                bound.check_labels(labels)  # maps stack labels to translators; refuses resid_mid entries
-            built.append(bound)
+        elif isinstance(lens, Lens) and isinstance(lens.name, str) and lens.name:
+            if isinstance(lens, TunedLens):
+                lens.check_finite("read")
+            if isinstance(lens, (TunedLens, JacobianLens)):
+                lens.check_model(access)
+            built.append(TranslatedLens(lens, access, labels))
         else:
             raise ValueError(
                 f"unknown lens {lens!r}; pass 'logit', 'embedding', a tl_latentspaces.TunedLens, "
-                "JacobianLens or CenteredEmbeddingLens, or a TransformerLens JacobianLens."
+                "JacobianLens or CenteredEmbeddingLens, a TransformerLens JacobianLens, or your own "
+                "lens: an object with a non-empty name and translate(x, label) (see tl_latentspaces.Lens)."
             )
     names = [lens.name for lens in built]
     if len(set(names)) != len(names):
@@ -645,7 +731,8 @@ def read_lenses(
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
         input: A string, a list of strings (right-padded) or a ``[batch, pos]`` token tensor.
-        lenses: Any of ``"logit"``, ``"embedding"`` and :class:`~tl_latentspaces.TunedLens` objects.
+        lenses: Any of ``"logit"``, ``"embedding"`` and lenses (:class:`~tl_latentspaces.Lens`: a
+            ``TunedLens``, a ``JacobianLens``, one of your own).
         top_k: Top tokens kept per cell.
         targets: Tokens whose probability and rank to report: a token string (one token), an
             id, a list of them (shared by every position), or a ``[batch, pos(, T)]`` id tensor.
@@ -748,7 +835,7 @@ class LensSession:
     is computed.
     """
 
-    def __init__(self, plan: _Plan, lenses: list[Lens]):
+    def __init__(self, plan: _Plan, lenses: list[Readout]):
         self._plan = plan
         self._lenses = lenses
         self._session: Optional[HookSession] = None

@@ -43,10 +43,10 @@ from typing import Optional, Protocol, Sequence
 import torch
 from jaxtyping import Float, Int
 
-__all__ = ["Lens", "ReadoutBuffers", "ReadoutTensors", "StackReadout", "read_stack", "tensor_key", "token_ranks", "vocab_major"]
+__all__ = ["Readout", "ReadoutBuffers", "ReadoutTensors", "StackReadout", "read_stack", "tensor_key", "token_ranks", "vocab_major"]
 
 
-class Lens(Protocol):
+class Readout(Protocol):
     """What the readout needs from a lens: ``scores = project(x, entry) @ weight + bias``.
 
     Attributes:
@@ -300,7 +300,7 @@ def _count_above(
     counts -= ((own_z > ranked_scores) & inside).to(torch.int32)
 
 
-def token_ranks(lens: Lens, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: "ReadoutBuffers") -> torch.Tensor:
+def token_ranks(lens: Readout, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: "ReadoutBuffers") -> torch.Tensor:
     """Ranks of the token ``ids`` (``[n, R]``) under ``lens`` for the projected rows ``y``.
 
     The rank is the number of vocabulary tokens scoring strictly higher (0 = top), counted tile by
@@ -439,11 +439,11 @@ def _group_key(wt: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
 def read_stack(
     stack: Float[torch.Tensor, "E N d_model"],
     entries: Sequence[int],
-    lenses: Sequence[Lens],
+    lenses: Sequence[Readout],
     *,
     final: Float[torch.Tensor, "N d_model"],
     final_entry: int,
-    reference: Lens,
+    reference: Readout,
     top_k: int,
     targets: Optional[Int[torch.Tensor, "N T"]] = None,
     own_ids: Optional[Int[torch.Tensor, " N"]] = None,
@@ -487,7 +487,7 @@ def read_stack(
     groups: list[_Group] = []
     layouts: dict[int, torch.Tensor] = {}  # one vocabulary-major layout per weight, even where it copies
 
-    def group_of(lens: Lens) -> _Group:
+    def group_of(lens: Readout) -> _Group:
         if id(lens.weight) not in layouts:
             layouts[id(lens.weight)] = vocab_major(lens.weight).T
         wt = layouts[id(lens.weight)]
@@ -596,7 +596,7 @@ def _kl_rounding(blk: "_GroupBlock", kl: torch.Tensor, lse: torch.Tensor, ref: "
 
 
 def _finish(
-    blk: _GroupBlock, lenses: Sequence[Lens], outs: list[_Output], cols: slice, top_k: int, T: Optional[int],
+    blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], cols: slice, top_k: int, T: Optional[int],
     x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor, final: Optional[tuple["_GroupBlock", int]] = None,
 ) -> None:
     """Top-k, probabilities, entropy and KL of a finished block, written into each lens's output.

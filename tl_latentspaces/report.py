@@ -191,7 +191,7 @@ def build_report(
             leave the tuned lens out.
         lenses: More lenses to put beside the logit and tuned lenses, in the grids and in the
             held-out table: a :class:`~tl_latentspaces.JacobianLens`, another ``TunedLens``, a
-            TransformerLens ``JacobianLens``.
+            TransformerLens ``JacobianLens``, a lens of your own (:class:`~tl_latentspaces.Lens`).
         eval_tokens: Tokens of ``corpus`` for the logit-vs-tuned metrics.
         align_tokens: Tokens of ``corpus`` for the alignment suite.
         top_k: Top tokens per grid cell.

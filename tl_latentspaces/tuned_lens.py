@@ -10,7 +10,7 @@ unembedding reads.
   parameters. It records the identity of the model it was fitted for (name, sizes and a hash of
   the unembedding) and refuses another model.
 * It plugs into this package's readout (``read_lenses(model, input, lenses=("logit", lens))``,
-  :func:`tuned_lens`, ``lens_session``) through ``bind(access)``, and into TransformerLens 4.3's
+  :func:`tuned_lens`, ``lens_session``) as a :class:`~tl_latentspaces.Lens` (``translate(x, label)``), and into TransformerLens 4.3's
   ``transformer_lens.tools.analysis.logit_lens(model, input, lens=lens)`` as the callable
   ``lens(entry, index)``.
 * ``save``/``load`` use a folder with a JSON config and safetensors parameters, each file
@@ -50,12 +50,10 @@ from jaxtyping import Float
 
 from tl_latentspaces.files import sha256_hex, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity
-from tl_latentspaces.readout import vocab_major
 
 __all__ = [
     "ModelIdentity",
     "TunedLens",
-    "BoundTunedLens",
     "tuned_lens",
     "default_tuned_lens",
     "CONFIG_FILE",
@@ -209,6 +207,29 @@ class TunedLens(torch.nn.Module):
         flat = x.reshape(-1, self.d_model)
         return (flat + torch.addmm(b, flat, W.T)).reshape(x.shape)
 
+    def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
+        """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` for stack entry ``label``.
+
+        ``"{l}_pre"`` uses translator ``l``; ``"final_post"`` reads unchanged; any other label
+        (a ``"{l}_mid"`` entry) raises ``ValueError``. Float32, on ``x``'s device.
+        """
+        if label == "final_post":
+            layer = None
+        elif isinstance(label, str) and label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < self.n_layers:
+            layer = int(label[:-4])
+        else:
+            raise ValueError(
+                f"the tuned lens has no translator for stack entry {label!r}: it reads the "
+                f"'{{l}}_pre' entries (l < {self.n_layers}) and 'final_post'. Read it with incl_mid=False."
+            )
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(x.shape)}.")
+        x = x.to(torch.float32)
+        if layer is None:
+            return x
+        W = self.weight[layer].to(x.device, torch.float32)
+        return x + torch.addmm(self.bias[layer].to(x.device, torch.float32), x, W.T)
+
     def forward(self, entry: torch.Tensor, index: int) -> torch.Tensor:
         """The TransformerLens ``lens(entry, index)`` callable: the translated entry, same dtype.
 
@@ -251,16 +272,6 @@ class TunedLens(torch.nn.Module):
                 "Refit the lens (tl_latentspaces.fit_tuned_lens) or load a saved copy "
                 "(TunedLens.load); if you edited lens.weight or lens.bias, check what was written."
             )
-
-    def bind(self, access: ModelAccess) -> "BoundTunedLens":
-        """This lens as a readout :class:`~tl_latentspaces.readout.Lens` for ``access``'s model.
-
-        Called by ``read_lenses``/``lens_session``/``evaluate_lenses``; the translators are
-        snapshotted (detached, float32) at this point, and refused if any holds NaN or inf.
-        """
-        self.check_finite("read")
-        self.check_model(access)
-        return BoundTunedLens(self, access)
 
     # ------------------------------------------------------------------ save / load
     def _config(self) -> dict:
@@ -513,73 +524,6 @@ class TunedLens(torch.nn.Module):
         info = {"imported_from": "tuned-lens package format", "package_config": config}
         lens = cls(identity, weight=weight, bias=bias, info=_jsonable(info))
         return lens.to(device if device is not None else access.device)
-
-
-class BoundTunedLens:
-    """A :class:`TunedLens` bound to one model: the readout's ``Lens`` protocol.
-
-    ``project(x, entry) = ln_final(x + x @ W_entry.T + b_entry)``; scores are that times ``W_U``
-    plus ``b_U`` (the logit lens's own readout), so a zero-initialised lens reads exactly as the
-    logit lens does.
-
-    Args:
-        lens: The tuned lens.
-        access: The model.
-    """
-
-    name = "tuned"
-    score_scale = 1.0
-
-    def __init__(self, lens: TunedLens, access: ModelAccess):
-        self.access = access
-        self.n_layers = lens.n_layers
-        dev = access.device
-        self._W = lens.weight.detach().to(dev, torch.float32)
-        self._b = lens.bias.detach().to(dev, torch.float32)
-        # The same readout weights as LogitLens, so the two are comparable bit for bit.
-        self.weight = vocab_major(access.W_U.detach().to(torch.float32))
-        b = access.b_U.detach().to(torch.float32)
-        self.bias = None if not bool(b.any()) else b
-        self._layer_of_entry: Optional[list[Optional[int]]] = None
-
-    def check_labels(self, labels: Sequence[str]) -> None:
-        """Map stack labels to translators; refuse entries without one (``"{l}_mid"``).
-
-        Without this call, entry ``e`` uses translator ``e`` (the ``incl_mid=False`` stack).
-        """
-        mapping: list[Optional[int]] = []
-        for label in labels:
-            if label == "final_post":
-                mapping.append(None)
-            elif label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < self.n_layers:
-                mapping.append(int(label[:-4]))
-            else:
-                raise ValueError(
-                    f"the tuned lens has no translator for stack entry {label!r}: it reads the "
-                    f"'{{l}}_pre' entries and 'final_post'. Read it with incl_mid=False."
-                )
-        self._layer_of_entry = mapping
-
-    def translate(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
-        """``x + x @ W.T + b`` for stack entry ``entry`` (float32)."""
-        if self._layer_of_entry is not None:
-            layer = self._layer_of_entry[entry]
-        elif entry == self.n_layers:
-            layer = None
-        elif 0 <= entry < self.n_layers:
-            layer = entry
-        else:
-            raise ValueError(
-                f"stack entry {entry} has no tuned-lens translator (valid: 0..{self.n_layers}); "
-                "resid_mid entries are not supported, read with incl_mid=False."
-            )
-        x = x.to(torch.float32)
-        if layer is None:
-            return x
-        return x + torch.addmm(self._b[layer], x, self._W[layer].T)
-
-    def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
-        return self.access.final_norm(self.translate(x, entry))
 
 
 # ---------------------------------------------------------------------- helpers
