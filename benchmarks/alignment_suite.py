@@ -45,7 +45,8 @@ def _peak_mb() -> float:
 def child(tokens: int, out: Path, mode: str) -> None:
     import tl_latentspaces as tll
     from tl_latentspaces.alignment import alignment_suite
-    from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
+    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+    from tl_latentspaces.runner import stream_residuals
     from tl_latentspaces.model import ModelAccess
 
     record: dict = {"tokens": tokens, "mode": mode, "load_avg_start": os.getloadavg()}

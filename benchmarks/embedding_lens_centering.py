@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 import tl_latentspaces as tll  # noqa: E402
-from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus  # noqa: E402
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus  # noqa: E402
+from tl_latentspaces.runner import stream_residuals  # noqa: E402
 from tl_latentspaces.model import ModelAccess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "embedding_lens_centering.md"

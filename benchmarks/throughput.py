@@ -102,7 +102,8 @@ def main() -> int:
         return 0
 
     import tl_latentspaces as tll
-    from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
+    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+    from tl_latentspaces.runner import stream_residuals
     from readout import machine, write_result  # benchmarks/readout.py
 
     model = tll.load_default_model(progress=False)

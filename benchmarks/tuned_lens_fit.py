@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tl_latentspaces as tll  # noqa: E402
-from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus  # noqa: E402
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus  # noqa: E402
+from tl_latentspaces.runner import stream_residuals  # noqa: E402
 from tl_latentspaces.evaluation import evaluate_lenses  # noqa: E402
 from tl_latentspaces.fitting import fit_tuned_lens  # noqa: E402
 from tl_latentspaces.model import ModelAccess, transformer_lens_version  # noqa: E402

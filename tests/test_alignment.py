@@ -27,7 +27,7 @@ from tl_latentspaces.alignment_math import (
     variance_fraction,
     variance_fraction_null,
 )
-from tl_latentspaces.corpus import stream_residuals
+from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.lenses import embedding_lens
 from tl_latentspaces.model import ModelAccess
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tl_latentspaces.distributed import _decode_state, _encode_state, check_port_free, finish_distributed
+from tl_latentspaces.distributed import decode_state, encode_state, check_port_free, finish_distributed
 
 WORKER = Path(__file__).parent / "dist" / "stats_worker.py"
 FIT_WORKER = Path(__file__).parent / "dist" / "fit_worker.py"
@@ -47,7 +47,7 @@ def _single_and_torchrun(worker: Path, tmp_path: Path, timeout: int) -> tuple[di
 
 def test_state_encoding_round_trips():
     state = {"a": torch.randn(3, 4, dtype=torch.float64), "n": 7, "flag": True, "x": 0.5, "none": None}
-    back = _decode_state(_encode_state(state))
+    back = decode_state(encode_state(state))
     assert torch.equal(back["a"], state["a"]) and back["n"] == 7 and back["flag"] is True
     assert back["x"] == 0.5 and back["none"] is None
 
@@ -131,7 +131,7 @@ def test_tuned_lens_fit_two_processes_equal_one(tmp_path):
 def test_nested_state_encoding_round_trips():
     state = {"cov": [{"mean": torch.arange(3.0), "n": 4}, {"mean": torch.zeros(2), "n": 0}], "pending": [],
              "empty": {}, "name": "x", "pairs": {"0,1": (torch.ones(1), 2.5)}}
-    back = _decode_state(_encode_state(state))
+    back = decode_state(encode_state(state))
     assert torch.equal(back["cov"][0]["mean"], torch.arange(3.0)) and back["cov"][1]["n"] == 0
     assert back["pending"] == [] and back["empty"] == {} and back["name"] == "x"
     assert back["pairs"]["0,1"][1] == 2.5 and torch.equal(back["pairs"]["0,1"][0], torch.ones(1))

@@ -314,7 +314,7 @@ def test_alignment_from_a_cache_of_other_tokens_is_refused(tiny):
 
 def test_corpus_streaming_reads_after_every_hook_on_the_point(tiny):
     """The corpus runner, the fit and the alignment suite collect through the same captures."""
-    from tl_latentspaces.corpus import stream_residuals
+    from tl_latentspaces.runner import stream_residuals
 
     seqs = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(2))
     tiny.hook_dict[READ_POINT].add_hook(_patch, dir="fwd", prepend=True)
@@ -327,3 +327,34 @@ def test_corpus_streaming_reads_after_every_hook_on_the_point(tiny):
     finally:
         tiny.reset_hooks()
     torch.testing.assert_close(stack[0], cache[READ_POINT], atol=1e-6, rtol=0)
+
+
+def test_corpus_streaming_ends_each_pass_after_the_final_residual(tiny):
+    """With final_post among the sites the pass stops there: the same stack as a full pass (a
+    user's patch included), no logits computed, nothing left on the model, and the next full
+    forward pass unchanged."""
+    from tl_latentspaces.model import ModelAccess
+    from tl_latentspaces.runner import stream_residuals
+
+    seqs = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(4))
+    sites = dict(ModelAccess(tiny).stack_sites())
+    unembed_calls = []
+    handle = tiny.unembed.register_forward_hook(lambda *a: unembed_calls.append(1))
+    tiny.hook_dict[READ_POINT].add_hook(_patch, dir="fwd")
+    try:
+        with torch.no_grad():
+            logits, cache = tiny.run_with_cache(seqs, names_filter=lambda n: n in sites.values())
+        unembed_calls.clear()
+        before = hook_counts(tiny)
+        (_, stack), = list(stream_residuals(tiny, seqs, sites, batch_size=3, progress=False))
+        assert unembed_calls == []  # the logits were never computed
+        assert hook_counts(tiny) == before
+        with torch.no_grad():
+            again = tiny(seqs)
+        assert unembed_calls == [1]
+        assert torch.equal(again, logits)
+    finally:
+        handle.remove()
+        tiny.reset_hooks()
+    for i, name in enumerate(sites.values()):
+        assert torch.equal(stack[i], cache[name]), name

@@ -571,8 +571,8 @@ def test_evaluation_matches_direct_computation(tiny):
 
 def test_evaluation_accumulator_merges_and_round_trips(tiny):
     """Two halves merged (through the encoded state processes exchange) equal one pass over all."""
-    from tl_latentspaces.corpus import stream_residuals
-    from tl_latentspaces.distributed import _decode_state, _encode_state
+    from tl_latentspaces.runner import stream_residuals
+    from tl_latentspaces.distributed import decode_state, encode_state
     from tl_latentspaces.evaluation import LensEvalAccumulator
     from tl_latentspaces.model import ModelAccess
 
@@ -584,7 +584,7 @@ def test_evaluation_accumulator_merges_and_round_trips(tiny):
         whole.update(ids, stack)
         (first if i % 2 == 0 else second).update(ids, stack)
     restored = LensEvalAccumulator(tiny, ("logit", lens))
-    restored.load_state_dict(_decode_state(_encode_state(second.state_dict())))
+    restored.load_state_dict(decode_state(encode_state(second.state_dict())))
     merged = first.merge(restored).result()
     ref = whole.result()
     assert merged.n_positions == ref.n_positions == 6 * 8 and merged.n_sequences == 6

@@ -62,7 +62,7 @@ from tl_latentspaces.alignment_math import (
     CKAMatrixAccumulator,
     CovarianceAccumulator,
     ProcrustesAccumulator,
-    _haar_bases,
+    haar_bases,
     orthonormal_basis,
     principal_angles,
     random_subspace_angles,
@@ -70,7 +70,8 @@ from tl_latentspaces.alignment_math import (
     variance_fraction,
 )
 from tl_latentspaces.checks import check_bool, check_int, type_name
-from tl_latentspaces.corpus import Corpus, default_corpus, stream_residuals, tokenize_corpus
+from tl_latentspaces.corpus import Corpus, default_corpus, tokenize_corpus
+from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.lenses import EmbeddingLens
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.results import label_frame
@@ -637,7 +638,7 @@ class AlignmentAccumulator:
     """Streaming statistics of the alignment suite, fed one batch of residuals at a time.
 
     ``update(ids, stack)`` takes the token ids ``[batch, seq]`` and the residual stack
-    ``[entry, batch, seq, d_model]`` (what :func:`~tl_latentspaces.corpus.stream_residuals`
+    ``[entry, batch, seq, d_model]`` (what :func:`~tl_latentspaces.runner.stream_residuals`
     yields); ``result()`` computes every analysis. Memory does not grow with the number of tokens
     (see the module docstring for what is kept). Accumulators over disjoint parts of a corpus merge
     into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
@@ -1162,7 +1163,7 @@ class AlignmentAccumulator:
         chunk = max(1, _CHUNK_ELEMENTS // (d * k))
         weights = []
         for start in range(0, n_samples, chunk):
-            q = _haar_bases(min(chunk, n_samples - start), d, k, generator)
+            q = haar_bases(min(chunk, n_samples - start), d, k, generator)
             weights.append(q.square().sum(-1))  # [b, d]
         w = torch.cat(weights)  # [n_samples, d]
         samples = (w @ eigvals.mT) / eigvals.sum(-1)  # [n_samples, entry]

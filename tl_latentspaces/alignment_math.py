@@ -34,6 +34,7 @@ from torch import Tensor
 from tl_latentspaces.checks import check_int, type_name
 
 __all__ = [
+    "haar_bases",
     "principal_angles",
     "orthonormal_basis",
     "variance_fraction",
@@ -179,7 +180,7 @@ def _fix_signs(q: Tensor) -> Tensor:
     return q * signs
 
 
-def _haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> Tensor:
+def haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> Tensor:
     """``n`` Haar-distributed orthonormal ``[d, k]`` bases."""
     device = generator.device if generator is not None else torch.device("cpu")
     g = torch.randn(n, d, k, generator=generator, dtype=_F64, device=device)
@@ -430,7 +431,7 @@ def random_subspace_angles(
     out = []
     for start in range(0, n_samples, chunk):
         b = min(chunk, n_samples - start)
-        qb = _haar_bases(b, d, k2, generator)
+        qb = haar_bases(b, d, k2, generator)
         out.append(_angles_from_orthonormal(fixed.expand(b, d, k1), qb))
     samples = torch.cat(out)
     return NullAngles(mean=samples.mean(0), std=samples.std(0), samples=samples)
@@ -505,7 +506,7 @@ def variance_fraction_null(
     out = []
     for start in range(0, n_samples, chunk):
         b = min(chunk, n_samples - start)
-        q = _haar_bases(b, d, k, generator)
+        q = haar_bases(b, d, k, generator)
         out.append(torch.sum((cov @ q) * q, dim=(-2, -1)) / total)
     samples = torch.cat(out)
     return NullVarianceFraction(mean=samples.mean(), std=samples.std(), samples=samples)

@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--prompt", action="append", help="a prompt for the lens grids (repeatable)")
     report.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
     report.add_argument("--corpus", action="append", help="held-out text: a .txt or .jsonl file (repeatable)")
-    report.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for logit vs tuned (default 4096)")
-    report.add_argument("--align-tokens", type=int, default=4096, help="tokens for the alignment suite (default 4096)")
+    report.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for logit vs tuned (default 1024)")
+    report.add_argument("--align-tokens", type=int, default=1024, help="tokens for the alignment suite (default 1024)")
     report.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
     report.add_argument("--jacobian-lens", action="append", default=None, metavar="DIR",
                         help="a saved Jacobian lens folder (JacobianLens.save) to read and evaluate beside the "

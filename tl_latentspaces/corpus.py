@@ -1,4 +1,4 @@
-"""Corpora: offline default text, tokenization into fixed-length sequences, residual streaming.
+"""Corpora: offline default text and its tokenization into fixed-length sequences.
 
 The default corpus is English prose that ships with Python itself (``pydoc_data.topics``, about
 465,000 characters), so fitting and evaluation never need a download. Its documents are split
@@ -21,11 +21,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from tl_latentspaces.checks import check_int
-from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess
 
-__all__ = ["default_corpus", "read_texts", "iter_texts", "check_corpus_file", "tokenize_corpus", "stream_residuals",
-           "Corpus"]
+__all__ = ["default_corpus", "read_texts", "iter_texts", "check_corpus_file", "tokenize_corpus", "Corpus"]
 
 #: Text, a file path, a list of texts or paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor.
 Corpus = Union[str, Path, Sequence[str], Sequence[Path], Iterable[Any], torch.Tensor]
@@ -292,38 +290,3 @@ def tokenize_corpus(
     if lo < 0 or hi >= access.d_vocab:
         raise ValueError(f"corpus token ids must lie in [0, {access.d_vocab}), got [{lo}, {hi}].")
     return seqs
-
-
-def stream_residuals(
-    model: Any,
-    sequences: torch.Tensor,
-    hook_names: dict[str, str],
-    *,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "residual stream",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``sequences`` through the model in batches and yield ``(ids, stack)`` per batch.
-
-    ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured by the
-    plugin's hooks inside the model's own forward pass (so the user's hooks act on it). The
-    capture hooks are removed, exactly, after every batch and on any exception.
-    """
-    from tqdm.auto import tqdm
-
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    access.require_eval("streaming the residual stream")
-    labels = list(hook_names)
-    n = sequences.shape[0]
-    bar = tqdm(total=n * sequences.shape[1], desc=desc, unit="tok", disable=not progress)
-    try:
-        for start in range(0, n, batch_size):
-            ids = sequences[start : start + batch_size]
-            with HookSession(access) as session:
-                collector = ResidualCollector(session, hook_names)
-                with torch.no_grad():
-                    access.forward(ids)
-            yield ids, collector.stack(labels)
-            bar.update(ids.numel())
-    finally:
-        bar.close()

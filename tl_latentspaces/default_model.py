@@ -35,8 +35,9 @@ import os
 import struct
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -221,6 +222,38 @@ def _cache_complete(folder: Path) -> bool:
     return _cache_problem(folder) is None
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Inside the block, every ``gguf.GGUFReader(path)`` of one file is the same reader.
+
+    transformers parses a GGUF file afresh for the config, the tokenizer and the weights, and
+    each parse reads the 49,152-token vocabulary string by string: about 3 s a parse here, most
+    of a first load's conversion time. The reader is read-only (a memory map), so sharing it
+    changes nothing that is read. ``gguf`` is an optional dependency; without it the block is a
+    no-op and transformers raises its own error.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    real = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def shared(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = (os.path.realpath(str(path)), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+        readers.clear()
+
+
 def _gguf_special_ids(path: Path) -> dict[str, int]:
     """The special-token ids the GGUF file itself declares (transformers 4.57 misreads some)."""
     from gguf import GGUFReader
@@ -240,10 +273,11 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
 
     source = _gguf_folder()
     progress.set_description("converting GGUF to a float32 cache (first load only)")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _gguf_parsed_once():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE)
         hf = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
+        ids = _gguf_special_ids(source / GGUF_FILE)
     progress.update(1)
     # A GGUF-loaded model refuses save_pretrained until its quantizer flags are cleared.
     hf.hf_quantizer = None
@@ -254,7 +288,6 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
         hf.config.architectures = ["LlamaForCausalLM"]
     # The special tokens as the GGUF file declares them: transformers 4.57 reads eos as BOS and
     # makes the tokenizer prepend BOS, which the file says it does not.
-    ids = _gguf_special_ids(source / GGUF_FILE)
     special = {
         f"{name}_token": tokenizer.convert_ids_to_tokens(ids[key])
         for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
@@ -705,7 +738,7 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _gguf_parsed_once():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)

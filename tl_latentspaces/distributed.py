@@ -33,6 +33,8 @@ from typing import Any, Optional, Protocol, TypeVar
 import torch
 
 __all__ = [
+    "encode_state",
+    "decode_state",
     "DistContext",
     "init_distributed",
     "finish_distributed",
@@ -237,7 +239,8 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> Any:
     return containers[""]
 
 
-def _encode_state(state: dict[str, Any]) -> torch.Tensor:
+def encode_state(state: dict[str, Any]) -> torch.Tensor:
+    """A (nested) state dict of tensors and JSON values as one safetensors byte buffer."""
     from safetensors.torch import save
 
     flat: dict[str, torch.Tensor] = {}
@@ -245,7 +248,8 @@ def _encode_state(state: dict[str, Any]) -> torch.Tensor:
     return torch.frombuffer(bytearray(save(flat)), dtype=torch.uint8)
 
 
-def _decode_state(buf: torch.Tensor) -> dict[str, Any]:
+def decode_state(buf: torch.Tensor) -> dict[str, Any]:
+    """The state dict :func:`encode_state` wrote (no pickle: safetensors and JSON only)."""
     from safetensors.torch import load
 
     return _unflatten(load(bytes(buf.numpy().tobytes())))
@@ -256,7 +260,7 @@ def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [state]
-    buf = _encode_state(state)
+    buf = encode_state(state)
     world = dist.get_world_size()
     # gloo moves CPU tensors; NCCL needs them on this rank's GPU.
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -268,7 +272,7 @@ def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
     padded[: buf.numel()] = buf.to(dev)
     parts = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return [_decode_state(p[: int(s.item())].cpu()) for p, s in zip(parts, sizes)]
+    return [decode_state(p[: int(s.item())].cpu()) for p, s in zip(parts, sizes)]
 
 
 class _Mergeable(Protocol):

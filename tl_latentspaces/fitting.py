@@ -7,7 +7,7 @@ in three phases, each streaming or bounded in memory:
 1. **Collection.** The corpus is packed into ``seq_len``-token sequences; a deterministic
    ``validation_fraction`` of them (at most 1024 tokens) is held out. The sequences run through
    the model's own forward pass and the plugin's hooks capture every layer's ``resid_pre`` and
-   the final residual (:func:`~tl_latentspaces.corpus.stream_residuals`). Position 0 (BOS, an
+   the final residual (:func:`~tl_latentspaces.runner.stream_residuals`). Position 0 (BOS, an
    attention sink) and *massive-activation* positions are left out: a position whose residual
    norm at any layer exceeds ``massive_factor`` (default 6) times that layer's median norm over
    the batch's other positions. (In SmolLM2-135M BOS sits at about 190x the median and about 2%
@@ -70,7 +70,7 @@ __all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
 
 _MAX_VALIDATION_TOKENS = 1024
 _CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (working vocabulary)
-_FULL_CHECK_TOKENS = 256  # of those, the ones whose full-vocabulary KL decides what is kept
+_FULL_CHECK_TOKENS = 128  # of those, the ones whose full-vocabulary KL decides what is kept
 _VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
 _CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
 _CKPT_VERSION = 2  # 2: the model's identity is recorded on its own, not hashed into the key
@@ -358,7 +358,7 @@ def _collect(
 ) -> _Stats:
     from tqdm.auto import tqdm
 
-    from tl_latentspaces.corpus import stream_residuals
+    from tl_latentspaces.runner import stream_residuals
 
     L, d = access.n_layers, access.d_model
     names = dict(access.stack_sites())

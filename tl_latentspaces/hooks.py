@@ -51,6 +51,10 @@ def hook_counts(model: Any) -> dict[str, int]:
     return counts
 
 
+class _StopForward(Exception):
+    """Raised by :meth:`HookSession.forward_until`'s hook: the pass has given all that was asked."""
+
+
 class HookSession:
     """Adds hooks through a model's hook points and removes exactly what it added.
 
@@ -116,6 +120,24 @@ class HookSession:
             fn(args[0])
 
         self._handles.append(hp.register_forward_pre_hook(seen))
+
+    def forward_until(self, ids: torch.Tensor, name: str) -> None:
+        """Run the model's own forward pass on ``ids`` and end it right after the hook point ``name``.
+
+        The end comes after every hook on ``name`` (this session's captures included, when they
+        were registered first), so what was captured is what a full pass gives; what comes later
+        (the final norm, the logits: a third of a small model's forward) is never computed, and
+        hooks on later points do not fire.
+        """
+
+        def stop(activation: torch.Tensor) -> None:
+            raise _StopForward
+
+        self.capture(name, stop)
+        try:
+            self.access.forward(ids)
+        except _StopForward:
+            pass
 
     @staticmethod
     def _remove(hp: Any, handle: Any) -> None:

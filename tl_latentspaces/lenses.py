@@ -36,11 +36,12 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_bool, check_float, check_int
-from tl_latentspaces.corpus import default_corpus, stream_residuals, tokenize_corpus
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jacobian_lens
 from tl_latentspaces.model import ModelAccess, ModelIdentity, Tokens
 from tl_latentspaces.readout import Readout, read_stack, tensor_key, vocab_major
+from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.results import LensInputs, LensResult
 from tl_latentspaces.tuned_lens import TunedLens
 

@@ -32,23 +32,24 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
 from tl_latentspaces.checks import check_int
-from tl_latentspaces.corpus import stream_residuals, tokenize_corpus
+from tl_latentspaces.corpus import tokenize_corpus
 from tl_latentspaces.distributed import (
-    _decode_state,
-    _encode_state,
+    decode_state,
+    encode_state,
     current_context,
     reduce_accumulator,
     shard_batches,
 )
 from tl_latentspaces.files import write_bytes_atomic
+from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 
-__all__ = ["CorpusRunner"]
+__all__ = ["CorpusRunner", "stream_residuals"]
 
 Factory = Callable[[], Any]
 
@@ -132,7 +133,7 @@ class CorpusRunner:
         from safetensors.torch import save
 
         path = self._checkpoint_path(rank)
-        tensors = {name: _encode_state(c.state_dict()) for name, c in consumers.items()}
+        tensors = {name: encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
                 "world_size": str(current_context().world_size), "model": json.dumps(asdict(self.identity))}
         write_bytes_atomic(path, save(tensors, metadata=meta))
@@ -159,7 +160,7 @@ class CorpusRunner:
                     "Resume with the same number of processes, or pass another checkpoint_dir."
                 )
             for name, consumer in consumers.items():
-                consumer.load_state_dict(_decode_state(fh.get_tensor(name)))
+                consumer.load_state_dict(decode_state(fh.get_tensor(name)))
         return int(meta["done"])
 
     def _check_model(self, path: Path, meta: dict) -> None:
@@ -203,3 +204,45 @@ class CorpusRunner:
         for name, consumer in live.items():
             reduce_accumulator(consumer, consumers[name])
         return live
+
+
+def stream_residuals(
+    model: Any,
+    sequences: torch.Tensor,
+    hook_names: dict[str, str],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "residual stream",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``sequences`` through the model in batches and yield ``(ids, stack)`` per batch.
+
+    ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured by the
+    plugin's hooks inside the model's own forward pass (so the user's hooks act on it). The
+    capture hooks are removed, exactly, after every batch and on any exception. When the last
+    block's ``resid_post`` (the stack's ``final_post``) is among the sites, each pass ends right
+    after it (:meth:`~tl_latentspaces.hooks.HookSession.forward_until`): the logits, which
+    nothing here reads, are never computed.
+    """
+    from tqdm.auto import tqdm
+
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access.require_eval("streaming the residual stream")
+    labels = list(hook_names)
+    final = access.site_name(access.n_layers - 1, "resid_post")
+    n = sequences.shape[0]
+    bar = tqdm(total=n * sequences.shape[1], desc=desc, unit="tok", disable=not progress)
+    try:
+        for start in range(0, n, batch_size):
+            ids = sequences[start : start + batch_size]
+            with HookSession(access) as session:
+                collector = ResidualCollector(session, hook_names)
+                with torch.no_grad():
+                    if final in hook_names.values():
+                        session.forward_until(ids, final)
+                    else:
+                        access.forward(ids)
+            yield ids, collector.stack(labels)
+            bar.update(ids.numel())
+    finally:
+        bar.close()

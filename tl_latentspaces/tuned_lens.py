@@ -721,7 +721,7 @@ def tuned_lens(
 
 # ---------------------------------------------------------------------- the default model's lens
 #: Settings of the default model's cached lens; changing them changes the cache key.
-DEFAULT_FIT = dict(max_tokens=16384, seq_len=128, seed=0)
+DEFAULT_FIT = dict(max_tokens=16384, seq_len=128, seed=0, refine_tokens=6144)
 
 
 def default_lens_dir(cache_dir: Union[str, Path, None] = None) -> Path:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conft
 from conftest import build_llama_like  # noqa: E402
 from tl_latentspaces import ModelAccess  # noqa: E402
 from tl_latentspaces.alignment_math import CKAMatrixAccumulator, CovarianceAccumulator  # noqa: E402
-from tl_latentspaces.corpus import stream_residuals  # noqa: E402
+from tl_latentspaces.runner import stream_residuals  # noqa: E402
 from tl_latentspaces.distributed import finish_distributed, init_distributed, reduce_accumulator, shard_batches  # noqa: E402
 
 
