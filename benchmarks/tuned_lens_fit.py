@@ -38,6 +38,7 @@ from tl_latentspaces.corpus import default_corpus, tokenize_corpus  # noqa: E402
 from tl_latentspaces.runner import stream_residuals  # noqa: E402
 from tl_latentspaces.evaluation import evaluate_lenses  # noqa: E402
 from tl_latentspaces.fitting import fit_tuned_lens  # noqa: E402
+from tl_latentspaces.tuned_lens import DEFAULT_FIT  # noqa: E402
 from tl_latentspaces.model import ModelAccess, transformer_lens_version  # noqa: E402
 from tl_latentspaces.tuned_lens import TunedLens  # noqa: E402
 
@@ -135,6 +136,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="fits to time (the lens is the same each time; median reported)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tuned_lens_fit.md")
     args = ap.parse_args()
     if args.max_tokens > 65536:
@@ -145,12 +147,17 @@ def main() -> None:
     model = tll.load_default_model(progress=False)
     access = ModelAccess(model)
 
-    print(f"fitting on {args.max_tokens} tokens ...", flush=True)
-    t0 = time.perf_counter()
-    lens = fit_tuned_lens(model, default_corpus("train"), max_tokens=args.max_tokens, progress=True)
-    fit_seconds = time.perf_counter() - t0
-    report = lens.info["fit"]
-    print(f"fit: {fit_seconds:.1f} s {report['phase_seconds']}", flush=True)
+    # The default tuned lens's own settings (what the report fits on a fresh cache).
+    settings = dict(DEFAULT_FIT, max_tokens=args.max_tokens)
+    runs = []
+    for r in range(max(1, args.repeats)):
+        print(f"fit {r + 1}/{args.repeats} on {args.max_tokens} tokens, settings {settings} ...", flush=True)
+        t0 = time.perf_counter()
+        lens = fit_tuned_lens(model, default_corpus("train"), progress=True, **settings)
+        runs.append((time.perf_counter() - t0, lens.info["fit"]["phase_seconds"]))
+        print(f"fit: {runs[-1][0]:.1f} s {runs[-1][1]}", flush=True)
+    fit_seconds, phases = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    report = dict(lens.info["fit"], phase_seconds=phases, all_seconds=[round(run[0], 1) for run in runs])
 
     sgd = None
     if not args.no_baseline:
@@ -187,6 +194,7 @@ def write_report(args, access, report, fit_seconds, ev, ev_sgd, sgd, eval_second
         + (f" --eval-tokens {args.eval_tokens}" if args.eval_tokens != 2048 else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (" --no-baseline" if args.no_baseline else "")
+        + (f" --repeats {args.repeats}" if args.repeats != 1 else "")
         + "`.",
         "",
         f"- Machine: {_cpu_name()}, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__} with "
@@ -204,15 +212,19 @@ def write_report(args, access, report, fit_seconds, ev, ev_sgd, sgd, eval_second
         f"{report['n_train_positions']} positions in the normal equations, "
         f"{report['n_validation_positions']} validation positions held out "
         "(position 0 and massive-activation positions left out).",
-        f"- Fit time, tokenization and activation collection included: **{fit_seconds:.1f} s** "
-        f"(collection {report['phase_seconds'].get('collect', 0):.1f} s, closed form "
+        f"- Settings: the default tuned lens's (`tuned_lens.DEFAULT_FIT`): refinement on "
+        f"{settings['refine_tokens']} tokens, {settings['refine_steps']} Gauss-Newton steps per layer.",
+        f"- Fit time, tokenization and activation collection included: **{fit_seconds:.1f} s**"
+        + (f", the median of {len(report['all_seconds'])} fits ({', '.join(map(str, report['all_seconds']))} s)"
+           if len(report["all_seconds"]) > 1 else "")
+        + f" (collection {report['phase_seconds'].get('collect', 0):.1f} s, closed form "
         f"{report['phase_seconds'].get('closed_form', 0):.1f} s, Gauss-Newton refinement "
         f"{report['phase_seconds'].get('refine', 0):.1f} s).",
         f"- Ridge chosen per layer: {sorted(set(report['ridge_chosen']))}; refinement kept for "
         f"{sum(report.get('refined', []))} of {len(report['ridge_chosen'])} layers; working vocabulary "
         f"{settings['refine_vocab']} tokens holding {100 * report.get('refine_vocab_mass', float('nan')):.1f}% "
         "of the final probability mass on validation positions.",
-        f"- Validation KL (mean over layers, {min(256, report['n_validation_positions'])} positions): closed form "
+        f"- Validation KL (mean over layers, {min(128, report['n_validation_positions'])} positions): closed form "
         f"{_mean(report['val_kl_closed_form']):.3f} nats, after refinement "
         f"{_mean(report.get('val_kl_refined', report['val_kl_closed_form'])):.3f} nats.",
         "",
@@ -236,10 +248,10 @@ def write_report(args, access, report, fit_seconds, ev, ev_sgd, sgd, eval_second
         )
     lines += [
         "",
-        "Acceptance (issue): tuned KL below the logit lens's at every layer: "
-        f"**{'yes' if below else 'NO'}**; mean KL over layers <= 2.0 nats: **{mean_tuned:.3f}** "
-        f"({'yes' if mean_tuned <= 2.0 else 'NO'}); fit within 5 minutes: **{fit_seconds:.0f} s** "
-        f"({'yes' if fit_seconds <= 300 else 'NO'}); at most 64K training tokens: **{settings['max_tokens']}**.",
+        "Targets: tuned KL below the logit lens's at every layer: "
+        f"**{'yes' if below else 'NO'}**; held-out mean KL over layers <= 1.5 nats: **{mean_tuned:.3f}** "
+        f"({'yes' if mean_tuned <= 1.5 else 'NO'}); fit within 90 s: **{fit_seconds:.0f} s** "
+        f"({'yes' if fit_seconds <= 90 else 'NO'}); at most 64K training tokens: **{settings['max_tokens']}**.",
         "",
         "## Per layer",
         "",
