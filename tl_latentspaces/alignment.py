@@ -71,10 +71,11 @@ from tl_latentspaces.alignment_math import (
 )
 from tl_latentspaces.checks import check_bool, check_int, type_name
 from tl_latentspaces.corpus import Corpus, default_corpus, tokenize_corpus
-from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.lenses import EmbeddingLens
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import ReadoutBuffers, token_ranks, vocab_major
 from tl_latentspaces.results import label_frame
+from tl_latentspaces.runner import stream_residuals
 
 __all__ = [
     "AlignmentAccumulator",
@@ -644,7 +645,6 @@ class AlignmentAccumulator:
     into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
 
     Options and the pitfalls they exist for:
-
     * ``skip_positions`` (default 2): the first positions of a sequence carry "massive
       activations" that would dominate every covariance, CKA and Procrustes fit. Measured on the
       default model over 16K held-out tokens at ``15_pre``: BOS (position 0) always has a residual
@@ -887,8 +887,6 @@ class AlignmentAccumulator:
 
     def _update_ranks(self, x: Tensor, tok: Tensor) -> None:
         # Ranks exactly as the embedding lens reads them: the same projection, weight and tiles.
-        from tl_latentspaces.readout import ReadoutBuffers, token_ranks, vocab_major
-
         E, every = self.n_entries, self.settings.rank_every
         xr = x[:, :, ::every]
         own = tok[:, ::every].reshape(-1, 1)

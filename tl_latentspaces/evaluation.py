@@ -32,8 +32,12 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_int
+from tl_latentspaces.corpus import default_corpus
+from tl_latentspaces.lenses import LogitLens, build_lenses
 from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import read_stack
 from tl_latentspaces.results import label_frame
+from tl_latentspaces.runner import CorpusRunner
 
 __all__ = ["LensEvaluation", "LensEvalAccumulator", "evaluate_lenses"]
 
@@ -146,8 +150,6 @@ class LensEvalAccumulator:
         self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
         readout_dtype: torch.dtype = torch.float32,
     ):
-        from tl_latentspaces.lenses import LogitLens, build_lenses
-
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         access.require_eval("evaluate_lenses")
         chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
@@ -193,7 +195,6 @@ class LensEvalAccumulator:
 
         Position 0 (BOS) and the last position (no next token in the sequence) are left out.
         """
-        from tl_latentspaces.readout import read_stack
 
         E = len(self.labels)
         if stack.shape[0] != E or ids.shape != stack.shape[1:3]:
@@ -325,8 +326,6 @@ def evaluate_lenses(
         >>> ev.mean_kl("tuned") < ev.mean_kl("logit")  # doctest: +SKIP
         True
     """
-    from tl_latentspaces.corpus import default_corpus
-    from tl_latentspaces.runner import CorpusRunner
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     batch_size = check_int(batch_size, "batch_size", minimum=1)

@@ -61,9 +61,11 @@ import torch
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_float, check_int
-from tl_latentspaces.distributed import current_context
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus
+from tl_latentspaces.distributed import all_reduce_sum, current_context, gather_states
 from tl_latentspaces.files import write_bytes_atomic
 from tl_latentspaces.model import ModelAccess, ModelIdentity
+from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.tuned_lens import TunedLens
 
 __all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
@@ -223,7 +225,6 @@ def fit_tuned_lens(
         >>> lens = fit_tuned_lens(model, ["A long training text ..."] * 100, max_tokens=16384)  # doctest: +SKIP
         >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
     """
-    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 
     started = time.perf_counter()
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
@@ -358,8 +359,6 @@ def _collect(
 ) -> _Stats:
     from tqdm.auto import tqdm
 
-    from tl_latentspaces.runner import stream_residuals
-
     L, d = access.n_layers, access.d_model
     names = dict(access.stack_sites())
     B = settings.batch_size
@@ -444,7 +443,6 @@ def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref
     ``state`` holds this rank's sums plus, on rank 0, a resumed checkpoint's rows (which precede
     every batch collected now). Afterwards every rank holds the statistics of a single-process run.
     """
-    from tl_latentspaces.distributed import all_reduce_sum, gather_states
 
     counts = torch.tensor([state.n, state.n_excluded], dtype=torch.float64, device=state.XtX.device)
     all_reduce_sum(state.XtX)
@@ -697,8 +695,6 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
         ms = m / scale
         M += (ms.T @ ms).double()
     if ctx.distributed:
-        from tl_latentspaces.distributed import all_reduce_sum
-
         for t in (G, q_sum, M, loss):
             all_reduce_sum(t)
     G /= N

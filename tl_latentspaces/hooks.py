@@ -126,7 +126,7 @@ class HookSession:
 
         The end comes after every hook on ``name`` (this session's captures included, when they
         were registered first), so what was captured is what a full pass gives; what comes later
-        (the final norm, the logits: a third of a small model's forward) is never computed, and
+        (the final norm and the logits: a fifth of the default model's forward) is never computed, and
         hooks on later points do not fire.
         """
 

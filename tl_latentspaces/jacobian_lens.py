@@ -3,7 +3,6 @@
 A Jacobian lens reads the residual ``h`` of stack entry ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``)
 as ``ln_final(J_l h) @ W_U + b_U``, where ``J_l`` is the ``d_model x d_model`` Jacobian of the last
 block's output (``final_post``) with respect to that residual, averaged over a corpus:
-
     J_l = mean over prompts of  (1/|V|) sum_{t in V} sum_{t' in V, t' >= t}  d h_final[t'] / d h_l[t]
 
 ``V`` is the set of valid positions: all but the first ``skip_first_positions`` (attention sinks
@@ -72,12 +71,13 @@ import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_int
+from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
 from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
@@ -701,8 +701,6 @@ def fit_jacobian_lens(
         >>> lens = fit_jacobian_lens(model, texts, max_tokens=4 * 64, seq_len=64)  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
-
-    from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 
     access = _access(model)
     access.require_eval("fit_jacobian_lens")

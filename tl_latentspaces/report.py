@@ -29,10 +29,20 @@ from typing import Any, Sequence, Union
 
 import torch
 
+from tl_latentspaces.alignment import AlignmentAccumulator
 from tl_latentspaces.checks import check_int
+from tl_latentspaces.corpus import default_corpus
+from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
+from tl_latentspaces.distributed import current_context
+from tl_latentspaces.evaluation import LensEvalAccumulator
 from tl_latentspaces.files import write_files_atomic
+from tl_latentspaces.fitting import fit_tuned_lens
+from tl_latentspaces.lenses import read_lenses
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.narrative import tell_story
+from tl_latentspaces.runner import CorpusRunner
+from tl_latentspaces.tuned_lens import CONFIG_FILE, DEFAULT_FIT, TunedLens, default_tuned_lens
+from tl_latentspaces.views import PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid
 
 __all__ = ["Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
 
@@ -80,8 +90,6 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
     The default model uses :func:`~tl_latentspaces.tuned_lens.default_tuned_lens`; any other model
     gets a lens fitted on the default corpus, cached under its name and unembedding fingerprint.
     """
-    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
-    from tl_latentspaces.tuned_lens import CONFIG_FILE, DEFAULT_FIT, TunedLens, default_tuned_lens
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     if access.name == DEFAULT_MODEL_NAME:
@@ -90,9 +98,6 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
     folder = default_cache_dir(cache_dir) / "tuned-lenses" / f"{safe}-{access.unembedding_fingerprint()}"
     if (folder / CONFIG_FILE).is_file():
         return TunedLens.load(folder, access)
-    from tl_latentspaces.corpus import default_corpus
-    from tl_latentspaces.distributed import current_context
-    from tl_latentspaces.fitting import fit_tuned_lens
 
     # Short-context models get sequences that fit their context.
     settings = dict(DEFAULT_FIT, seq_len=min(DEFAULT_FIT["seq_len"], int(getattr(access.cfg, "n_ctx", 128))))
@@ -157,8 +162,6 @@ details { margin: 8px 0; } .meta { color: #666; font-size: 0.9em; }
 
 
 def _page(title: str, body: str) -> str:
-    from tl_latentspaces.views import PAGE_CSP
-
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
@@ -199,12 +202,6 @@ def build_report(
         cache_dir: Cache folder for the tuned lens.
         progress: Show progress bars.
     """
-    from tl_latentspaces.alignment import AlignmentAccumulator
-    from tl_latentspaces.corpus import default_corpus
-    from tl_latentspaces.evaluation import LensEvalAccumulator
-    from tl_latentspaces.runner import CorpusRunner
-    from tl_latentspaces.lenses import read_lenses
-    from tl_latentspaces.views import cka_matrix_view, drift_tokens, layer_curves_view, lens_grid
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("the report")

@@ -43,11 +43,14 @@ import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jaxtyping import Float
 
+from tl_latentspaces.corpus import default_corpus
+from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir, load_default_model
+from tl_latentspaces.distributed import current_context
 from tl_latentspaces.files import sha256_hex, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 
@@ -726,7 +729,6 @@ DEFAULT_FIT = dict(max_tokens=16384, seq_len=128, seed=0, refine_tokens=6144)
 
 def default_lens_dir(cache_dir: Union[str, Path, None] = None) -> Path:
     """Where :func:`default_tuned_lens` keeps the default model's lens."""
-    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
 
     return default_cache_dir(cache_dir) / f"{DEFAULT_MODEL_NAME}-tuned-lens"
 
@@ -754,7 +756,6 @@ def default_tuned_lens(
         >>> lens = default_tuned_lens()  # doctest: +SKIP
         >>> tuned_lens(lens_model, "The Eiffel Tower is in the city of", lens)  # doctest: +SKIP
     """
-    from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, load_default_model
 
     if model is None:
         model = load_default_model(cache_dir=cache_dir, progress=progress)
@@ -774,10 +775,7 @@ def default_tuned_lens(
                 return lens
         except (ValueError, FileNotFoundError) as err:
             warnings.warn(f"refitting the default tuned lens: the cached one cannot be used ({err})", stacklevel=2)
-    from tl_latentspaces.corpus import default_corpus
     from tl_latentspaces.fitting import fit_tuned_lens
-
-    from tl_latentspaces.distributed import current_context
 
     lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **DEFAULT_FIT)
     lens.info.setdefault("fit", {})["settings_key"] = _default_settings_key()
