@@ -190,6 +190,7 @@ class TranslatedLens:
             self.translate(empty, label)
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
+        x = x.to(torch.float32)  # the protocol's promise, whatever the model's dtype
         with torch.no_grad():
             y = self.lens.translate(x, label)
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
