@@ -81,7 +81,7 @@ from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
 from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
-from tl_latentspaces.model import ModelAccess, ModelIdentity
+from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
 __all__ = [
     "JacobianLens",
@@ -120,13 +120,6 @@ def _model_kind(access: ModelAccess) -> str:
 def _check_key(access: ModelAccess) -> tuple:
     # Hashing W_U takes a fraction of a second; a lens skips it for the storage it checked last.
     return (id(access.model), access.W_U.data_ptr(), access.W_U._version)
-
-
-def _pre_label(label: str, n_layers: int) -> Optional[int]:
-    """``l`` for a ``"{l}_pre"`` label of an ``n_layers`` model, else None."""
-    if label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < n_layers:
-        return int(label[:-4])
-    return None
 
 
 def is_transformer_lens_jacobian_lens(obj: Any) -> bool:
@@ -178,7 +171,7 @@ class JacobianLens:
             raise ValueError("matrices must be a non-empty {label: [d_model, d_model] tensor} dict.")
         clean: dict[str, torch.Tensor] = {}
         for label, m in matrices.items():
-            if not isinstance(label, str) or _pre_label(label, L) is None:
+            if pre_layer(label, L) is None:
                 raise ValueError(
                     f"a Jacobian lens has matrices for the '{{l}}_pre' entries 0_pre..{L - 1}_pre of "
                     f"this {L}-layer model; got the label {label!r}."
@@ -234,7 +227,7 @@ class JacobianLens:
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
         """The :class:`~tl_latentspaces.Lens` protocol: ``x @ J[label].T`` (unchanged for ``"final_post"``
         and for a ``"{l}_pre"`` entry without a matrix); a ``"{l}_mid"`` label raises ``ValueError``."""
-        if label != "final_post" and (not isinstance(label, str) or _pre_label(label, self.n_layers) is None):
+        if label != "final_post" and pre_layer(label, self.n_layers) is None:
             raise ValueError(
                 f"the Jacobian lens has no matrix for stack entry {label!r}: it reads the "
                 "'{l}_pre' entries and 'final_post'. Read it with incl_mid=False."
@@ -547,7 +540,7 @@ def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
     items = [layers] if isinstance(layers, (int, str)) else list(layers)
     out = set()
     for item in items:
-        if isinstance(item, str) and _pre_label(item, L) is not None:
+        if pre_layer(item, L) is not None:
             out.add(item)
         elif isinstance(item, int) and not isinstance(item, bool) and -L <= item < L:
             out.add(f"{item % L}_pre")

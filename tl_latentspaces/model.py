@@ -39,10 +39,19 @@ __all__ = [
     "Tokens",
     "transformer_lens_version",
     "SITES",
+    "pre_layer",
 ]
 
 #: Residual-stream sites a lens can read, as TransformerLens names them.
 SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+def pre_layer(label: Any, n_layers: int) -> Optional[int]:
+    """``l`` for a stack label ``"{l}_pre"`` of an ``n_layers`` model (see
+    :meth:`ModelAccess.stack_sites`), else None (``"final_post"``, ``"{l}_mid"``, anything else)."""
+    if isinstance(label, str) and label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < n_layers:
+        return int(label[:-4])
+    return None
 
 
 def transformer_lens_version() -> tuple[int, ...]:

@@ -230,6 +230,7 @@ def stream_residuals(
     access.require_eval("streaming the residual stream")
     labels = list(hook_names)
     final = access.site_name(access.n_layers - 1, "resid_post")
+    stop_at = final if final in hook_names.values() else None
     n = sequences.shape[0]
     bar = tqdm(total=n * sequences.shape[1], desc=desc, unit="tok", disable=not progress)
     try:
@@ -238,8 +239,8 @@ def stream_residuals(
             with HookSession(access) as session:
                 collector = ResidualCollector(session, hook_names)
                 with torch.no_grad():
-                    if final in hook_names.values():
-                        session.forward_until(ids, final)
+                    if stop_at is not None:
+                        session.forward_until(ids, stop_at)
                     else:
                         access.forward(ids)
             yield ids, collector.stack(labels)

@@ -52,7 +52,7 @@ from tl_latentspaces.corpus import default_corpus
 from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir, load_default_model
 from tl_latentspaces.distributed import current_context
 from tl_latentspaces.files import sha256_hex, write_into_folder
-from tl_latentspaces.model import ModelAccess, ModelIdentity
+from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
 __all__ = [
     "ModelIdentity",
@@ -203,12 +203,14 @@ class TunedLens(torch.nn.Module):
             )
         if layer is None:
             return x
-        W = self.weight[layer].to(x.device)
-        b = self.bias[layer].to(x.device)
-        if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
+        if not (torch.isfinite(self.weight[layer]).all() and torch.isfinite(self.bias[layer]).all()):
             self.check_finite("read")
-        flat = x.reshape(-1, self.d_model)
-        return (flat + torch.addmm(b, flat, W.T)).reshape(x.shape)
+        return self._translated(x.reshape(-1, self.d_model), layer).reshape(x.shape)
+
+    def _translated(self, x: Float[torch.Tensor, "n d_model"], layer: int) -> Float[torch.Tensor, "n d_model"]:
+        """``x + x @ W_layer.T + b_layer`` for float32 rows ``x``, on their device."""
+        W = self.weight[layer].to(x.device, torch.float32)
+        return x + torch.addmm(self.bias[layer].to(x.device, torch.float32), x, W.T)
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
         """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` for stack entry ``label``.
@@ -216,11 +218,8 @@ class TunedLens(torch.nn.Module):
         ``"{l}_pre"`` uses translator ``l``; ``"final_post"`` reads unchanged; any other label
         (a ``"{l}_mid"`` entry) raises ``ValueError``. Float32, on ``x``'s device.
         """
-        if label == "final_post":
-            layer = None
-        elif isinstance(label, str) and label.endswith("_pre") and label[:-4].isdigit() and int(label[:-4]) < self.n_layers:
-            layer = int(label[:-4])
-        else:
+        layer = pre_layer(label, self.n_layers)
+        if layer is None and label != "final_post":
             raise ValueError(
                 f"the tuned lens has no translator for stack entry {label!r}: it reads the "
                 f"'{{l}}_pre' entries (l < {self.n_layers}) and 'final_post'. Read it with incl_mid=False."
@@ -228,10 +227,7 @@ class TunedLens(torch.nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(x.shape)}.")
         x = x.to(torch.float32)
-        if layer is None:
-            return x
-        W = self.weight[layer].to(x.device, torch.float32)
-        return x + torch.addmm(self.bias[layer].to(x.device, torch.float32), x, W.T)
+        return x if layer is None else self._translated(x, layer)
 
     def forward(self, entry: torch.Tensor, index: int) -> torch.Tensor:
         """The TransformerLens ``lens(entry, index)`` callable: the translated entry, same dtype.
