@@ -145,3 +145,11 @@ def test_bad_user_lenses_get_clear_errors(tiny, tokens):
         tll.read_lenses(tiny, tokens, lenses=(Nameless(),))
     with pytest.raises(ValueError, match="once per call"):
         tll.read_lenses(tiny, tokens, lenses=(Identity(), Identity()))
+
+
+def test_stack_labels_map_to_layers():
+    from tl_latentspaces.model import pre_layer
+
+    assert [pre_layer(f"{i}_pre", 4) for i in range(4)] == [0, 1, 2, 3]
+    for label in ("4_pre", "3_mid", "final_post", "x_pre", "_pre", 3, None):
+        assert pre_layer(label, 4) is None, label
