@@ -136,7 +136,8 @@ def main() -> None:
         partial(rec)
 
     # 4. held-out table
-    from tl_latentspaces.tuned_lens import CONFIG_FILE, default_lens_dir
+    from tl_latentspaces.cached_lenses import default_lens_dir
+    from tl_latentspaces.translators import CONFIG_FILE
 
     # The default tuned lens may be being fitted by another process into the shared cache: wait
     # for it rather than fitting a second copy on a loaded machine.

@@ -251,7 +251,7 @@ def test_text_corpus_errors_on_the_default_model(smol):
 
 @pytest.mark.integration
 def test_default_tuned_lens_is_fitted_once_then_loaded(smol, tmp_path, monkeypatch):
-    from tl_latentspaces import tuned_lens as module
+    from tl_latentspaces import cached_lenses as module
 
     # A small fit keeps the test short; the cache logic is what is under test.
     monkeypatch.setattr(module, "DEFAULT_FIT", dict(max_tokens=1536, seq_len=64, seed=0, refine_steps=0, ridge=1e-2))

@@ -27,10 +27,11 @@ from tl_latentspaces.lenses import (
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.results import LensDiff, LensResult
 from tl_latentspaces.runner import CorpusRunner
-from tl_latentspaces.tuned_lens import TunedLens, default_tuned_lens  # noqa: E402
+from tl_latentspaces.cached_lenses import default_tuned_lens, tuned_lens_for
+from tl_latentspaces.translators import TunedLens
 
 # `tl_latentspaces.tuned_lens` is the submodule, made callable: tuned_lens(model, input, lens).
-from tl_latentspaces import tuned_lens  # noqa: E402
+from tl_latentspaces import tuned_lens  # noqa: E402,F401
 from tl_latentspaces.views import (
     HTMLView,
     cka_matrix_view,
@@ -53,6 +54,7 @@ __all__ = [
     "alignment_from_cache",
     "alignment_suite",
     "default_tuned_lens",
+    "tuned_lens_for",
     "evaluate_lenses",
     "LensEvalAccumulator",
     "fit_tuned_lens",

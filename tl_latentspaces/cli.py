@@ -30,7 +30,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tl_latentspaces import files
+from tl_latentspaces import default_model, files, report
+from tl_latentspaces.alignment import AlignmentAccumulator
+from tl_latentspaces.cached_lenses import tuned_lens_for
+from tl_latentspaces.corpus import check_corpus_file, default_corpus
+from tl_latentspaces.distributed import finish_distributed, init_distributed
+from tl_latentspaces.evaluation import evaluate_lenses
+from tl_latentspaces.fitting import fit_tuned_lens
+from tl_latentspaces.jacobian_lens import JacobianLens
+from tl_latentspaces.runner import CorpusRunner
+from tl_latentspaces.translators import CONFIG_FILE, TunedLens
 
 __all__ = ["main", "build_parser", "DEFAULT_PROMPT", "EPILOG"]
 
@@ -76,18 +85,16 @@ def lens_table(results: dict[str, Any], pos: int) -> str:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from tl_latentspaces.default_model import load_model
 
     dtype = None if args.dtype is None else getattr(torch, _DTYPES[args.dtype])
     if args.model == "default" and args.device == "cpu" and dtype is None:
         import tl_latentspaces as tll
 
         return tll.load_default_model(cache_dir=args.cache_dir, progress=not args.quiet)
-    return load_model(args.model, device=args.device, dtype=dtype, cache_dir=args.cache_dir, progress=not args.quiet)
+    return default_model.load_model(args.model, device=args.device, dtype=dtype, cache_dir=args.cache_dir, progress=not args.quiet)
 
 
 def _corpus(args: argparse.Namespace) -> Any:
-    from tl_latentspaces.corpus import check_corpus_file, default_corpus
 
     if not getattr(args, "corpus", None):
         return default_corpus("heldout")
@@ -195,7 +202,6 @@ def _check_targets(args: argparse.Namespace) -> None:
     if args.command == "report":
         _check_folder_out(args.out, "--out", written_in="folder")
     elif args.command == "fit-tuned-lens":
-        from tl_latentspaces.tuned_lens import CONFIG_FILE
 
         _check_folder_out(args.out, "--out", written_in="folder", marker=CONFIG_FILE)
     elif args.command in ("eval", "align"):
@@ -210,9 +216,8 @@ def _check_targets(args: argparse.Namespace) -> None:
                 f"--jacobian-lens {path!r} is not a folder; pass a folder written by JacobianLens.save."
             )
     if _uses_cache(args):
-        from tl_latentspaces.default_model import default_cache_dir
 
-        cache = default_cache_dir(args.cache_dir)
+        cache = default_model.default_cache_dir(args.cache_dir)
         if args.cache_dir is not None:
             what = f"--cache-dir {args.cache_dir!r}"
         elif os.environ.get("TL_LATENTSPACES_CACHE"):
@@ -284,41 +289,34 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tl_latentspaces.distributed import init_distributed
-    from tl_latentspaces.report import DEFAULT_PROMPTS, build_report, write_report
-
     ctx = init_distributed()
-    prompts = _prompts(args) or list(DEFAULT_PROMPTS)
+    prompts = _prompts(args) or list(report.DEFAULT_PROMPTS)
     corpus = _corpus(args)
     model = _load(args)
-    from tl_latentspaces.jacobian_lens import JacobianLens
 
     extra = [JacobianLens.load(path, model) for path in args.jacobian_lens or ()]
-    report = build_report(
+    result = report.build_report(
         model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto", lenses=extra,
         eval_tokens=args.eval_tokens, align_tokens=args.align_tokens, cache_dir=args.cache_dir,
         progress=not args.quiet,
     )
     if not ctx.is_main:
         return 0
-    ev = report.data["evaluation"]
+    ev = result.data["evaluation"]
     print(f"{'entry':>10}" + "".join(f"{'KL ' + n:>14}" for n in ev["lenses"]))
     for e, label in enumerate(ev["labels"]):
         print(f"{label:>10}" + "".join(f"{ev['kl_to_final'][i][e]:>14.3f}" for i in range(len(ev["lenses"]))))
-    out = _write_or_keep(Path(args.out).expanduser(), lambda p: write_report(report, p)[0].parent,
-                         dump=lambda: json.dumps(report.data, indent=1))
+    out = _write_or_keep(Path(args.out).expanduser(), lambda p: report.write_report(result, p)[0].parent,
+                         dump=lambda: json.dumps(result.data, indent=1))
     print(f"\nwrote {out / 'report.html'} and {out / 'report.json'}")
     return 0
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from tl_latentspaces.distributed import init_distributed
-    from tl_latentspaces.fitting import fit_tuned_lens
 
     ctx = init_distributed()
     corpus = _corpus(args) if args.corpus else None
     if corpus is None:
-        from tl_latentspaces.corpus import default_corpus
 
         corpus = default_corpus("train")
     model = _load(args)
@@ -332,10 +330,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from tl_latentspaces.distributed import init_distributed
-    from tl_latentspaces.evaluation import evaluate_lenses
-    from tl_latentspaces.report import to_jsonable, tuned_lens_for
-    from tl_latentspaces.tuned_lens import TunedLens
 
     ctx = init_distributed()
     corpus = _corpus(args)
@@ -350,16 +344,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(evaluation.to_dataframe().round(3).to_string())
     if args.out:
-        print(f"\nwrote {_write_json(args.out, to_jsonable(evaluation))}")
+        print(f"\nwrote {_write_json(args.out, report.to_jsonable(evaluation))}")
     return 0
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     """The alignment suite through the corpus runner: resumable, and data-parallel under torchrun."""
-    from tl_latentspaces.alignment import AlignmentAccumulator
-    from tl_latentspaces.distributed import init_distributed
-    from tl_latentspaces.report import alignment_data
-    from tl_latentspaces.runner import CorpusRunner
 
     ctx = init_distributed()
     corpus = _corpus(args)
@@ -374,7 +364,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     result = stats.result(progress=not args.quiet)
     print(result.to_dataframe().round(3).to_string())
     if args.out:
-        print(f"\nwrote {_write_json(args.out, alignment_data(result))}")
+        print(f"\nwrote {_write_json(args.out, report.alignment_data(result))}")
     return 0
 
 
@@ -419,16 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(lens)
     _lens_options(lens)
 
-    report = sub.add_parser("report", help="lens grids, logit vs tuned lens, alignment suite: report.html + report.json")
-    _model_options(report)
-    report.add_argument("--out", default="tl_latentspaces_report", help="output folder (default ./tl_latentspaces_report)")
-    report.add_argument("--prompt", action="append", help="a prompt for the lens grids (repeatable)")
-    report.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
-    report.add_argument("--corpus", action="append", help="held-out text: a .txt or .jsonl file (repeatable)")
-    report.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for logit vs tuned (default 1024)")
-    report.add_argument("--align-tokens", type=int, default=1024, help="tokens for the alignment suite (default 1024)")
-    report.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
-    report.add_argument("--jacobian-lens", action="append", default=None, metavar="DIR",
+    rep = sub.add_parser("report", help="lens grids, logit vs tuned lens, alignment suite: report.html + report.json")
+    _model_options(rep)
+    rep.add_argument("--out", default="tl_latentspaces_report", help="output folder (default ./tl_latentspaces_report)")
+    rep.add_argument("--prompt", action="append", help="a prompt for the lens grids (repeatable)")
+    rep.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
+    rep.add_argument("--corpus", action="append", help="held-out text: a .txt or .jsonl file (repeatable)")
+    rep.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for logit vs tuned (default 1024)")
+    rep.add_argument("--align-tokens", type=int, default=1024, help="tokens for the alignment suite (default 1024)")
+    rep.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
+    rep.add_argument("--jacobian-lens", action="append", default=None, metavar="DIR",
                         help="a saved Jacobian lens folder (JacobianLens.save) to read and evaluate beside the "
                              "other lenses (repeatable)")
 
@@ -475,7 +465,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _check_targets(args)
         code = _COMMANDS[args.command](args)
-        from tl_latentspaces.distributed import finish_distributed
 
         finish_distributed()  # under torchrun: every rank waits for rank 0's writes, then leaves the group
         return code

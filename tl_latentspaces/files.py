@@ -9,13 +9,14 @@ KeyboardInterrupt, the temporary is removed and the previous content stays.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-__all__ = ["write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
+__all__ = ["json_safe", "write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -95,6 +96,11 @@ def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[P
             _unlink(tmp)
         raise
     return [out / name for name in payload]
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON values (a JSON round trip; anything JSON cannot hold becomes its ``str``)."""
+    return json.loads(json.dumps(obj, default=str))
 
 
 def sha256_hex(data: bytes) -> str:

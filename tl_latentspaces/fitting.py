@@ -63,10 +63,10 @@ from jaxtyping import Float
 from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import all_reduce_sum, current_context, gather_states
-from tl_latentspaces.files import write_bytes_atomic
+from tl_latentspaces.files import json_safe, write_bytes_atomic
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 from tl_latentspaces.runner import stream_residuals
-from tl_latentspaces.tuned_lens import TunedLens
+from tl_latentspaces.translators import TunedLens, translate_rows
 
 __all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
 
@@ -101,7 +101,8 @@ class FitSettings:
 
 # ---------------------------------------------------------------------- norm and scores
 class _Readout:
-    """The final norm, ``W_U`` and ``b_U`` of one model, for fitting (float32, on ``device``)."""
+    """The model's readout for fitting: its final norm (``ModelAccess.final_norm``), ``W_U`` and
+    ``b_U`` (float32, on ``device``), and the norm's vector-Jacobian product."""
 
     def __init__(self, access: ModelAccess, device: torch.device):
         self.access = access
@@ -123,41 +124,17 @@ class _Readout:
             z = n @ W
         return z if b is None else z + b
 
-    @property
-    def _has_norm(self) -> bool:
-        return getattr(self.access.cfg, "normalization_type", None) is not None
-
-    def _rms(self, h: torch.Tensor) -> torch.Tensor:
-        """The per-row scale the final norm divides by (after centring, for LayerNorm)."""
-        if not self._has_norm:
-            return torch.ones(*h.shape[:-1], 1, dtype=h.dtype, device=h.device)
-        if str(getattr(self.access.cfg, "normalization_type", "")).startswith("LN"):
-            h = h - h.mean(-1, keepdim=True)
-        return (h.pow(2).mean(-1, keepdim=True) + float(getattr(self.access.cfg, "eps", 1e-5))).sqrt()
-
     def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(J^T g, rms)`` for ``n = ln_final(h)``: the exact gradient through the norm, and the
-        per-row scale with ``J ~ diag(gain) / rms`` (the norm's Jacobian without its projection)."""
+        """``(J^T g, scale)`` for ``n = ln_final(h)``: the exact gradient through the norm, and the
+        per-row scale with ``J ~ diag(gain) / scale`` (the norm's Jacobian without its projection)."""
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(self.norm(h), h, g)
-        return grad, self._rms(h.detach())
+        return grad, self.access.final_norm_scale(h.detach())
 
     def gain(self) -> torch.Tensor:
-        """The per-feature gain of the final norm (its weight; ones without a norm or when folded).
-
-        Read off the norm itself, so LayerNorm, RMSNorm, folded (``LNPre``) and missing norms
-        need no knowledge of parameter names: for a zero-mean vector ``v`` of ``+-1``,
-        ``(norm(v) - norm(-v)) / 2 = gain * v / rms(v)`` (any bias cancels).
-        """
-        d = self.access.d_model
-        if not self._has_norm:
-            return torch.ones(d, device=self.device)
-        v = torch.ones(1, d, device=self.device)
-        v[0, 1::2] = -1.0
-        v = v - v.mean()
-        half_diff = (self.norm(v) - self.norm(-v)) / 2
-        return (half_diff * self._rms(v) / v)[0]
+        """The final norm's per-feature gain (:meth:`ModelAccess.final_norm_gain`), on this device."""
+        return self.access.final_norm_gain().to(self.device)
 
 
 # ---------------------------------------------------------------------- the fit
@@ -305,7 +282,7 @@ def fit_tuned_lens(
     report["n_validation_positions"] = int(stats.val.shape[1])
     report["n_excluded_positions"] = int(stats.n_excluded)
     report["settings"] = asdict(settings)
-    lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": _jsonable(report)})
+    lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": json_safe(report)})
     if ckpt is not None:
         ckpt.mark_done()
     return lens.to(dev)
@@ -578,18 +555,12 @@ def _prepare(readout: _Readout, stats: _Stats, settings: FitSettings) -> _Work:
     return work
 
 
-def _translate(
-    x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "d_model d_model"], b: Float[torch.Tensor, " d_model"]
-) -> Float[torch.Tensor, "n d_model"]:
-    return x + torch.addmm(b, x, W.T)
-
-
 def _kl(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, log_p: torch.Tensor,
         W_k: Optional[torch.Tensor] = None, b_k: Optional[torch.Tensor] = None, chunk: int = 512) -> float:
     """Mean KL(final || lens) over ``x``'s rows, on the full vocabulary or on ``W_k``'s columns."""
     total = 0.0
     for s in range(0, x.shape[0], chunk):
-        n = readout.norm(_translate(x[s : s + chunk], W, b))
+        n = readout.norm(translate_rows(x[s : s + chunk], W, b))
         z = readout.logits(n, W_k, b_k) if W_k is not None else readout.logits(n, b=readout.b_U)
         lq = torch.log_softmax(z, -1)
         lp = log_p[s : s + chunk]
@@ -679,7 +650,7 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
         if ci % ctx.world_size != ctx.rank:
             continue  # under torchrun each rank takes every world_size-th chunk; the sums are reduced below
         xs = x[s : s + chunk]
-        h = _translate(xs, W, b)
+        h = translate_rows(xs, W, b)
         n = readout.norm(h)
         z = readout.logits(n, W_k, b_k)
         lq = torch.log_softmax(z, -1)
@@ -796,10 +767,6 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
 class _Checkpoint:
     """A folder holding the fit's state: ``state.json`` plus safetensors files it names.
 
@@ -895,7 +862,7 @@ class _Checkpoint:
                       batches_done=int(extra["batches_done"]), n_excluded=int(extra["n_excluded"]))
 
     def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict, layers_done: int) -> None:
-        self._write(phase, {"weight": weight, "bias": bias}, {"report": _jsonable(report), "layers_done": layers_done})
+        self._write(phase, {"weight": weight, "bias": bias}, {"report": json_safe(report), "layers_done": layers_done})
 
     def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
         got = self._read(phase, device)

@@ -12,7 +12,7 @@ and the published J-lens artifacts, in our labels: its layer ``l`` (the output o
 our ``"{l+1}_pre"``. We also fit ``"0_pre"`` (the embedding output), which it leaves out.
 
 * :class:`JacobianLens` holds the matrices and the identity of the model they were fitted for
-  (:class:`~tl_latentspaces.tuned_lens.ModelIdentity`: sizes and a hash of the unembedding, which
+  (:class:`~tl_latentspaces.model.ModelIdentity`: sizes and a hash of the unembedding, which
   also tells a raw bridge from the same model in compatibility mode). It plugs into
   ``read_lenses``, ``lens_session``, ``evaluate_lenses`` and the views as a
   :class:`~tl_latentspaces.Lens` (``translate(x, label)``), like the tuned lens. An entry without a fitted matrix (``"0_pre"`` of a lens converted from
@@ -146,7 +146,7 @@ class JacobianLens:
 
     Attributes:
         matrices: ``{label: float32 [d_model, d_model]}`` on the CPU, in stack order.
-        identity: :class:`~tl_latentspaces.tuned_lens.ModelIdentity`.
+        identity: :class:`~tl_latentspaces.model.ModelIdentity`.
         info: dict.
     """
 

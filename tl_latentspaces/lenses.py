@@ -43,7 +43,7 @@ from tl_latentspaces.model import ModelAccess, ModelIdentity, Tokens
 from tl_latentspaces.readout import Readout, read_stack, tensor_key, vocab_major
 from tl_latentspaces.runner import stream_residuals
 from tl_latentspaces.results import LensInputs, LensResult
-from tl_latentspaces.tuned_lens import TunedLens
+from tl_latentspaces.translators import TunedLens
 
 __all__ = [
     "Lens",

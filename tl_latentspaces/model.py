@@ -348,6 +348,31 @@ class ModelAccess:
         """Apply the model's final normalization (weights included) to ``x`` in float32."""
         return self._final_norm_fn(x.to(torch.float32))
 
+    def final_norm_scale(self, h: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... 1"]:
+        """The per-row scale the final norm divides by: ``sqrt(mean(h^2) + eps)``, after centring
+        for LayerNorm; ones for a model without a final norm."""
+        norm_type = getattr(self.cfg, "normalization_type", None)
+        if norm_type is None:
+            return torch.ones(*h.shape[:-1], 1, dtype=h.dtype, device=h.device)
+        if str(norm_type).startswith("LN"):
+            h = h - h.mean(-1, keepdim=True)
+        return (h.pow(2).mean(-1, keepdim=True) + float(getattr(self.cfg, "eps", 1e-5))).sqrt()
+
+    def final_norm_gain(self) -> Float[torch.Tensor, " d_model"]:
+        """The final norm's per-feature gain (its weight; ones without a norm or when folded).
+
+        Read off the norm itself, so LayerNorm, RMSNorm, folded (``LNPre``) and missing norms
+        need no parameter names: for a zero-mean vector ``v`` of ``+-1``,
+        ``(norm(v) - norm(-v)) / 2 = gain * v / scale(v)`` (any bias cancels).
+        """
+        if getattr(self.cfg, "normalization_type", None) is None:
+            return torch.ones(self.d_model, device=self.device)
+        v = torch.ones(1, self.d_model, device=self.device)
+        v[0, 1::2] = -1.0
+        v = v - v.mean()
+        half_diff = (self.final_norm(v) - self.final_norm(-v)) / 2
+        return (half_diff * self.final_norm_scale(v) / v)[0]
+
     # ------------------------------------------------------------------ tokens
     @property
     def tokenizer(self) -> Any:

@@ -30,18 +30,15 @@ from typing import Any, Sequence, Union
 import torch
 
 from tl_latentspaces.alignment import AlignmentAccumulator
+from tl_latentspaces.cached_lenses import tuned_lens_for
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import default_corpus
-from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir
-from tl_latentspaces.distributed import current_context
 from tl_latentspaces.evaluation import LensEvalAccumulator
 from tl_latentspaces.files import write_files_atomic
-from tl_latentspaces.fitting import fit_tuned_lens
 from tl_latentspaces.lenses import read_lenses
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.narrative import tell_story
 from tl_latentspaces.runner import CorpusRunner
-from tl_latentspaces.tuned_lens import CONFIG_FILE, DEFAULT_FIT, TunedLens, default_tuned_lens
 from tl_latentspaces.views import PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid
 
 __all__ = ["Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
@@ -82,29 +79,6 @@ class Report:
 
     data: dict[str, Any]
     html: str
-
-
-def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, progress: bool = True) -> Any:
-    """A tuned lens for ``model``: the cached one if there is one, else fitted and cached.
-
-    The default model uses :func:`~tl_latentspaces.tuned_lens.default_tuned_lens`; any other model
-    gets a lens fitted on the default corpus, cached under its name and unembedding fingerprint.
-    """
-
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    if access.name == DEFAULT_MODEL_NAME:
-        return default_tuned_lens(access.model, cache_dir=cache_dir, progress=progress)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in access.name)
-    folder = default_cache_dir(cache_dir) / "tuned-lenses" / f"{safe}-{access.unembedding_fingerprint()}"
-    if (folder / CONFIG_FILE).is_file():
-        return TunedLens.load(folder, access)
-
-    # Short-context models get sequences that fit their context.
-    settings = dict(DEFAULT_FIT, seq_len=min(DEFAULT_FIT["seq_len"], int(getattr(access.cfg, "n_ctx", 128))))
-    lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **settings)
-    if current_context().is_main:  # under torchrun every rank fitted the same lens; one writes it
-        lens.save(folder)
-    return lens
 
 
 def _grid_data(results: dict[str, Any]) -> dict[str, Any]:
