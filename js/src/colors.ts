@@ -85,3 +85,21 @@ export function legendGradient(spec: ScaleSpec, steps = 11): string {
   }
   return `linear-gradient(to right, ${stops.join(", ")})`;
 }
+
+/** Viridis at 11 evenly spaced stops: perceptually uniform, lighter as it rises, readable in grey. */
+const VIRIDIS = [
+  "#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c",
+  "#22a884", "#44bf70", "#7ad151", "#bddf26", "#fde725"
+].map((hex) => [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)) as RGB);
+
+/** The viridis colour at `t` in [0, 1] (clamped), linear between the stops. */
+export function viridis(t: number): string {
+  const x = clamp(t, 0, 1) * (VIRIDIS.length - 1);
+  const i = Math.min(Math.floor(x), VIRIDIS.length - 2);
+  const f = x - i;
+  const c = VIRIDIS[i].map((a, k) => Math.round(a + (VIRIDIS[i + 1][k] - a) * f));
+  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+}
+
+/** Okabe-Ito: curve colours told apart with every common colour-vision deficiency. */
+export const CURVE_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"];

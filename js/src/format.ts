@@ -52,3 +52,9 @@ export function formatValue(value: number | null, metric: ValueFormat): string {
       return `${sign}${formatNumber(value)}${metric.unit ? ` ${metric.unit}` : ""}`;
   }
 }
+
+/** A number with at most `digits` significant digits and no trailing zeros ("0.9", "0.1235"). */
+export function formatSig(value: number | null, digits = 4): string {
+  if (value === null || !Number.isFinite(value)) return "n/a";
+  return String(Number(value.toPrecision(digits)));
+}

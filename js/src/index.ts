@@ -7,5 +7,9 @@
 export { render } from "./render-helper";
 export { LensGrid } from "./LensGrid";
 export { TokenDrift } from "./TokenDrift";
+export { MatrixHeatmap } from "./MatrixHeatmap";
+export { LayerCurves } from "./LayerCurves";
 export type { LensGridProps, LensGridLens, LensGridMetric } from "./LensGrid";
 export type { TokenDriftProps, TokenDriftMetric } from "./TokenDrift";
+export type { MatrixHeatmapProps } from "./MatrixHeatmap";
+export type { LayerCurvesProps, LayerCurveSeries } from "./LayerCurves";
