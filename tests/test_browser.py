@@ -386,7 +386,7 @@ def test_two_grids_and_other_views_share_a_notebook_page(open_page, runs, tmp_pa
     assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["embedding"])  # untouched
     pg.page.click(f'{second} [data-testid=lens-button][data-name="logit"]')
     assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["logit"])
-    assert pg.page.locator("rect.cell").count() == 16
+    assert pg.page.locator("[data-testid=matrix-cell]").count() == 16
     pg.assert_clean()
 
 
@@ -511,19 +511,174 @@ def test_circuitsvis_views_render_offline(open_page, runs, tmp_path):
     pg.assert_clean()
 
 
-def test_svg_figures_render(open_page, tmp_path):
+VIRIDIS = ["#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c",
+           "#22a884", "#44bf70", "#7ad151", "#bddf26", "#fde725"]  # js/src/colors.ts VIRIDIS
+MISSING = (229, 229, 229)  # js/src/colors.ts MISSING
+
+
+def viridis(t: float) -> tuple[int, ...]:
+    """js/src/colors.ts viridis, written again from its definition."""
+    x = min(max(t, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    f = x - i
+    a, b = ([int(h[k:k + 2], 16) for k in (1, 3, 5)] for h in VIRIDIS[i:i + 2])
+    return tuple(math.floor(p + (q - p) * f + 0.5) for p, q in zip(a, b))
+
+
+def _rgb(css: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", css)[:3])
+
+
+def _lightness(rgb: tuple[int, ...]) -> float:
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def test_matrix_heatmap(open_page, tmp_path):
     labels = ["0_pre", "1_pre", "2_pre", "final_post"]
-    cka = views.cka_matrix_view(torch.rand(4, 4, generator=torch.Generator().manual_seed(0)), labels)
-    curves = views.layer_curves_view(labels, {"angle": [0.9, 0.6, 0.4, 0.2]}, {"angle": (0.3, 0.05)}, ylabel="cos")
-    page = views.HTMLView(cka.local_src + curves.local_src, title="figures").to_html()
-    path = tmp_path / "figures.html"
-    path.write_text(page, encoding="utf-8")
-    pg = open_page(path, width=900, height=900)
-    assert pg.page.locator("rect.cell").count() == 16
-    box = pg.page.locator("rect.cell").first.bounding_box()
-    assert box["width"] > 5 and box["height"] > 5
-    assert pg.page.locator("polygon.null-band").count() == 1
-    pg.screenshot("figures_tiny.png")
+    m = torch.tensor([[1.0, 0.81, 0.52, float("nan")], [0.8, 1.0, 0.73, 0.41], [0.5, 0.7, 1.0, 0.62],
+                      [0.02, 0.43, 0.64, 1.0]])
+    view = views.cka_matrix_view(m, labels, title="CKA of four entries")
+    pg = open_page(view.save(tmp_path / "cka.html"), width=700, height=500)
+    pg.page.wait_for_selector("[data-testid=matrix-cell]")
+    assert pg.page.text_content("[data-testid=matrix-title]") == "CKA of four entries"
+    cells = pg.page.eval_on_selector_all(
+        "[data-testid=matrix-cell]", "els => els.map(e => [+e.dataset.row, +e.dataset.col, getComputedStyle(e).fill])")
+    assert len(cells) == 16 and {(i, j) for i, j, _ in cells} == {(i, j) for i in range(4) for j in range(4)}
+    colour = {(i, j): _rgb(css) for i, j, css in cells}
+    for (i, j), got in colour.items():
+        v = view.props["matrix"][i][j]
+        want = MISSING if v is None else viridis(v)  # the range is [0, 1]
+        assert all(abs(a - b) <= 1 for a, b in zip(got, want)), ((i, j), v, got, want)
+    # Lighter means larger: sorted by value, the cells get lighter.
+    ordered = sorted((v, colour[(i, j)]) for i, row in enumerate(view.props["matrix"]) for j, v in enumerate(row)
+                     if v is not None)
+    lightness = [_lightness(c) for _, c in ordered]
+    assert all(a < b for (va, _), (vb, _), a, b in zip(ordered, ordered[1:], lightness, lightness[1:]) if va < vb)
+    # Labels, the colour bar and its bounds, the key of the grey cell.
+    assert pg.page.locator("[data-testid=matrix-row-label]").all_text_contents() == labels
+    assert pg.page.locator("[data-testid=matrix-col-label]").all_text_contents() == labels
+    assert pg.page.text_content("[data-testid=matrix-bar-max]") == "1"
+    assert pg.page.text_content("[data-testid=matrix-bar-min]") == "0"
+    bar = pg.page.eval_on_selector_all("[data-testid=matrix-bar] rect[fill^=rgb]", "els => els.map(e => e.getAttribute('fill'))")
+    assert _lightness(_rgb(bar[0])) > _lightness(_rgb(bar[-1])) and len(bar) >= 20  # light at the top
+    top, low = (pg.page.locator(f"[data-testid=matrix-bar-{k}]").bounding_box()["y"] for k in ("max", "min"))
+    assert top < low
+    assert pg.page.locator("[data-testid=matrix-missing-key]").count() == 1
+    # Hover shows row, column and value; the diagonal says so; a click keeps a cell shown.
+    assert "Hover over a cell" in pg.page.text_content("[data-testid=matrix-details]")
+    cell = lambda i, j: pg.page.locator(f'[data-testid=matrix-cell][data-row="{i}"][data-col="{j}"]')  # noqa: E731
+    cell(3, 0).hover()
+    assert pg.page.text_content("[data-testid=matrix-details]") == "final_post × 0_pre: 0.02"
+    assert pg.page.text_content("[data-testid=matrix-details-value]") == "0.02"
+    cell(0, 3).hover()
+    assert pg.page.text_content("[data-testid=matrix-details-value]") == "n/a"
+    cell(1, 1).hover()
+    assert "an entry with itself" in pg.page.text_content("[data-testid=matrix-details]")
+    cell(2, 1).hover()
+    assert pg.page.text_content("[data-testid=matrix-details]") == "2_pre × 1_pre: 0.7"
+    pg.screenshot("matrix_heatmap_tiny.png")
+    cell(2, 1).click()
+    pg.page.hover("[data-testid=matrix-title]")
+    assert pg.page.text_content("[data-testid=matrix-details-row]") == "2_pre"
+    cell(2, 1).click()
+    pg.page.hover("[data-testid=matrix-title]")
+    assert "Hover over a cell" in pg.page.text_content("[data-testid=matrix-details]")
+    pg.assert_clean()
+
+    # A fixed range: values beyond it take the end colours, and the bar says so.
+    clipped = views.cka_matrix_view(m, labels, vmin=0.3, vmax=0.9)
+    pg = open_page(clipped.save(tmp_path / "clipped.html"), width=700, height=500)
+    pg.page.wait_for_selector("[data-testid=matrix-cell]")
+    assert pg.page.text_content("[data-testid=matrix-bar-max]") == "≥ 0.9"
+    assert pg.page.text_content("[data-testid=matrix-bar-min]") == "≤ 0.3"
+    low = pg.page.locator('[data-testid=matrix-cell][data-row="3"][data-col="0"]').evaluate("e => getComputedStyle(e).fill")
+    assert _rgb(low) == viridis(0.0)
+    pg.assert_clean()
+
+    # The report's size: 31 entries, every cell drawn, cells and labels readable.
+    big_labels = [f"{i}_pre" for i in range(30)] + ["final_post"]
+    big = views.cka_matrix_view(torch.rand(31, 31, generator=torch.Generator().manual_seed(0)), big_labels)
+    pg = open_page(big.save(tmp_path / "big.html"), width=900, height=800)
+    pg.page.wait_for_selector("[data-testid=matrix-cell]")
+    assert pg.page.locator("[data-testid=matrix-cell]").count() == 31 * 31
+    box = pg.page.locator("[data-testid=matrix-cell]").first.bounding_box()
+    assert box["width"] >= 12 and box["height"] >= 12
+    assert pg.page.locator("[data-testid=matrix-row-label]").all_text_contents() == big_labels
+    pg.assert_clean()
+
+
+def test_layer_curves(open_page, tmp_path):
+    labels = ["0_pre", "1_pre", "2_pre", "final_post"]
+    curves = {"angle": torch.tensor([0.9, 0.5, float("nan"), 0.2]), "variance": [0.1, 0.2, 0.3, 0.4]}
+    null = {"angle": (0.3, 0.05), "variance": (0.25, torch.tensor([0.1, 0.1, 0.1, 0.1]))}
+    view = views.layer_curves_view(labels, curves, null, ylabel="cosine", title="alignment")
+    p = view.props
+    pg = open_page(view.save(tmp_path / "curves.html"), width=900, height=500)
+    pg.page.wait_for_selector("[data-testid=curve-path]")
+    assert pg.page.text_content("[data-testid=curves-title]") == "alignment"
+    assert pg.page.text_content("[data-testid=curves-ylabel]") == "cosine"
+    # One path per series; the NaN splits the angle curve into two pieces of one path.
+    paths = pg.page.eval_on_selector_all("[data-testid=curve-path]", "els => els.map(e => [e.dataset.name, e.getAttribute('d')])")
+    assert [name for name, _ in paths] == ["angle", "variance"]
+    assert paths[0][1].count("M") == 2 and paths[1][1].count("M") == 1
+    colours = pg.page.eval_on_selector_all("[data-testid=curve-path]", "els => els.map(e => getComputedStyle(e).stroke)")
+    assert len(set(colours)) == 2
+    # Points sit where their values are: y is linear in the value, larger is higher.
+    pts = pg.page.eval_on_selector_all(
+        "[data-testid=curve-point]", "els => els.map(e => [e.dataset.name, +e.dataset.index, +e.getAttribute('cy')])")
+    assert [(n, i) for n, i, _ in pts] == [("angle", 0), ("angle", 1), ("angle", 3)] + [("variance", i) for i in range(4)]
+    ys = {(n, i): y for n, i, y in pts}
+    per_unit = (ys[("variance", 0)] - ys[("variance", 3)]) / 0.3
+    assert per_unit > 100
+    values = {s["name"]: s["values"] for s in p["series"]}
+    for (n, i), y in ys.items():
+        v = values[n][i]
+        assert y == pytest.approx(ys[("variance", 0)] - (v - 0.1) * per_unit, abs=0.05), (n, i)
+    # The null bands: one per baseline, a standard deviation either side of a dashed mean.
+    bands = pg.page.locator("[data-testid=null-band]")
+    assert bands.evaluate_all("els => els.map(e => e.dataset.name)") == ["angle", "variance"]
+    assert pg.page.locator("[data-testid=null-mean]").count() == 2
+    scale = per_unit * pg.page.locator("svg[role=img]").bounding_box()["height"] / float(
+        pg.page.get_attribute("svg[role=img]", "height"))
+    assert bands.nth(0).bounding_box()["height"] == pytest.approx(0.1 * scale, abs=1.0)
+    assert bands.nth(1).bounding_box()["height"] == pytest.approx(0.2 * scale, abs=1.0)
+    legend = pg.page.locator("[data-testid=curves-legend-item], [data-testid=curves-legend-null]").all_text_contents()
+    assert legend == ["angle", "angle (null ± 1 sd)", "variance", "variance (null ± 1 sd)"]
+    assert pg.page.locator("[data-testid=curves-x-tick]").all_text_contents() == labels
+    assert pg.page.locator("[data-testid=curves-y-tick]").all_text_contents() == [
+        f"{t:.{p['yDecimals']}f}" for t in p["yTicks"]]
+    # Hover picks an entry and shows every curve's value there, and its baseline.
+    assert "Hover over the plot" in pg.page.text_content("[data-testid=curves-details]")
+    column = lambda i: pg.page.locator(f'[data-testid=curves-column][data-index="{i}"]')  # noqa: E731
+    column(1).hover()
+    assert pg.page.text_content("[data-testid=curves-details-label]") == "1_pre"
+    assert pg.page.locator("[data-testid=curves-details-value]").all_text_contents() == ["0.5", "0.2"]
+    assert pg.page.locator("[data-testid=curves-details-null]").all_text_contents() == [
+        " (null 0.3 ± 0.05)", " (null 0.25 ± 0.1)"]
+    assert pg.page.locator("[data-testid=curves-cursor]").count() == 1
+    pg.screenshot("layer_curves_tiny.png")
+    column(2).hover()
+    assert pg.page.locator("[data-testid=curves-details-value]").all_text_contents() == ["n/a", "0.3"]
+    column(3).click()
+    pg.page.hover("[data-testid=curves-title]")
+    assert pg.page.text_content("[data-testid=curves-details-label]") == "final_post"
+    pg.assert_clean()
+
+    # A fixed y range clips what lies beyond it to the plot.
+    fixed = views.layer_curves_view(labels, {"a": [0.0, 5.0, -1.0, 1.0]}, ymin=0, ymax=10)
+    pg = open_page(fixed.save(tmp_path / "fixed.html"), width=900, height=500)
+    pg.page.wait_for_selector("[data-testid=curve-path]")
+    hit = ("e => { const b = e.getBoundingClientRect(); const at = document.elementFromPoint(b.x + b.width / 2,"
+           " b.y + b.height / 2); return at ? (at.dataset.testid || at.tagName) : null; }")
+    point = lambda i: pg.page.locator(f'[data-testid=curve-point][data-index="{i}"]')  # noqa: E731
+    assert point(1).evaluate(hit) == "curves-column"  # inside the plot: the hover target lies on top
+    plot, figure, below = (pg.page.locator(s).first.bounding_box() for s in (
+        "[data-testid=curves-column]", "svg[role=img]", '[data-testid=curve-point][data-index="2"]'))
+    assert plot["y"] + plot["height"] < below["y"] < figure["y"] + figure["height"]  # in the figure, under the plot
+    assert point(2).evaluate(hit) not in ("curves-column", "curve-point")  # -1 < ymin: clipped away
+    assert pg.page.locator("[data-testid=null-band]").count() == 0
+    assert pg.page.locator("[data-testid=curves-y-tick]").all_text_contents() == ["0", "2", "4", "6", "8", "10"]
     pg.assert_clean()
 
 

@@ -12,7 +12,6 @@ import re
 import shutil
 import socket
 import subprocess
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -650,41 +649,33 @@ def test_layer_predictions_needs_the_next_tokens(runs):
         views.layer_predictions(clean["logit"], 17)
 
 
-# ---------------------------------------------------------------------- SVG figures
-def _svg(view) -> ET.Element:
-    root = ET.fromstring(view.svg)  # well-formed XML, or this raises
-    assert root.tag == "{http://www.w3.org/2000/svg}svg"
-    return root
-
-
-NS = "{http://www.w3.org/2000/svg}"
-
-
+# ---------------------------------------------------------------------- figures
 def test_cka_matrix_view():
     labels = ["0_pre", "1_pre", "2_pre", "final_post"]
     m = torch.tensor([[1.0, 0.8, 0.5, float("nan")], [0.8, 1.0, 0.7, 0.4], [0.5, 0.7, 1.0, 0.6], [0.2, 0.4, 0.6, 1.0]])
     view = views.cka_matrix_view(m, labels)
-    root = _svg(view)
-    cells = [el for el in root.iter(f"{NS}rect") if el.get("class") == "cell"]
-    assert len(cells) == 16
-    by_ij = {(int(c.get("data-i")), int(c.get("data-j"))): c for c in cells}
-    assert by_ij[(0, 1)].get("data-value") == "0.8" and by_ij[(3, 0)].get("data-value") == "0.2"
-    assert by_ij[(0, 3)].get("fill") == "#dddddd" and by_ij[(0, 3)].find(f"{NS}title").text.endswith("n/a")
-    assert by_ij[(0, 0)].get("fill") == "#fde725"  # 1.0 is the top of viridis
-    assert by_ij[(0, 0)].find(f"{NS}title").text == "0_pre × 0_pre: 1"
-    assert [t.text for t in root.iter(f"{NS}text") if t.get("class") == "row-label"] == labels
-    assert view.props["vmin"] == 0.0 and view.props["vmax"] == 1.0
-    assert view.props["matrix"][0][3] is None and view.props["labels"] == labels
+    assert view.component == "MatrixHeatmap" and view.title == "CKA between layers"
+    p = view.props
+    assert _embedded_props(view.local_src) == p  # the page draws exactly the props
+    assert "TLLatentSpaces.MatrixHeatmap" in view.local_src
+    assert p["matrix"][0][1] == 0.8 and p["matrix"][3][0] == 0.2 and p["matrix"][0][0] == 1.0
+    assert p["matrix"][0][3] is None and p["labels"] == labels
+    assert p["vmin"] == 0.0 and p["vmax"] == 1.0
     zero = views.cka_matrix_view(torch.zeros(2, 2), ["a", "b"], vmin=0, vmax=1)
-    assert all(c.get("fill") == "#440154" for c in _svg(zero).iter(f"{NS}rect") if c.get("class") == "cell")
+    assert zero.props["matrix"] == [[0.0, 0.0], [0.0, 0.0]] and (zero.props["vmin"], zero.props["vmax"]) == (0.0, 1.0)
     wide = views.cka_matrix_view([[1.2, -0.1], [-0.1, 1.0]], ["a", "b"])
     assert (wide.props["vmin"], wide.props["vmax"]) == (-0.1, 1.2)
+    assert views.cka_matrix_view([[0.5]], ["a"], vmin=0.2, vmax=0.4).props["matrix"] == [[0.5]]  # drawn clipped
     with pytest.raises(ValueError, match="square"):
         views.cka_matrix_view(torch.zeros(2, 3), ["a", "b"])
     with pytest.raises(ValueError, match="3 layers but 2 labels"):
         views.cka_matrix_view(torch.zeros(3, 3), ["a", "b"])
+    with pytest.raises(ValueError, match="vmax must be greater than vmin"):
+        views.cka_matrix_view(torch.eye(2), ["a", "b"], vmin=1, vmax=1)
+    with pytest.raises(ValueError, match="finite"):
+        views.cka_matrix_view(torch.eye(2), ["a", "b"], vmax=float("inf"))
     big = views.cka_matrix_view(torch.rand(31, 31), [f"{i}_pre" for i in range(30)] + ["final_post"])
-    assert len([c for c in _svg(big).iter(f"{NS}rect") if c.get("class") == "cell"]) == 31 * 31
+    assert len(big.props["matrix"]) == 31 and all(len(row) == 31 for row in big.props["matrix"])
 
 
 def test_layer_curves_view():
@@ -692,26 +683,23 @@ def test_layer_curves_view():
     curves = {"angle": torch.tensor([0.9, 0.5, float("nan"), 0.2]), "variance": [0.1, 0.2, 0.3, 0.4]}
     null = {"angle": (torch.tensor([0.3, 0.3, 0.3, 0.3]), 0.05), "variance": (0.25, torch.tensor([0.1, 0.1, 0.1, 0.1]))}
     view = views.layer_curves_view(labels, curves, null, ylabel="cosine", title="alignment")
-    root = _svg(view)
-    groups = [g for g in root.iter(f"{NS}g") if g.get("class") == "curve"]
-    assert [g.get("data-name") for g in groups] == ["angle", "variance"]
-    # The NaN splits the angle curve in two; points carry their values.
-    assert len(groups[0].findall(f"{NS}polyline")) == 2 and len(groups[1].findall(f"{NS}polyline")) == 1
-    assert [c.find(f"{NS}title").text for c in groups[0].findall(f"{NS}circle")] == [
-        "angle at 0_pre: 0.9", "angle at 1_pre: 0.5", "angle at final_post: 0.2"]
-    bands = [p for p in root.iter(f"{NS}polygon") if p.get("class") == "null-band"]
-    assert [b.get("data-name") for b in bands] == ["angle", "variance"]
-    assert len([p for p in root.iter(f"{NS}polyline") if p.get("class") == "null-mean"]) == 2
+    assert view.component == "LayerCurves" and view.title == "alignment"
     p = view.props
-    assert p["curves"]["angle"] == [0.9, 0.5, None, 0.2] and p["null"]["angle"]["std"] == [0.05] * 4
-    assert p["null"]["variance"]["mean"] == [0.25] * 4
+    assert _embedded_props(view.local_src) == p
+    assert [s["name"] for s in p["series"]] == ["angle", "variance"]  # in the order given
+    angle, variance = p["series"]
+    # The NaN is a gap (None); the baselines are spread to one value per label.
+    assert angle["values"] == [0.9, 0.5, None, 0.2] and variance["values"] == [0.1, 0.2, 0.3, 0.4]
+    assert angle["baseline"] == {"mean": [0.3] * 4, "std": [0.05] * 4}
+    assert variance["baseline"] == {"mean": [0.25] * 4, "std": [0.1] * 4}
     # The y range holds the curves and the null bands (0.15 .. 0.35 for variance).
     assert p["ymin"] <= 0.1 and p["ymax"] >= 0.9
-    texts = [t.text for t in root.iter(f"{NS}text")]
-    assert "alignment" in texts and "cosine" in texts and "angle (null ± 1 sd)" in texts
-    assert [t.text for t in root.iter(f"{NS}text") if t.get("class") == "x-tick"] == labels
+    assert p["labels"] == labels and p["ylabel"] == "cosine" and p["title"] == "alignment"
+    assert len(p["yTicks"]) >= 3 and p["ymin"] <= p["yTicks"][0] < p["yTicks"][-1] <= p["ymax"]
+    assert views.layer_curves_view(labels, {"a": [1, 2, 3, 4]}, ylabel="nats").title == "nats"
     fixed = views.layer_curves_view(labels, {"a": [1, 2, 3, 4]}, ymin=0, ymax=10)
-    assert (fixed.props["ymin"], fixed.props["ymax"]) == (0, 10) and fixed.props["null"] == {}
+    assert (fixed.props["ymin"], fixed.props["ymax"]) == (0, 10) and "baseline" not in fixed.props["series"][0]
+    assert fixed.props["yTicks"] == [0, 2, 4, 6, 8, 10] and fixed.props["yDecimals"] == 0
     with pytest.raises(ValueError, match="no curve of that name"):
         views.layer_curves_view(labels, curves, {"other": (0.1, 0.1)})
     with pytest.raises(ValueError, match=r"shape \[4\]"):
@@ -720,6 +708,8 @@ def test_layer_curves_view():
         views.layer_curves_view(labels, curves, {"angle": 0.3})
     with pytest.raises(ValueError, match="non-empty dict"):
         views.layer_curves_view(labels, {})
+    with pytest.raises(ValueError, match="ymax must be greater than ymin"):
+        views.layer_curves_view(labels, {"a": [1, 2, 3, 4]}, ymin=5, ymax=5)
 
 
 def test_nice_ticks():
@@ -732,8 +722,11 @@ def test_nice_ticks():
 def test_figures_save_as_pages(tmp_path):
     view = views.cka_matrix_view(torch.eye(3), ["a", "b", "c"], title="<CKA & co>")
     page = view.save(tmp_path / "cka.html").read_text(encoding="utf-8")
-    assert "<title>&lt;CKA &amp; co&gt;</title>" in page and view.svg in page
-    assert "<script" not in page
+    assert "<title>&lt;CKA &amp; co&gt;</title>" in page and view.local_src in page
+    assert "<CKA" not in page  # escaped in <title>, written \u003c in the script
+    assert _embedded_props(page)["title"] == "<CKA & co>"  # the same string to JavaScript
+    with pytest.raises(AttributeError, match=r"view\.props"):
+        view.svg  # the SVG string went with the Python drawing code
 
 
 # ---------------------------------------------------------------------- the bundle is reproducible

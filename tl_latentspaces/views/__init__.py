@@ -14,7 +14,8 @@ Content-Security-Policy.
   with our ``TokenDrift`` component.
 * :func:`layer_predictions`: one layer's next-token predictions with CircuitsVis's
   ``TokenLogProbs``.
-* :func:`cka_matrix_view`, :func:`layer_curves_view`: static SVG figures of alignment results.
+* :func:`cka_matrix_view`, :func:`layer_curves_view`: figures of alignment results (our
+  ``MatrixHeatmap`` and ``LayerCurves`` components), with values on hover.
 
 One module per component, as CircuitsVis has: ``render`` (the view object and the bundle),
 ``lens_grid``, ``tokens`` (token text, drift, predictions), ``figures``; ``scales`` holds the

@@ -43,10 +43,10 @@ class HTMLView(RenderedHTML):
         cdn_src: CircuitsVis's CDN fragment for CircuitsVis components; for our own components
             (no CDN hosts them) the same as ``local_src``.
         title: The saved page's title.
-        component: The React component drawn (``"LensGrid"``, ``"ColoredTokensMulti"``,
-            ``"TokenLogProbs"``), or None for a static SVG figure.
-        props: The data the component (or figure) receives, as plain Python lists and numbers.
-        svg: The SVG document of a static figure, else None.
+        component: The React component drawn (``"LensGrid"``, ``"TokenDrift"``,
+            ``"MatrixHeatmap"``, ``"LayerCurves"``, ``"TokenLogProbs"``), or None for HTML put
+            together from several views.
+        props: The data the component receives, as plain Python lists and numbers.
     """
 
     def __init__(
@@ -57,13 +57,20 @@ class HTMLView(RenderedHTML):
         title: str = "",
         component: Optional[str] = None,
         props: Optional[dict[str, Any]] = None,
-        svg: Optional[str] = None,
     ):
         super().__init__(local_src, local_src if cdn_src is None else cdn_src)
         self.title = title
         self.component = component
         self.props = props
-        self.svg = svg
+
+    @property
+    def svg(self) -> str:
+        """Removed: the figures are components of the bundle, drawn in the browser."""
+        raise AttributeError(
+            "HTMLView.svg is gone: cka_matrix_view and layer_curves_view now render the bundle's "
+            "MatrixHeatmap and LayerCurves components, drawn by the browser. Their data is in "
+            "view.props; view.save(path) writes a page that opens offline."
+        )
 
     def _repr_html_(self) -> str:
         # The inlined source, always: CircuitsVis's version probes the internet first.
@@ -76,7 +83,7 @@ class HTMLView(RenderedHTML):
         return self.local_src
 
     def __repr__(self) -> str:
-        kind = self.component or "svg figure"
+        kind = self.component or "HTML"
         return f"<HTMLView {kind}{': ' + self.title if self.title else ''} ({len(self.local_src):,} chars)>"
 
     def to_html(self) -> str:
