@@ -489,13 +489,6 @@ class _Targets:
     u_k: torch.Tensor  # [n, d] = p_k @ W_k.T
 
 
-def _final_log_probs(readout: _Readout, final: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    out = []
-    for s in range(0, final.shape[0], chunk):
-        out.append(torch.log_softmax(readout.logits(readout.norm(final[s : s + chunk]), b=readout.b_U), -1))
-    return torch.cat(out, 0)
-
-
 def _working_vocab(readout: _Readout, final: torch.Tensor, size: int, chunk: int = 512) -> torch.Tensor:
     """The ``size`` tokens with the most final probability mass over ``final``'s positions."""
     V = readout.W_U.shape[1]
