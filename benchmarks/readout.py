@@ -3,13 +3,15 @@
 Two tables, each measured in one run (interleaved rounds, medians), on the default model
 (SmolLM2-135M-Instruct), all 31 stack entries, top-5 + entropy + KL to final for every cell:
 
-1. One short prompt (the notebook case): ``forward`` (the plain forward pass); ``logit``
+1. One short prompt (the notebook case): ``forward`` (the plain forward pass); ``matmul`` (the bare
+   float32 products of the prompt's normalized stack with ``W_U``, tiled as the readout tiles them:
+   with ``forward`` the floor of any exact full-vocabulary readout); ``logit``
    (``tl_latentspaces.logit_lens``, its own forward pass included); ``logit+embedding``
    (``read_lenses(("logit", "embedding"))``); ``transformer_lens`` (TransformerLens 4.3's
    ``tools.analysis.logit_lens(top_k=5)``: top-5 and entropy, no KL, its own forward included).
 2. One 512-token sequence of held-out text, read from a cache: ``floor`` (the bare
    ``[31*512, 576] @ [576, 49152]`` float32 matmul, one shot), ``floor_tiled`` (the same products
-   as 512-row x ``TILE_COLS`` tiles into one buffer: what the readout multiplies, nothing else),
+   as 512-row x ``TILE_COLS`` tiles: what the readout multiplies, nothing else),
    ``ours`` (``logit_lens(cache=...)``), ``floor_tiled_bf16`` and ``ours_bf16`` (the bfloat16
    readout, ``read_stack(readout_dtype=torch.bfloat16)``), optionally ``transformer_lens``
    (two calls: top-5, and full log-probs for KL).
@@ -130,6 +132,26 @@ def table(rows, base, base_label):
     return lines
 
 
+def floor_tiled(y_all, w):
+    """The bare products ``y_all @ w.T`` as 512-row x ``TILE_COLS`` tiles: what a readout multiplies, nothing else."""
+    for start in range(0, y_all.shape[0], 512):
+        y = y_all[start : start + 512]
+        for a in range(0, w.shape[0], TILE_COLS):
+            torch.mm(y, w[a : min(a + TILE_COLS, w.shape[0])].T)
+
+
+def short_floor_lines(sp):
+    """The least an exact full-vocabulary readout of the prompt can take: its forward pass plus the bare products."""
+    floor = sp["forward"][0] + sp["matmul"][0]
+    return [
+        f"- Floor of any exact readout of every entry (plain forward + bare products, `forward` + `matmul`): "
+        f"{floor:.3f} s = **{floor / sp['transformer_lens'][0]:.2f}** of TransformerLens's time and "
+        f"{floor / sp['forward'][0]:.2f}x the forward; ours spends {sp['logit'][0] - floor:.3f} s above it "
+        f"(logit) and {sp['logit+embedding'][0] - sp['forward'][0] - 2 * sp['matmul'][0]:.3f} s "
+        "(logit + embedding, two sets of products).",
+    ]
+
+
 def short_report(sp, prompt, access, args, load_start):
     return [
         "# Readout benchmark: the default model, all 31 stack entries, top-5 + entropy + KL to final",
@@ -149,6 +171,7 @@ def short_report(sp, prompt, access, args, load_start):
         f"- logit lens / TransformerLens `logit_lens(top_k=5)`: **{sp['logit'][0] / sp['transformer_lens'][0]:.2f}** "
         "(target <= 0.5; ours also computes KL to final, theirs does not).",
         f"- logit + embedding / logit alone: **{sp['logit+embedding'][0] / sp['logit'][0]:.2f}x** (target <= 1.5x).",
+        *short_floor_lines(sp),
     ]
 
 
@@ -171,10 +194,16 @@ def main() -> int:
 
     # ---------------------------------------------------------------- one short prompt
     prompt = model.to_tokens(args.prompt, prepend_bos=True)
+    names = [name for _, name in access.stack_sites()]
+    with torch.no_grad():
+        _, short_cache = model.run_with_cache(prompt, names_filter=lambda n: n in names)
+        short_normed = torch.cat([access.final_norm(short_cache[n][0]) for n in names])  # [31 x pos, d_model]
+    wt = vocab_major(access.W_U.detach().contiguous()).T  # [d_vocab, d_model], the layout the readout multiplies by
     with torch.no_grad():
         short = timed(
             [
                 ("forward", lambda: model(prompt)),
+                ("matmul", lambda: floor_tiled(short_normed, wt)),
                 ("logit", lambda: tll.logit_lens(model, prompt, top_k=5)),
                 ("logit+embedding", lambda: tll.read_lenses(model, prompt, lenses=("logit", "embedding"), top_k=5)),
                 ("transformer_lens", lambda: tl_logit_lens(model, prompt, positions=None, top_k=5, return_type="probs")),
@@ -194,16 +223,13 @@ def main() -> int:
 
     # ---------------------------------------------------------------- 512 tokens
     tokens = tokenize_corpus(model, default_corpus("heldout"), seq_len=args.tokens)[:1]
-    names = [name for _, name in access.stack_sites()]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     E = len(names)
     normed = torch.cat([access.final_norm(cache[n][0]) for n in names])  # for the floors only
     W_U = access.W_U.detach().contiguous()
-    wt = vocab_major(W_U).T  # [d_vocab, d_model], the layout the readout multiplies by
     wt_bf16 = wt.to(torch.bfloat16)
     normed_bf16 = normed.to(torch.bfloat16)
-    tile_buf = torch.empty(512, TILE_COLS)
     stack = torch.stack([cache[n][0] for n in names])
     lens = tll.LogitLens(access)
 
@@ -211,20 +237,11 @@ def main() -> int:
         return read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens,
                           top_k=5, readout_dtype=dtype)
 
-    def floor_tiled(y_all, w, out):
-        for start in range(0, y_all.shape[0], 512):
-            y = y_all[start : start + 512]
-            for a in range(0, w.shape[0], TILE_COLS):
-                b = min(a + TILE_COLS, w.shape[0])
-                r = torch.mm(y, w[a:b].T)
-                if out is not None:
-                    out[: y.shape[0], : b - a].copy_(r)
-
     methods = [
         ("floor", lambda: normed @ W_U),
-        ("floor_tiled", lambda: floor_tiled(normed, wt, None)),
+        ("floor_tiled", lambda: floor_tiled(normed, wt)),
         ("ours", lambda: tll.logit_lens(model, tokens, cache=cache, top_k=5)),
-        ("floor_tiled_bf16", lambda: floor_tiled(normed_bf16, wt_bf16, None)),
+        ("floor_tiled_bf16", lambda: floor_tiled(normed_bf16, wt_bf16)),
         ("ours_bf16", lambda: read(torch.bfloat16)),
     ]
     if args.transformer_lens_512:
@@ -277,6 +294,7 @@ def main() -> int:
         f"- logit lens / TransformerLens `logit_lens(top_k=5)`: **{sp['logit'][0] / sp['transformer_lens'][0]:.2f}** "
         "(target <= 0.5; ours also computes KL to final, theirs does not).",
         f"- logit + embedding / logit alone: **{sp['logit+embedding'][0] / sp['logit'][0]:.2f}x** (target <= 1.5x).",
+        *short_floor_lines(sp),
         "",
         f"## {tokens.shape[1]} tokens of held-out text, {E} entries, from a cache",
         "",
