@@ -30,6 +30,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, TypeVar
 
+import safetensors.torch
 import torch
 
 __all__ = [
@@ -241,18 +242,16 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> Any:
 
 def encode_state(state: dict[str, Any]) -> torch.Tensor:
     """A (nested) state dict of tensors and JSON values as one safetensors byte buffer."""
-    from safetensors.torch import save
 
     flat: dict[str, torch.Tensor] = {}
     _flatten(state, "", flat)
-    return torch.frombuffer(bytearray(save(flat)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(safetensors.torch.save(flat)), dtype=torch.uint8)
 
 
 def decode_state(buf: torch.Tensor) -> dict[str, Any]:
     """The state dict :func:`encode_state` wrote (no pickle: safetensors and JSON only)."""
-    from safetensors.torch import load
 
-    return _unflatten(load(bytes(buf.numpy().tobytes())))
+    return _unflatten(safetensors.torch.load(bytes(buf.numpy().tobytes())))
 
 
 def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-__all__ = ["json_safe", "write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
+import torch
+
+__all__ = ["json_safe", "read_torch_dict", "write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -101,6 +104,25 @@ def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[P
 def json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON values (a JSON round trip; anything JSON cannot hold becomes its ``str``)."""
     return json.loads(json.dumps(obj, default=str))
+
+
+def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
+    """A ``torch.save`` file holding a dict, read with ``torch.load(weights_only=True)``: tensors and
+    plain containers only, never code. ``holds`` describes the dict expected, ``fix`` is added to the
+    refusal of a file that carries code. Raises ValueError naming the file."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain tensor file (the unpickler, restricted to tensors "
+            f"and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run arbitrary "
+            f"code, so nothing in it was executed.{' ' + fix if fix else ''}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} must hold a dict ({holds}), got {type(state).__name__}.")
+    return state
 
 
 def sha256_hex(data: bytes) -> str:

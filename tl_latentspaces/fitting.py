@@ -57,7 +57,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import safetensors.torch
 import torch
+from tqdm.auto import tqdm
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_float, check_int
@@ -334,7 +336,6 @@ def _collect(
     ckpt: Optional["_Checkpoint"],
     progress: bool,
 ) -> _Stats:
-    from tqdm.auto import tqdm
 
     L, d = access.n_layers, access.d_model
     names = dict(access.stack_sites())
@@ -671,7 +672,6 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
 
 def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess, weight: torch.Tensor,
             bias: torch.Tensor, report: dict, ckpt: Optional["_Checkpoint"], progress: bool):
-    from tqdm.auto import tqdm
 
     L, d = access.n_layers, access.d_model
     if stats.refine.shape[1] == 0:
@@ -811,7 +811,6 @@ class _Checkpoint:
         return state
 
     def _write(self, phase: str, tensors: dict, extra: dict) -> None:
-        from safetensors.torch import save
 
         if not current_context().is_main:
             return  # under torchrun every rank holds the same state; rank 0 alone writes it
@@ -820,7 +819,7 @@ class _Checkpoint:
                                   "model": asdict(self.identity), "files": {}}
         counter = int(state.get("counter", 0)) + 1
         name = f"{phase}-{counter:06d}.safetensors"
-        write_bytes_atomic(self.folder / name, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+        write_bytes_atomic(self.folder / name, safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
         old = state["files"].get(phase)
         state["files"][phase] = name
         state["counter"] = counter
@@ -831,12 +830,11 @@ class _Checkpoint:
         _checkpoint_saved(phase, extra)
 
     def _read(self, phase: str, device: torch.device) -> Optional[tuple[dict, dict]]:
-        from safetensors.torch import load_file
 
         state = self._state()
         if state is None or phase not in state.get("files", {}):
             return None
-        tensors = load_file(str(self.folder / state["files"][phase]))
+        tensors = safetensors.torch.load_file(str(self.folder / state["files"][phase]))
         return {k: v.to(device) for k, v in tensors.items()}, state[phase]
 
     def save_collect(self, stats: _Stats) -> None:

@@ -67,19 +67,21 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 from jaxtyping import Float
 
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
-from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic
+from tl_latentspaces.files import json_safe, read_torch_dict, replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
@@ -277,7 +279,6 @@ class JacobianLens:
         Written under a temporary name and renamed into place; an existing lens folder is
         replaced, any other existing file or folder refused.
         """
-        from safetensors.torch import save_file
 
         try:
             blob = json.dumps(self._config(), indent=2, allow_nan=False)
@@ -286,7 +287,7 @@ class JacobianLens:
         tensors = dict(self.matrices)
 
         def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
+            safetensors.torch.save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
             (tmp / CONFIG_FILE).write_text(blob)
 
         return replace_folder_atomic(Path(path), write, own_marker=CONFIG_FILE, what="Jacobian lens folder")
@@ -294,8 +295,6 @@ class JacobianLens:
     @classmethod
     def load(cls, path: PathLike, model: Any) -> "JacobianLens":
         """Load a lens saved by :meth:`save` and check it against ``model``."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         folder = Path(path)
         cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
@@ -321,7 +320,7 @@ class JacobianLens:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{cfg_path} has no valid 'model' entry ({err}); the folder is damaged.") from err
         try:
-            tensors = load_file(str(params_path))
+            tensors = safetensors.torch.load_file(str(params_path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {params_path} as safetensors: {err}.") from err
         labels = list(config.get("labels", []))
@@ -369,7 +368,7 @@ class JacobianLens:
             "converted_from": "transformer_lens.tools.analysis.JacobianLens",
             "n_prompts": int(getattr(lens, "n_prompts", 0)),
             "model_kind": "bridge-raw",
-            "transformer_lens_metadata": _jsonable(dict(getattr(lens, "metadata", {}) or {})),
+            "transformer_lens_metadata": json_safe(dict(getattr(lens, "metadata", {}) or {})),
         }
         converted = cls(ModelIdentity.of(access), matrices, info=info, name=name)
         converted._checked = _check_key(access)  # its identity is this model's: no second hash
@@ -449,7 +448,7 @@ class JacobianLens:
                 "checked by TransformerLens >= 4.3 (transformer_lens.tools.analysis.JacobianLens); "
                 "install it to read them."
             ) from err
-        payload = _safe_torch_load(Path(path))
+        payload = read_torch_dict(Path(path), holds="keys 'J', 'd_model', ...")
         if "J" in payload:
             jac = payload["J"]
             n_prompts = payload.get("n_prompts", 0)
@@ -510,14 +509,12 @@ class _Checkpoint:
         self.fingerprint = digest.hexdigest()[:16]
 
     def save(self, sums: _JacobianSums, done: int) -> None:
-        from safetensors.torch import save
 
         meta = {"fingerprint": self.fingerprint, "done": str(done), "n": str(sums.n)}
-        write_bytes_atomic(self.path, save({"sums": sums.sums.contiguous()}, metadata=meta))
+        write_bytes_atomic(self.path, safetensors.torch.save({"sums": sums.sums.contiguous()}, metadata=meta))
 
     def load(self, sums: _JacobianSums) -> int:
         """Sequences of this process already in ``sums`` (0 without a checkpoint)."""
-        from safetensors import safe_open
 
         if not self.path.is_file():
             return 0
@@ -693,7 +690,6 @@ def fit_jacobian_lens(
     Example:
         >>> lens = fit_jacobian_lens(model, texts, max_tokens=4 * 64, seq_len=64)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
 
     access = _access(model)
     access.require_eval("fit_jacobian_lens")
@@ -782,26 +778,3 @@ def fit_jacobian_lens(
     }
     default_name = "jacobian" if mode == "exact" else "jacobian_sketch"
     return JacobianLens(ModelIdentity.of(access), matrices, info=info, name=name or default_name)
-
-
-# ---------------------------------------------------------------------- helpers
-def _safe_torch_load(path: Path) -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor file (the unpickler, restricted to "
-            f"tensors and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run "
-            "arbitrary code, so nothing in it was executed."
-        ) from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} must hold a dict (keys 'J', 'd_model', ...), got {type(state).__name__}.")
-    return state
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-

@@ -34,7 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import tokenize_corpus
@@ -130,16 +133,14 @@ class CorpusRunner:
 
     def _save(self, rank: int, done: int, consumers: dict[str, Any]) -> None:
         """One file per rank holding every consumer's state and the batch count, replaced atomically."""
-        from safetensors.torch import save
 
         path = self._checkpoint_path(rank)
         tensors = {name: encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
                 "world_size": str(current_context().world_size), "model": json.dumps(asdict(self.identity))}
-        write_bytes_atomic(path, save(tensors, metadata=meta))
+        write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
 
     def _load(self, rank: int, consumers: dict[str, Any]) -> int:
-        from safetensors import safe_open
 
         if self.checkpoint_dir is None or not self._checkpoint_path(rank).is_file():
             return 0
@@ -224,7 +225,6 @@ def stream_residuals(
     after it (:meth:`~tl_latentspaces.hooks.HookSession.forward_until`): the logits, which
     nothing here reads, are never computed.
     """
-    from tqdm.auto import tqdm
 
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("streaming the residual stream")

@@ -38,16 +38,17 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from jaxtyping import Float
 
-from tl_latentspaces.files import json_safe, sha256_hex, write_into_folder
+from tl_latentspaces.files import json_safe, read_torch_dict, sha256_hex, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
 __all__ = ["ModelIdentity", "TunedLens", "translate_rows", "CONFIG_FILE", "PARAMS_FILE", "PKG_CONFIG_FILE", "PKG_PARAMS_FILE"]
@@ -293,7 +294,6 @@ class TunedLens(torch.nn.Module):
         Returns:
             The folder written.
         """
-        from safetensors.torch import save
 
         self.check_finite("save")
         folder = Path(path)
@@ -302,7 +302,7 @@ class TunedLens(torch.nn.Module):
             "weight": self.weight.detach().to("cpu", torch.float32).contiguous(),
             "bias": self.bias.detach().to("cpu", torch.float32).contiguous(),
         }
-        params = save(tensors, metadata={"format": _FORMAT})
+        params = safetensors.torch.save(tensors, metadata={"format": _FORMAT})
         config["params_sha256"] = sha256_hex(params)
         final = _config_bytes(config)
         files = [(PARAMS_FILE, params), (CONFIG_FILE, final)]
@@ -334,8 +334,6 @@ class TunedLens(torch.nn.Module):
             FileNotFoundError: If the folder or its files are missing.
             ValueError: On a malformed file, missing or extra layers, or a model mismatch.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_bytes
 
         folder = Path(path)
         cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
@@ -366,7 +364,7 @@ class TunedLens(torch.nn.Module):
             )
         try:
             data = params_path.read_bytes()
-            tensors = load_bytes(data)
+            tensors = safetensors.torch.load(data)
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
         config, unmatched = _matching_config(config, sha256_hex(data), cfg_path, params_path)
@@ -494,7 +492,13 @@ class TunedLens(torch.nn.Module):
                 + "; ".join(problems)
                 + ". Load the lens made for this model, or fit one with tl_latentspaces.fit_tuned_lens."
             )
-        state = _safe_torch_load(params_path)
+        state = read_torch_dict(
+            params_path, holds="named tensors '0.weight', '0.bias', ...",
+            fix="Re-save the translators from trusted code with "
+            "torch.save(lens.layer_translators.state_dict(), 'params.pt').",
+        )
+        if not all(isinstance(k, str) for k in state):
+            raise ValueError(f"{params_path} must hold a dict of named tensors ('0.weight', '0.bias', ...).")
         L, d = access.n_layers, access.d_model
         has_bias = bool(config.get("bias", True))
         expected = {f"{layer}.weight" for layer in range(L)} | (
@@ -629,26 +633,6 @@ def _tensor_entry(state: dict, key: str, shape: tuple[int, ...], where: Path) ->
     if not torch.isfinite(t).all():
         raise ValueError(f"{where}: {key!r} holds NaN or inf values.")
     return t.to(torch.float32)
-
-
-def _safe_torch_load(path: Path) -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor state dict (the unpickler, restricted "
-            f"to tensors and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can "
-            "run arbitrary code, so nothing in it was executed. Re-save the translators from trusted "
-            "code with torch.save(lens.layer_translators.state_dict(), 'params.pt')."
-        ) from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(
-            f"{path} must hold a dict of named tensors ('0.weight', '0.bias', ...), got {type(state).__name__}."
-        )
-    return state
 
 
 def _package_unembed_hash(access: ModelAccess) -> str:
