@@ -7,6 +7,9 @@ norm. Integration tests use the real default model (marked ``integration``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -97,20 +100,29 @@ def tiny(request):
     return request.param()
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one CPU thread inside the block, the caller's setting restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread(request):
-    """Run a test on one torch thread (the library's own ``_one_thread``), unless it is marked slow.
+    """Run a test on one torch thread (:func:`single_thread`), unless it is marked slow.
 
     Small fits gain little from several threads, and on a shared 2-core machine torch's OpenMP
     barriers make small kernels up to 100x slower while another process holds a core. Slow
-    real-model tests keep torch's setting.
+    real-model tests keep torch's setting. (The library itself never changes the thread count.)
     """
     if request.node.get_closest_marker("slow"):
         yield
         return
-    from tl_latentspaces.alignment import _one_thread
-
-    with _one_thread():
+    with single_thread():
         yield
 
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import tl_latentspaces.alignment as al
 from conftest import GPT_LIKE, LLAMA_LIKE, TL_MAJOR, build_bridge, build_hooked
 from tl_latentspaces import hook_counts
 from tl_latentspaces.alignment import AlignmentAccumulator, alignment_from_cache, alignment_suite
-from tl_latentspaces.alignment_math import (
+from tl_latentspaces.stats import (
+    binned_quantiles,
+    haar_bases,
+    integer_quantiles,
     linear_cka,
     orthonormal_basis,
     principal_angles,
@@ -208,7 +210,7 @@ def test_merge_and_state_dict_reproduce_the_single_stream():
     torch.save(partial.state_dict(), buffer)
     buffer.seek(0)
     restored = AlignmentAccumulator(model, **opts)
-    restored.load_state_dict(torch.load(buffer))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     for acc in (partial, restored):
         acc.update(ids[6:], stack[:, 6:])
     assert_results_close(restored.result(n_null_samples=20), whole.result(n_null_samples=20))
@@ -217,7 +219,7 @@ def test_merge_and_state_dict_reproduce_the_single_stream():
     # empty(): the corpus runner's factory. Shares the weight subspaces and lens, starts from nothing,
     # and leaves the accumulator it came from untouched.
     fresh = partial.empty()
-    assert fresh.basis_embed is partial.basis_embed and fresh._lens is partial._lens
+    assert fresh.basis_embed is partial.basis_embed and fresh.lens is partial.lens
     assert fresh.n_tokens == 0 and partial.n_tokens == whole.n_tokens and fresh.settings == whole.settings
     fresh.update(ids, stack)
     assert_results_close(fresh.result(n_null_samples=20), whole.result(n_null_samples=20))
@@ -305,30 +307,39 @@ def test_null_baselines_equal_the_primitives():
         evals = torch.linalg.eigvalsh(c).clamp_min(0.0)
         ref = variance_fraction_null(torch.diag(evals), k, n_null, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(r.variance.null_std[e], ref.std, rtol=1e-8, atol=0)
-    # Rotation invariance: the full covariance gives the same law (checked statistically).
+    # Rotation invariance, which the spectrum shortcut relies on: the fraction of the full covariance
+    # in Haar-random subspaces, computed directly, has the same law (checked statistically).
     c = torch.cov(X[2].T, correction=0)
-    full = variance_fraction_null(c, k, 2000, torch.Generator().manual_seed(1))
-    diag = variance_fraction_null(torch.diag(torch.linalg.eigvalsh(c).clamp_min(0)), k, 2000,
-                                  torch.Generator().manual_seed(2))
-    assert abs(float(full.std) / float(diag.std) - 1) < 0.1
-    assert abs(float(full.mean) - k / 64) < 4 * float(full.std) / math.sqrt(2000)
+    direct = torch.stack([variance_fraction(c, q) for q in haar_bases(2000, 64, k, torch.Generator().manual_seed(1))])
+    shortcut = variance_fraction_null(c, k, 2000, torch.Generator().manual_seed(2))
+    assert abs(float(direct.std()) / float(shortcut.std) - 1) < 0.1
+    assert abs(float(direct.mean()) - k / 64) < 4 * float(direct.std()) / math.sqrt(2000)
+    assert abs(float(shortcut.mean) - k / 64) < 4 * float(shortcut.std) / math.sqrt(2000)
 
 
-def test_projection_kernel_fallback_matches_transformer_lens(monkeypatch):
+@pytest.mark.skipif(TL_MAJOR < 4, reason="transformer_lens.tools.analysis exists from TransformerLens 4")
+def test_projection_kernel_matches_transformer_lens():
+    """Our projection kernel (mean squared cosine of the angles) equals TransformerLens 4's own."""
+    from transformer_lens.tools.analysis.projection_kernel import orthonormal_subspace, projection_kernel
+
     model = build(LLAMA_LIKE, F64)
     ids = corpus()
-    with_tl = alignment_suite(model, ids, k=6, **FAST)
-    monkeypatch.setattr(al, "_tl_projection_kernel", lambda: None)
-    without = alignment_suite(model, ids, k=6, **FAST)
-    torch.testing.assert_close(with_tl.angles.pk_embed, without.angles.pk_embed, rtol=0, atol=1e-12)
-    torch.testing.assert_close(with_tl.angles.pk_unembed, without.angles.pk_unembed, rtol=0, atol=1e-12)
+    k, skip = 6, 2
+    r = alignment_suite(model, ids, k=k, **FAST)
+    access = ModelAccess(model)
+    X = collect(model, ids)[:, :, skip:].reshape(len(r.labels), -1, access.d_model).to(F64)
+    for basis, ours in ((orthonormal_basis(access.W_E.detach().to(F64).T, k), r.angles.pk_embed),
+                        (orthonormal_basis(access.W_U.detach().to(F64), k), r.angles.pk_unembed)):
+        for e in range(len(r.labels)):
+            q = torch.linalg.eigh(torch.cov(X[e].T, correction=0)).eigenvectors[:, -k:]
+            theirs = projection_kernel(orthonormal_subspace(q, rank=k), orthonormal_subspace(basis, rank=k))
+            torch.testing.assert_close(ours[e], theirs.normalized.to(F64), rtol=0, atol=1e-9)
 
 
 @pytest.mark.skipif(TL_MAJOR < 4, reason="transformer_lens.tools.analysis exists from TransformerLens 4")
 def test_projection_kernel_null_matches_transformer_lens_moments():
     from transformer_lens.tools.analysis.projection_kernel import random_projection_kernel_moments
 
-    assert al._tl_projection_kernel() is not None
     model = build(LLAMA_LIKE, F64)
     k, d, n_null = 6, 64, 2000
     r = alignment_suite(model, corpus(), k=k, progress=False, n_null_samples=n_null)
@@ -346,7 +357,7 @@ def test_histogram_quantiles_match_numpy():
     levels = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
     ranks = torch.randint(0, 50, (3, 257), generator=g) ** 2 // 40
     hist = torch.stack([torch.bincount(r, minlength=100) for r in ranks])
-    ours = al._int_hist_quantiles(hist, levels)
+    ours = integer_quantiles(hist, levels)
     ref = np.stack([np.quantile(r.numpy(), levels, method="inverted_cdf") for r in ranks])
     np.testing.assert_array_equal(ours.numpy(), ref)
 
@@ -354,7 +365,7 @@ def test_histogram_quantiles_match_numpy():
     bins = 2000
     idx = ((values + 1) * bins / 2).long().clamp(0, bins - 1)
     hist = torch.stack([torch.bincount(i, minlength=bins) for i in idx])
-    ours = al._hist_quantiles(hist, levels[1:-1], -1.0, 2.0 / bins)
+    ours = binned_quantiles(hist, levels[1:-1], -1.0, 2.0 / bins)
     ref = np.stack([np.quantile(v.numpy(), levels[1:-1]) for v in values])
     np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=2.0 / bins)
 

@@ -6,7 +6,7 @@ subspaces with those of ``W_E`` and ``W_U``, and see it all in CircuitsVis views
 """
 
 from tl_latentspaces.alignment import AlignmentAccumulator, AlignmentResult, alignment_from_cache, alignment_suite
-from tl_latentspaces.alignment_math import linear_cka, principal_angles, procrustes
+from tl_latentspaces.stats import linear_cka, principal_angles, procrustes
 from tl_latentspaces.default_model import default_cache_dir, load_default_model, load_model
 from tl_latentspaces.evaluation import LensEvalAccumulator, LensEvaluation, evaluate_lenses
 from tl_latentspaces.fitting import fit_tuned_lens

@@ -13,7 +13,9 @@ import numbers
 import operator
 from typing import Any, Optional
 
-__all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float"]
+import torch
+
+__all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float", "check_finite", "as_float64"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -66,3 +68,38 @@ def check_float(
     if not ok:
         raise ValueError(f"{name} must be a finite number {bound}{why}, got {value!r}.")
     return value
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming the count and the first index of NaN/inf entries of ``x``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf); the first is "
+            f"{x[first].item()} at index {first}. All entries must be finite. Fix: drop or mask "
+            f"those rows (e.g. padding positions) before passing {name}."
+        )
+
+
+def as_float64(x: Any, name: str, *, ndim: Optional[int] = None, shape_hint: str = "") -> torch.Tensor:
+    """A user's real floating-point tensor as float64, after type, rank and finiteness checks."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type_name(x)}. "
+            f"Fix: wrap it, e.g. torch.as_tensor({name}, dtype=torch.float64)."
+        )
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a real floating-point tensor (float32 or float64), got "
+            f"dtype={x.dtype}. Fix: pass {name}.double()."
+        )
+    if ndim is not None and x.ndim != ndim:
+        fix = f" Fix: flatten leading dimensions, e.g. {name}.reshape(-1, {name}.shape[-1])."
+        raise ValueError(
+            f"{name} must be {ndim}-D {shape_hint}, got shape {tuple(x.shape)} ({x.ndim}-D)."
+            + (fix if ndim == 2 and x.ndim > 2 else "")
+        )
+    x = x.to(torch.float64)
+    check_finite(x, name)
+    return x

@@ -16,9 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conft
 
 from conftest import build_llama_like  # noqa: E402
 from tl_latentspaces import ModelAccess  # noqa: E402
-from tl_latentspaces.alignment_math import CKAMatrixAccumulator, CovarianceAccumulator  # noqa: E402
 from tl_latentspaces.runner import stream_residuals  # noqa: E402
-from tl_latentspaces.distributed import finish_distributed, init_distributed, reduce_accumulator, shard_batches  # noqa: E402
+from tl_latentspaces.distributed import (  # noqa: E402
+    all_reduce_sum,
+    finish_distributed,
+    init_distributed,
+    reduce_accumulator,
+    shard_batches,
+)
+from tl_latentspaces.stats import Moments, cka_from_hsic, linear_cka_from_moments, unbiased_hsic_matrix  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -28,22 +34,26 @@ def main(out: str) -> None:
     sequences = torch.randint(0, 100, (24, 16), generator=torch.Generator().manual_seed(11))
     batch = 4
     names = dict(access.stack_sites())
-    covs = [CovarianceAccumulator(access.d_model) for _ in names]
-    cka = CKAMatrixAccumulator(len(names))
+    E = len(names)
+    every_pair = [(i, j) for i in range(E) for j in range(i, E)]
+    moments = Moments(E, every_pair)
+    hsic = torch.zeros(E, E, dtype=torch.float64)  # unbiased HSIC summed over batches: a plain sum
     mine = torch.cat([sequences[i * batch : (i + 1) * batch] for i in shard_batches(len(sequences) // batch, ctx)])
     for _, stack in stream_residuals(model, mine, names, batch_size=batch, progress=False):
-        rows = stack[:, :, 1:].reshape(stack.shape[0], -1, stack.shape[-1])  # skip BOS-like position 0
-        for acc, x in zip(covs, rows):
-            acc.update(x)
-        cka.update(list(rows))
-    for acc in covs:
-        reduce_accumulator(acc, lambda: CovarianceAccumulator(access.d_model))
-    reduce_accumulator(cka, lambda: CKAMatrixAccumulator(len(names)))
+        rows = stack[:, :, 1:].reshape(E, -1, stack.shape[-1])  # skip BOS-like position 0
+        moments.update(rows)
+        hsic += unbiased_hsic_matrix(list(rows))
+    reduce_accumulator(moments, lambda: Moments(E, every_pair))
+    all_reduce_sum(hsic)
     if ctx.is_main:
-        tensors = {f"cov{i}": acc.cov() for i, acc in enumerate(covs)}
-        tensors.update({f"mean{i}": acc.mean for i, acc in enumerate(covs)})
-        tensors["cka"] = cka.result(debiased=False)
-        tensors["cka_debiased"] = cka.result(debiased=True)
+        tensors = {f"cov{i}": moments.cov(i) for i in range(E)}
+        tensors.update({f"mean{i}": moments.means[i] for i in range(E)})
+        tensors["cka"] = torch.stack([
+            torch.stack([linear_cka_from_moments(moments.comoment(i, j), moments.comoment(i, i), moments.comoment(j, j))
+                         for j in range(E)])
+            for i in range(E)
+        ])
+        tensors["cka_debiased"] = cka_from_hsic(hsic / (len(sequences) // batch), "HSIC_u", list(names))
         tensors["world"] = torch.tensor(ctx.world_size)
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
     finish_distributed()

@@ -1,4 +1,4 @@
-"""Tests for tl_latentspaces.alignment_math (pure maths, float64, no models)."""
+"""Tests for tl_latentspaces.stats (pure maths, float64, no models), and the deprecated alignment_math names."""
 
 import doctest
 import math
@@ -10,17 +10,20 @@ import scipy.stats
 import torch
 
 import tl_latentspaces.alignment_math as am
-from tl_latentspaces.alignment_math import (
-    CKAAccumulator,
-    CKAMatrixAccumulator,
-    CovarianceAccumulator,
-    ProcrustesAccumulator,
+import tl_latentspaces.stats as st
+from tl_latentspaces.stats import (
+    Moments,
+    cka_from_hsic,
     linear_cka,
+    linear_cka_from_moments,
     orthonormal_basis,
     principal_angles,
+    principal_subspace,
     procrustes,
+    procrustes_from_moments,
     random_subspace_angles,
     random_subspace_variance_fraction,
+    unbiased_hsic_matrix,
     variance_fraction,
     variance_fraction_null,
 )
@@ -46,9 +49,52 @@ def scipy_angles(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(am, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 10
-    assert result.failed == 0
+    import importlib
+
+    attempted = 0
+    for name in ("", ".moments", ".subspaces", ".cka", ".rotations"):
+        result = doctest.testmod(importlib.import_module("tl_latentspaces.stats" + name), optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, name
+        attempted += result.attempted
+    assert attempted > 10
+
+
+def pairs(n_inputs: int):
+    return [(i, j) for i in range(n_inputs) for j in range(i, n_inputs)]
+
+
+def stream(moments: Moments, xs, sizes):
+    """Feed the rows of ``xs`` (one [n, d] tensor per input) to ``moments`` in chunks of ``sizes``."""
+    start = 0
+    for s in sizes:
+        moments.update([x[start : start + s] for x in xs])
+        start += s
+    return moments
+
+
+def restored(moments: Moments) -> Moments:
+    """A copy of ``moments`` through its state dict, as a checkpoint or another process would hand it over."""
+    copy = Moments(moments.n_inputs, moments.pairs, variances=moments.variances)
+    copy.load_state_dict(moments.state_dict())
+    return copy
+
+
+def fit_from(m: Moments, center: bool):
+    """Procrustes of input 0 onto input 1 from a Moments(2, [(0, 1)], variances=True) store."""
+    xty, sx, sy = m.comoment(0, 1), m.sq_sums[0].sum(), m.sq_sums[1].sum()
+    if not center:  # the plain sums, from the centred ones and the means
+        xty = xty + m.n * torch.outer(m.means[0], m.means[1])
+        sx, sy = sx + m.n * m.means[0].square().sum(), sy + m.n * m.means[1].square().sum()
+    return procrustes_from_moments(xty, sx, sy, n=m.n)
+
+
+def streamed_debiased(xs, sizes) -> torch.Tensor:
+    """Minibatch-debiased CKA matrix: the unbiased HSIC of each chunk, averaged, normalized."""
+    h, start = 0, 0
+    for s in sizes:
+        h = h + unbiased_hsic_matrix([x[start : start + s] for x in xs])
+        start += s
+    return cka_from_hsic(h / len(sizes), "the mean unbiased HSIC", [f"x{i}" for i in range(len(xs))])
 
 
 # ----------------------------------------------------------------- principal angles
@@ -148,15 +194,10 @@ def test_procrustes_streaming_equals_full_batch(center):
     X = randn(400, 10, seed=25) + 30.0
     Y = (X - 30.0) @ haar(10, seed=26) * 1.7 + 0.3 * randn(400, 10, seed=27) - 12.0
     full = procrustes(X, Y, center=center)
-    acc, other = ProcrustesAccumulator(center=center), ProcrustesAccumulator(center=center)
-    sizes = [1, 7, 50, 3, 139, 200]
-    start = 0
-    for i, s in enumerate(sizes):
-        (acc if i < 4 else other).update(X[start : start + s], Y[start : start + s])
-        start += s
-    restored = ProcrustesAccumulator(center=center)
-    restored.load_state_dict(other.state_dict())
-    res = acc.merge(restored).result()
+    acc, other = Moments(2, [(0, 1)], variances=True), Moments(2, [(0, 1)], variances=True)
+    stream(acc, [X[:61], Y[:61]], [1, 7, 50, 3])
+    stream(other, [X[61:], Y[61:]], [139, 200])
+    res = fit_from(acc.merge(restored(other)), center)
     assert acc.n == 400
     for name in ("rotation", "scale", "error", "scaled_error"):
         torch.testing.assert_close(getattr(res, name), getattr(full, name), rtol=0, atol=1e-10, msg=name)
@@ -227,8 +268,8 @@ def test_cka_not_invariant_to_general_linear_map(debiased):
 def test_cka_gram_free_path_equals_gram_path():
     X, Y = randn(50, 7, seed=35) + 5.0, randn(50, 4, seed=36)
     Y = Y + X[:, :4]
-    hg = am._hsic_unbiased_matrix([X, Y], "gram")
-    hf = am._hsic_unbiased_matrix([X, Y], "features")
+    hg = unbiased_hsic_matrix([X, Y], method="gram")
+    hf = unbiased_hsic_matrix([X, Y], method="features")
     torch.testing.assert_close(hf, hg, rtol=1e-10, atol=0)
     assert abs(float(hf[0, 1]) - np_hsic_u(X, Y)) < 1e-10 * abs(np_hsic_u(X, Y))
     for debiased in (False, True):
@@ -251,42 +292,38 @@ def test_cka_streaming_biased_equals_full_batch():
     X, Y = related(40, n=600)
     X = X + 50.0
     sizes = [1, 2, 3, 97, 5, 250, 11, 231]
-    acc = CKAAccumulator(track_debiased=False)
-    start = 0
-    for s in sizes:
-        acc.update(X[start : start + s], Y[start : start + s])
-        start += s
+    acc = stream(Moments(2, pairs(2)), [X, Y], sizes)
     assert acc.n == 600
-    assert abs(float(acc.result() - linear_cka(X, Y))) < 1e-10
-    assert abs(float(acc.result()) - np_cka_biased(X, Y)) < 1e-10
+    cka = linear_cka_from_moments(acc.comoment(0, 1), acc.comoment(0, 0), acc.comoment(1, 1))
+    assert abs(float(cka - linear_cka(X, Y))) < 1e-10
+    assert abs(float(cka) - np_cka_biased(X, Y)) < 1e-10
 
 
 def test_cka_streaming_minibatch_debiased_and_merge():
     X, Y = related(41, n=300)
     sizes = [4, 60, 36, 100, 100]
-    acc, part_a, part_b = CKAAccumulator(), CKAAccumulator(), CKAAccumulator(method="gram")
     hxy, hxx, hyy = [], [], []
     start = 0
-    for i, s in enumerate(sizes):
+    for s in sizes:
         x, y = X[start : start + s], Y[start : start + s]
-        acc.update(x, y)
-        (part_a if i < 2 else part_b).update(x, y)
         hxy.append(np_hsic_u(x, y))
         hxx.append(np_hsic_u(x, x))
         hyy.append(np_hsic_u(y, y))
         start += s
     expected = np.mean(hxy) / math.sqrt(np.mean(hxx) * np.mean(hyy))
-    assert acc.n_batches == 5
-    assert abs(float(acc.result(debiased=True)) - expected) < 1e-10
-    restored = CKAAccumulator()
-    restored.load_state_dict(part_b.state_dict())
-    merged = part_a.merge(restored)
-    assert abs(float(merged.result(debiased=True)) - expected) < 1e-10
-    assert abs(float(merged.result()) - float(linear_cka(X, Y))) < 1e-10
+    assert abs(float(streamed_debiased([X, Y], sizes)[0, 1]) - expected) < 1e-10
+    # Two shares (as two processes would hold them): HSIC sums add, moments merge.
+    part_a = stream(Moments(2, pairs(2)), [X[:64], Y[:64]], [4, 60])
+    part_b = stream(Moments(2, pairs(2)), [X[64:], Y[64:]], [36, 100, 100])
+    h_a = unbiased_hsic_matrix([X[:4], Y[:4]]) + unbiased_hsic_matrix([X[4:64], Y[4:64]], method="gram")
+    h_b = sum(unbiased_hsic_matrix([X[a:b], Y[a:b]], method="gram") for a, b in [(64, 100), (100, 200), (200, 300)])
+    merged_h = cka_from_hsic((h_a + h_b) / 5, "the mean unbiased HSIC", ["X", "Y"])
+    assert abs(float(merged_h[0, 1]) - expected) < 1e-10
+    merged = part_a.merge(restored(part_b))
+    cka = linear_cka_from_moments(merged.comoment(0, 1), merged.comoment(0, 0), merged.comoment(1, 1))
+    assert abs(float(cka) - float(linear_cka(X, Y))) < 1e-10
     # A single minibatch reproduces the one-shot debiased CKA.
-    one = CKAAccumulator()
-    one.update(X, Y)
-    assert abs(float(one.result(debiased=True) - linear_cka(X, Y, debiased=True))) < 1e-10
+    assert abs(float(streamed_debiased([X, Y], [300])[0, 1] - linear_cka(X, Y, debiased=True))) < 1e-10
 
 
 def test_cka_matrix_accumulator_equals_pairwise_calls():
@@ -295,33 +332,27 @@ def test_cka_matrix_accumulator_equals_pairwise_calls():
     layers = [
         base @ randn(6, d, seed=51 + i) + 0.5 * i * randn(n, d, seed=60 + i) + 10 * i for i, d in enumerate(widths)
     ]
-    acc = CKAMatrixAccumulator(len(widths))
     sizes = [40, 13, 67, 120]
-    start = 0
-    for s in sizes:
-        acc.update([x[start : start + s] for x in layers])
-        start += s
-    biased, debiased = acc.result(), acc.result(debiased=True)
+    acc = stream(Moments(len(widths), pairs(len(widths))), layers, sizes)
+    debiased = streamed_debiased(layers, sizes)
+
+    def biased_matrix(m: Moments) -> torch.Tensor:
+        return torch.stack([torch.stack([linear_cka_from_moments(m.comoment(i, j), m.comoment(i, i), m.comoment(j, j))
+                                         for j in range(4)]) for i in range(4)])
+
+    biased = biased_matrix(acc)
     assert biased.shape == (4, 4) and biased.dtype == F64
     for i in range(4):
         for j in range(4):
             assert abs(float(biased[i, j] - linear_cka(layers[i], layers[j]))) < 1e-10
-            single = CKAAccumulator()
-            start = 0
-            for s in sizes:
-                single.update(layers[i][start : start + s], layers[j][start : start + s])
-                start += s
-            assert abs(float(debiased[i, j] - single.result(debiased=True))) < 1e-10
+            single = streamed_debiased([layers[i], layers[j]], sizes)
+            assert abs(float(debiased[i, j] - single[0, 1])) < 1e-10
     torch.testing.assert_close(torch.diagonal(debiased), torch.ones(4, dtype=F64), rtol=0, atol=1e-12)
-    one_shot = CKAMatrixAccumulator(len(widths), method="gram")
-    one_shot.update(layers)
+    one_shot = cka_from_hsic(unbiased_hsic_matrix(layers, method="gram"), "HSIC_u", list("abcd"))
     for i, j in [(0, 1), (1, 3), (2, 3)]:
         expected = linear_cka(layers[i], layers[j], debiased=True)
-        assert abs(float(one_shot.result(debiased=True)[i, j] - expected)) < 1e-10
-    restored = CKAMatrixAccumulator(len(widths))
-    restored.load_state_dict(acc.state_dict())
-    torch.testing.assert_close(restored.result(), biased, rtol=0, atol=1e-14)
-    torch.testing.assert_close(restored.result(debiased=True), debiased, rtol=0, atol=1e-14)
+        assert abs(float(one_shot[i, j] - expected)) < 1e-10
+    torch.testing.assert_close(biased_matrix(restored(acc)), biased, rtol=0, atol=1e-14)
 
 
 # ----------------------------------------------------------------- covariance
@@ -332,15 +363,15 @@ def test_covariance_streaming_matches_numpy_with_large_mean():
     mix = torch.randn(6, 6, generator=g, dtype=F64)
     X = 1e4 + 1e-2 * torch.randn(1000, 6, generator=g, dtype=F64) @ mix
     expected = np.cov(X.numpy(), rowvar=False)
-    acc = CovarianceAccumulator(6)
-    for chunk in torch.split(X, [1, 2, 300, 17, 480, 200]):
-        acc.update(chunk)
+    acc = stream(Moments(1, [(0, 0)], variances=True), [X], [1, 2, 300, 17, 480, 200])
     scale = np.abs(expected).max()
     assert acc.n == 1000
-    np.testing.assert_allclose(acc.cov().numpy(), expected, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(acc.cov(0).numpy(), expected, rtol=0, atol=1e-10 * scale)
     expected0 = np.cov(X.numpy(), rowvar=False, ddof=0)
-    np.testing.assert_allclose(acc.cov(ddof=0).numpy(), expected0, rtol=0, atol=1e-10 * scale)
-    np.testing.assert_allclose(acc.mean.numpy(), X.numpy().mean(0), rtol=1e-14)
+    np.testing.assert_allclose(acc.cov(0, ddof=0).numpy(), expected0, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(acc.means[0].numpy(), X.numpy().mean(0), rtol=1e-14)
+    # the per-dimension spreads are the covariance's diagonal, through the same merge
+    np.testing.assert_allclose((acc.sq_sums[0] / 999).numpy(), np.diag(expected), rtol=0, atol=1e-10 * scale)
     # The naive sum-of-products formula loses ~4 digits here; make sure the test would see that.
     naive = (X.T @ X - 1000 * torch.outer(X.mean(0), X.mean(0))) / 999
     assert np.abs(naive.numpy() - expected).max() > 1e-10 * scale
@@ -348,29 +379,29 @@ def test_covariance_streaming_matches_numpy_with_large_mean():
 
 def test_covariance_merge_and_state_dict():
     X = randn(500, 5, seed=71) * 3 + 7
-    single, a, b = CovarianceAccumulator(5), CovarianceAccumulator(5), CovarianceAccumulator(5)
-    single.update(X)
-    a.update(X[:123])
-    b.update(X[123:400])
-    b.update(X[400:])
-    c = CovarianceAccumulator(5)
-    c.load_state_dict(b.state_dict())
-    a.merge(c)
+    single = stream(Moments(1, [(0, 0)]), [X], [500])
+    a = stream(Moments(1, [(0, 0)]), [X], [123])
+    b = stream(Moments(1, [(0, 0)]), [X[123:]], [277, 100])
+    a.merge(restored(b))
     assert a.n == 500
-    torch.testing.assert_close(a.cov(), single.cov(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(a.mean, single.mean, rtol=0, atol=1e-12)
-    empty = CovarianceAccumulator(5)
+    torch.testing.assert_close(a.cov(0), single.cov(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.means[0], single.means[0], rtol=0, atol=1e-12)
+    empty = Moments(1, [(0, 0)])
     empty.merge(a)
-    torch.testing.assert_close(empty.cov(), single.cov(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(empty.cov(0), single.cov(0), rtol=0, atol=1e-12)
+    # merging an empty store changes nothing, and an empty state round-trips
+    before = a.cov(0)
+    torch.testing.assert_close(a.merge(Moments(1, [(0, 0)])).cov(0), before, rtol=0, atol=0)
+    assert restored(Moments(1, [(0, 0)])).n == 0
 
 
-def test_top_principal_subspace_recovers_planted_directions():
+def test_principal_subspace_recovers_planted_directions():
     Q = haar(10, seed=72)
     scales = torch.tensor([10.0, 7.0, 5.0] + [0.1] * 7, dtype=F64)
     X = randn(2000, 10, seed=73) * scales @ Q.T
-    acc = CovarianceAccumulator(10)
-    acc.update(X)
-    top = acc.top_principal_subspace(3)
+    acc = Moments(1, [(0, 0)])
+    acc.update([X])
+    top = principal_subspace(acc.cov(0), 3)
     assert top.shape == (10, 3)
     assert principal_angles(top, Q[:, :3]).max() < 0.05
     assert principal_angles(top[:, :1], Q[:, :1]).max() < 0.05
@@ -429,10 +460,22 @@ def test_variance_fraction_of_planted_subspace_is_exact():
 # ----------------------------------------------------------------- bad input
 
 
-def _small_cov_acc(n: int) -> CovarianceAccumulator:
-    acc = CovarianceAccumulator(3)
-    acc.update(randn(n, 3, seed=90))
+def _small_cov_acc(n: int) -> Moments:
+    acc = Moments(1, [(0, 0)])
+    acc.update([randn(n, 3, seed=90)])
     return acc
+
+
+def _widths_changed():
+    acc = Moments(1, [(0, 0)])
+    acc.update([randn(4, 2)])
+    acc.update([randn(4, 3)])
+
+
+def _load_other_blocks():
+    other = Moments(2, [(0, 0)])
+    other.update([randn(5, 2), randn(5, 2)])
+    Moments(2, [(0, 1)]).load_state_dict(other.state_dict())
 
 
 def _nan(shape):
@@ -472,27 +515,26 @@ BAD_INPUTS = [
     ("vf-d", lambda: variance_fraction(torch.eye(3), randn(4, 1)), ValueError, "(4, 1)"),
     ("vf-trace", lambda: variance_fraction(torch.zeros(3, 3), randn(3, 1)), ValueError, "0.0"),
     ("vfn-k", lambda: variance_fraction_null(torch.eye(3), 4), ValueError, "got 4"),
-    ("cov-nan", lambda: CovarianceAccumulator(2).update(_nan((4, 2))), ValueError, "nan"),
-    ("cov-width", lambda: CovarianceAccumulator(2).update(randn(4, 3)), ValueError, "(4, 3)"),
-    ("cov-few", lambda: _small_cov_acc(1).cov(), ValueError, "n=1"),
-    ("cov-mean-empty", lambda: CovarianceAccumulator(2).mean, ValueError, "n=0"),
-    ("cov-k-d", lambda: _small_cov_acc(10).top_principal_subspace(4), ValueError, "got 4"),
-    ("cov-k-n", lambda: _small_cov_acc(2).top_principal_subspace(2), ValueError, "n - 1 = 1"),
-    ("cka-acc-small", lambda: CKAAccumulator().update(randn(3, 2), randn(3, 2)), ValueError, "n=3"),
-    ("cka-acc-nan", lambda: CKAAccumulator().update(_nan((5, 2)), randn(5, 2)), ValueError, "nan"),
-    ("cka-acc-empty", lambda: CKAAccumulator().result(), ValueError, "n=0"),
-    ("cka-acc-empty-u", lambda: CKAAccumulator().result(debiased=True), ValueError, "saw 0"),
-    ("ckam-count", lambda: CKAMatrixAccumulator(3).update([randn(5, 2)] * 2), ValueError, "got 2"),
-    ("ckam-tensor", lambda: CKAMatrixAccumulator(2).update(randn(2, 5, 2)), TypeError, "Tensor"),
-    ("ckam-rows", lambda: CKAMatrixAccumulator(2).update([randn(5, 2), randn(6, 2)]), ValueError, "[5, 6]"),
-    ("pro-acc-empty", lambda: ProcrustesAccumulator().result(), ValueError, "n=0"),
-    ("pro-acc-nan", lambda: ProcrustesAccumulator().update(_nan((5, 2)), randn(5, 2)), ValueError, "nan"),
-    (
-        "cov-load",
-        lambda: CovarianceAccumulator(3).load_state_dict(CovarianceAccumulator(4).state_dict()),
-        ValueError,
-        "d=4",
-    ),
+    ("cov-nan", lambda: Moments(1, [(0, 0)]).update([_nan((4, 2))]), ValueError, "nan"),
+    ("cov-width", _widths_changed, ValueError, "widths [3]"),
+    ("cov-few", lambda: _small_cov_acc(1).cov(0), ValueError, "n=1"),
+    ("cov-empty", lambda: Moments(1, [(0, 0)]).comoment(0, 0), ValueError, "n=0"),
+    ("cov-unkept", lambda: _small_cov_acc(4).comoment(0, 1), ValueError, "is not kept"),
+    ("ps-k-d", lambda: principal_subspace(_small_cov_acc(10).cov(0), 4), ValueError, "got 4"),
+    ("ps-k-rank", lambda: principal_subspace(_small_cov_acc(2).cov(0), 2), ValueError, "numerical rank 1"),
+    ("hsic-small", lambda: unbiased_hsic_matrix([randn(3, 2), randn(3, 2)]), ValueError, "n=3"),
+    ("hsic-rows", lambda: unbiased_hsic_matrix([randn(5, 2), randn(6, 2)]), ValueError, "[5, 6]"),
+    ("hsic-nan", lambda: unbiased_hsic_matrix([_nan((5, 2)), randn(5, 2)]), ValueError, "nan"),
+    ("cka-hsic-zero", lambda: cka_from_hsic(torch.zeros(2, 2, dtype=F64), "HSIC", ["X", "Y"]), ValueError, "X"),
+    ("mom-nan", lambda: Moments(2, [(0, 1)]).update([_nan((5, 2)), randn(5, 2)]), ValueError, "nan"),
+    ("mom-count", lambda: Moments(3).update([randn(5, 2)] * 2), ValueError, "got 2"),
+    ("mom-type", lambda: Moments(2).update("xs"), TypeError, "str"),
+    ("mom-rows", lambda: Moments(2).update([randn(5, 2), randn(6, 2)]), ValueError, "[5, 6]"),
+    ("mom-pair", lambda: Moments(2, [(0, 2)]), ValueError, "(0, 2)"),
+    ("mom-merge", lambda: Moments(2, [(0, 1)]).merge(Moments(2, [(0, 0)])), ValueError, "(0, 0)"),
+    ("pro-mom-zero", lambda: procrustes_from_moments(torch.zeros(2, 2), torch.tensor(0.0), torch.tensor(1.0), n=0),
+     ValueError, "all zeros"),
+    ("mom-load", _load_other_blocks, ValueError, "0_1"),
 ]
 
 
@@ -505,12 +547,47 @@ def test_bad_input_raises_with_received_value(call, exc, needle):
 
 def test_accumulator_errors_name_the_minimum():
     with pytest.raises(ValueError, match="at least 4 rows"):
-        CKAAccumulator().update(randn(3, 2), randn(3, 2))
-    acc = CKAAccumulator(track_debiased=False)
-    acc.update(randn(1, 2), randn(1, 2))
-    with pytest.raises(ValueError, match="at least 2 rows; saw n=1"):
-        acc.result()
-    with pytest.raises(ValueError, match="track_debiased=True"):
-        acc.result(debiased=True)
+        unbiased_hsic_matrix([randn(3, 2), randn(3, 2)])
+    acc = Moments(2, [(0, 1)])
+    acc.update([randn(1, 2), randn(1, 2)])
+    with pytest.raises(ValueError, match=r"at least 2 row\(s\); saw n=1"):
+        acc.cov(0, 1)
+    with pytest.raises(ValueError, match=r"block \(0, 0\) is not kept"):
+        acc.comoment(0, 0)
     with pytest.raises(ValueError, match=r"d=4.*project"):
         procrustes(randn(10, 3), randn(10, 4))
+
+
+# ----------------------------------------------------------------- deprecated names
+
+
+def test_alignment_math_names_still_import_and_warn():
+    """The old module re-exports every function; its accumulators warn and equal the new store."""
+    for name in am.__all__:
+        assert hasattr(am, name), name
+    assert am.linear_cka is linear_cka and am.procrustes is procrustes and am.haar_bases is st.haar_bases
+    X = randn(120, 5, seed=95) + 3.0
+    Y = X @ haar(5, seed=96) + 0.1 * randn(120, 5, seed=97)
+    with pytest.warns(DeprecationWarning, match="CovarianceAccumulator"):
+        cov = am.CovarianceAccumulator(5)
+    cov.update(X[:50])
+    cov.update(X[50:])
+    torch.testing.assert_close(cov.cov(), torch.cov(X.T), rtol=0, atol=1e-12)
+    with pytest.warns(DeprecationWarning, match="ProcrustesAccumulator"):
+        fits = [am.ProcrustesAccumulator(center=c) for c in (False, True)]
+    for center, fit in zip((False, True), fits):
+        fit.update(X[:70], Y[:70])
+        fit.update(X[70:], Y[70:])
+        full = procrustes(X, Y, center=center)
+        torch.testing.assert_close(fit.result().rotation, full.rotation, rtol=0, atol=1e-10)
+        assert abs(float(fit.result().error**2 - full.error**2)) < 1e-12
+    with pytest.warns(DeprecationWarning, match="CKAAccumulator"):
+        cka = am.CKAAccumulator()
+    cka.update(X[:60], Y[:60])
+    cka.update(X[60:], Y[60:])
+    assert abs(float(cka.result() - linear_cka(X, Y))) < 1e-12
+    assert abs(float(cka.result(debiased=True) - streamed_debiased([X, Y], [60, 60])[0, 1])) < 1e-12
+    with pytest.warns(DeprecationWarning, match="CKAMatrixAccumulator"):
+        matrix = am.CKAMatrixAccumulator(2)
+    matrix.load_state_dict(cka.state_dict())
+    torch.testing.assert_close(matrix.result(debiased=True)[0, 1], cka.result(debiased=True), rtol=0, atol=0)

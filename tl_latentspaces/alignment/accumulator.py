@@ -1,0 +1,430 @@
+"""The alignment suite's streaming fitter: :class:`AlignmentAccumulator`, fed one batch at a time.
+
+It keeps float64 statistics whose size does not depend on the number of tokens (``E`` entries,
+``d = d_model``, ``V = d_vocab``; index ``E`` stands for the embeddings ``W_E[token]``):
+
+* one :class:`~tl_latentspaces.stats.Moments` store: the ``E + 1`` means, each representation's
+  centred covariance and its cross-moment with the embeddings, the next entry and the final entry,
+  each block once (``~4E d^2`` doubles, 330 MB for the default model, ``E = 31``, ``d = 576``);
+  with ``layer_cka_biased=True`` every pair of entries too (``E(E+1)/2 d^2``: 1.4 GB);
+* the sum over blocks of sequences of the ``(E + 1)^2`` unbiased HSIC matrix (debiased CKA);
+* the own-token cosine's mean and spread (a second, tiny store) and exact histograms of the cosine
+  (2,000 bins) and of the embedding-lens rank (``V`` bins), mergeable by addition.
+
+:mod:`tl_latentspaces.alignment.analysis` turns these into an
+:class:`~tl_latentspaces.alignment.results.AlignmentResult`.
+
+The options exist for pitfalls measured on the default model (``docs/alignment.md`` gives the
+figures): ``skip_positions=2`` keeps the massive activations of BOS and the next position out of
+every statistic; ``center=True`` keeps the stream's large mean direction from being the top
+principal direction; ``standardize_scale`` (per-dimension spreads, the last row for ``W_E[token]``,
+which :func:`alignment_suite` with ``standardize=True`` streams in a first pass) z-scores CKA and
+Procrustes against rogue dimensions, while angles and variance fractions stay in the model's
+coordinates, where ``W_E`` and ``W_U`` are defined.
+"""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_latentspaces.alignment import analysis
+from tl_latentspaces.alignment.options import INT_DTYPES, Settings, check_seq_len
+from tl_latentspaces.alignment.results import AlignmentResult
+from tl_latentspaces.checks import type_name
+from tl_latentspaces.lenses import EmbeddingLens
+from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.readout import ReadoutBuffers, token_ranks, vocab_major
+from tl_latentspaces.stats import Moments, orthonormal_basis, unbiased_hsic_matrix
+
+__all__ = ["AlignmentAccumulator", "DEFAULT_QUANTILES", "COS_BINS"]
+
+_F64 = torch.float64
+
+#: Quantile levels reported for the per-token drift.
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+COS_BINS = 2000  # histogram of cosines in [-1, 1]: quantiles resolved to 0.001
+_RANK_CHUNK_ROWS = 512  # rows per block of the tiled rank count (the readout's default chunk)
+
+
+def _check_scale(scale: Any, shape: Tuple[int, int]) -> Tensor:
+    if not isinstance(scale, Tensor) or not scale.dtype.is_floating_point:
+        raise TypeError(
+            f"standardize_scale must be a float tensor of shape {shape} (one row per entry, the last "
+            f"for the embeddings), got {type_name(scale)}."
+        )
+    if tuple(scale.shape) != shape:
+        raise ValueError(
+            f"standardize_scale must have shape {shape} ([entry + 1, d_model]), got {tuple(scale.shape)}."
+        )
+    scale = scale.detach().to("cpu", _F64)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(
+            "standardize_scale must be finite and positive everywhere (it divides each dimension); "
+            f"got min {float(scale.min()):.3g}. Fix: replace zero spreads by 1."
+        )
+    return scale
+
+
+def _check_batch(acc: "AlignmentAccumulator", ids: Any, stack: Any) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype not in INT_DTYPES or ids.ndim != 2:
+        got = f"dtype {ids.dtype} and shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type_name(ids)
+        raise TypeError(f"ids must be an integer tensor [batch, seq], got {got}.")
+    if not isinstance(stack, Tensor) or not stack.dtype.is_floating_point or stack.ndim != 4:
+        got = (
+            f"dtype {stack.dtype} and shape {tuple(stack.shape)}"
+            if isinstance(stack, Tensor)
+            else type_name(stack)
+        )
+        raise TypeError(f"stack must be a float tensor [entry, batch, seq, d_model], got {got}.")
+    expected = (acc.n_entries, ids.shape[0], ids.shape[1], acc.d_model)
+    if tuple(stack.shape) != expected:
+        raise ValueError(
+            f"stack has shape {tuple(stack.shape)}, expected {expected} ([entry, batch, seq, d_model] for "
+            f"ids of shape {tuple(ids.shape)} and the {acc.n_entries} entries {acc.labels[0]}.."
+            f"{acc.labels[-1]}). Fix: pass the residual stack of these ids at every stack_sites() entry."
+        )
+    check_seq_len(ids.shape[1], acc.settings.skip_positions)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= acc.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {acc.d_vocab}), got values in [{lo}, {hi}].")
+    bad = ~torch.isfinite(stack)
+    if bool(bad.any()):
+        e, b, p, _ = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"the residual stream holds NaN or inf at {acc.labels[e]} (sequence {b}, position {p}); "
+            f"{int(bad.sum())} value(s) in all. Check the model's weights and any hook that edits the "
+            "stream before this entry."
+        )
+
+
+def _weight_basis(M: Tensor, k: int, name: str) -> Float[Tensor, "d k"]:
+    """Top-``k`` left singular vectors of a ``[d, n]`` weight matrix with ``n >> d``.
+
+    A reduced QR first (``M^T = Q R``, so ``M = R^T Q^T`` has the left singular vectors and values
+    of the ``d x d`` matrix ``R^T``) gives the same subspace as an SVD of ``M`` about six times
+    faster for ``W_E``: 4 s instead of 26 s at ``576 x 49,152`` on two cores.
+    """
+    M = M.detach().to("cpu", _F64)
+    if M.shape[1] > M.shape[0]:
+        M = torch.linalg.qr(M.mT, mode="r").R.mT
+    try:
+        return orthonormal_basis(M, k)
+    except ValueError as err:
+        raise ValueError(f"cannot take the top-{k} singular subspace of {name}: {err}") from err
+
+
+def _own_token_cosines(rows: Float[Tensor, "rep batch seq d"]) -> Float[Tensor, "entry n"]:
+    """Cosine of each entry's residual (rows ``0..E-1``) with its own token's embedding (row ``E``)."""
+    E = rows.shape[0] - 1
+    emb = rows[E]
+    emb_norm = emb.norm(dim=-1)
+    cos = torch.empty(E, emb_norm.numel(), dtype=_F64)
+    for e in range(E):  # per entry: a [batch, seq, d] temporary, not [entry, batch, seq, d]
+        dot = (rows[e] * emb).sum(-1)
+        norms = rows[e].norm(dim=-1) * emb_norm
+        # A zero vector (an untrained embedding row) has no direction: cosine 0, as the lens reports.
+        cos[e] = torch.where(norms > 0, dot / norms.clamp_min(1e-300), torch.zeros_like(dot)).reshape(-1).cpu()
+    return cos
+
+
+def _own_token_rank_hist(
+    lens: EmbeddingLens, x: Tensor, tok: Tensor, every: int, V: int
+) -> Int[Tensor, "entry d_vocab"]:
+    """Histogram of each entry's own-token rank under the embedding lens (its projection, weight, tiles)."""
+    E, d = x.shape[0], x.shape[-1]
+    xr = x[:, :, ::every]
+    own = tok[:, ::every].reshape(-1, 1)
+    n = own.shape[0]
+    wt = vocab_major(lens.weight).T
+    bufs = ReadoutBuffers(min(_RANK_CHUNK_ROWS, n), ranked=True, device=x.device)
+    hist = torch.zeros(E, V, dtype=torch.long)
+    for e in range(E):
+        slab = xr[e].reshape(n, d)
+        ranks = torch.empty(n, dtype=torch.long, device=x.device)
+        for start in range(0, n, _RANK_CHUNK_ROWS):
+            stop = min(start + _RANK_CHUNK_ROWS, n)
+            y = lens.project(slab[start:stop].to(torch.float32), e)
+            ranks[start:stop] = token_ranks(lens, y, wt, own[start:stop], bufs)[:, 0]
+        hist[e] = torch.bincount(ranks.cpu(), minlength=V)
+    return hist
+
+
+def _check_mergeable(acc: "AlignmentAccumulator", other: Any) -> None:
+    if not isinstance(other, AlignmentAccumulator):
+        raise TypeError(f"can only merge an AlignmentAccumulator, got {type_name(other)}.")
+    mine = (acc.labels, acc.d_model, acc.d_vocab, acc.settings)
+    theirs = (other.labels, other.d_model, other.d_vocab, other.settings)
+    if mine != theirs:
+        raise ValueError(f"cannot merge accumulators with different settings: {mine} vs {theirs}.")
+    if (acc.scale is None) != (other.scale is None) or (
+        acc.scale is not None and not torch.equal(acc.scale, other.scale)
+    ):
+        raise ValueError("cannot merge accumulators with different standardize_scale.")
+
+
+def _check_state_shapes(state: Dict[str, Any], E: int, d_vocab: int) -> None:
+    shapes = {"hsic_sum": (E + 1, E + 1), "cos_hist": (E, COS_BINS), "rank_hist": (E, d_vocab)}
+    for key, shape in shapes.items():
+        if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
+            got = tuple(state[key].shape) if isinstance(state[key], Tensor) else type_name(state[key])
+            raise ValueError(
+                f"state[{key!r}] is {got}, expected shape {shape}: the state is for a different stack or "
+                f"vocabulary (this accumulator has {E} entries, d_vocab={d_vocab})."
+            )
+
+
+class AlignmentAccumulator:
+    """Streaming statistics of the alignment suite, fed one batch of residuals at a time.
+
+    ``update(ids, stack)`` takes the token ids ``[batch, seq]`` and the residual stack
+    ``[entry, batch, seq, d_model]`` (what :func:`~tl_latentspaces.runner.stream_residuals`
+    yields); ``result()`` computes every analysis. Memory does not grow with the number of tokens
+    (see the module docstring for what is kept). Accumulators over disjoint parts of a corpus merge
+    into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
+    The module docstring says what is kept and what each option is for.
+
+    Args:
+        model: A ``HookedTransformer`` / ``TransformerBridge`` (or a :class:`ModelAccess`).
+        k: Subspace dimension for the angle and variance analyses, default ``d_model // 8``.
+        skip_positions: Leading positions of every sequence to leave out.
+        center: Centre before principal subspaces, variance fractions and Procrustes.
+        standardize_scale: ``[entry + 1, d_model]`` positive per-dimension scales, or None.
+        cka_block_sequences: Consecutive sequences per block of the debiased CKA estimator.
+        layer_cka_biased: Also keep every cross-covariance for the full biased layer-by-layer CKA
+            (``E(E+1)/2 d_model^2`` doubles: 1.4 GB for the default model).
+        rank_every: Compute the embedding-lens rank at every ``rank_every``-th kept position (the
+            rank needs a ``[rows, d_vocab]`` score matrix per entry: the bulk of the suite's time on
+            a large vocabulary). Cosines are computed at every position.
+
+    Example:
+        >>> acc = AlignmentAccumulator(model, k=8)  # doctest: +SKIP
+        >>> for ids, stack in stream_residuals(model, seqs, dict(ModelAccess(model).stack_sites())):  # doctest: +SKIP
+        ...     acc.update(ids, stack)
+        >>> acc.result().to_dataframe()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        k: Optional[int] = None,
+        skip_positions: int = 2,
+        center: bool = True,
+        standardize_scale: Optional[Tensor] = None,
+        cka_block_sequences: int = 4,
+        layer_cka_biased: bool = False,
+        rank_every: int = 4,
+    ):
+        access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        self.access = access
+        self.settings = Settings.check(
+            access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,
+            layer_cka_biased=layer_cka_biased, rank_every=rank_every,
+        )
+        sites = access.stack_sites()
+        self.labels = [label for label, _ in sites]
+        self.hook_names = dict(sites)
+        E, d = len(self.labels), access.d_model
+        self.n_entries, self.d_model, self.d_vocab = E, d, access.d_vocab
+        self.scale = None if standardize_scale is None else _check_scale(standardize_scale, (E + 1, d))
+
+        # Weight subspaces first: a k the weights cannot support fails before any forward pass.
+        k = self.settings.k
+        self.basis_embed = _weight_basis(access.W_E.mT, k, "W_E")
+        if access.W_U.shape == access.W_E.mT.shape and torch.equal(access.W_U, access.W_E.mT):
+            self.basis_unembed = self.basis_embed  # tied embeddings: the same matrix
+        else:
+            self.basis_unembed = _weight_basis(access.W_U, k, "W_U")
+        self.lens = EmbeddingLens(access)
+        self._W_E = access.W_E.detach()
+        self._zero()
+
+    def _zero(self) -> None:
+        """The statistics, empty: everything ``update`` adds to and ``state_dict`` holds."""
+        E = self.n_entries
+        # Index E stands for the token embeddings W_E[token].
+        pairs = {(i, i) for i in range(E + 1)} | {(i, E) for i in range(E)}
+        pairs |= {(i, i + 1) for i in range(E - 1)} | {(i, E - 1) for i in range(E - 1)}
+        if self.settings.layer_cka_biased:
+            pairs |= {(i, j) for i in range(E) for j in range(i, E)}
+        self.moments = Moments(E + 1, sorted(pairs))
+        self.cos = Moments(1, variances=True)  # rows: one own-token cosine per entry
+        self.hsic_sum = torch.zeros(E + 1, E + 1, dtype=_F64)  # unbiased HSIC summed over finished blocks
+        self.n_blocks = 0
+        self._pending: List[Tensor] = []  # rows of the block of sequences being filled
+        self._pending_sequences = 0
+        self.cos_hist = torch.zeros(E, COS_BINS, dtype=torch.long)
+        self.rank_hist = torch.zeros(E, self.d_vocab, dtype=torch.long)
+        self.n_rank = 0
+        self._n_sequences = 0
+
+    def empty(self) -> "AlignmentAccumulator":
+        """A new accumulator with nothing added, for the same model and settings.
+
+        The weight subspaces (an SVD each) and the embedding lens are shared, not computed again:
+        use it as the corpus runner's factory (``{"align": acc.empty}``), which calls it once per
+        process and again to merge processes.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._zero()
+        return new
+
+    @property
+    def n_tokens(self) -> int:
+        """Positions seen so far (after ``skip_positions``)."""
+        return self.moments.n
+
+    @property
+    def n_sequences(self) -> int:
+        """Sequences seen so far."""
+        return self._n_sequences
+
+    # ------------------------------------------------------------------ update
+    def update(self, ids: Int[Tensor, "batch seq"], stack: Float[Tensor, "entry batch seq d_model"]) -> None:
+        """Add one batch of sequences.
+
+        Args:
+            ids: ``[batch, seq]`` token ids.
+            stack: ``[entry, batch, seq, d_model]`` residuals at every ``stack_sites()`` entry.
+
+        Raises:
+            TypeError: non-tensor input or wrong dtypes.
+            ValueError: mismatched shapes, sequences too short for the debiased estimator, token
+                ids outside the vocabulary, or NaN/inf in the residuals (naming the entry).
+        """
+        _check_batch(self, ids, stack)
+        E, skip = self.n_entries, self.settings.skip_positions
+        if ids.shape[0] == 0:
+            return
+        with torch.no_grad():
+            tok = ids[:, skip:].to(self._W_E.device).long()
+            x = stack[:, :, skip:]
+            # One float64 copy of the batch: entries, then the embeddings W_E[token] as row E.
+            rows = torch.empty((E + 1, *x.shape[1:]), dtype=_F64, device=x.device)
+            rows[:E].copy_(x)
+            rows[E].copy_(self._W_E[tok])
+            self.rank_hist += _own_token_rank_hist(self.lens, x, tok, self.settings.rank_every, self.d_vocab)
+            self.n_rank += x[:, :, :: self.settings.rank_every].shape[1:3].numel()
+            cos = _own_token_cosines(rows)
+            self.cos.update([cos.mT])
+            idx = ((cos.clamp(-1.0, 1.0) + 1.0) * (COS_BINS / 2)).long().clamp_(0, COS_BINS - 1)
+            idx += torch.arange(E).unsqueeze(1) * COS_BINS
+            self.cos_hist += torch.bincount(idx.reshape(-1), minlength=E * COS_BINS).view(E, COS_BINS)
+            self.moments.update(rows.view(E + 1, -1, self.d_model))
+            self._update_blocks(rows)
+        self._n_sequences += ids.shape[0]
+
+    def _update_blocks(self, rows: Tensor) -> None:
+        """Group whole sequences into fixed blocks for the debiased CKA, whatever the batch size."""
+        block, B = self.settings.cka_block_sequences, rows.shape[1]
+        start = 0
+        while start < B:
+            take = min(block - self._pending_sequences, B - start)
+            part = rows[:, start : start + take].reshape(self.n_entries + 1, -1, self.d_model)
+            # a copy, so the pending block does not keep the whole batch alive
+            self._pending.append(part.clone() if self.scale is None else part / self.scale[:, None].to(part.device))
+            self._pending_sequences += take
+            start += take
+            if self._pending_sequences == block:
+                self.close_block()
+
+    def blocks_so_far(self) -> Tuple[Tensor, int]:
+        """The HSIC sum and block count with the unfinished block counted as a block of its own."""
+        if not self._pending:
+            return self.hsic_sum.clone(), self.n_blocks
+        h = unbiased_hsic_matrix(list(torch.cat(self._pending, 1)), method="gram").cpu()
+        return self.hsic_sum + h, self.n_blocks + 1
+
+    def close_block(self) -> None:
+        """Close the unfinished block (``merge`` does, so that blocks never span two processes)."""
+        self.hsic_sum, self.n_blocks = self.blocks_so_far()
+        self._pending, self._pending_sequences = [], 0
+
+    # ------------------------------------------------------------------ merge / state
+    def merge(self, other: "AlignmentAccumulator") -> "AlignmentAccumulator":
+        """Fold in another accumulator's statistics (e.g. another process's share); returns ``self``.
+
+        Each side's unfinished debiased-CKA block is closed as a block of its own (as ``result()``
+        would close it), so merging accumulators whose streams end on a block boundary gives exactly
+        the statistics of the concatenated stream.
+        """
+        _check_mergeable(self, other)
+        self.close_block()
+        self._pending = list(other._pending)
+        self.close_block()
+        self.moments.merge(other.moments)
+        self.cos.merge(other.cos)
+        self.hsic_sum += other.hsic_sum
+        self.n_blocks += other.n_blocks
+        self.cos_hist += other.cos_hist
+        self.rank_hist += other.rank_hist
+        self.n_rank += other.n_rank
+        self._n_sequences += other._n_sequences
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Every statistic as plain tensors, ints and lists (nested dicts), for ``torch.save`` or a reduction."""
+        return {
+            "moments": self.moments.state_dict(),
+            "cos": self.cos.state_dict(),
+            "hsic_sum": self.hsic_sum.clone(),
+            "n_blocks": self.n_blocks,
+            "pending": None if not self._pending else torch.cat(self._pending, 1).clone(),
+            "pending_sequences": self._pending_sequences,
+            "cos_hist": self.cos_hist.clone(),
+            "rank_hist": self.rank_hist.clone(),
+            "n_rank": self.n_rank,
+            "n_sequences": self._n_sequences,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` of an accumulator built with the same model and options."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict expects the dict from state_dict(), got {type_name(state)}.")
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(f"state is missing keys {missing}. Fix: pass AlignmentAccumulator.state_dict().")
+        _check_state_shapes(state, self.n_entries, self.d_vocab)
+        try:
+            self.moments.load_state_dict(state["moments"])
+            self.cos.load_state_dict(state["cos"])
+        except ValueError as err:
+            raise ValueError(f"state does not match this accumulator's stack and layer_cka_biased: {err}") from err
+        pending = state["pending"]
+        self._pending = [] if pending is None else [pending.clone()]
+        self._pending_sequences = int(state["pending_sequences"])
+        self.hsic_sum = state["hsic_sum"].to(_F64).clone()
+        self.cos_hist = state["cos_hist"].clone()
+        self.rank_hist = state["rank_hist"].clone()
+        self.n_blocks = int(state["n_blocks"])
+        self.n_rank = int(state["n_rank"])
+        self._n_sequences = int(state["n_sequences"])
+
+    # ------------------------------------------------------------------ result
+    def result(
+        self,
+        *,
+        n_null_samples: int = 200,
+        seed: int = 0,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        progress: bool = False,
+    ) -> AlignmentResult:
+        """Compute every analysis from the statistics so far (the accumulator stays usable).
+
+        Args:
+            n_null_samples: Haar-random subspaces in the Monte-Carlo null baselines (>= 2).
+            seed: Seed of the null baselines' random generator.
+            quantiles: Levels in ``[0, 1]`` for the drift quantiles.
+            progress: Show a progress bar over the entries.
+
+        Raises:
+            ValueError: if fewer tokens were seen than ``k`` principal directions need, an entry's
+                covariance has numerical rank below ``k``, or a representation has zero variance.
+        """
+        return analysis.alignment_result(
+            self, n_null_samples=n_null_samples, seed=seed, quantiles=quantiles, progress=progress
+        )

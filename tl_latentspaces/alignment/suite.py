@@ -1,0 +1,263 @@
+"""The alignment suite's entry points: :func:`alignment_suite` on a corpus, :func:`alignment_from_cache`.
+
+Both check every argument before the first forward pass, stream batches of residuals into an
+:class:`~tl_latentspaces.alignment.accumulator.AlignmentAccumulator` and return its
+:class:`~tl_latentspaces.alignment.results.AlignmentResult`. With ``standardize=True`` a first
+pass streams each representation's per-dimension spread.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_latentspaces.alignment.accumulator import AlignmentAccumulator
+from tl_latentspaces.alignment.options import INT_DTYPES, Settings, check_rows_for_k, check_seq_len
+from tl_latentspaces.alignment.results import AlignmentResult
+from tl_latentspaces.checks import check_bool, check_int, type_name
+from tl_latentspaces.corpus import Corpus, default_corpus, tokenize_corpus
+from tl_latentspaces.model import ModelAccess
+from tl_latentspaces.runner import stream_residuals
+from tl_latentspaces.stats import Moments
+
+__all__ = ["alignment_suite", "alignment_from_cache"]
+
+_F64 = torch.float64
+_EPS = torch.finfo(_F64).eps
+
+
+def _cache_entries(access: ModelAccess, cache: Any, ids: Tensor, names: Dict[str, str]) -> List[Tensor]:
+    """The cached residual at every stack entry, shape-checked (not copied)."""
+    acts = []
+    for label, name in names.items():
+        try:
+            act = cache[name]
+        except (KeyError, ValueError) as err:
+            raise ValueError(
+                f"the cache has no activation {name!r} (needed for {label}). Fix: cache the residual "
+                "stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."
+            ) from err
+        if not isinstance(act, Tensor) or act.ndim != 3 or tuple(act.shape) != (*ids.shape, access.d_model):
+            got = tuple(act.shape) if isinstance(act, Tensor) else type_name(act)
+            raise ValueError(
+                f"cached {name} has shape {got}, but tokens {tuple(ids.shape)} need "
+                f"{(*ids.shape, access.d_model)}. Fix: pass the token ids the cache was made from (mind BOS)."
+            )
+        acts.append(act.detach())
+    return acts
+
+
+def _as_ids(tokens: Any, access: ModelAccess) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dtype not in INT_DTYPES:
+        raise TypeError(
+            f"tokens must be an integer tensor [batch, seq] of the ids the cache was made from, got "
+            f"{type_name(tokens) if not isinstance(tokens, Tensor) else tokens.dtype}."
+        )
+    ids = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens
+    if ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError(f"tokens must be a non-empty [batch, seq] tensor, got shape {tuple(tokens.shape)}.")
+    return ids.long()
+
+
+def _scales(access: ModelAccess, batches: Any, E: int, skip: int) -> Tensor:
+    """First pass of ``standardize=True``: the per-dimension spread of every representation."""
+    W_E = access.W_E.detach()
+    spread = Moments(E + 1, variances=True)
+    with torch.no_grad():
+        for ids, stack in batches:
+            tok = ids[:, skip:].to(W_E.device).long()
+            rows = torch.cat([stack[:, :, skip:].to(_F64), W_E[tok].to(_F64).unsqueeze(0)], 0)
+            if not bool(torch.isfinite(rows).all()):
+                raise ValueError("the residual stream holds NaN or inf; check the model and any hook that edits it.")
+            spread.update(rows.reshape(E + 1, -1, rows.shape[-1]))
+    if spread.n < 2:
+        raise ValueError(f"standardization needs at least 2 tokens to estimate a spread; saw {spread.n}.")
+    std = torch.sqrt(torch.stack(spread.sq_sums) / spread.n)
+    # A dimension that never varies carries no information after centring; leaving it
+    # unscaled avoids dividing by zero (and keeps its mean as it is when center=False).
+    floor = 1e3 * _EPS * std.amax(-1, keepdim=True)
+    return torch.where(std > floor, std, torch.ones_like(std)).cpu()
+
+
+def _run(
+    access: ModelAccess,
+    batches: Callable[[str], Any],
+    *,
+    standardize: bool,
+    settings: Settings,
+    n_null_samples: int,
+    seed: int,
+    progress: bool,
+) -> AlignmentResult:
+    scale = None
+    if standardize:
+        E = len(access.stack_sites())
+        scale = _scales(access, batches("alignment: per-dimension spread"), E, settings.skip_positions)
+    acc = AlignmentAccumulator(access, standardize_scale=scale, **dataclasses.asdict(settings))
+    for ids, stack in batches("alignment"):
+        acc.update(ids, stack)
+    return acc.result(n_null_samples=n_null_samples, seed=seed, progress=progress)
+
+
+def _check_run(*, standardize: bool, batch_size: int, n_null_samples: int, seed: int, progress: bool) -> None:
+    """The options of a run that are not :class:`Settings` of its accumulator."""
+    check_bool(standardize, "standardize")
+    check_bool(progress, "progress")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    check_int(seed, "seed", minimum=0)
+
+
+def alignment_suite(
+    model: Any,
+    corpus: Optional[Corpus] = None,
+    *,
+    k: Optional[int] = None,
+    max_tokens: Optional[int] = 16384,
+    seq_len: Optional[int] = None,
+    prepend_bos: bool = True,
+    batch_size: int = 8,
+    skip_positions: int = 2,
+    center: bool = True,
+    standardize: bool = False,
+    cka_block_sequences: int = 4,
+    layer_cka_biased: bool = False,
+    rank_every: int = 4,
+    n_null_samples: int = 200,
+    seed: int = 0,
+    progress: bool = True,
+) -> AlignmentResult:
+    """Run the whole alignment suite on a model over a corpus, streaming the residual stream.
+
+    The corpus is packed into sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`) and run
+    through the model's own forward pass in batches; the plugin's capture hooks feed an
+    :class:`AlignmentAccumulator` and are removed, exactly, after every batch. Hooks the user
+    registered fire as usual, so the suite measures what the patched model does. No activations
+    are stored beyond one batch. Every argument is checked before the first forward pass.
+
+    Args:
+        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
+        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``) or a ``[n_seq, seq_len]``
+            token tensor; default: the held-out split of the offline default corpus.
+        k: Subspace dimension of the angle and variance analyses; default ``d_model // 8``.
+        max_tokens: Token budget (whole sequences, BOS included); None reads the whole corpus.
+        seq_len: Tokens per sequence; default 128 for text, the width of a token tensor.
+        prepend_bos: Start every text sequence with BOS (ignored for a token tensor).
+        batch_size: Sequences per forward pass (memory only: results do not depend on it).
+        skip_positions: Leading positions of every sequence left out of every statistic (default
+            2: BOS and the first token after it, whose massive activations would dominate every
+            covariance; see :class:`AlignmentAccumulator`).
+        center: Centre before principal subspaces, variance fractions and Procrustes.
+        standardize: z-score every representation per dimension (spread streamed in a first pass,
+            which doubles the forward passes) before CKA and Procrustes, against rogue dimensions.
+        cka_block_sequences: Sequences per block of the debiased CKA estimator.
+        layer_cka_biased: Also compute the full biased layer-by-layer CKA (1.4 GB and ~23 s per
+            1,000 tokens extra on two CPU cores for the default model).
+        rank_every: Compute the embedding-lens rank at every ``rank_every``-th kept position.
+        n_null_samples: Haar-random subspaces in the null baselines.
+        seed: Seed of the null baselines.
+        progress: Show tqdm progress bars.
+
+    Returns:
+        :class:`AlignmentResult`; ``.to_dataframe()`` gives one row per stack entry.
+
+    Raises:
+        ValueError: a model in training mode, ``k`` larger than ``d_model`` or than the tokens can
+            support, sequences too short for the debiased estimator, a corpus too small, NaN in the
+            residual stream (naming the entry), or any bad option.
+
+    Example:
+        >>> import tl_latentspaces as tll
+        >>> result = tll.alignment_suite(model, max_tokens=4096)  # doctest: +SKIP
+        >>> result.to_dataframe().loc["0_pre", ["cka_embed", "cos_mean", "rank_q50"]]  # doctest: +SKIP
+    """
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access.require_eval("alignment_suite")
+    settings = Settings.check(
+        access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,
+        layer_cka_biased=layer_cka_biased, rank_every=rank_every,
+    )
+    _check_run(standardize=standardize, batch_size=batch_size, n_null_samples=n_null_samples, seed=seed,
+               progress=progress)
+    if max_tokens is not None:
+        max_tokens = check_int(max_tokens, "max_tokens", minimum=1)
+    if corpus is None:
+        corpus = default_corpus("heldout")
+    if seq_len is None:
+        seq_len = int(corpus.shape[1]) if isinstance(corpus, Tensor) and corpus.ndim == 2 else 128
+    seq_len = check_int(
+        seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})"
+    )
+    check_seq_len(seq_len, settings.skip_positions)
+    seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
+    n_rows = seqs.shape[0] * (seq_len - settings.skip_positions)
+    check_rows_for_k(n_rows, settings.k, settings.center, "in this corpus")
+    names = dict(access.stack_sites())
+
+    def batches(desc: str) -> Any:
+        return stream_residuals(access, seqs, names, batch_size=batch_size, progress=progress, desc=desc)
+
+    return _run(
+        access, batches, standardize=standardize,
+        settings=settings,
+        n_null_samples=n_null_samples, seed=seed, progress=progress,
+    )
+
+
+def alignment_from_cache(
+    model: Any,
+    cache: Any,
+    tokens: Int[Tensor, "batch seq"],
+    *,
+    k: Optional[int] = None,
+    batch_size: int = 8,
+    skip_positions: int = 2,
+    center: bool = True,
+    standardize: bool = False,
+    cka_block_sequences: int = 4,
+    layer_cka_biased: bool = False,
+    rank_every: int = 4,
+    n_null_samples: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+    verify_cache: bool = True,
+) -> AlignmentResult:
+    """Run the alignment suite on an ``ActivationCache`` the user already has (no forward pass).
+
+    The cache must hold the residual stream at every ``stack_sites()`` entry (``resid_pre`` of
+    every layer and the last ``resid_post``) for ``tokens``. Every position is used after
+    ``skip_positions``: pass unpadded sequences. Options as in :func:`alignment_suite`; a cache
+    of other tokens is refused (by its token embedding) unless ``verify_cache=False``.
+
+    Example:
+        >>> _, cache = model.run_with_cache(tokens)  # doctest: +SKIP
+        >>> tll.alignment_from_cache(model, cache, tokens, k=8).to_dataframe()  # doctest: +SKIP
+    """
+    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    settings = Settings.check(
+        access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,
+        layer_cka_biased=layer_cka_biased, rank_every=rank_every,
+    )
+    _check_run(standardize=standardize, batch_size=batch_size, n_null_samples=n_null_samples, seed=seed,
+               progress=progress)
+    ids = _as_ids(tokens, access)
+    check_seq_len(ids.shape[1], settings.skip_positions)
+    check_rows_for_k(ids.shape[0] * (ids.shape[1] - settings.skip_positions), settings.k, settings.center, "in tokens")
+    names = dict(access.stack_sites())
+    acts = _cache_entries(access, cache, ids, names)
+    if check_bool(verify_cache, "verify_cache"):
+        access.check_cache_tokens(cache, ids)
+
+    def batches(desc: str) -> Any:
+        # One batch at a time, so the float64 working copies stay bounded whatever the cache size.
+        for start in range(0, ids.shape[0], batch_size):
+            stop = start + batch_size
+            yield ids[start:stop], torch.stack([act[start:stop] for act in acts], 0)
+
+    return _run(
+        access, batches, standardize=standardize,
+        settings=settings,
+        n_null_samples=n_null_samples, seed=seed, progress=progress,
+    )
