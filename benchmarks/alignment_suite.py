@@ -13,6 +13,12 @@ numbers of the largest run with their null baselines) and replaces the generated
 Usage:
     TL_LATENTSPACES_CACHE=.cache python benchmarks/alignment_suite.py             # 4K and 16K tokens
     python benchmarks/alignment_suite.py --tokens 2048 8192 --no-docs             # other budgets
+    python benchmarks/alignment_suite.py --threads 2                              # torch threads
+
+The library leaves torch's thread count alone; the benchmark pins it (``--threads``, default 1)
+because on two cores shared with other jobs two OpenMP threads spin-wait on each other in the
+suite's many mid-sized float64 products and factorisations (measured: the statistics of two
+default-model batches took 40 s on one thread against 205-258 s on two, at load average 4-7).
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ def _peak_mb() -> float:
 
 
 # ---------------------------------------------------------------------------- child process
-def child(tokens: int, out: Path, mode: str) -> None:
+def child(tokens: int, out: Path, mode: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
     import tl_latentspaces as tll
     from tl_latentspaces.alignment import alignment_suite
     from tl_latentspaces.corpus import default_corpus, tokenize_corpus
@@ -88,11 +97,11 @@ def child(tokens: int, out: Path, mode: str) -> None:
 
 
 # ---------------------------------------------------------------------------- parent
-def _run_child(tokens: int, mode: str, tmp: Path) -> dict:
+def _run_child(tokens: int, mode: str, tmp: Path, threads: int) -> dict:
     import pandas as pd
 
     out = tmp / f"run_{mode}_{tokens}.json"
-    cmd = [sys.executable, __file__, "--child", str(tokens), "--mode", mode, "--out", str(out)]
+    cmd = [sys.executable, __file__, "--child", str(tokens), "--mode", mode, "--out", str(out), "--threads", str(threads)]
     print(f"[benchmark] {mode} over {tokens} tokens ...", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)  # stderr passes through: the progress bars show
     record = json.loads(out.read_text())
@@ -103,7 +112,7 @@ def _run_child(tokens: int, mode: str, tmp: Path) -> dict:
     return record
 
 
-def _machine() -> str:
+def _machine(threads: int) -> str:
     from importlib.metadata import version
 
     import torch
@@ -126,7 +135,7 @@ def _machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (the suite ran on the CPU)"
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__} (pinned to {threads} thread(s) of {torch.get_num_threads()}), "
         f"transformer-lens {version('transformer-lens')}"
     )
 
@@ -253,15 +262,15 @@ def _report(runs: list, baseline: dict, machine: str) -> str:
     return "\n".join(lines)
 
 
-def parent(tokens: list, write_docs: bool) -> None:
+def parent(tokens: list, write_docs: bool, threads: int) -> None:
     tokens = sorted(tokens)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        baseline = _run_child(tokens[0], "stream-only", tmp_path)
-        runs = [_run_child(n, "table" if n == tokens[-1] else "suite", tmp_path) for n in tokens]
-        std = _run_child(tokens[0], "standardized", tmp_path)
+        baseline = _run_child(tokens[0], "stream-only", tmp_path, threads)
+        runs = [_run_child(n, "table" if n == tokens[-1] else "suite", tmp_path, threads) for n in tokens]
+        std = _run_child(tokens[0], "standardized", tmp_path, threads)
     body = (
-        _report(runs + [std], baseline, _machine()) + "\n" + _tables(runs[-1]) + "\n\n" + _standardized(runs[0], std)
+        _report(runs + [std], baseline, _machine(threads)) + "\n" + _tables(runs[-1]) + "\n\n" + _standardized(runs[0], std)
     )
     stamp = time.strftime("%Y-%m-%d")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -284,14 +293,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="token budgets to run")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/alignment.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="suite", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.out, args.mode)
+        child(args.child, args.out, args.mode, args.threads)
     else:
-        parent(args.tokens, write_docs=not args.no_docs)
+        parent(args.tokens, write_docs=not args.no_docs, threads=args.threads)
 
 
 if __name__ == "__main__":
