@@ -364,6 +364,8 @@ def test_difference_mode(open_page, runs, tmp_path):
 def test_two_grids_and_other_views_share_a_notebook_page(open_page, runs, tmp_path):
     """Like notebook outputs: several views' HTML on one page, each rendering on its own."""
     clean, _ = runs
+    ids = clean["logit"].tokens
+    r = tll.logit_lens(_model(), ids, targets=ids.roll(-1, dims=1))
     fragments = [
         views.lens_grid(clean, title="first"),
         views.lens_grid(clean["embedding"], clean["logit"], title="second"),
@@ -387,6 +389,41 @@ def test_two_grids_and_other_views_share_a_notebook_page(open_page, runs, tmp_pa
     pg.page.click(f'{second} [data-testid=lens-button][data-name="logit"]')
     assert {(e, p): t for e, p, t in pg.cells(second)} == _top1(clean["logit"])
     assert pg.page.locator("[data-testid=matrix-cell]").count() == 16
+    pg.assert_clean()
+
+
+def test_views_on_one_page_keep_one_copy_of_each_bundle(open_page, runs, tmp_path):
+    """A page of several views (the report's way) holds each bundle once, and every view still draws."""
+    clean, _ = runs
+    ids = clean["logit"].tokens
+    r = tll.logit_lens(_model(), ids, targets=ids.roll(-1, dims=1))
+    fragments = [
+        views.lens_grid(clean, title="first"),
+        views.drift_tokens(clean["embedding"]),
+        views.cka_matrix_view(torch.eye(4), clean["logit"].labels),
+        views.layer_predictions(r, "2_pre"),
+        views.lens_grid(clean["embedding"], clean["logit"], title="second"),
+        views.layer_curves_view(clean["logit"].labels[:4], {"a": [0.1, 0.2, 0.3, 0.4]}),
+        views.layer_predictions(r, "final_post"),
+    ]
+    body = views.one_bundle_per_page([v.local_src for v in fragments])
+    ours, theirs = views.bundle_source(), views.render.circuitsvis_bundle_source()
+    assert body.count(ours) == 1 and body.count(theirs) == 1
+    assert len(body) < len(ours) + len(theirs) + sum(len(v.local_src) for v in fragments) / 5  # the copies are gone
+    path = tmp_path / "page.html"
+    path.write_text(views.HTMLView(body, title="page").to_html(), encoding="utf-8")
+    pg = open_page(path)
+    pg.page.wait_for_selector("[data-testid=cell]")
+    E, _, P, _ = clean["logit"].top_ids.shape
+    assert pg.page.locator("[data-testid=lens-grid-root]").count() == 2
+    assert pg.page.locator("[data-testid=cell]").count() == 2 * E * P
+    assert pg.page.locator("[data-testid=matrix-cell]").count() == 16
+    drawn = pg.page.evaluate(
+        "() => Array.from(document.querySelectorAll('div[id^=circuits-vis-], div[id^=tl-latentspaces-]'))"
+        ".map(d => [d.id.split('-')[0], d.childElementCount])"
+    )
+    assert sorted(kind for kind, _ in drawn) == ["circuits"] * 2 + ["tl"] * 5
+    assert all(children > 0 for _, children in drawn), drawn  # every view drew into its own root
     pg.assert_clean()
 
 

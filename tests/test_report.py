@@ -40,6 +40,7 @@ def test_report_writes_page_and_json(report_dir):
     # Chromium test below fails on any request)
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", page)
     assert "default-src 'none'" in page
+    assert page.count(tll.views.bundle_source()) == 1  # every view draws from one copy of the bundle
 
 
 @pytest.mark.integration

@@ -499,7 +499,7 @@ def test_tokens_cannot_break_out_of_the_script(runs):
     r = dataclasses.replace(clean["logit"], decode=lambda i: nasty if int(i) % 2 else f"<{int(i)}>")
     view = views.lens_grid(r)
     src = view.local_src
-    assert src.count("</script>") == 1 and "<!--" not in src
+    assert src.count("</script>") == 2 and "<!--" not in src  # the bundle's script and the render call's, nothing more
     props = _embedded_props(src)
     shown = props["tokens"] + [c for row in props["lenses"][0]["topTokens"][0] for cell in row for c in cell]
     assert nasty in shown
@@ -602,13 +602,13 @@ def test_circuitsvis_components_render_through_our_renderer(runs):
             len(clean["logit"].labels), -1, -1).unsqueeze(-1)), 0)
     src = view.local_src
     assert re.match(r'<div id="circuits-vis-[^"]+" style="margin: 15px 0;"></div>', src)
-    assert src.count("</script>") == 1 and "<!--" not in src
+    assert src.count("</script>") == 2 and "<!--" not in src  # the bundle's script and the render call's, nothing more
     assert view.component == "TokenLogProbs" and "unpkg.com" not in view._repr_html_()
     assert "unpkg.com" in view.show_code()  # CircuitsVis's CDN version stays available on request
     match = re.search(r"CircuitsVis\.\w+,\s*(\{.*\})\s*\)\s*</script>", src, re.S)
     assert nasty in json.dumps(json.loads(match.group(1)), ensure_ascii=False).replace("\\/", "/")
     drift = views.drift_tokens(r).local_src
-    assert drift.count("</script>") == 1 and "<!--" not in drift
+    assert drift.count("</script>") == 2 and "<!--" not in drift
     assert nasty in _embedded_props(drift)["tokens"]
 
 

@@ -39,7 +39,7 @@ from tl_latentspaces.lenses import read_lenses
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.narrative import tell_story
 from tl_latentspaces.runner import CorpusRunner
-from tl_latentspaces.views import PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid
+from tl_latentspaces.views import PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid, one_bundle_per_page
 
 __all__ = ["Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
 
@@ -262,7 +262,7 @@ def build_report(
     ]
     parts += _alignment_figures(alignment, layer_curves_view, cka_matrix_view)
     parts.append("<details><summary>Per-entry table</summary>" + _table(alignment.to_dataframe()) + "</details>")
-    page = _page(f"tl_latentspaces report: {access.name}", "\n".join(parts))
+    page = _page(f"tl_latentspaces report: {access.name}", one_bundle_per_page(parts))
     return Report(data=data, html=page)
 
 

@@ -32,7 +32,7 @@ Example:
 from tl_latentspaces.views.data import Selector
 from tl_latentspaces.views.figures import cka_matrix_view, layer_curves_view, nice_ticks
 from tl_latentspaces.views.lens_grid import COMPACT_FROM, lens_grid
-from tl_latentspaces.views.render import BUNDLE, BUNDLE_GLOBAL, PAGE_CSP, HTMLView, bundle_source
+from tl_latentspaces.views.render import BUNDLE, BUNDLE_GLOBAL, PAGE_CSP, HTMLView, bundle_source, one_bundle_per_page
 from tl_latentspaces.views.scales import colour_range, embedding_entry_is_apart
 from tl_latentspaces.views.tokens import TokenText, drift_tokens, layer_predictions
 
@@ -45,6 +45,7 @@ __all__ = [
     "layer_curves_view",
     "TokenText",
     "bundle_source",
+    "one_bundle_per_page",
     "colour_range",
     "embedding_entry_is_apart",
     "nice_ticks",

@@ -1,8 +1,9 @@
 """How a view becomes HTML: the :class:`HTMLView` and the inlined bundle of our components.
 
 A view is rendered as CircuitsVis renders its components, ``<div id=...>`` plus a script calling
-``TLLatentSpaces.render(id, TLLatentSpaces.Component, props)``, with the bundle inlined: nothing
-is fetched from the network, in a notebook or in a saved page.
+``TLLatentSpaces.render(id, TLLatentSpaces.Component, props)``, with the bundle inlined in a script
+of its own: nothing is fetched from the network, in a notebook or in a saved page, and a page of
+several views keeps one copy of each bundle (:func:`one_bundle_per_page`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from circuitsvis.utils.render import RenderedHTML, render_cdn
 
@@ -140,6 +141,38 @@ def circuitsvis_bundle_source() -> str:
     return ref.read_text(encoding="utf-8").replace("</script", "<\\/script")
 
 
+def bundle_script(circuitsvis: bool = False) -> str:
+    """The ``<script>`` element that defines a bundle's global (ours, or CircuitsVis's).
+
+    A classic script, so the bundle's ``var`` becomes a page global: every view carries it (a
+    notebook cell stands alone), and :func:`one_bundle_per_page` keeps only the first copy when
+    several views share a page.
+    """
+    return f"<script>\n{circuitsvis_bundle_source() if circuitsvis else bundle_source()}\n</script>\n"
+
+
+def one_bundle_per_page(fragments: Sequence[str]) -> str:
+    """Views' HTML joined into one page body, each bundle's script kept once (where it first appears).
+
+    Every view carries its bundle so that it stands alone; a page of eleven views would otherwise
+    hold eleven copies of the same 170 KB. Later copies are dropped whole: the global defined by
+    the first is what the later views' render calls find.
+    """
+    seen: set[str] = set()
+    out = []
+    for fragment in fragments:
+        for script in (bundle_script(False), bundle_script(True)):
+            if script in fragment:
+                if script in seen:
+                    fragment = fragment.replace(script, "")
+                else:
+                    seen.add(script)
+                    head, _, tail = fragment.partition(script)
+                    fragment = head + script + tail.replace(script, "")
+        out.append(fragment)
+    return "\n".join(out)
+
+
 def render_component(component: str, props: dict[str, Any], *, title: str, circuitsvis: bool = False) -> HTMLView:
     """Render a component the way CircuitsVis's ``render_local`` does, offline: one renderer.
 
@@ -151,15 +184,12 @@ def render_component(component: str, props: dict[str, Any], *, title: str, circu
             package), rendered through its ``CircuitsVis.render``; ``show_code()`` then gives
             CircuitsVis's CDN version. Else one of ours.
     """
-    prefix, source, name = (("circuits-vis-", circuitsvis_bundle_source(), "CircuitsVis") if circuitsvis
-                            else ("tl-latentspaces-", bundle_source(), BUNDLE_GLOBAL))
+    prefix, name = ("circuits-vis-", "CircuitsVis") if circuitsvis else ("tl-latentspaces-", BUNDLE_GLOBAL)
     uid = prefix + uuid.uuid4().hex[:13]
     src = (
         f'<div id="{uid}" style="margin: 15px 0;"></div>\n'
-        '<script crossorigin type="module">\n'
-        f"{source}\n"
-        f'{name}.render(\n  "{uid}",\n  {name}.{component},\n  {js_json(props)}\n)\n'
-        "</script>"
+        f"{bundle_script(circuitsvis)}"
+        f'<script>\n{name}.render(\n  "{uid}",\n  {name}.{component},\n  {js_json(props)}\n)\n</script>'
     )
     cdn = render_cdn(component, **props) if circuitsvis else None
     return HTMLView(src, cdn, title=title, component=component, props=props)
