@@ -283,7 +283,6 @@ class AlignmentAccumulator:
         """Sequences seen so far."""
         return self._n_sequences
 
-    # ------------------------------------------------------------------ update
     def update(self, ids: Int[Tensor, "batch seq"], stack: Float[Tensor, "entry batch seq d_model"]) -> None:
         """Add one batch of sequences.
 
@@ -344,7 +343,6 @@ class AlignmentAccumulator:
         self.hsic_sum, self.n_blocks = self.blocks_so_far()
         self._pending, self._pending_sequences = [], 0
 
-    # ------------------------------------------------------------------ merge / state
     def merge(self, other: "AlignmentAccumulator") -> "AlignmentAccumulator":
         """Fold in another accumulator's statistics (e.g. another process's share); returns ``self``.
 
@@ -404,7 +402,6 @@ class AlignmentAccumulator:
         self.n_rank = int(state["n_rank"])
         self._n_sequences = int(state["n_sequences"])
 
-    # ------------------------------------------------------------------ result
     def result(
         self,
         *,
