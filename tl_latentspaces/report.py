@@ -274,8 +274,8 @@ def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: 
         "null they are as unrelated as random subspaces.",
         "The share of the residual's variance inside the top-k embedding directions; the dashed line "
         "is what any random k-dim subspace holds.",
-        "1 at 0_pre, where each position is its own token's embedding; the fall shows how fast the "
-        "stream leaves its token behind.",
+        "The own-token cosine is 1 at 0_pre, where each position is its own token's embedding; the fall "
+        "shows how fast the stream leaves its token behind.",
         "Bright squares on the diagonal are blocks of layers that represent the text alike; a dark "
         "seam is a layer that rewrites the stream.",
     ]
