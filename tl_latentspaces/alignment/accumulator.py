@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_latentspaces.alignment import analysis
+import tl_latentspaces.alignment.analysis as analysis
 from tl_latentspaces.alignment.options import INT_DTYPES, Settings, check_seq_len
 from tl_latentspaces.alignment.results import AlignmentResult
 from tl_latentspaces.checks import type_name
