@@ -99,6 +99,13 @@ def machine() -> str:
         pass
     from importlib.metadata import version
 
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    bf16 = sorted(f for f in flags if "bf16" in f)
+    cpu += f" ({', '.join(bf16) if bf16 else 'no bfloat16 instructions: avx2' if 'avx2' in flags else 'no bfloat16 instructions'})"
+
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformer-lens {version('transformer-lens')}, Python {platform.python_version()}"
