@@ -284,3 +284,44 @@ def test_default_model_lens_beats_logit_lens_at_every_layer(smol):
     r = tll.read_lenses(smol, "The Eiffel Tower is in the city of", lenses=("logit", lens), targets=" Paris")
     paris_rank = r["tuned"].target_ranks[-2, 0, -1, 0]
     assert paris_rank < r["logit"].target_ranks[-2, 0, -1, 0]
+
+
+# ---------------------------------------------------------------------- pieces the fit reads the model through
+def test_final_norm_scale_and_gain_rebuild_the_models_own_norm(tiny):
+    """``final_norm(h) = gain * centred(h) / scale(h) + final_norm(0)``, row by row, for every flavour."""
+    access = tll.ModelAccess(tiny)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, access.d_model, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 100.0])[:, None]
+    norm_type = str(getattr(access.cfg, "normalization_type", None))
+    centred = h - h.mean(-1, keepdim=True) if norm_type.startswith("LN") else h
+    scale, gain = access.final_norm_scale(h), access.final_norm_gain()
+    assert scale.shape == (6, 1) and gain.shape == (access.d_model,)
+    offset = access.final_norm(torch.zeros(1, access.d_model))
+    torch.testing.assert_close(gain * centred / scale + offset, access.final_norm(h), atol=2e-5, rtol=2e-5)
+
+
+def test_tuned_lens_for_fits_once_per_model_and_settings(tiny, tmp_path, monkeypatch):
+    from tl_latentspaces import cached_lenses
+
+    access = tll.ModelAccess(tiny)
+    corpus = torch.randint(0, access.d_vocab, (24, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(cached_lenses, "default_corpus", lambda split: corpus)
+    monkeypatch.setattr(cached_lenses, "DEFAULT_FIT", dict(max_tokens=384, seq_len=16, seed=0, refine_steps=0, ridge=1e-2))
+    fits = []
+    real_fit = cached_lenses.fit_tuned_lens
+    monkeypatch.setattr(cached_lenses, "fit_tuned_lens", lambda *a, **k: fits.append(k) or real_fit(*a, **k))
+
+    first = tll.tuned_lens_for(tiny, cache_dir=tmp_path, progress=False)
+    folders = list((tmp_path / "tuned-lenses").iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith(access.unembedding_fingerprint())
+    second = tll.tuned_lens_for(tiny, cache_dir=tmp_path, progress=False)
+    assert len(fits) == 1 and torch.equal(first.weight, second.weight)  # loaded, not refitted
+    # other settings invalidate the cached lens
+    monkeypatch.setattr(cached_lenses, "DEFAULT_FIT", dict(max_tokens=384, seq_len=16, seed=1, refine_steps=0, ridge=1e-2))
+    third = tll.tuned_lens_for(tiny, cache_dir=tmp_path, progress=False)
+    assert len(fits) == 2 and not torch.equal(third.weight, first.weight)
+    # a damaged cached lens is refitted with a warning naming the folder
+    (folders[0] / "tuned_lens.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="refitting the tuned lens in .*tuned-lenses"):
+        fourth = tll.tuned_lens_for(tiny, cache_dir=tmp_path, progress=False)
+    assert len(fits) == 3 and torch.equal(fourth.weight, third.weight)
