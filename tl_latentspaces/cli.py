@@ -95,7 +95,6 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _corpus(args: argparse.Namespace) -> Any:
-
     if not getattr(args, "corpus", None):
         return default_corpus("heldout")
     # Each file is checked up to its first text now, and read lazily, as far as the token budget goes, later.
@@ -313,7 +312,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-
     ctx = init_distributed()
     corpus = _corpus(args) if args.corpus else None
     if corpus is None:
@@ -330,7 +328,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-
     ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)

@@ -336,7 +336,6 @@ def _collect(
     ckpt: Optional["_Checkpoint"],
     progress: bool,
 ) -> _Stats:
-
     L, d = access.n_layers, access.d_model
     names = dict(access.stack_sites())
     B = settings.batch_size
@@ -811,7 +810,6 @@ class _Checkpoint:
         return state
 
     def _write(self, phase: str, tensors: dict, extra: dict) -> None:
-
         if not current_context().is_main:
             return  # under torchrun every rank holds the same state; rank 0 alone writes it
 
@@ -830,7 +828,6 @@ class _Checkpoint:
         _checkpoint_saved(phase, extra)
 
     def _read(self, phase: str, device: torch.device) -> Optional[tuple[dict, dict]]:
-
         state = self._state()
         if state is None or phase not in state.get("files", {}):
             return None

@@ -509,7 +509,6 @@ class _Checkpoint:
         self.fingerprint = digest.hexdigest()[:16]
 
     def save(self, sums: _JacobianSums, done: int) -> None:
-
         meta = {"fingerprint": self.fingerprint, "done": str(done), "n": str(sums.n)}
         write_bytes_atomic(self.path, safetensors.torch.save({"sums": sums.sums.contiguous()}, metadata=meta))
 

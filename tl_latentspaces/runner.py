@@ -141,7 +141,6 @@ class CorpusRunner:
         write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
 
     def _load(self, rank: int, consumers: dict[str, Any]) -> int:
-
         if self.checkpoint_dir is None or not self._checkpoint_path(rank).is_file():
             return 0
         path = self._checkpoint_path(rank)
