@@ -1,20 +1,9 @@
-"""The ``tl-latentspaces`` command line.
+"""The ``tl-latentspaces`` command line: ``lens`` (the default), ``report``, ``fit-tuned-lens``, ``eval``, ``align``.
 
-With no arguments it loads the default model and prints, for a default prompt, every layer's top
-logit-lens and embedding-lens tokens with their KL to the model's final distribution.
-
-Subcommands:
-    lens            per-layer logit-lens and embedding-lens tokens for a prompt (the default)
-    report          the full report: lens grids, logit vs tuned lens, alignment suite (HTML + JSON)
-    fit-tuned-lens  fit a tuned lens and save it
-    eval            held-out metrics of the logit (and a tuned) lens per layer
-    align           the alignment suite over a corpus
-
-Every place a command writes (``--out``, ``--checkpoint-dir``, the cache folder) is checked before
-any work starts, and errors are one line with an exit status (see :data:`EPILOG`).
+Every place a command writes is checked before any work starts; errors are one line with an exit
+status (see :data:`EPILOG`).
 
 Example:
-    $ tl-latentspaces
     $ tl-latentspaces report --out report/
     $ torchrun --nproc_per_node 2 -m tl_latentspaces.cli align --out align.json
 """
@@ -30,6 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
+import tl_latentspaces as tll
 from tl_latentspaces import default_model, files, report
 from tl_latentspaces.alignment import AlignmentAccumulator
 from tl_latentspaces.cached_lenses import tuned_lens_for
@@ -55,7 +47,7 @@ Errors are one line on stderr, 'tl-latentspaces: error: ...'; set TL_LATENTSPACE
 the full traceback instead."""
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64"}
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _fmt_token(s: str, width: int = 14) -> str:
@@ -67,9 +59,8 @@ def lens_table(results: dict[str, Any], pos: int) -> str:
     """A per-layer text table of the logit and embedding lenses at one position."""
     logit, emb = results["logit"], results["embedding"]
     p = logit.positions.index(pos)
-    lines = [
-        f"{'entry':>10}  {'logit top-1':<16}{'p':>6}{'KL':>8}   {'embedding top-1':<16}{'cos':>6}{'KL':>8}{'own cos':>9}",
-    ]
+    lines = [f"{'entry':>10}  {'logit top-1':<16}{'p':>6}{'KL':>8}   {'embedding top-1':<16}{'cos':>6}{'KL':>8}"
+             f"{'own cos':>9}"]
     top_l, top_e = logit.top_tokens(), emb.top_tokens()
     for e, label in enumerate(logit.labels):
         lines.append(
@@ -83,21 +74,17 @@ def lens_table(results: dict[str, Any], pos: int) -> str:
 
 # ---------------------------------------------------------------------- shared pieces
 def _load(args: argparse.Namespace) -> Any:
-    import torch
-
-
-    dtype = None if args.dtype is None else getattr(torch, _DTYPES[args.dtype])
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
     if args.model == "default" and args.device == "cpu" and dtype is None:
-        import tl_latentspaces as tll
-
         return tll.load_default_model(cache_dir=args.cache_dir, progress=not args.quiet)
-    return default_model.load_model(args.model, device=args.device, dtype=dtype, cache_dir=args.cache_dir, progress=not args.quiet)
+    return default_model.load_model(args.model, device=args.device, dtype=dtype, cache_dir=args.cache_dir,
+                                    progress=not args.quiet)
 
 
 def _corpus(args: argparse.Namespace) -> Any:
     if not getattr(args, "corpus", None):
         return default_corpus("heldout")
-    # Each file is checked up to its first text now, and read lazily, as far as the token budget goes, later.
+    # Each file is checked up to its first text now, and read lazily later, as far as the token budget goes.
     return [check_corpus_file(path) for path in args.corpus]
 
 
@@ -118,7 +105,7 @@ class _ResultsNotWritten(Exception):
     """The work is done but its results could not be written where asked; the message says where they are."""
 
 
-#: Suffixes that name a file; a command that writes a folder refuses them (``--out report.html``).
+#: Suffixes that name a file, which a command that writes a folder refuses (``--out report.html``).
 _FILE_SUFFIXES = (".json", ".jsonl", ".html", ".htm", ".txt", ".csv", ".safetensors", ".pt", ".png", ".gguf")
 
 
@@ -133,20 +120,15 @@ def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(
-            f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}"
-        )
+        raise ValueError(f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
-    # Permission bits do not tell everything (root on a pseudo file system such as /proc, some
-    # network mounts): create and remove a probe file where the first real write will happen.
-    try:
+    try:  # permission bits do not tell everything (root on /proc, some network mounts): write a probe file
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise PermissionError(
-            f"{what}: cannot write in the folder {str(existing)!r} ({err.strerror or err}). {fix}"
-        ) from None
+        raise PermissionError(f"{what}: cannot write in the folder {str(existing)!r} ({err.strerror or err}). "
+                              f"{fix}") from None
 
 
 def _check_json_out(value: Optional[str], option: str = "--out") -> None:
@@ -163,13 +145,10 @@ def _check_json_out(value: Optional[str], option: str = "--out") -> None:
     _check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
 
 
-def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optional[str] = None) -> None:
-    """A folder target: not an existing file, no file suffix, and writable where it is written.
+def _check_folder_out(value: str, option: str, *, marker: Optional[str] = None) -> None:
+    """A folder target: not an existing file, no file suffix, and writable or creatable.
 
-    Args:
-        written_in: ``"folder"`` when files are written inside the folder (a report, a lens),
-            ``"parent"`` when the folder is written next to itself and renamed into place.
-        marker: A file that an existing, non-empty folder must hold to be written into (the lens's config).
+    ``marker`` is a file an existing, non-empty folder must hold to be written into (a lens's config).
     """
     p = Path(value).expanduser()
     what = f"{option} {value!r}"
@@ -177,45 +156,33 @@ def _check_folder_out(value: str, option: str, *, written_in: str, marker: Optio
         if not p.is_dir():
             raise ValueError(f"{what} is an existing file, but this writes a folder there; pass a folder path.")
         if marker is not None and any(p.iterdir()) and not (p / marker).is_file():
-            raise ValueError(
-                f"{what} is a folder that holds other files but no {marker}, so it is not a lens folder to "
-                "write into; pass a new or empty folder path."
-            )
+            raise ValueError(f"{what} is a folder that holds other files but no {marker}, so it is not a lens folder "
+                             "to write into; pass a new or empty folder path.")
     elif p.suffix.lower() in _FILE_SUFFIXES:
-        raise ValueError(
-            f"{what} names a {p.suffix} file, but this writes a folder; pass a folder path, e.g. "
-            f"{option} {str(p.with_suffix(''))!r}."
-        )
-    folder = p if written_in == "folder" else p.parent
-    _check_can_write_in(folder, what, "Pass a path in a writable folder.")
-
-
-def _uses_cache(args: argparse.Namespace) -> bool:
-    """Whether the command may write to the cache folder: the default model's cache, the default tuned lens."""
-    tuned_auto = args.command in ("report", "eval") and not args.no_tuned and not getattr(args, "lens", None)
-    return args.model == "default" or tuned_auto
+        raise ValueError(f"{what} names a {p.suffix} file, but this writes a folder; pass a folder path, e.g. "
+                         f"{option} {str(p.with_suffix(''))!r}.")
+    _check_can_write_in(p, what, "Pass a path in a writable folder.")
 
 
 def _check_targets(args: argparse.Namespace) -> None:
     """Check every path the command will write (and the inputs that are only read late) before any work."""
     if args.command == "report":
-        _check_folder_out(args.out, "--out", written_in="folder")
+        _check_folder_out(args.out, "--out")
     elif args.command == "fit-tuned-lens":
-
-        _check_folder_out(args.out, "--out", written_in="folder", marker=CONFIG_FILE)
+        _check_folder_out(args.out, "--out", marker=CONFIG_FILE)
     elif args.command in ("eval", "align"):
         _check_json_out(args.out)
     if getattr(args, "checkpoint_dir", None):
-        _check_folder_out(args.checkpoint_dir, "--checkpoint-dir", written_in="folder")
+        _check_folder_out(args.checkpoint_dir, "--checkpoint-dir")
     if getattr(args, "lens", None) and not Path(args.lens).expanduser().is_dir():
         raise FileNotFoundError(f"--lens {args.lens!r} is not a folder; pass a folder written by fit-tuned-lens.")
     for path in getattr(args, "jacobian_lens", None) or ():
         if not Path(path).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"--jacobian-lens {path!r} is not a folder; pass a folder written by JacobianLens.save."
-            )
-    if _uses_cache(args):
-
+            raise FileNotFoundError(f"--jacobian-lens {path!r} is not a folder; pass a folder written by "
+                                    "JacobianLens.save.")
+    # The default model's cache and the default tuned lens are written in the cache folder.
+    tuned_auto = args.command in ("report", "eval") and not args.no_tuned and not getattr(args, "lens", None)
+    if args.model == "default" or tuned_auto:
         cache = default_model.default_cache_dir(args.cache_dir)
         if args.cache_dir is not None:
             what = f"--cache-dir {args.cache_dir!r}"
@@ -224,16 +191,14 @@ def _check_targets(args: argparse.Namespace) -> None:
         else:
             what = f"the cache folder {str(cache)!r}"
         if cache.exists() and not cache.is_dir():
-            raise ValueError(f"{what} is a file, not a folder. Pass --cache-dir or set TL_LATENTSPACES_CACHE to a folder.")
+            raise ValueError(f"{what} is a file, not a folder. Pass --cache-dir or set TL_LATENTSPACES_CACHE to a "
+                             "folder.")
         _check_can_write_in(cache, what, "Pass --cache-dir or set TL_LATENTSPACES_CACHE to a writable folder.")
 
 
 def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[Callable[[], str]] = None) -> Path:
-    """``write(target)``; if that fails with an ``OSError``, keep the results and raise :class:`_ResultsNotWritten`.
-
-    The results go to a new temporary folder under the target's name; if that fails too, ``dump()``
-    (when given) is printed to stdout. The error message says where the results are.
-    """
+    """``write(target)``; on an ``OSError``, write to a new temporary folder instead, or print ``dump()``,
+    and raise :class:`_ResultsNotWritten` saying where the results are."""
     try:
         return write(target)
     except OSError as err:
@@ -247,33 +212,25 @@ def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[C
         if fallback is not None:
             shutil.rmtree(fallback, ignore_errors=True)
         if dump is None:
-            raise _ResultsNotWritten(
-                f"could not write {str(target)!r} ({reason}), nor a copy in the temporary folder "
-                f"{tempfile.gettempdir()!r}; the results are lost."
-            ) from None
+            raise _ResultsNotWritten(f"could not write {str(target)!r} ({reason}), nor a copy in the temporary folder "
+                                     f"{tempfile.gettempdir()!r}; the results are lost.") from None
         print(dump())
-        raise _ResultsNotWritten(
-            f"could not write {str(target)!r} ({reason}); the results are printed above instead."
-        ) from None
-    raise _ResultsNotWritten(
-        f"could not write {str(target)!r} ({reason}); the results were written to {str(kept)!r} instead."
-    )
+        raise _ResultsNotWritten(f"could not write {str(target)!r} ({reason}); the results are printed above "
+                                 "instead.") from None
+    raise _ResultsNotWritten(f"could not write {str(target)!r} ({reason}); the results were written to "
+                             f"{str(kept)!r} instead.")
 
 
 def _write_json(value: str, data: Any) -> Path:
-    """``data`` as JSON in the file ``value``, atomically; kept elsewhere if that fails (:func:`_write_or_keep`)."""
     blob = json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
     return _write_or_keep(Path(value).expanduser(), lambda p: files.write_bytes_atomic(p, blob), dump=blob.decode)
 
 
 # ---------------------------------------------------------------------- subcommands
 def _cmd_lens(args: argparse.Namespace) -> int:
-    import tl_latentspaces as tll
-
     model = _load(args)
-    results = tll.read_lenses(
-        model, args.prompt, lenses=("logit", "embedding"), top_k=args.top_k, prepend_bos=not args.no_bos
-    )
+    results = tll.read_lenses(model, args.prompt, lenses=("logit", "embedding"), top_k=args.top_k,
+                              prepend_bos=not args.no_bos)
     logit = results["logit"]
     seq = logit.tokens.shape[1]
     pos = args.pos + seq if args.pos < 0 else args.pos
@@ -292,13 +249,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     prompts = _prompts(args) or list(report.DEFAULT_PROMPTS)
     corpus = _corpus(args)
     model = _load(args)
-
     extra = [JacobianLens.load(path, model) for path in args.jacobian_lens or ()]
-    result = report.build_report(
-        model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto", lenses=extra,
-        eval_tokens=args.eval_tokens, align_tokens=args.align_tokens, cache_dir=args.cache_dir,
-        progress=not args.quiet,
-    )
+    result = report.build_report(model, prompts=prompts, corpus=corpus, tuned=None if args.no_tuned else "auto",
+                                 lenses=extra, eval_tokens=args.eval_tokens, align_tokens=args.align_tokens,
+                                 cache_dir=args.cache_dir, progress=not args.quiet)
     if not ctx.is_main:
         return 0
     ev = result.data["evaluation"]
@@ -313,15 +267,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     ctx = init_distributed()
-    corpus = _corpus(args) if args.corpus else None
-    if corpus is None:
-
-        corpus = default_corpus("train")
+    corpus = _corpus(args) if args.corpus else default_corpus("train")
     model = _load(args)
-    lens = fit_tuned_lens(
-        model, corpus, max_tokens=args.max_tokens, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
-        progress=not args.quiet,
-    )
+    lens = fit_tuned_lens(model, corpus, max_tokens=args.max_tokens, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                          progress=not args.quiet)
     if ctx.is_main:
         print(f"saved the tuned lens to {_write_or_keep(Path(args.out).expanduser(), lens.save)}")
     return 0
@@ -347,14 +296,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     """The alignment suite through the corpus runner: resumable, and data-parallel under torchrun."""
-
     ctx = init_distributed()
     corpus = _corpus(args)
     model = _load(args)
-    runner = CorpusRunner(
-        model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-        checkpoint_dir=args.checkpoint_dir, progress=not args.quiet,
-    )
+    runner = CorpusRunner(model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                          checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     stats = runner.run({"align": AlignmentAccumulator(model).empty})["align"]
     if not ctx.is_main:
         return 0
@@ -371,7 +317,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face model folder, a .gguf file, "
                         "or a TransformerLens model name (needs the hub)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="model dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=_DTYPES, help="model dtype (default float32)")
     p.add_argument("--cache-dir", default=None, help="cache folder (default ~/.cache/tl_latentspaces)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -416,20 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--align-tokens", type=int, default=1024, help="tokens for the alignment suite (default 1024)")
     rep.add_argument("--no-tuned", action="store_true", help="leave the tuned lens out")
     rep.add_argument("--jacobian-lens", action="append", default=None, metavar="DIR",
-                        help="a saved Jacobian lens folder (JacobianLens.save) to read and evaluate beside the "
-                             "other lenses (repeatable)")
+                     help="a saved Jacobian lens folder (JacobianLens.save) to read and evaluate beside the other "
+                          "lenses (repeatable)")
 
     fit = sub.add_parser("fit-tuned-lens", help="fit a tuned lens and save it")
     _model_options(fit)
     fit.add_argument("--out", required=True, help="folder to save the lens in")
-    fit.add_argument("--corpus", action="append", help="training text: .txt or .jsonl files (default: the offline corpus)")
+    fit.add_argument("--corpus", action="append",
+                     help="training text: .txt or .jsonl files (default: the offline corpus)")
     fit.add_argument("--max-tokens", type=int, default=65536, help="training tokens (default 65536)")
     fit.add_argument("--checkpoint-dir", default=None, help="save checkpoints here and resume from them")
     fit.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="held-out metrics per layer: logit lens vs tuned lens")
     _model_options(ev)
-    ev.add_argument("--lens", default=None, help="a saved tuned lens folder (default: the cached one, fitted if missing)")
+    ev.add_argument("--lens", default=None,
+                    help="a saved tuned lens folder (default: the cached one, fitted if missing)")
     ev.add_argument("--no-tuned", action="store_true", help="evaluate the logit lens only")
     ev.add_argument("--corpus", action="append", help="held-out text: .txt or .jsonl files")
     ev.add_argument("--max-tokens", type=int, default=8192)
@@ -453,16 +401,13 @@ _COMMANDS = {None: _cmd_lens, "lens": _cmd_lens, "report": _cmd_report, "fit-tun
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl-latentspaces`` console script; returns the exit status (see :data:`EPILOG`).
 
-    Every output path is checked before any work starts. A user's mistake (a bad argument, a missing
-    file or model, an unwritable path) is one line on stderr and status 2; results that could not be
-    written where asked are kept elsewhere, said so, and give status 1; Ctrl-C gives 130. Other
-    exceptions are bugs and keep their traceback.
+    Exceptions other than a user's mistake (bad argument, missing file or model, unwritable path) are
+    bugs and keep their traceback.
     """
     args = build_parser().parse_args(argv)
     try:
         _check_targets(args)
         code = _COMMANDS[args.command](args)
-
         finish_distributed()  # under torchrun: every rank waits for rank 0's writes, then leaves the group
         return code
     except _ResultsNotWritten as err:
