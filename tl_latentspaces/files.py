@@ -1,9 +1,7 @@
 """Atomic writes: a reader sees the old file or folder or the new one, never half of either.
 
-Every file the package writes (views, reports, JSON, checkpoints, lenses, the model cache) goes
-through here: the content is written to a temporary sibling in the same folder, flushed, and then
-renamed over the target, which is atomic on one file system. On any failure, including
-KeyboardInterrupt, the temporary is removed and the previous content stays.
+Content goes to a flushed temporary sibling, then is renamed over the target (atomic on one file
+system). On any failure, KeyboardInterrupt included, the temporary is removed and the old content stays.
 """
 
 from __future__ import annotations
@@ -19,13 +17,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["json_safe", "read_torch_dict", "write_bytes_atomic", "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
+__all__ = ["json_safe", "read_torch_dict", "write_bytes_atomic", "write_files_atomic", "write_into_folder",
+           "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _temp_file(folder: Path, name: str, data: bytes, mode: int) -> str:
-    """``data`` in a new temporary file next to ``folder / name``, flushed to disk; its path."""
+    """``data`` in a new temporary file next to ``folder / name``, flushed to disk, with permissions ``mode``."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -61,10 +60,7 @@ def _folder_mode(target: Path) -> int:
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path.
-
-    With ``make_parents=False`` a missing folder is a ``FileNotFoundError`` naming it.
-    """
+    """Write ``data`` to ``path`` atomically; returns the path. ``make_parents=False``: a missing folder raises."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if make_parents:
@@ -81,11 +77,7 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True
 
 
 def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[Path]:
-    """Write several files into ``folder``: every one is written out before any is replaced.
-
-    A failure while writing leaves all the old files as they were; the renames at the end are
-    individually atomic.
-    """
+    """Write several files into ``folder``: all are written out before any is replaced (each rename atomic)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     temps: dict[str, str] = {}
@@ -107,9 +99,11 @@ def json_safe(obj: Any) -> Any:
 
 
 def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
-    """A ``torch.save`` file holding a dict, read with ``torch.load(weights_only=True)``: tensors and
-    plain containers only, never code. ``holds`` describes the dict expected, ``fix`` is added to the
-    refusal of a file that carries code. Raises ValueError naming the file."""
+    """A ``torch.save`` file holding a dict, read with ``weights_only=True`` (tensors and containers, never code).
+
+    ``holds`` describes the dict expected, ``fix`` is added to the refusal of a file that carries code.
+    Raises ValueError naming the file.
+    """
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -126,34 +120,23 @@ def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
 
 
 def sha256_hex(data: bytes) -> str:
-    """The SHA-256 of ``data`` as hex: how a config names the exact content of a file it goes with."""
+    """The SHA-256 of ``data`` as hex."""
     return hashlib.sha256(data).hexdigest()
 
 
-def write_into_folder(
-    path: PathLike, files: Sequence[tuple[str, bytes]], *, own_marker: str, what: str = "folder this package wrote"
-) -> Path:
+def write_into_folder(path: PathLike, files: Sequence[tuple[str, bytes]], *, own_marker: str,
+                      what: str = "folder this package wrote") -> Path:
     """Write ``files`` (``(name, data)`` pairs) into the folder ``path``, one atomic replace each, in order.
 
-    Only the named files are replaced; every other file in the folder stays (a user's notes
-    next to a saved lens, say). Each file is old or new at any moment, never half-written, and
-    the order is the caller's: write the content first and the file that names it last, so a
-    crash between two writes leaves a state the reader can recognise. A name may appear more
-    than once (an interim version, then the final one).
-
-    An existing path is used only if it is a folder that is empty or holds ``own_marker``
-    (a folder this package wrote); anything else is refused, so a typo never writes into, or
-    over, the user's files. A folder created here is removed again if the first write fails.
-    ``what`` names the kind of folder in that error.
+    Other files in the folder stay. Write the content first and the file that names it last, so a
+    crash between two writes leaves a state the reader recognises; a name may come twice (interim, final).
+    An existing path must be an empty folder or one holding ``own_marker``, else FileExistsError
+    (``what`` names the kind of folder). A folder created here is removed again if the first write fails.
     """
     folder = Path(path)
-    if folder.exists() and (
-        not folder.is_dir() or (any(folder.iterdir()) and not (folder / own_marker).is_file())
-    ):
-        raise FileExistsError(
-            f"{str(folder)!r} already exists and is not a {what} (no {own_marker}); "
-            "refusing to write into it. Choose another path, or an empty folder."
-        )
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / own_marker).is_file())):
+        raise FileExistsError(f"{str(folder)!r} already exists and is not a {what} (no {own_marker}); "
+                              "refusing to write into it. Choose another path, or an empty folder.")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -166,24 +149,18 @@ def write_into_folder(
     return folder
 
 
-def replace_folder_atomic(
-    path: PathLike, write: Callable[[Path], None], *, own_marker: Optional[str], what: str = "folder this package wrote"
-) -> Path:
-    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed.
+def replace_folder_atomic(path: PathLike, write: Callable[[Path], None], *, own_marker: Optional[str],
+                          what: str = "folder this package wrote") -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, which is then renamed over ``path``.
 
-    An existing folder at ``path`` is replaced only if it holds the file ``own_marker`` (a
-    folder this package wrote); anything else there is refused, so a typo never deletes the
-    user's files. ``own_marker=None`` replaces whatever is there (for folders the package owns,
-    such as its caches). ``what`` names the kind of folder in that error. If the final rename
-    fails, the previous folder is put back.
+    An existing ``path`` is replaced only if it holds ``own_marker``, else FileExistsError (``what`` names
+    the kind of folder); ``own_marker=None`` replaces whatever is there (the package's caches). If the
+    final rename fails, the previous folder is put back.
     """
     path = Path(path)
-    if path.exists() and own_marker is not None:
-        if not path.is_dir() or not (path / own_marker).is_file():
-            raise FileExistsError(
-                f"{str(path)!r} already exists and is not a {what} (no {own_marker}); "
-                "refusing to replace it. Choose another path or remove it first."
-            )
+    if path.exists() and own_marker is not None and (not path.is_dir() or not (path / own_marker).is_file()):
+        raise FileExistsError(f"{str(path)!r} already exists and is not a {what} (no {own_marker}); "
+                              "refusing to replace it. Choose another path or remove it first.")
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
