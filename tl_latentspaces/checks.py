@@ -1,9 +1,7 @@
 """Argument checks shared by every public entry point: one wording for one kind of mistake.
 
-A wrong type raises :class:`ArgumentTypeError`, which is a ``TypeError`` and also a ``ValueError``,
-so code written against the documented ``ValueError`` of a bad argument still catches it. A value
-out of range raises ``ValueError``. Every message names the argument, what is valid and what was
-received.
+A wrong type raises :class:`ArgumentTypeError` (a ``TypeError`` and a ``ValueError``); a value out of
+range raises ``ValueError``. Every message names the argument, what is valid and what was received.
 """
 
 from __future__ import annotations
@@ -29,15 +27,13 @@ def type_name(x: Any) -> str:
 
 
 def check_int(value: Any, name: str, *, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
-    """``value`` as an int if it is an integer in ``[minimum, maximum]`` (numpy integers count).
+    """``value`` as an int if it is an integer in ``[minimum, maximum]`` (numpy integers count; bools do not).
 
     ``why`` explains the bound in the error message.
     """
     valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    wrong = ArgumentTypeError(
-        f"{name} must be an int {valid}{why}, got {type_name(value)} ({value!r:.80}). Fix: pass int({name})."
-    )
-    # bool is an int subclass; True as a size is almost certainly a bug.
+    wrong = ArgumentTypeError(f"{name} must be an int {valid}{why}, got {type_name(value)} ({value!r:.80}). "
+                              f"Fix: pass int({name}).")
     if isinstance(value, bool):
         raise wrong
     try:
@@ -56,9 +52,8 @@ def check_bool(value: Any, name: str) -> bool:
     return value
 
 
-def check_float(
-    value: Any, name: str, *, minimum: float, maximum: float = math.inf, open_minimum: bool = False, why: str = ""
-) -> float:
+def check_float(value: Any, name: str, *, minimum: float, maximum: float = math.inf, open_minimum: bool = False,
+                why: str = "") -> float:
     """``value`` as a float if it is a finite real number within the bounds (``> minimum`` when open)."""
     bound = f"{'>' if open_minimum else '>='} {minimum}" + (f" and <= {maximum}" if maximum != math.inf else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -75,31 +70,23 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf); the first is "
-            f"{x[first].item()} at index {first}. All entries must be finite. Fix: drop or mask "
-            f"those rows (e.g. padding positions) before passing {name}."
-        )
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf); the first is "
+                         f"{x[first].item()} at index {first}. All entries must be finite. Fix: drop or mask "
+                         f"those rows (e.g. padding positions) before passing {name}.")
 
 
 def as_float64(x: Any, name: str, *, ndim: Optional[int] = None, shape_hint: str = "") -> torch.Tensor:
     """A user's real floating-point tensor as float64, after type, rank and finiteness checks."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor, got {type_name(x)}. "
-            f"Fix: wrap it, e.g. torch.as_tensor({name}, dtype=torch.float64)."
-        )
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}. "
+                        f"Fix: wrap it, e.g. torch.as_tensor({name}, dtype=torch.float64).")
     if not x.dtype.is_floating_point:
-        raise TypeError(
-            f"{name} must be a real floating-point tensor (float32 or float64), got "
-            f"dtype={x.dtype}. Fix: pass {name}.double()."
-        )
+        raise TypeError(f"{name} must be a real floating-point tensor (float32 or float64), got "
+                        f"dtype={x.dtype}. Fix: pass {name}.double().")
     if ndim is not None and x.ndim != ndim:
         fix = f" Fix: flatten leading dimensions, e.g. {name}.reshape(-1, {name}.shape[-1])."
-        raise ValueError(
-            f"{name} must be {ndim}-D {shape_hint}, got shape {tuple(x.shape)} ({x.ndim}-D)."
-            + (fix if ndim == 2 and x.ndim > 2 else "")
-        )
+        raise ValueError(f"{name} must be {ndim}-D {shape_hint}, got shape {tuple(x.shape)} ({x.ndim}-D)."
+                         + (fix if ndim == 2 and x.ndim > 2 else ""))
     x = x.to(torch.float64)
     check_finite(x, name)
     return x
