@@ -1,20 +1,9 @@
 """Hook sessions: add hooks to a model's hook points and remove exactly those.
 
-TransformerLens's own cleanup (``reset_hooks()``, the bridge's ``hooks()``, ``run_with_hooks``
-and ``run_with_cache``) removes every non-permanent hook on the hook points it touches, the
-user's own included. A :class:`HookSession` instead remembers each hook it registered and removes
-that hook alone, in a ``finally``, whatever happens: success, an exception or a
-``KeyboardInterrupt``. The user's hooks, permanent or not, stay registered.
-
-Reading hooks (:meth:`HookSession.capture`) are built so that a readout sees every hook on its
-point, whatever the order in which hooks were registered:
-
-* a capture is a PyTorch forward hook on the ``HookPoint`` module, paired with a forward *pre*-hook
-  that moves it to the end of the module's forward hooks just before they run, so it sees the
-  activation after every other hook there (registered before the session, during it, with
-  ``prepend=True``, permanent or not);
-* it is not listed in the hook point's ``fwd_hooks``, so TransformerLens's cleanup inside the
-  user's ``run_with_hooks`` cannot take it away halfway through a session; the session removes it.
+TransformerLens's own cleanup (``reset_hooks()``, ``run_with_hooks``, the bridge's ``hooks()``) removes
+every non-permanent hook it touches, the user's included. A :class:`HookSession` removes only the hooks
+it added, in a ``finally``, whatever happens. Its captures see an activation after every other hook on
+the point, whenever and however registered.
 
 Example:
     >>> with HookSession(ModelAccess(model)) as session:  # doctest: +SKIP
@@ -24,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,8 +24,7 @@ __all__ = ["HookSession", "ResidualCollector", "hook_counts"]
 
 HookFn = Callable[..., Optional[torch.Tensor]]
 
-#: The hook point that fires first in every forward pass on tokens: its input is the raw
-#: token embedding, before any hook edits it.
+#: The first hook point of every forward pass on tokens: its input is the raw token embedding.
 EMBED_HOOK = "hook_embed"
 
 
@@ -52,15 +41,11 @@ def hook_counts(model: Any) -> dict[str, int]:
 
 
 class _StopForward(Exception):
-    """Raised by :meth:`HookSession.forward_until`'s hook: the pass has given all that was asked."""
+    """Ends a forward pass in :meth:`HookSession.forward_until`."""
 
 
 class HookSession:
-    """Adds hooks through a model's hook points and removes exactly what it added.
-
-    Args:
-        access: The model to hook, as a :class:`ModelAccess`.
-    """
+    """Adds hooks to the hook points of a :class:`ModelAccess`'s model and removes exactly what it added."""
 
     def __init__(self, access: ModelAccess):
         self.access = access
@@ -68,13 +53,8 @@ class HookSession:
         self._handles: list[Any] = []  # PyTorch RemovableHandles of capture and input hooks
 
     def add(self, name: str, fn: HookFn) -> None:
-        """Register ``fn(activation, hook=...)`` on the hook point ``name`` as TransformerLens does.
-
-        The hook joins the point's ``fwd_hooks`` after the hooks already there. To *read* an
-        activation after every hook, whenever registered, use :meth:`capture`. Inside ``fn`` the
-        ``hook.name`` may be a bridge-native alias: keep the requested name in a closure if you
-        need it.
-        """
+        """Register ``fn(activation, hook=...)`` on the hook point ``name`` as TransformerLens does, after the
+        hooks already there (inside ``fn``, ``hook.name`` may be a bridge-native alias)."""
         hp = self.access.hook_point(name)
         before = {id(h) for h in hp.fwd_hooks}
         hp.add_hook(fn, dir="fwd")
@@ -82,25 +62,23 @@ class HookSession:
         if len(new) != 1:  # pragma: no cover - guards against an unknown TransformerLens change
             for h in new:
                 self._remove(hp, h)
-            raise RuntimeError(
-                f"registering one hook on {name!r} added {len(new)} entries to its fwd_hooks; "
-                "this TransformerLens version is not supported."
-            )
+            raise RuntimeError(f"registering one hook on {name!r} added {len(new)} entries to its fwd_hooks; "
+                               "this TransformerLens version is not supported.")
         self._added.append((hp, new[0]))
 
     def capture(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
-        """Call ``fn(activation)`` with the activation at ``name`` after every other hook there.
+        """Call ``fn(activation)`` with the activation at ``name`` after every other hook there (``fn`` must
+        not change it).
 
-        ``fn`` must not change the activation (its return value is ignored). The order holds by
-        construction: a pre-hook moves the capture to the end of the point's forward hooks at
-        every call, so hooks registered later, or with ``prepend=True``, still run before it.
+        A PyTorch forward hook, moved to the end of the module's forward hooks by a pre-hook at every call,
+        so hooks registered later or with ``prepend=True`` still run first. It is not in the point's
+        ``fwd_hooks``, so TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it.
         """
         hp = self.access.hook_point(name)
         conversion = getattr(hp, "hook_conversion", None)
 
         def read(module: Any, args: Any, output: Any) -> None:
-            act = conversion.convert(output) if conversion is not None else output
-            fn(act)
+            fn(conversion.convert(output) if conversion is not None else output)
 
         handle = hp.register_forward_hook(read)
         self._handles.append(handle)
@@ -115,37 +93,23 @@ class HookSession:
     def watch_input(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(activation)`` with what flows *into* ``name``, before any hook there edits it."""
         hp = self.access.hook_point(name)
-
-        def seen(module: Any, args: Any) -> None:
-            fn(args[0])
-
-        self._handles.append(hp.register_forward_pre_hook(seen))
+        self._handles.append(hp.register_forward_pre_hook(lambda module, args: fn(args[0])))
 
     def forward_until(self, ids: torch.Tensor, name: str) -> None:
-        """Run the model's own forward pass on ``ids`` and end it right after the hook point ``name``.
-
-        The end comes after every hook on ``name`` (this session's captures included, when they
-        were registered first), so what was captured is what a full pass gives; what comes later
-        (the final norm and the logits: a fifth of the default model's forward) is never computed, and
-        hooks on later points do not fire.
-        """
+        """Run the model's own forward pass on ``ids`` and end it after every hook on ``name`` (captures
+        registered first included); later points, the final norm and the logits are never computed."""
 
         def stop(activation: torch.Tensor) -> None:
             raise _StopForward
 
         self.capture(name, stop)
-        try:
+        with contextlib.suppress(_StopForward):
             self.access.forward(ids)
-        except _StopForward:
-            pass
 
     @staticmethod
     def _remove(hp: Any, handle: Any) -> None:
-        handle.hook.remove()  # idempotent: a handle TransformerLens already removed is fine
-        for i, h in enumerate(hp.fwd_hooks):
-            if h is handle:
-                del hp.fwd_hooks[i]
-                break
+        handle.hook.remove()  # idempotent: TransformerLens may have removed it already
+        hp.fwd_hooks[:] = [h for h in hp.fwd_hooks if h is not handle]
 
     def remove(self) -> None:
         """Remove every hook this session added, newest first, and nothing else."""
@@ -163,18 +127,12 @@ class HookSession:
 
 
 class ResidualCollector:
-    """Captures residual-stream activations at named hook points during a forward pass.
+    """Captures a detached copy of the activation at each hook point of ``names`` (``{label: hook_name}``)
+    after every hook there, through ``session``.
 
-    Each capture sees the activation after every hook on its point (see
-    :meth:`HookSession.capture`) and stores a detached copy; it never changes the forward pass.
-    Captures are grouped by forward pass: a pass starts when the token embedding is computed, so
-    :meth:`stack` returns activations of one and the same pass (the last complete one).
-
-    Args:
-        session: The hook session that owns the capture hooks.
-        names: ``{label: hook_name}`` of the sites to capture.
-        expect: ``[batch, pos]`` token ids the forward pass must run on. A pass on other tokens
-            (a nested session's, say) is ignored; with no pass on these tokens :meth:`stack` raises.
+    A pass starts when the token embedding is computed, so :meth:`stack` returns activations of one
+    pass, the last complete one. With ``expect`` (``[batch, pos]`` token ids) passes on other tokens
+    (a nested session's, say) are ignored.
     """
 
     def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
@@ -212,33 +170,26 @@ class ResidualCollector:
         """The captured activations as ``[entry, batch, pos, d_model]``, in ``labels`` order.
 
         Raises:
-            RuntimeError: If no forward pass ran on the expected tokens, or the last one did not
-                reach every site (it stopped early, or raised).
-            ValueError: If an activation holds NaN or inf (the message names the entry).
+            RuntimeError: If no forward pass ran on the expected tokens, or the last one did not reach
+                every site.
+            ValueError: If an activation holds NaN or inf.
         """
         if self._expect is not None and self._tracks_passes and self._pass == 0:
             other = f" (the forward passes seen ran on inputs of shape {self._foreign})" if self._foreign else ""
-            raise RuntimeError(
-                "no forward pass ran on the session's tokens"
-                f"{other}: run the model on session.tokens "
-                f"(shape {tuple(self._expect.shape)}) inside the with block."
-            )
+            raise RuntimeError(f"no forward pass ran on the session's tokens{other}: run the model on session.tokens "
+                               f"(shape {tuple(self._expect.shape)}) inside the with block.")
         missing = [label for label in labels if label not in self.captured]
         stale = [label for label in labels if label in self.captured and self._in_pass[label] != self._pass]
         if missing or stale:
             names = [self.names[m] for m in missing + stale]
-            raise RuntimeError(
-                f"no activation was captured at {names} in the last forward pass: it did not "
-                "reach these hook points (stop_at_layer, or an exception inside the pass). Run a "
-                "complete forward pass."
-            )
+            raise RuntimeError(f"no activation was captured at {names} in the last forward pass: it did not reach "
+                               "these hook points (stop_at_layer, or an exception inside the pass). Run a complete "
+                               "forward pass.")
         for label in labels:
             act = self.captured[label]
             if not torch.isfinite(act).all():
                 bad = (~torch.isfinite(act)).nonzero()[0].tolist()
-                raise ValueError(
-                    f"the residual stream holds NaN or inf at {label} ({self.names[label]}), "
-                    f"first at index {bad}. Check the model's weights and any hook that edits "
-                    "the stream before this layer."
-                )
+                raise ValueError(f"the residual stream holds NaN or inf at {label} ({self.names[label]}), first at "
+                                 f"index {bad}. Check the model's weights and any hook that edits the stream before "
+                                 "this layer.")
         return torch.stack([self.captured[label] for label in labels], dim=0)
