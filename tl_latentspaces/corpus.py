@@ -1,13 +1,11 @@
 """Corpora: offline default text and its tokenization into fixed-length sequences.
 
-The default corpus is English prose that ships with Python itself (``pydoc_data.topics``, about
-465,000 characters), so fitting and evaluation never need a download. Its documents are split
-deterministically into a training part and a disjoint held-out part.
+The default corpus is the English prose that ships with Python (``pydoc_data.topics``, about 465,000
+characters), so fitting and evaluation never need a download; it is split into disjoint training and
+held-out parts.
 
 Example:
-    >>> from tl_latentspaces.corpus import default_corpus, tokenize_corpus
-    >>> texts = default_corpus("heldout")
-    >>> seqs = tokenize_corpus(model, texts, seq_len=128)  # doctest: +SKIP
+    >>> seqs = tokenize_corpus(model, default_corpus("heldout"), seq_len=128)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,11 +30,7 @@ _HELDOUT_EVERY = 5  # every fifth document of the default corpus is held out
 
 
 def default_corpus(split: str = "train") -> list[str]:
-    """The offline default corpus: Python's own documentation prose (``pydoc_data.topics``).
-
-    Args:
-        split: ``"train"`` (4 of every 5 documents), ``"heldout"`` (the fifth) or ``"all"``.
-    """
+    """The offline default corpus; ``split`` is ``"train"`` (4 of every 5 documents), ``"heldout"`` or ``"all"``."""
     from pydoc_data.topics import topics
 
     if split not in ("train", "heldout", "all"):
@@ -57,11 +51,8 @@ _TOKENIZE_GROUP = 64
 
 
 def read_texts(path: Union[str, Path]) -> list[str]:
-    """Texts from a file: ``.jsonl`` (one object per line, its ``"text"`` field) or plain text.
-
-    Files are read as UTF-8; a leading byte-order mark is skipped.
-
-    The whole file as a list; :func:`iter_texts` reads the same documents lazily.
+    """Texts from a UTF-8 file: ``.jsonl`` (each line's ``"text"`` field) or plain text; :func:`iter_texts`
+    reads the same documents lazily.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -71,10 +62,7 @@ def read_texts(path: Union[str, Path]) -> list[str]:
 
 
 def check_corpus_file(path: Union[str, Path]) -> Path:
-    """Fail early and clearly on a corpus file that cannot be read: open it and read up to its first text.
-
-    Returns the path. Raises what :func:`read_texts` raises, without reading the whole file.
-    """
+    """Return the path after reading up to its first text; raises what :func:`read_texts` raises."""
     p = Path(path)
     for text in _iter_file(p):
         if text.strip():
@@ -101,7 +89,6 @@ def _iter_file(p: Path) -> Iterator[str]:
 
 
 def _jsonl_texts(p: Path, fh: Any) -> Iterator[str]:
-    """The ``"text"`` field of each non-blank line."""
     for n, line in enumerate(fh, 1):
         if not line.strip():
             continue
@@ -131,7 +118,6 @@ def _text_blocks(fh: Any) -> Iterator[str]:
 
 
 def _iter_dataset(dataset: Any) -> Iterator[str]:
-    """The ``"text"`` column of a Hugging Face ``datasets`` object, read in batches."""
     columns = dataset.column_names
     if isinstance(columns, dict):  # a DatasetDict: splits
         raise ValueError(f"got a DatasetDict with splits {list(columns)}; pass one split, e.g. dataset['train'].")
@@ -147,11 +133,9 @@ def _iter_dataset(dataset: Any) -> Iterator[str]:
 def iter_texts(corpus: Any) -> Iterator[str]:
     """The documents of a corpus, read lazily: nothing is read past what the caller consumes.
 
-    ``corpus`` is a text; a file path (``str`` or ``Path``; ``.jsonl`` lines or plain-text
-    blocks); a Hugging Face ``datasets`` object with a ``"text"`` column (``Dataset`` or
-    ``IterableDataset``); or an iterable of texts, ``Path`` objects and ``{"text": ...}`` rows.
-    A corpus that is read twice (the report reads its corpus for the lens evaluation and for the
-    alignment suite when their budgets differ) must be re-iterable: a list, a path, a dataset.
+    ``corpus`` is a text; a file path (``.jsonl`` lines or plain-text blocks); a ``datasets`` object with a
+    ``"text"`` column; or an iterable of texts, ``Path`` objects and ``{"text": ...}`` rows. A corpus read twice
+    (the report's) must be re-iterable: a list, a path, a dataset.
     """
     if isinstance(corpus, Path):
         yield from _iter_file(corpus)
@@ -186,11 +170,8 @@ def iter_texts(corpus: Any) -> Iterator[str]:
 
 
 def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tuple[array, bool]:
-    """Token ids of the texts joined by EOS (when the tokenizer has one), up to ``budget`` ids or so.
-
-    Reads texts lazily, in groups sized to what the budget still needs, and stops once it is met;
-    ids are kept as int64 in an ``array`` (8 bytes each). Also says whether any text was not blank.
-    """
+    """Token ids (int64) of the texts joined by EOS, read in groups until about ``budget`` ids; and whether any
+    text was not blank."""
     eos = getattr(tok, "eos_token_id", None)
     stream = array("q")
     any_text = False
@@ -223,35 +204,17 @@ def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tupl
     return stream, any_text
 
 
-def tokenize_corpus(
-    model: Any,
-    corpus: Corpus,
-    *,
-    seq_len: int = 128,
-    prepend_bos: bool = True,
-    max_tokens: Optional[int] = None,
-    min_sequences: int = 1,
-) -> torch.Tensor:
+def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_bos: bool = True,
+                    max_tokens: Optional[int] = None, min_sequences: int = 1) -> torch.Tensor:
     """Pack a corpus into ``[n_seq, seq_len]`` token sequences.
 
-    Documents are tokenized without special tokens, joined with the tokenizer's EOS token (when
-    it has one) and cut into pieces of ``seq_len`` tokens (``seq_len - 1`` plus BOS when
-    ``prepend_bos``). A token tensor is taken as it is, after checks.
-
-    Args:
-        model: The model whose tokenizer to use (or a :class:`ModelAccess`).
-        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``), a ``datasets`` object
-            with a ``"text"`` column, or a token tensor. Texts are read lazily (:func:`iter_texts`)
-            and reading stops once ``max_tokens`` are in hand.
-        seq_len: Tokens per sequence, BOS included.
-        prepend_bos: Start each sequence with BOS (recommended: models expect it).
-        max_tokens: Keep at most this many tokens (whole sequences).
-        min_sequences: Fewer sequences than this is an error.
+    Documents are tokenized without special tokens, joined with EOS (when the tokenizer has one) and cut into
+    ``seq_len`` tokens (``seq_len - 1`` plus BOS when ``prepend_bos``). A token tensor is taken as it is, after
+    checks. Texts are read lazily (:func:`iter_texts`) until ``max_tokens`` (whole sequences) are in hand;
+    fewer than ``min_sequences`` sequences is an error.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    seq_len = check_int(
-        seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})"
-    )
+    seq_len = check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] != seq_len:
             raise ValueError(

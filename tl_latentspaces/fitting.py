@@ -1,47 +1,21 @@
 """Fitting a tuned lens fast: closed-form least squares, then Gauss-Newton steps on the KL.
 
-:func:`fit_tuned_lens` fits one affine translator per layer so that
-``ln_final(h_l + W_l h_l + b_l) @ W_U`` predicts the model's own next-token distribution. It works
-in three phases, each streaming or bounded in memory:
+:func:`fit_tuned_lens` fits one affine translator per layer so that ``ln_final(h_l + W_l h_l + b_l) @ W_U``
+predicts the model's own next-token distribution, in three phases bounded in memory:
 
-1. **Collection.** The corpus is packed into ``seq_len``-token sequences; a deterministic
-   ``validation_fraction`` of them (at most 1024 tokens) is held out. The sequences run through
-   the model's own forward pass and the plugin's hooks capture every layer's ``resid_pre`` and
-   the final residual (:func:`~tl_latentspaces.runner.stream_residuals`). Position 0 (BOS, an
-   attention sink) and *massive-activation* positions are left out: a position whose residual
-   norm at any layer exceeds ``massive_factor`` (default 6) times that layer's median norm over
-   the batch's other positions. (In SmolLM2-135M BOS sits at about 190x the median and about 2%
-   of the other positions, mostly document separators, at 5-75x; every other position stays
-   under 3x.) For the training positions the normal equations ``X^T X`` and ``X^T Y`` of each
-   layer (``X`` = ``[h_l, 1]``, ``Y`` = the final residual) accumulate in float64, so memory does
-   not grow with the number of tokens; a ``refine_tokens`` subset and the validation positions
-   are kept as float32 activations.
-2. **Closed form.** Per layer, ridge-regularised least squares of the final residual on
-   ``[h_l, 1]``, the penalty pulling ``W_l`` toward 0 (the translator toward the identity). The
-   ridge strength is chosen from ``ridge`` (relative to the mean squared activation) by the
-   validation KL.
-3. **Refinement on the real objective.** A few Gauss-Newton steps on KL(final || lens) through
-   the final norm and ``W_U``, with a Kronecker-factored curvature (Martens & Grosse 2015): the
-   input factor is the exact second-moment matrix from phase 1, the output factor the
-   Gauss-Newton matrix of the softmax averaged over the refinement tokens. Scores are computed in
-   chunks of rows over a working vocabulary: the ``refine_vocab`` tokens that carry the most
-   final probability mass (2048 of SmolLM2's 49,152 tokens hold about 85% of it). That makes a
-   step about 24x cheaper than one over the full vocabulary, which on a CPU is the difference
-   between seconds and minutes per layer, and measured on SmolLM2 it reaches the same validation
-   KL as a working vocabulary of 8192 tokens. Memory stays bounded by ``rows x refine_vocab``.
-   The step size is chosen on validation tokens, and a refined translator is kept only if its
-   *full-vocabulary* validation KL beats the closed form's, so probability the lens moves outside
-   the working vocabulary is still paid for.
+1. **Collection.** The sequences stream through the model (:func:`~tl_latentspaces.runner.stream_residuals`);
+   position 0 and *massive-activation* positions (residual norm above ``massive_factor`` times the layer's
+   median) are left out. The normal equations of each layer accumulate in float64; a ``refine_tokens`` subset
+   and the held-out validation positions are kept as float32 activations.
+2. **Closed form.** Per layer, ridge least squares toward the identity, the ridge chosen by validation KL.
+3. **Refinement.** A few Gauss-Newton steps on KL(final || lens) with a Kronecker-factored curvature
+   (Martens & Grosse 2015) over a working vocabulary of the ``refine_vocab`` most probable tokens; a refined
+   translator is kept only if its full-vocabulary validation KL beats the closed form's.
 
-The result is deterministic for a seed. With ``checkpoint_dir`` the fit saves its state after
-every few collected batches and every refined layer, and a later call with the same arguments
-resumes from there and returns the same lens as an uninterrupted run. On a GPU the vocabulary
-matmuls of the refinement run under ``torch.autocast`` (bfloat16); on a CPU everything runs in
-float32 and float64.
+The result is deterministic for a seed; with ``checkpoint_dir`` an interrupted fit resumes to the same lens.
+On a GPU the vocabulary matmuls of the refinement run under bfloat16 autocast.
 
 Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
     >>> lens = tll.fit_tuned_lens(model)  # default offline corpus: a few minutes on 2 CPU cores  # doctest: +SKIP
     >>> tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens).summary()  # doctest: +SKIP
 """
@@ -60,7 +34,6 @@ from typing import Any, Optional, Sequence, Union
 import safetensors.torch
 import torch
 from tqdm.auto import tqdm
-from jaxtyping import Float
 
 from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
@@ -77,7 +50,7 @@ _CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (wo
 _FULL_CHECK_TOKENS = 128  # of those, the ones whose full-vocabulary KL decides what is kept
 _VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
 _CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
-_CKPT_VERSION = 2  # 2: the model's identity is recorded on its own, not hashed into the key
+_CKPT_VERSION = 2
 
 
 class TunedLensFitError(RuntimeError):
@@ -103,8 +76,7 @@ class FitSettings:
 
 # ---------------------------------------------------------------------- norm and scores
 class _Readout:
-    """The model's readout for fitting: its final norm (``ModelAccess.final_norm``), ``W_U`` and
-    ``b_U`` (float32, on ``device``), and the norm's vector-Jacobian product."""
+    """The final norm, ``W_U`` and ``b_U`` (float32, on ``device``) and the norm's vector-Jacobian product."""
 
     def __init__(self, access: ModelAccess, device: torch.device):
         self.access = access
@@ -117,7 +89,8 @@ class _Readout:
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.access.final_norm(h.to(self.access.device)).to(self.device)
 
-    def logits(self, n: torch.Tensor, W: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits(self, n: torch.Tensor, W: Optional[torch.Tensor] = None,
+               b: Optional[torch.Tensor] = None) -> torch.Tensor:
         W = self.W_U if W is None else W
         if self.autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -127,15 +100,13 @@ class _Readout:
         return z if b is None else z + b
 
     def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(J^T g, scale)`` for ``n = ln_final(h)``: the exact gradient through the norm, and the
-        per-row scale with ``J ~ diag(gain) / scale`` (the norm's Jacobian without its projection)."""
+        """``(J^T g, scale)`` for ``n = ln_final(h)``, with ``J ~ diag(gain) / scale`` per row."""
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(self.norm(h), h, g)
         return grad, self.access.final_norm_scale(h.detach())
 
     def gain(self) -> torch.Tensor:
-        """The final norm's per-feature gain (:meth:`ModelAccess.final_norm_gain`), on this device."""
         return self.access.final_norm_gain().to(self.device)
 
 
@@ -163,42 +134,34 @@ def fit_tuned_lens(
     """Fit a tuned lens for ``model`` on ``corpus``: closed form, then Gauss-Newton on the KL.
 
     Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode (or a
-            :class:`~tl_latentspaces.ModelAccess`).
-        corpus: Text, a list of texts, file paths (``.txt``/``.jsonl``) or a ``[n, seq_len]``
-            token tensor; default the training split of the offline default corpus.
+        corpus: Texts, file paths (``.txt``/``.jsonl``) or a ``[n, seq_len]`` token tensor; default the
+            training split of the offline default corpus.
         max_tokens: Use at most this many tokens (whole sequences).
-        seq_len: Tokens per sequence, BOS included (default 128, or the width of a token
-            tensor).
-        batch_size: Sequences per forward pass.
-        validation_fraction: Share of the sequences held out (at most 1024 tokens) to choose
-            the ridge and step sizes and to check the refinement.
-        ridge: Relative ridge strengths to choose from (a float for a single one); the
-            penalty on ``W_l`` is ``ridge * n * mean(h_l ** 2)`` (at least ``1e-9`` times that,
-            for numerical stability).
-        refine_steps: Gauss-Newton steps on the KL per layer (0 keeps the closed form).
+        seq_len: Tokens per sequence, BOS included (default 128, or the width of a token tensor).
+        validation_fraction: Share of the sequences held out (at most 1024 tokens) to choose the ridge and
+            step sizes and to check the refinement.
+        ridge: Relative ridge strengths to choose from; the penalty on ``W_l`` is
+            ``max(ridge, 1e-9) * n * mean(h_l ** 2)``.
+        refine_steps: Gauss-Newton steps per layer (0 keeps the closed form).
         refine_tokens: Training tokens whose activations are kept for the refinement.
-        refine_vocab: Size of the working vocabulary of the refinement.
-        damping: Levenberg-Marquardt damping of the output curvature, relative to its mean
-            diagonal (larger = shorter, safer steps).
-        massive_factor: A position whose residual norm at some layer exceeds this multiple of
-            the layer's median is left out of the fit.
+        refine_vocab: Size of the refinement's working vocabulary.
+        damping: Levenberg-Marquardt damping of the output curvature, relative to its mean diagonal.
+        massive_factor: Positions whose residual norm at some layer exceeds this multiple of the layer's
+            median are left out.
         seed: Seeds the validation split and the choice of refinement tokens.
-        checkpoint_dir: Folder for checkpoints; a fit with the same model, data and settings
-            resumes from it.
+        checkpoint_dir: Folder for checkpoints; a fit with the same model, data and settings resumes from it.
         checkpoint_every: Save the collection state every this many batches.
         device: Where to fit (default the model's device).
-        progress: Show progress bars (tokens collected; layers refined, with the running KL).
 
     Returns:
-        A :class:`~tl_latentspaces.TunedLens` on ``device``; ``lens.info["fit"]`` records the
-        settings, the chosen ridges and the validation KL of every layer.
+        A :class:`~tl_latentspaces.TunedLens` on ``device``; ``lens.info["fit"]`` records the settings, the
+        chosen ridges and the validation KL of every layer.
 
     Raises:
-        ValueError: On a bad setting, an empty corpus, or too few tokens to determine the
-            translators (the message gives the minimum), or a checkpoint of another fit.
-        TunedLensFitError: If a loss or statistic becomes NaN or infinite; the message names the
-            layer and step, and the last good checkpoint stays in ``checkpoint_dir``.
+        ValueError: On a bad setting, too few tokens (the message gives the minimum), or a checkpoint of
+            another fit or model.
+        TunedLensFitError: If a loss or statistic becomes non-finite; the message names the layer and step,
+            and the last good checkpoint stays in ``checkpoint_dir``.
 
     Example:
         >>> lens = fit_tuned_lens(model, ["A long training text ..."] * 100, max_tokens=16384)  # doctest: +SKIP
@@ -215,9 +178,8 @@ def fit_tuned_lens(
     refine_vocab = check_int(refine_vocab, "refine_vocab", minimum=2)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
     seed = check_int(seed, "seed", minimum=0)
-    validation_fraction = check_float(
-        validation_fraction, "validation_fraction", minimum=0.0, maximum=0.5, open_minimum=True
-    )
+    validation_fraction = check_float(validation_fraction, "validation_fraction", minimum=0.0, maximum=0.5,
+                                      open_minimum=True)
     damping = check_float(damping, "damping", minimum=0.0, open_minimum=True)
     massive_factor = check_float(massive_factor, "massive_factor", minimum=1.0, open_minimum=True)
     ridges = (ridge,) if isinstance(ridge, (int, float)) and not isinstance(ridge, bool) else tuple(ridge)
@@ -235,12 +197,8 @@ def fit_tuned_lens(
             "token tensor, or None for the default offline corpus."
         )
     dev = torch.device(device) if device is not None else access.device
-    settings = FitSettings(
-        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-        validation_fraction=validation_fraction, ridge=ridges, refine_steps=refine_steps,
-        refine_tokens=refine_tokens, refine_vocab=refine_vocab, damping=damping,
-        massive_factor=massive_factor, seed=seed,
-    )
+    settings = FitSettings(max_tokens, seq_len, batch_size, validation_fraction, ridges, refine_steps, refine_tokens,
+                           refine_vocab, damping, massive_factor, seed)
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, max_tokens=max_tokens)
     if seqs.shape[0] < 2:
         raise ValueError(
@@ -248,7 +206,8 @@ def fit_tuned_lens(
             "least 2 (one held out for validation) and, to determine the translators, at least "
             f"{2 * (access.d_model + 1)} training positions. Pass more text or a smaller seq_len."
         )
-    n_val = _n_validation(seqs.shape[0], seq_len, validation_fraction)
+    cap = max(1, math.ceil(_MAX_VALIDATION_TOKENS / (seq_len - 1)))
+    n_val = max(1, min(round(validation_fraction * seqs.shape[0]), cap, seqs.shape[0] - 1))
     min_train = 2 * (access.d_model + 1)
     if (seqs.shape[0] - n_val) * (seq_len - 1) < min_train:
         raise ValueError(
@@ -259,7 +218,7 @@ def fit_tuned_lens(
             "sequences' worth) or a larger max_tokens."
         )
     identity = ModelIdentity.of(access)
-    ckpt = _Checkpoint(checkpoint_dir, settings, identity, seqs, every=checkpoint_every) if checkpoint_dir is not None else None
+    ckpt = None if checkpoint_dir is None else _Checkpoint(checkpoint_dir, settings, identity, seqs, checkpoint_every)
     order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val], order[n_val:]
     n_refine_seq = min(len(train_idx), math.ceil(refine_tokens / (seq_len - 1))) if refine_steps else 0
@@ -277,7 +236,6 @@ def fit_tuned_lens(
         t0 = time.perf_counter()
         weight, bias, report = _refine(stats, readout, work, settings, access, weight, bias, report, ckpt, progress)
         phases["refine"] = time.perf_counter() - t0
-    # Timings describe this call (a resumed fit times only what it redid).
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     report["n_train_positions"] = int(stats.n)
@@ -288,11 +246,6 @@ def fit_tuned_lens(
     if ckpt is not None:
         ckpt.mark_done()
     return lens.to(dev)
-
-
-def _n_validation(n_seq: int, seq_len: int, fraction: float) -> int:
-    cap = max(1, math.ceil(_MAX_VALIDATION_TOKENS / (seq_len - 1)))
-    return max(1, min(round(fraction * n_seq), cap, n_seq - 1))
 
 
 # ---------------------------------------------------------------------- phase 1: collection
@@ -309,13 +262,9 @@ class _Stats:
     n_excluded: int
 
 
-def _keep_mask(stack: Float[torch.Tensor, "entry batch pos d_model"], factor: float) -> torch.Tensor:
-    """``[batch, pos]``: positions to fit on. Position 0 and massive-activation positions are out.
-
-    A position is massive when its residual norm at some stack entry exceeds ``factor`` times
-    that entry's median norm over the batch's positions 1.. (the median ignores the outliers it
-    is meant to find).
-    """
+def _keep_mask(stack: torch.Tensor, factor: float) -> torch.Tensor:
+    """``[batch, pos]``: positions to fit on; out are position 0 and positions whose norm at some entry exceeds
+    ``factor`` times that entry's median over the batch's positions 1.."""
     norms = stack.float().norm(dim=-1)  # [E, B, S]
     body = norms[:, :, 1:]
     median = body.reshape(body.shape[0], -1).median(dim=1).values.clamp_min(1e-12)
@@ -325,23 +274,14 @@ def _keep_mask(stack: Float[torch.Tensor, "entry batch pos d_model"], factor: fl
     return keep
 
 
-def _collect(
-    access: ModelAccess,
-    seqs: torch.Tensor,
-    val_idx: torch.Tensor,
-    train_idx: torch.Tensor,
-    n_refine_seq: int,
-    settings: FitSettings,
-    dev: torch.device,
-    ckpt: Optional["_Checkpoint"],
-    progress: bool,
-) -> _Stats:
+def _collect(access: ModelAccess, seqs: torch.Tensor, val_idx: torch.Tensor, train_idx: torch.Tensor,
+             n_refine_seq: int, settings: FitSettings, dev: torch.device, ckpt: Optional["_Checkpoint"],
+             progress: bool) -> _Stats:
     L, d = access.n_layers, access.d_model
     names = dict(access.stack_sites())
     B = settings.batch_size
-    # Validation batches first, then training batches whose first sequences form the refinement
-    # subset: every cached subset is complete early, no batch mixes validation and training
-    # sequences, and a resumed run sees the same batches in the same order.
+    # Validation batches first, then training batches (the first ones hold the refinement subset): no batch
+    # mixes the two, and a resumed run sees the same batches in the same order.
     batches = [val_idx[i : i + B] for i in range(0, len(val_idx), B)]
     n_val_batches = len(batches)
     batches += [train_idx[i : i + B] for i in range(0, len(train_idx), B)]
@@ -350,27 +290,22 @@ def _collect(
     ctx = current_context()
     state = ckpt.load_collect(dev) if ckpt is not None else None
     if state is None:
-        state = _Stats(
-            XtX=torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev),
-            XtY=torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev),
-            n=0,
-            val=torch.zeros(L + 1, 0, d, device=dev),
-            refine=torch.zeros(L + 1, 0, d, device=dev),
-            batches_done=0,
-            n_excluded=0,
-        )
+        state = _Stats(XtX=torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev),
+                       XtY=torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev), n=0,
+                       val=torch.zeros(L + 1, 0, d, device=dev), refine=torch.zeros(L + 1, 0, d, device=dev),
+                       batches_done=0, n_excluded=0)
     elif ctx.distributed and not ctx.is_main:
         # Every rank resumes from the same checkpoint; its sums and rows enter the reduction once, from rank 0.
         state.XtX.zero_(), state.XtY.zero_()
         state.n = state.n_excluded = 0
         state.val, state.refine = state.val[:, :0], state.refine[:, :0]
-    # Under torchrun each rank takes every world_size-th remaining batch; the batches themselves
-    # (and so the massive-activation masks) are those of a single-process run.
-    mine = [bi for bi in range(state.batches_done, len(batches)) if (bi - state.batches_done) % ctx.world_size == ctx.rank]
+    # Under torchrun each rank takes every world_size-th remaining batch of the single-process run.
+    mine = [bi for bi in range(state.batches_done, len(batches))
+            if (bi - state.batches_done) % ctx.world_size == ctx.rank]
     todo = sum(len(batches[bi]) for bi in mine) * seqs.shape[1]
-    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok", disable=not (progress and ctx.is_main))
-    # Kept rows by batch index: folded into the state in batch order at each checkpoint and at
-    # the end (one process), or gathered across ranks in batch order (torchrun).
+    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok",
+               disable=not (progress and ctx.is_main))
+    # Kept rows by batch index, folded into the state (or gathered across ranks) in batch order.
     val_by_batch: dict[int, torch.Tensor] = {}
     ref_by_batch: dict[int, torch.Tensor] = {}
     try:
@@ -406,7 +341,7 @@ def _collect(
 
 
 def _fold_rows(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor]) -> None:
-    """Append the kept rows collected since the last fold to the state, in batch order; empty the dicts."""
+    """Append the kept rows to the state in batch order; empty the dicts."""
     state.val = torch.cat([state.val] + [val_by_batch[b] for b in sorted(val_by_batch)], 1)
     state.refine = torch.cat([state.refine] + [ref_by_batch[b] for b in sorted(ref_by_batch)], 1)
     val_by_batch.clear()
@@ -415,32 +350,22 @@ def _fold_rows(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batc
 
 def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor],
                        n_batches: int) -> None:
-    """Sum the normal equations over ranks and gather the kept rows on every rank, in batch order.
-
-    ``state`` holds this rank's sums plus, on rank 0, a resumed checkpoint's rows (which precede
-    every batch collected now). Afterwards every rank holds the statistics of a single-process run.
-    """
-
+    """Sum the normal equations over ranks and gather the kept rows on every rank, in batch order (rank 0 also
+    holds a resumed checkpoint's rows, which come first)."""
     counts = torch.tensor([state.n, state.n_excluded], dtype=torch.float64, device=state.XtX.device)
     all_reduce_sum(state.XtX)
     all_reduce_sum(state.XtY)
     all_reduce_sum(counts)
     state.n, state.n_excluded = int(counts[0].item()), int(counts[1].item())
-    mine = {
-        "prefix_val": state.val.cpu(),
-        "prefix_refine": state.refine.cpu(),
-        "val": {str(b): t.cpu() for b, t in val_by_batch.items()},
-        "refine": {str(b): t.cpu() for b, t in ref_by_batch.items()},
-    }
+    mine = {"prefix_val": state.val.cpu(), "prefix_refine": state.refine.cpu(),
+            "val": {str(b): t.cpu() for b, t in val_by_batch.items()},
+            "refine": {str(b): t.cpu() for b, t in ref_by_batch.items()}}
     states = gather_states(mine)
     dev = state.XtX.device
     state.val = torch.cat([st["prefix_val"] for st in states], 1).to(dev)
     state.refine = torch.cat([st["prefix_refine"] for st in states], 1).to(dev)
-    _fold_rows(
-        state,
-        {int(b): t.to(dev) for st in states for b, t in st["val"].items()},
-        {int(b): t.to(dev) for st in states for b, t in st["refine"].items()},
-    )
+    _fold_rows(state, {int(b): t.to(dev) for st in states for b, t in st["val"].items()},
+               {int(b): t.to(dev) for st in states for b, t in st["refine"].items()})
     state.batches_done = n_batches
 
 
@@ -460,7 +385,6 @@ def _check_collection(state: _Stats, settings: FitSettings, d: int) -> _Stats:
 
 
 def _accumulate(state: _Stats, rows: torch.Tensor, batch: int) -> None:
-    """Add one batch's training rows to the float64 normal equations of every layer."""
     if rows.shape[1] == 0:
         return
     Y = rows[-1].double()
@@ -481,7 +405,7 @@ def _accumulate(state: _Stats, rows: torch.Tensor, batch: int) -> None:
 # ---------------------------------------------------------------------- validation helpers
 @dataclass
 class _Targets:
-    """The final distribution of a set of positions: full (``log_p``) or on a working vocabulary."""
+    """The final distribution of a set of positions: full and on the working vocabulary."""
 
     log_p: Optional[torch.Tensor]  # [n, V] full-vocabulary log-probabilities, or None
     p_k: torch.Tensor  # [n, K] final probabilities renormalised on the working vocabulary
@@ -504,9 +428,7 @@ def _working_vocab(readout: _Readout, final: torch.Tensor, size: int, chunk: int
 
 def _restricted_targets(readout: _Readout, final: torch.Tensor, work: "_Work", full_rows: int = 0,
                         chunk: int = 512) -> _Targets:
-    """The final distribution of ``final``'s positions, renormalised on the working vocabulary
-    (from the working columns of ``W_U`` only), and over the full vocabulary for the first
-    ``full_rows`` positions."""
+    """The final distribution on the working vocabulary, and on the full one for the first ``full_rows``."""
     log_p, p_k, log_p_k, u_k = [], [], [], []
     for s in range(0, final.shape[0], chunk):
         n = readout.norm(final[s : s + chunk])
@@ -517,10 +439,8 @@ def _restricted_targets(readout: _Readout, final: torch.Tensor, work: "_Work", f
         log_p_k.append(lk)
         p_k.append(pk)
         u_k.append(pk @ work.W_k.T)
-    return _Targets(
-        log_p=torch.cat(log_p, 0) if log_p else None,
-        p_k=torch.cat(p_k, 0), log_p_k=torch.cat(log_p_k, 0), u_k=torch.cat(u_k, 0),
-    )
+    return _Targets(log_p=torch.cat(log_p, 0) if log_p else None, p_k=torch.cat(p_k, 0),
+                    log_p_k=torch.cat(log_p_k, 0), u_k=torch.cat(u_k, 0))
 
 
 @dataclass
@@ -535,8 +455,6 @@ class _Work:
 
 
 def _prepare(readout: _Readout, stats: _Stats, settings: FitSettings) -> _Work:
-    # The vocabulary is chosen from (at most) 1024 positions' full distributions; the targets of
-    # all other positions then need only the working columns of W_U.
     source = stats.refine[-1] if stats.refine.shape[1] else stats.val[-1]
     vocab = _working_vocab(readout, source[:_VOCAB_TOKENS], settings.refine_vocab)
     W_k = readout.W_U[:, vocab].contiguous()
@@ -566,8 +484,7 @@ def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, n: int, alpha: float) -> 
     """Ridge least squares toward the identity: ``(W, b)`` with ``Y ~ X + X W^T + b``."""
     d = XtY.shape[1]
     scale = XtX.diagonal()[:d].mean()
-    # A floor of 1e-9 keeps "no ridge" solvable when the residual never leaves a subspace
-    # (e.g. centred writing weights): the unseen directions then keep the identity.
+    # The floor keeps "no ridge" solvable when the residual never leaves a subspace (centred writing weights).
     lam = max(alpha, 1e-9) * scale
     pen = torch.ones(d + 1, dtype=XtX.dtype, device=XtX.device)
     pen[d] = 0.0  # the intercept is not penalised
@@ -625,12 +542,8 @@ def _closed_form(stats: _Stats, readout: _Readout, work: _Work, settings: FitSet
 # ---------------------------------------------------------------------- phase 3: refinement
 def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, W_k: torch.Tensor,
                         b_k: Optional[torch.Tensor], tgt: _Targets, gain: torch.Tensor, chunk: int = 1024):
-    """Loss, gradient and Kronecker output factor of the working-vocabulary KL at ``(W, b)``.
-
-    Returns ``(loss, G [d, d+1], F [d, d])``: ``G`` the gradient w.r.t. ``[W | b]``; ``F`` the
-    softmax's Gauss-Newton matrix ``W_k (diag q - q q^T) W_k^T`` mapped through the norm's
-    Jacobian (approximated as ``diag(gain) / rms``), averaged over rows.
-    """
+    """``(loss, G [d, d+1], F [d, d])`` of the working-vocabulary KL at ``(W, b)``: ``G`` the gradient w.r.t.
+    ``[W | b]``, ``F`` the softmax's Gauss-Newton matrix through the norm (``J ~ diag(gain) / rms``), row mean."""
     d = x.shape[1]
     dev = x.device
     G = torch.zeros(d, d + 1, dtype=torch.float64, device=dev)
@@ -669,9 +582,8 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
     return float(loss) / N, G, F
 
 
-def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess, weight: torch.Tensor,
-            bias: torch.Tensor, report: dict, ckpt: Optional["_Checkpoint"], progress: bool):
-
+def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess,
+            weight: torch.Tensor, bias: torch.Tensor, report: dict, ckpt: Optional["_Checkpoint"], progress: bool):
     L, d = access.n_layers, access.d_model
     if stats.refine.shape[1] == 0:
         report["refined"] = [False] * L
@@ -760,13 +672,8 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
 
 # ---------------------------------------------------------------------- checkpoints
 class _Checkpoint:
-    """A folder holding the fit's state: ``state.json`` plus safetensors files it names.
-
-    Tensor files are written under new names first and ``state.json`` is replaced atomically
-    last, so a crash at any moment leaves the previous consistent state. ``state.json`` records
-    the model's identity (weights fingerprint, dtype, mode, sizes) and a key of the corpus and
-    settings; a checkpoint of another model is refused naming the difference.
-    """
+    """The fit's state: ``state.json`` (model identity, a key of corpus and settings) and the safetensors files
+    it names, written first, so a crash at any moment leaves the previous consistent state."""
 
     def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
                  seqs: torch.Tensor, every: int):
@@ -817,7 +724,8 @@ class _Checkpoint:
                                   "model": asdict(self.identity), "files": {}}
         counter = int(state.get("counter", 0)) + 1
         name = f"{phase}-{counter:06d}.safetensors"
-        write_bytes_atomic(self.folder / name, safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+        data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        write_bytes_atomic(self.folder / name, data)
         old = state["files"].get(phase)
         state["files"][phase] = name
         state["counter"] = counter
@@ -835,11 +743,8 @@ class _Checkpoint:
         return {k: v.to(device) for k, v in tensors.items()}, state[phase]
 
     def save_collect(self, stats: _Stats) -> None:
-        self._write(
-            "collect",
-            {"XtX": stats.XtX, "XtY": stats.XtY, "val": stats.val, "refine": stats.refine},
-            {"n": stats.n, "batches_done": stats.batches_done, "n_excluded": stats.n_excluded},
-        )
+        self._write("collect", {"XtX": stats.XtX, "XtY": stats.XtY, "val": stats.val, "refine": stats.refine},
+                    {"n": stats.n, "batches_done": stats.batches_done, "n_excluded": stats.n_excluded})
 
     def load_collect(self, device: torch.device) -> Optional[_Stats]:
         got = self._read("collect", device)
@@ -849,7 +754,8 @@ class _Checkpoint:
         return _Stats(XtX=t["XtX"], XtY=t["XtY"], n=int(extra["n"]), val=t["val"], refine=t["refine"],
                       batches_done=int(extra["batches_done"]), n_excluded=int(extra["n_excluded"]))
 
-    def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict, layers_done: int) -> None:
+    def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict,
+                  layers_done: int) -> None:
         self._write(phase, {"weight": weight, "bias": bias}, {"report": json_safe(report), "layers_done": layers_done})
 
     def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:

@@ -1,26 +1,11 @@
 """The corpus runner: stream a corpus through a model once, feeding any number of statistics.
 
-A :class:`CorpusRunner` packs a corpus (texts, ``.txt``/``.jsonl`` files, a Hugging Face
-``datasets`` object with a ``"text"`` column, a token tensor, or the offline default corpus) into
-fixed-length sequences, runs them through the model's own forward pass in batches with the
-plugin's capture hooks attached (so the user's hooks act on what is measured), and feeds every
-batch's residual stack to each *consumer*: any object with ``update(ids, stack)``,
-``state_dict()``, ``load_state_dict(state)`` and ``merge(other)`` (the alignment suite's
-``AlignmentAccumulator``, for instance).
-
-* **Deterministic**: the batch order is fixed by ``seed`` (a seeded permutation when
-  ``shuffle=True``, corpus order otherwise).
-* **Resumable**: with ``checkpoint_dir`` the consumers' states and the number of batches done are
-  saved every ``checkpoint_every`` batches (safetensors + JSON, written atomically); a new run with
-  the same corpus and settings continues where the last one stopped and ends with the same result
-  as an uninterrupted run. The checkpoint records the model's identity (a fingerprint of its
-  weights, dtype, mode, sizes); resuming with another model, dtype or mode is refused with the
-  difference named.
-* **Data-parallel**: under ``torchrun`` each rank takes every ``world_size``-th batch and the
-  states are merged across ranks at the end (:mod:`~tl_latentspaces.distributed`).
+A *consumer* is any object with ``update(ids, stack)``, ``state_dict()``, ``load_state_dict(state)`` and
+``merge(other)`` (the alignment suite's ``AlignmentAccumulator``, for instance). The batch order is fixed by
+``seed``; with ``checkpoint_dir`` a run resumes where the last one stopped (refusing another model, dtype or
+mode), and under ``torchrun`` each rank takes every ``world_size``-th batch and the states are merged.
 
 Example:
-    >>> from tl_latentspaces.alignment import AlignmentAccumulator
     >>> runner = CorpusRunner(model, texts, seq_len=128, batch_size=8)  # doctest: +SKIP
     >>> out = runner.run({"align": AlignmentAccumulator(model).empty})  # doctest: +SKIP
     >>> out["align"].result().to_dataframe()  # doctest: +SKIP
@@ -61,42 +46,22 @@ class CorpusRunner:
     """Streams a corpus through a model in batches, feeding consumers; resumable and data-parallel.
 
     Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor; read
-            lazily up to ``max_tokens`` (:func:`~tl_latentspaces.corpus.iter_texts`).
+        corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor; read lazily up
+            to ``max_tokens`` (:func:`~tl_latentspaces.corpus.iter_texts`).
         seq_len: Tokens per sequence (BOS included).
-        batch_size: Sequences per forward pass.
-        max_tokens: Read at most this many tokens.
-        prepend_bos: Start each sequence with BOS.
         seed: Fixes the batch order when ``shuffle``.
-        shuffle: Visit the sequences in a seeded random order.
-        checkpoint_dir: Save progress here and resume from it.
-        checkpoint_every: Batches between checkpoints.
-        progress: Show a progress bar.
+        checkpoint_dir: Save progress here (every ``checkpoint_every`` batches) and resume from it.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        corpus: Any,
-        *,
-        seq_len: int = 128,
-        batch_size: int = 8,
-        max_tokens: Optional[int] = None,
-        prepend_bos: bool = True,
-        seed: int = 0,
-        shuffle: bool = False,
-        checkpoint_dir: Union[str, Path, None] = None,
-        checkpoint_every: int = 10,
-        progress: bool = True,
-    ):
+    def __init__(self, model: Any, corpus: Any, *, seq_len: int = 128, batch_size: int = 8,
+                 max_tokens: Optional[int] = None, prepend_bos: bool = True, seed: int = 0, shuffle: bool = False,
+                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 10, progress: bool = True):
         self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         self.access.require_eval("the corpus runner")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
-        sequences = tokenize_corpus(
-            self.access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens
-        )
+        sequences = tokenize_corpus(self.access, corpus, seq_len=seq_len, prepend_bos=prepend_bos,
+                                    max_tokens=max_tokens)
         if shuffle:
             order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed))
             sequences = sequences[order]
@@ -126,14 +91,12 @@ class CorpusRunner:
         """The ``[batch_size, seq_len]`` token ids of batch ``index`` (fewer rows for the last batch)."""
         return self.sequences[index * self.batch_size : (index + 1) * self.batch_size]
 
-    # ------------------------------------------------------------------ checkpoints
     def _checkpoint_path(self, rank: int) -> Path:
         assert self.checkpoint_dir is not None
         return self.checkpoint_dir / f"runner-rank{rank}.safetensors"
 
     def _save(self, rank: int, done: int, consumers: dict[str, Any]) -> None:
         """One file per rank holding every consumer's state and the batch count, replaced atomically."""
-
         path = self._checkpoint_path(rank)
         tensors = {name: encode_state(c.state_dict()) for name, c in consumers.items()}
         meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
@@ -168,19 +131,15 @@ class CorpusRunner:
         try:
             recorded = ModelIdentity(**json.loads(meta["model"]))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
-                "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
-                "another checkpoint_dir, or delete it to start over."
-            ) from None
+            raise ValueError(f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
+                             "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
+                             "another checkpoint_dir, or delete it to start over.") from None
         recorded.require_same(self.identity, f"the checkpoint {str(path)!r}")
 
-    # ------------------------------------------------------------------ the run
     def run(self, consumers: dict[str, Factory]) -> dict[str, Any]:
         """Stream the corpus once and return ``{name: consumer}``, merged across ranks.
 
-        Args:
-            consumers: ``{name: factory}``; each factory returns a fresh consumer.
+        ``consumers`` is ``{name: factory}``; each factory returns a fresh consumer.
         """
         if not consumers:
             raise ValueError("pass at least one consumer: {name: factory returning an accumulator}.")
@@ -192,10 +151,8 @@ class CorpusRunner:
         todo = mine[done:]
         if todo:
             seqs = torch.cat([self.batch(i) for i in todo])
-            stream = stream_residuals(
-                self.access, seqs, names, batch_size=self.batch_size, progress=self.progress and ctx.is_main,
-                desc="corpus",
-            )
+            stream = stream_residuals(self.access, seqs, names, batch_size=self.batch_size,
+                                      progress=self.progress and ctx.is_main, desc="corpus")
             for step, (ids, stack) in enumerate(stream, start=done + 1):
                 for consumer in live.values():
                     consumer.update(ids, stack)
@@ -206,25 +163,15 @@ class CorpusRunner:
         return live
 
 
-def stream_residuals(
-    model: Any,
-    sequences: torch.Tensor,
-    hook_names: dict[str, str],
-    *,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "residual stream",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_residuals(model: Any, sequences: torch.Tensor, hook_names: dict[str, str], *, batch_size: int = 8,
+                     progress: bool = True,
+                     desc: str = "residual stream") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``sequences`` through the model in batches and yield ``(ids, stack)`` per batch.
 
-    ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured by the
-    plugin's hooks inside the model's own forward pass (so the user's hooks act on it). The
-    capture hooks are removed, exactly, after every batch and on any exception. When the last
-    block's ``resid_post`` (the stack's ``final_post``) is among the sites, each pass ends right
-    after it (:meth:`~tl_latentspaces.hooks.HookSession.forward_until`): the logits, which
-    nothing here reads, are never computed.
+    ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured inside the model's own
+    forward pass (so the user's hooks act on it); the capture hooks are removed after every batch and on any
+    exception. When the last block's ``resid_post`` is among the sites, each pass stops right after it.
     """
-
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("streaming the residual stream")
     labels = list(hook_names)
