@@ -1,8 +1,5 @@
-"""Figures of alignment results: a matrix between stack entries and per-entry curves.
-
-The Python side checks the data and prepares its props; the bundle's ``MatrixHeatmap`` and
-``LayerCurves`` components (``js/src/``) draw them, rendered like every other view.
-"""
+"""Figures of alignment results: a matrix between stack entries and per-entry curves (``MatrixHeatmap``,
+``LayerCurves`` in ``js/src/``)."""
 
 from __future__ import annotations
 
@@ -21,10 +18,9 @@ ArrayLike = Any  # a torch.Tensor, numpy array or nested list of numbers
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     try:
-        t = torch.as_tensor(x if not isinstance(x, torch.Tensor) else x.detach().cpu(), dtype=torch.float64)
+        return torch.as_tensor(x if not isinstance(x, torch.Tensor) else x.detach().cpu(), dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{what} must be a tensor, array or list of numbers, got {type(x).__name__}.") from err
-    return t
 
 
 def _check_labels(labels: Any, n: int, what: str) -> list[str]:
@@ -35,27 +31,17 @@ def _check_labels(labels: Any, n: int, what: str) -> list[str]:
     return list(labels)
 
 
-def cka_matrix_view(
-    matrix: ArrayLike,
-    labels: Sequence[str],
-    title: str = "CKA between layers",
-    *,
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
-) -> HTMLView:
+def cka_matrix_view(matrix: ArrayLike, labels: Sequence[str], title: str = "CKA between layers", *,
+                    vmin: Optional[float] = None, vmax: Optional[float] = None) -> HTMLView:
     """A layer x layer similarity matrix (e.g. linear CKA) as a heat map (``MatrixHeatmap``).
 
     Args:
-        matrix: ``[L, L]`` values; row ``i``, column ``j`` is drawn at row ``i`` from the top.
-            NaN is drawn grey ("no value").
+        matrix: ``[L, L]`` values; row ``i`` is drawn ``i``-th from the top; NaN is drawn grey.
         labels: The ``L`` layer labels (e.g. ``"0_pre"`` ... ``"final_post"``).
-        title: The figure's title.
         vmin, vmax: Colour range; default ``[0, 1]``, widened to the data if it leaves that.
 
     Returns:
-        An :class:`HTMLView` of ``MatrixHeatmap``; ``.props`` holds the data drawn (the matrix
-        with None for NaN, the labels, the colour range). Hover a cell for its row, column and
-        value.
+        An :class:`HTMLView`; ``.props`` holds the matrix (None for NaN), the labels and the colour range.
 
     Example:
         >>> view = tll.cka_matrix_view(torch.eye(3), ["0_pre", "1_pre", "final_post"])  # doctest: +SKIP
@@ -102,33 +88,21 @@ def _curve_values(x: Any, L: int, what: str) -> list[Optional[float]]:
     return nums(t)
 
 
-def layer_curves_view(
-    labels: Sequence[str],
-    curves: Mapping[str, ArrayLike],
-    null: Optional[Mapping[str, tuple[Any, Any]]] = None,
-    *,
-    ylabel: str = "",
-    title: str = "",
-    ymin: Optional[float] = None,
-    ymax: Optional[float] = None,
-) -> HTMLView:
+def layer_curves_view(labels: Sequence[str], curves: Mapping[str, ArrayLike],
+                      null: Optional[Mapping[str, tuple[Any, Any]]] = None, *, ylabel: str = "", title: str = "",
+                      ymin: Optional[float] = None, ymax: Optional[float] = None) -> HTMLView:
     """Per-layer curves (principal angles, variance in the embedding subspace, ...) (``LayerCurves``).
 
     Args:
         labels: The ``L`` layer labels along the x axis.
         curves: ``{name: [L] values}``; NaN leaves a gap.
-        null: ``{name: (mean, std)}`` the null baseline of a curve (same name), each a float or
-            ``[L]`` values: drawn as a dashed line at the mean in the curve's colour with a band of
-            one standard deviation around it.
-        ylabel: The y axis's label.
-        title: The figure's title.
+        null: ``{name: (mean, std)}``, a curve's null baseline, each a float or ``[L]`` values: drawn as a
+            dashed line at the mean with a band of one standard deviation.
         ymin, ymax: The y range (default: the data's, baselines included, rounded out).
 
     Returns:
-        An :class:`HTMLView` of ``LayerCurves``; ``.props`` holds the data drawn: ``series``, one
-        ``{"name", "values", "baseline"}`` per curve in the order given (``baseline`` is
-        ``{"mean", "std"}`` or absent; None for NaN), and the y range and ticks. Hover the plot for
-        every curve's value at an entry.
+        An :class:`HTMLView`; ``.props["series"]`` holds one ``{"name", "values", "baseline"}`` per curve
+        in the order given (``baseline`` is ``{"mean", "std"}`` or absent; None for NaN), with the y range and ticks.
 
     Example:
         >>> labels = ["0_pre", "1_pre", "final_post"]
@@ -156,7 +130,7 @@ def layer_curves_view(
                 seen += [mu - (sd or 0.0), mu + (sd or 0.0)]
     lo = min(seen) if ymin is None and seen else (0.0 if ymin is None else ymin)
     hi = max(seen) if ymax is None and seen else (1.0 if ymax is None else ymax)
-    margin = 0.04 * (hi - lo)  # keeps points off the frame
+    margin = 0.04 * (hi - lo)
     y0, y1, ticks, dec = nice_ticks(lo - (margin if ymin is None else 0.0), hi + (margin if ymax is None else 0.0))
     if ymin is not None:
         y0 = ymin

@@ -18,14 +18,11 @@ COMPACT_FROM = 24
 """Grids of more positions than this open in compact mode (narrow columns)."""
 
 
-def _grid_runs(
-    results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[str]]
-) -> tuple[list[str], list[list[LensResult]], list[Optional[LensDiff]]]:
+def _grid_runs(results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[str]]
+               ) -> tuple[list[str], list[list[LensResult]], list[Optional[LensDiff]]]:
     """Normalise lens_grid's arguments to (lens names, runs per lens, diff per lens)."""
     if not results:
-        raise ValueError(
-            "lens_grid needs at least one LensResult (or a read_lenses dict, or a LensDiff); got none."
-        )
+        raise ValueError("lens_grid needs at least one LensResult (or a read_lenses dict, or a LensDiff); got none.")
     named: list[tuple[str, Any]] = []
     if diff:
         if len(results) != 2:
@@ -67,9 +64,7 @@ def _grid_runs(
                     f"{type(item).__name__}. To compare two runs pass lens_grid(clean, patched, diff=True)."
                 )
         if len({isinstance(item, LensDiff) for _, item in named}) > 1:
-            raise ValueError(
-                "lens_grid cannot mix LensResults and LensDiffs: show either readouts or differences."
-            )
+            raise ValueError("lens_grid cannot mix LensResults and LensDiffs: show either readouts or differences.")
     names = [name for name, _ in named]
     if labels is not None:
         if isinstance(labels, str) or len(labels) != len(named) or not all(isinstance(s, str) for s in labels):
@@ -105,16 +100,41 @@ def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
                 )
 
 
-def _grid_props(
-    results: tuple[Any, ...],
-    *,
-    labels: Optional[Sequence[str]],
-    batch: int,
-    diff: bool,
-    metric: Optional[str],
-    run_names: Sequence[str],
-    title: Optional[str],
-) -> dict[str, Any]:
+def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: Optional[Sequence[str]] = None,
+              batch: int = 0, diff: bool = False, metric: Optional[str] = None,
+              run_names: Sequence[str] = ("clean", "patched"), title: Optional[str] = None) -> HTMLView:
+    """The lens grid: stack entries x positions, each cell the lens's top-1 token.
+
+    Rows are the stack entries (``0_pre`` ... ``final_post``), columns the real (non-padding) read positions of
+    one batch row. Cells are coloured by a metric chosen with buttons, named as in
+    :meth:`LensResult.to_dataframe`: ``top1_prob``, ``entropy``, ``kl_to_final`` and, where the results hold
+    them, ``target{t}_prob``, ``target{t}_rank``, ``own_cosine``, ``own_rank``. Hovering a cell shows its
+    top-k tokens. Several results (readouts of the same input, e.g. a :func:`~tl_latentspaces.read_lenses`
+    dict) make a lens switch. Each lens and metric has its own colour range, robust to outliers and stated
+    in the legend; the BOS column is left out of the ranges and hidden at first.
+
+    Difference mode: ``lens_grid(clean, patched, diff=True)`` with two LensResults or two ``read_lenses``
+    dicts (paired by lens), or LensDiffs (``clean.diff(patched)``), shows either run or their difference,
+    coloured by ``divergence``, ``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
+    ``target{t}_rank_delta`` or ``top1_changed``.
+
+    Args:
+        *results: LensResults, LensDiffs, or dicts of them (``read_lenses`` output).
+        labels: Names on the lens buttons, one per result (default: each result's ``lens``, or the dict keys).
+        batch: Which batch row to show.
+        metric: Key (or button name) of the metric shown first. Default: ``top1_prob``; in difference mode
+            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. The old names
+            (``"target_ranks:0"``, ``"own_scores"``, ...) still work, with a DeprecationWarning.
+        run_names: The two runs' names in difference mode, base first.
+
+    Returns:
+        An :class:`HTMLView` of the ``LensGrid`` component (``.props`` holds its data).
+
+    Example:
+        >>> r = read_lenses(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
+        >>> lens_grid(r, metric="target0_rank")  # doctest: +SKIP
+        >>> lens_grid(clean["logit"], patched["logit"], diff=True).save("patch.html")  # doctest: +SKIP
+    """
     names, runs, diffs = _grid_runs(results, diff, labels)
     _check_same_input(names, runs)
     diff_mode = diffs[0] is not None
@@ -152,7 +172,6 @@ def _grid_props(
         })
     fill_ranges(lenses, skip=(0,) if bos else (), labels=ref.labels)
 
-    # The metric and view shown first.
     first = lenses[0]["metrics"]
     if metric is None:
         offered = {m["key"] for m in first}
@@ -161,7 +180,7 @@ def _grid_props(
         else:
             metric = "top1_prob"
     else:
-        metric = metric_name(metric, stacklevel=4)
+        metric = metric_name(metric)
     matches = [m for m in first if metric in (m["key"], m["name"])]
     if not matches:
         valid = sorted({m["key"] for m in first}, key=[m["key"] for m in first].index)
@@ -191,67 +210,4 @@ def _grid_props(
     }
     if diff_mode:
         props["runs"] = list(run_names)
-    return props
-
-
-def lens_grid(
-    *results: Union[LensResult, LensDiff, Mapping[str, Any]],
-    labels: Optional[Sequence[str]] = None,
-    batch: int = 0,
-    diff: bool = False,
-    metric: Optional[str] = None,
-    run_names: Sequence[str] = ("clean", "patched"),
-    title: Optional[str] = None,
-) -> HTMLView:
-    """The lens grid: stack entries x positions, each cell the lens's top-1 token.
-
-    Rows are the stack entries (``0_pre`` ... ``final_post``), columns the read positions of one
-    batch row with their tokens as headers (padding dropped). Cells are coloured by a metric
-    chosen with buttons, named as in :meth:`LensResult.to_dataframe`: ``top1_prob``,
-    ``entropy``, ``kl_to_final``, and, where the results hold them, ``target{t}_prob``,
-    ``target{t}_rank``, ``own_cosine`` and ``own_rank``. Hovering a cell shows its top-k tokens
-    with their ids and probabilities; clicking keeps them. Several results make a lens switch:
-    they must be readouts of the same input (same tokens, positions and stack entries), e.g.
-    the dict :func:`~tl_latentspaces.read_lenses` returns.
-
-    Colours: each lens and metric has its own range, robust to outliers and stated in the
-    legend: probabilities from 0 to their 98th percentile; entropy from the 2nd to the 98th
-    percentile; KL and ranks on a log scale over that range; cosines and differences on a scale
-    centred on zero. Values beyond the range take its end colour (the legend marks ``≤``/``≥``).
-    The BOS column (column 0 when it holds the tokenizer's BOS token) is left out of the ranges
-    and hidden at first (a toggle shows it). Byte-level tokens that are part of one character
-    are written as that character, or as ``<0xE2>``-style escapes; ids show on hover. Long
-    prompts open in compact mode; a zoom control sizes the cells.
-
-    Difference mode, for two runs of the same input (clean vs patched): pass
-    ``lens_grid(clean, patched, diff=True)`` with two LensResults or two ``read_lenses`` dicts
-    (paired by lens), or LensDiffs (``clean.diff(patched)``). A view switch then shows either run
-    or their difference: the patched top-1 token, the clean one struck through below it where it
-    changed, coloured by ``divergence`` (KL between the runs' lens distributions, where the
-    LensDiff has it), a change (``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
-    ``target{t}_rank_delta``) or ``top1_changed``.
-
-    Args:
-        *results: LensResults, LensDiffs, or dicts of them (``read_lenses`` output).
-        labels: Names on the lens buttons, one per result (default: each result's ``lens``, or
-            the dict keys).
-        batch: Which batch row to show.
-        diff: Compare two runs (see above).
-        metric: Key (or button name) of the metric shown first, e.g. ``"kl_to_final"``,
-            ``"target0_rank"``, ``"kl_delta"``. Default: ``top1_prob``; in difference mode
-            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. The old names
-            (``"target_ranks:0"``, ``"own_scores"``, ...) still work, with a DeprecationWarning.
-        run_names: The two runs' names in difference mode, base first.
-        title: Title over the grid.
-
-    Returns:
-        An :class:`HTMLView` of the ``LensGrid`` component (``.props`` holds its data).
-
-    Example:
-        >>> r = read_lenses(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
-        >>> lens_grid(r, metric="target0_rank")  # doctest: +SKIP
-        >>> lens_grid(clean["logit"], patched["logit"], diff=True).save("patch.html")  # doctest: +SKIP
-    """
-    props = _grid_props(results, labels=labels, batch=batch, diff=diff, metric=metric,
-                        run_names=run_names, title=title)
     return render_component("LensGrid", props, title=props["title"])

@@ -1,9 +1,7 @@
 """How a view becomes HTML: the :class:`HTMLView` and the inlined bundle of our components.
 
-A view is rendered as CircuitsVis renders its components, ``<div id=...>`` plus a script calling
-``TLLatentSpaces.render(id, TLLatentSpaces.Component, props)``, with the bundle inlined in a script
-of its own: nothing is fetched from the network, in a notebook or in a saved page, and a page of
-several views keeps one copy of each bundle (:func:`one_bundle_per_page`).
+A view is a ``<div id=...>`` plus a script calling ``TLLatentSpaces.render(id, TLLatentSpaces.Component, props)``,
+as CircuitsVis renders its components, with the bundle inlined in a script of its own.
 """
 
 from __future__ import annotations
@@ -25,40 +23,27 @@ BUNDLE = "views.iife.js"
 BUNDLE_GLOBAL = "TLLatentSpaces"
 """The global the bundle defines (CircuitsVis's is ``CircuitsVis``)."""
 
-# Saved pages may run their inline scripts and styles and nothing else: no request of any kind
-# leaves the page (a view that tried would fail its browser test with a CSP error).
+# Saved pages may run their inline scripts and styles and nothing else: no request leaves the page.
 PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; font-src data:"
 
 
-# ====================================================================== the view object
 class HTMLView(RenderedHTML):
     """A CircuitsVis ``RenderedHTML`` that renders offline and never probes the network.
 
-    Notebooks (Jupyter, VS Code, Colab) call ``_repr_html_`` and get the view with its script
-    inlined, online or offline. ``str(view)`` is the same inlined HTML (CircuitsVis's ``str()``
-    imports its script from a CDN instead); ``show_code()`` still gives CircuitsVis's CDN
-    version for the views built on CircuitsVis's own components.
+    ``_repr_html_`` and ``str(view)`` give the HTML with its script inlined; ``show_code()`` still gives
+    CircuitsVis's CDN version for the views built on CircuitsVis's own components.
 
     Attributes:
         local_src: The HTML fragment with its JavaScript inlined.
-        cdn_src: CircuitsVis's CDN fragment for CircuitsVis components; for our own components
-            (no CDN hosts them) the same as ``local_src``.
+        cdn_src: CircuitsVis's CDN fragment for CircuitsVis components, else the same as ``local_src``.
         title: The saved page's title.
-        component: The React component drawn (``"LensGrid"``, ``"TokenDrift"``,
-            ``"MatrixHeatmap"``, ``"LayerCurves"``, ``"TokenLogProbs"``), or None for HTML put
-            together from several views.
+        component: The React component drawn (``"LensGrid"``, ``"TokenDrift"``, ``"MatrixHeatmap"``,
+            ``"LayerCurves"``, ``"TokenLogProbs"``), or None for HTML put together from several views.
         props: The data the component receives, as plain Python lists and numbers.
     """
 
-    def __init__(
-        self,
-        local_src: str,
-        cdn_src: Optional[str] = None,
-        *,
-        title: str = "",
-        component: Optional[str] = None,
-        props: Optional[dict[str, Any]] = None,
-    ):
+    def __init__(self, local_src: str, cdn_src: Optional[str] = None, *, title: str = "",
+                 component: Optional[str] = None, props: Optional[dict[str, Any]] = None):
         super().__init__(local_src, local_src if cdn_src is None else cdn_src)
         self.title = title
         self.component = component
@@ -74,7 +59,6 @@ class HTMLView(RenderedHTML):
         )
 
     def _repr_html_(self) -> str:
-        # The inlined source, always: CircuitsVis's version probes the internet first.
         return self.local_src
 
     def __html__(self) -> str:
@@ -101,15 +85,10 @@ class HTMLView(RenderedHTML):
         )
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write :meth:`to_html` to ``path`` atomically; returns the path.
-
-        The page is written to a temporary file in the same folder, then moved over ``path``,
-        so a reader never sees half a page and an existing file survives a failed write.
-        """
+        """Write :meth:`to_html` to ``path`` atomically (an existing file survives a failed write); returns the path."""
         return write_bytes_atomic(path, self.to_html().encode("utf-8"), make_parents=False)
 
 
-# ====================================================================== our own components
 def bundle_source() -> str:
     """The JavaScript bundle of our components, as shipped in the package."""
     ref = resources.files("tl_latentspaces").joinpath("static", BUNDLE)
@@ -132,32 +111,18 @@ def js_json(value: Any) -> str:
 
 
 def circuitsvis_bundle_source() -> str:
-    """CircuitsVis's own JavaScript bundle, as its package ships it, ready to inline in a page.
-
-    Its one ``</script`` (inside a JavaScript string of React DOM) is written ``<\\/script``, the
-    same string to JavaScript, so that it cannot end the page's script element.
-    """
+    """CircuitsVis's own bundle, as its package ships it, with ``</script`` written ``<\\/script`` to inline it."""
     ref = resources.files("circuitsvis").joinpath("dist", "cdn", "iife.js")
     return ref.read_text(encoding="utf-8").replace("</script", "<\\/script")
 
 
 def bundle_script(circuitsvis: bool = False) -> str:
-    """The ``<script>`` element that defines a bundle's global (ours, or CircuitsVis's).
-
-    A classic script, so the bundle's ``var`` becomes a page global: every view carries it (a
-    notebook cell stands alone), and :func:`one_bundle_per_page` keeps only the first copy when
-    several views share a page.
-    """
+    """The classic ``<script>`` element that defines a bundle's page global (ours, or CircuitsVis's)."""
     return f"<script>\n{circuitsvis_bundle_source() if circuitsvis else bundle_source()}\n</script>\n"
 
 
 def one_bundle_per_page(fragments: Sequence[str]) -> str:
-    """Views' HTML joined into one page body, each bundle's script kept once (where it first appears).
-
-    Every view carries its bundle so that it stands alone; a page of eleven views would otherwise
-    hold eleven copies of the same 170 KB. Later copies are dropped whole: the global defined by
-    the first is what the later views' render calls find.
-    """
+    """Views' HTML joined into one page body, each bundle's script kept once (where it first appears)."""
     seen: set[str] = set()
     out = []
     for fragment in fragments:
@@ -174,16 +139,7 @@ def one_bundle_per_page(fragments: Sequence[str]) -> str:
 
 
 def render_component(component: str, props: dict[str, Any], *, title: str, circuitsvis: bool = False) -> HTMLView:
-    """Render a component the way CircuitsVis's ``render_local`` does, offline: one renderer.
-
-    Args:
-        component: The component's name in its bundle (``"LensGrid"``, ``"TokenLogProbs"``).
-        props: Its props (plain lists and numbers); written as script-safe JSON.
-        title: The view's title (of a saved page).
-        circuitsvis: A component of CircuitsVis's own bundle (shipped in the ``circuitsvis``
-            package), rendered through its ``CircuitsVis.render``; ``show_code()`` then gives
-            CircuitsVis's CDN version. Else one of ours.
-    """
+    """Render a component as CircuitsVis's ``render_local`` does, offline; ``circuitsvis``: one of CircuitsVis's."""
     prefix, name = ("circuits-vis-", "CircuitsVis") if circuitsvis else ("tl-latentspaces-", BUNDLE_GLOBAL)
     uid = prefix + uuid.uuid4().hex[:13]
     src = (

@@ -1,10 +1,6 @@
 """Colour scales and the metrics views colour by, named as ``LensResult.to_dataframe()`` names them.
 
-Each lens and metric gets its own colour range, robust to outliers and stated in the legend:
-probabilities from 0 to their 98th percentile, entropy over the 2nd to 98th percentile, KL and
-ranks on a log scale over that range, cosines centred on zero (± the 98th percentile of their
-size), and the changes between two runs centred on zero at ± the largest change (a patch's
-effect sits in a few cells: there its size is the signal).
+Each lens and metric gets its own colour range, robust to outliers and stated in the legend (``_RANGES``).
 """
 
 from __future__ import annotations
@@ -39,7 +35,7 @@ _RENAMED = {"own_scores": "own_cosine", "own_ranks": "own_rank"}
 _RENAMED_TARGET = re.compile(r"target_(probs|ranks):(\d+)|target_(prob|rank)_delta:(\d+)")
 
 
-def metric_name(name: str, *, stacklevel: int = 3) -> str:
+def metric_name(name: str) -> str:
     """The current name of a metric given under an old name (with a DeprecationWarning)."""
     new = _RENAMED.get(name)
     match = _RENAMED_TARGET.fullmatch(name) if new is None else None
@@ -53,14 +49,13 @@ def metric_name(name: str, *, stacklevel: int = 3) -> str:
         f"the metric name {name!r} is deprecated and will be removed in the next release; use {new!r} "
         "(the column name LensResult.to_dataframe() and summary() use).",
         DeprecationWarning,
-        stacklevel=stacklevel,
+        stacklevel=3,
     )
     return new
 
 
-def _metric(key: str, name: str, view: int, values: torch.Tensor, *, scale: str = "sequential",
-            reverse: bool = False, log: bool = False, fmt: str = "number", unit: str = "",
-            description: str, ranging: str) -> dict[str, Any]:
+def _metric(key: str, name: str, view: int, values: torch.Tensor, *, scale: str = "sequential", reverse: bool = False,
+            log: bool = False, fmt: str = "number", unit: str = "", description: str, ranging: str) -> dict[str, Any]:
     m: dict[str, Any] = {
         "key": key, "name": name, "view": view, "values": nums(values), "scale": scale,
         "reverse": reverse, "log": log, "format": fmt, "description": description,
@@ -143,7 +138,7 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
         top = float(v.max()) if v.numel() else 0.0
         return 0.0, top if top > 0 else 1e-6
     if ranging in ("change", "change-log"):
-        # A patch's effect sits in few cells (most cannot be reached): its size is the signal.
+        # A patch's effect sits in few cells: its size is the signal.
         bound = float(v.abs().max()) if v.numel() else 0.0
         return (-bound, bound) if bound > 0 else (-1e-6, 1e-6)
     if ranging == "centred":
@@ -164,18 +159,10 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
 
 
 def embedding_entry_is_apart(rows: Sequence[Sequence[float]], *, log: bool = False) -> bool:
-    """Whether the first stack entry's values sit far from every later entry's.
+    """Whether the first stack entry's values (``0_pre``, the token embedding) sit far from every later entry's.
 
-    The first entry (``0_pre``) is the token embedding itself: its own-token cosine is 1 where
-    every later entry is near 0, its KL to final hundreds of nats against tens. Left in, it
-    sets the colour range and every other row is pale or saturated. It is apart when its median
-    lies more than three interquartile ranges (of the later entries' medians) outside their
-    quartiles. Later entries are never left out: the last ones, where the answer appears, are
-    the signal.
-
-    Args:
-        rows: The values of each entry (``[entry][...]``).
-        log: Compare ``log1p`` of the values (the metrics drawn on a log scale).
+    It is apart when its median lies more than three interquartile ranges (of the later entries' medians)
+    outside their quartiles. ``rows`` is ``[entry][...]``; ``log`` compares ``log1p`` of the values.
     """
     medians = []
     for row in rows:
@@ -195,10 +182,8 @@ def embedding_entry_is_apart(rows: Sequence[Sequence[float]], *, log: bool = Fal
 def fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = (), labels: Sequence[str] = ()) -> None:
     """Give each metric of each lens its colour range, shared by the runs of that lens.
 
-    Ranges are per lens and per metric (the embedding lens's probabilities are a thousand times
-    smaller than the logit lens's), robust to outliers, and leave out the columns in ``skip``
-    (the BOS position, whose readouts are junk) and, for a run's own metrics, the stack entries
-    ``0_pre`` when it is far from all others (:func:`embedding_entry_is_apart`); the legend says so.
+    The columns in ``skip`` (the BOS position) are left out, and, for a run's own metrics, ``0_pre`` when
+    :func:`embedding_entry_is_apart`; the legend says so.
     """
     for lens in lenses:
         groups: dict[str, list[dict[str, Any]]] = {}

@@ -1,12 +1,5 @@
-"""Token views: tokens written readably, one metric per token across layers, next-token predictions.
-
-* :class:`TokenText`: how every view writes a token (byte-level tokens as the character they
-  form, or ``<0xE2>`` escapes; never ``\ufffd``).
-* :func:`drift_tokens`: the input's tokens coloured by one metric, one stack entry at a time (our
-  ``TokenDrift`` component).
-* :func:`layer_predictions`: one stack entry's next-token predictions (CircuitsVis's
-  ``TokenLogProbs``).
-"""
+"""Token views: tokens written readably (:class:`TokenText`), one metric per token across layers
+(:func:`drift_tokens`), one stack entry's next-token predictions (:func:`layer_predictions`)."""
 
 from __future__ import annotations
 
@@ -51,17 +44,12 @@ def _escape_bytes(raw: bytes) -> str:
 
 
 class TokenText:
-    """How views write tokens: text where a token is text, its bytes where it is not.
+    """How views write tokens: text where a token is text, ``<0xE2>``-style escapes of its bytes where it is not.
 
-    A byte-level tokenizer can split one character over several tokens (an emoji into three),
-    and each such token decodes to ``\ufffd`` alone. Here a token's bytes come from the
-    tokenizer's own vocabulary (the byte-level alphabet, or ``<0xE2>`` byte-fallback pieces), a
-    token that is not text on its own is written with ``<0xE2>``-style escapes, and a sequence
-    of input tokens is decoded as one byte stream, so a split character is shown whole.
-
-    Args:
-        decode: The result's ``decode``; its ``tokenizer`` attribute (see
-            :class:`tl_latentspaces.model.TokenDecoder`) is used when present.
+    A byte-level tokenizer can split one character over several tokens, each decoding to ``\ufffd`` alone. A
+    token's bytes come from the tokenizer's vocabulary (the byte-level alphabet, or ``<0xE2>`` byte-fallback
+    pieces), and input tokens are decoded as one byte stream, so a split character is shown whole.
+    ``decode`` is a result's ``decode``; its ``tokenizer`` attribute is used when present.
     """
 
     def __init__(self, decode: Callable[[int], str]):
@@ -120,10 +108,9 @@ class TokenText:
     def sequence(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
         """Input tokens read as one text: ``(texts, notes)``, one per token.
 
-        The tokens' bytes are decoded as one stream, so a character split over several tokens
-        is written whole in the token where it starts, and as ``…`` plus that character in a
-        token that only continues it. ``notes`` gives such a token's bytes and the character
-        it is part of, else is empty.
+        A character split over several tokens is written whole in the token where it starts, and as ``…``
+        plus that character in a token that only continues it; ``notes`` gives such a token's bytes and the
+        character it is part of, else is empty.
         """
         ids = [int(i) for i in ids]
         raws = [self.token_bytes(i) for i in ids]
@@ -165,7 +152,7 @@ class TokenText:
 
 
 def _intensity(values: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
-    """The colour intensity the components draw (js/src/colors.ts ``intensity``), without sign."""
+    """The colour intensity the components draw (js/src/colors.ts ``intensity``)."""
     squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
     lo, hi = squash(torch.tensor(float(m["min"]))), squash(torch.tensor(float(m["max"])))
     if m["scale"] == "diverging":
@@ -181,38 +168,24 @@ def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[i
     return int(spread.argmax())
 
 
-def drift_tokens(
-    result: LensResult,
-    metric: Optional[str] = None,
-    *,
-    batch: int = 0,
-    layers: Optional[Sequence[Selector]] = None,
-    title: Optional[str] = None,
-) -> HTMLView:
-    """The input's tokens coloured by one per-token metric, one stack entry at a time.
+def drift_tokens(result: LensResult, metric: Optional[str] = None, *, batch: int = 0,
+                 layers: Optional[Sequence[Selector]] = None, title: Optional[str] = None) -> HTMLView:
+    """The input's tokens coloured by one per-token metric, one stack entry at a time (``TokenDrift``).
 
-    A slider (and a button per entry) picks the stack entry; the tokens are coloured by the
-    metric there, on a range that fits the data (the same robust, per-metric ranges as
-    :func:`lens_grid`, stated in the legend). Hovering a token lists its value at every entry,
-    with its id. It opens on the entry whose colours vary most across the tokens (not
-    ``0_pre``, where the own-token cosine is 1 everywhere). The default metric is the embedding
-    lens's ``own_cosine`` (how far each position's residual has drifted from its own token's
-    input embedding), or ``kl_to_final`` for the other lenses.
+    A slider picks the stack entry; colour ranges are those of :func:`lens_grid`. It opens on the entry whose
+    colours vary most across the tokens.
 
     Args:
-        result: A lens readout.
-        metric: A metric named as in :meth:`LensResult.to_dataframe`: ``"own_cosine"``,
-            ``"own_rank"`` (embedding lens), ``"kl_to_final"``, ``"entropy"``, ``"top1_prob"``,
-            ``"target{t}_prob"`` or ``"target{t}_rank"``. The old names (``"own_scores"``,
-            ``"target_ranks:0"``, ...) still work, with a DeprecationWarning.
+        metric: A metric named as in :meth:`LensResult.to_dataframe` (``"own_cosine"``, ``"own_rank"``,
+            ``"kl_to_final"``, ``"entropy"``, ``"top1_prob"``, ``"target{t}_prob"``, ``"target{t}_rank"``);
+            old names still work, with a DeprecationWarning. Default: ``own_cosine`` for the embedding lens,
+            else ``kl_to_final``.
         batch: Which batch row to show (padding dropped).
         layers: The stack entries to offer (labels or indices), default all.
-        title: Title over the view (default: the metric, lens and model).
 
     Returns:
-        An :class:`HTMLView` of the ``TokenDrift`` component; ``.props`` holds ``tokens``,
-        ``labels``, ``values`` (``[entry][pos]``), ``metric`` (its key, name, range) and
-        ``initialEntry``.
+        An :class:`HTMLView`; ``.props`` holds ``tokens``, ``labels``, ``values`` (``[entry][pos]``),
+        ``metric`` (its key, name, range) and ``initialEntry``.
     """
     if not isinstance(result, LensResult):
         raise ValueError(f"drift_tokens takes one LensResult, got {type(result).__name__}.")
@@ -267,25 +240,12 @@ def drift_tokens(
 def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) -> HTMLView:
     """One stack entry's next-token predictions, with CircuitsVis's ``TokenLogProbs`` component.
 
-    Each token after the first is coloured by the log-probability the lens at ``label`` gave it
-    from the previous position; hovering shows that position's top-k tokens and the true next
-    token's rank. It draws the component ``circuitsvis.logits.token_log_probs`` draws, with the
-    same props, built from the readout (the readout keeps the top-k, not the full distribution
-    ``token_log_probs`` takes).
-
-    The true next token's probability and rank come from the top-k when it is there, else from
-    the result's targets: read with the next tokens as targets to have them everywhere::
+    ``result``'s read positions must be consecutive; ``label`` is a stack entry (``"12_pre"`` or an index).
+    The true next token's probability and rank come from the top-k when it is there, else from the
+    result's targets; raises ValueError where neither has it. Read with the next tokens as targets::
 
         ids = model.to_tokens(text)
         result = tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))
-
-    Args:
-        result: A lens readout whose read positions are consecutive.
-        label: The stack entry (``"12_pre"``, ``"final_post"`` or an index).
-        batch: Which batch row to show (padding dropped).
-
-    Returns:
-        An :class:`HTMLView` of ``TokenLogProbs``; ``.props`` holds its props.
     """
     e = entry_index(result, label)
     b = batch_index(batch, result.tokens.shape[0])
