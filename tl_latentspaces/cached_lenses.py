@@ -1,9 +1,7 @@
 """Tuned lenses fitted once and kept on disk: the default model's, and one per other model.
 
-:func:`default_tuned_lens` fits the default model's lens on first use (``DEFAULT_FIT`` on the
-default corpus's training split) and loads it afterwards; :func:`tuned_lens_for` does the same
-for any model, keyed by its name and unembedding fingerprint. Under ``torchrun`` every rank
-fits the same lens and only the main rank writes it.
+Each is fitted on first use (``DEFAULT_FIT`` on the default corpus's training split) and loaded afterwards;
+under ``torchrun`` every rank fits the same lens and only the main rank writes it.
 """
 
 from __future__ import annotations
@@ -31,24 +29,14 @@ def default_lens_dir(cache_dir: Union[str, Path, None] = None) -> Path:
     return default_cache_dir(cache_dir) / f"{DEFAULT_MODEL_NAME}-tuned-lens"
 
 
-def default_tuned_lens(
-    model: Any = None,
-    *,
-    cache_dir: Union[str, Path, None] = None,
-    progress: bool = True,
-) -> TunedLens:
+def default_tuned_lens(model: Any = None, *, cache_dir: Union[str, Path, None] = None,
+                       progress: bool = True) -> TunedLens:
     """The default model's tuned lens: fitted on first use (about a minute and a half on a CPU), then cached.
 
-    The first call fits the lens on the default offline corpus's training split (blocking, with
-    a progress bar; :func:`~tl_latentspaces.fit_tuned_lens` with ``DEFAULT_FIT``) and saves it
-    next to the model cache (``default_cache_dir()/SmolLM2-135M-Instruct-tuned-lens``). Later
-    calls load it in well under a second. A cached lens that does not match the model (another
-    unembedding, a damaged file) or was fitted with other settings is refitted.
-
-    Args:
-        model: The default model (``load_default_model()``); loaded if None.
-        cache_dir: The cache folder (see :func:`~tl_latentspaces.default_cache_dir`).
-        progress: Show progress bars while fitting.
+    The first call fits it (blocking, with progress bars if ``progress``) and saves it in
+    :func:`default_lens_dir`; later calls load it in well under a second. A cached lens that does not match the
+    model (another unembedding, a damaged file) or was fitted with other settings is refitted. ``model`` is
+    loaded (``load_default_model()``) if None; another model raises ``ValueError``.
 
     Example:
         >>> lens = default_tuned_lens()  # doctest: +SKIP
@@ -70,8 +58,8 @@ def default_tuned_lens(
 def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, progress: bool = True) -> TunedLens:
     """A tuned lens for any ``model``: the cached one if there is one, else fitted and cached.
 
-    The default model gets :func:`default_tuned_lens`; any other model a lens fitted on the
-    default corpus with ``DEFAULT_FIT`` (sequences no longer than its context), cached under
+    The default model gets :func:`default_tuned_lens`; any other model a lens fitted with ``DEFAULT_FIT``
+    (sequences no longer than its context), cached under
     ``default_cache_dir()/tuned-lenses/<name>-<unembedding fingerprint>``.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
@@ -84,7 +72,7 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
 
 
 def _cached_fit(access: ModelAccess, folder: Path, settings: dict, progress: bool) -> TunedLens:
-    """The lens in ``folder`` when it fits ``access`` and was fitted with ``settings``; else fit and save one."""
+    """The lens in ``folder`` if it fits ``access`` and was fitted with ``settings``; else a new one, saved there."""
     key = json.dumps(settings, sort_keys=True)
     if (folder / CONFIG_FILE).is_file():
         try:

@@ -1,35 +1,11 @@
 """The tuned lens (Belrose et al. 2023): one affine translator per layer before the logit lens.
 
-A tuned lens reads layer ``l``'s residual stream ``h`` (``blocks.{l}.hook_resid_pre``, stack label
-``"{l}_pre"``) as ``ln_final(h + W_l h + b_l) @ W_U + b_U``: the same final norm and unembedding
-as the logit lens, after a learned affine map that translates ``h`` into the basis the final
-layer speaks. The final entry (``"final_post"``) has no translator: it already is the stream the
-unembedding reads.
-
-* :class:`TunedLens` holds the translators only; the model's weights are never part of its
-  parameters. It records the identity of the model it was fitted for (name, sizes and a hash of
-  the unembedding) and refuses another model.
-* It plugs into this package's readout (``read_lenses(model, input, lenses=("logit", lens))``,
-  :func:`tuned_lens`, ``lens_session``) as a :class:`~tl_latentspaces.Lens` (``translate(x, label)``), and into TransformerLens 4.3's
-  ``transformer_lens.tools.analysis.logit_lens(model, input, lens=lens)`` as the callable
-  ``lens(entry, index)``.
-* ``save``/``load`` use a folder with a JSON config and safetensors parameters, each file
-  written atomically and other files in the folder kept; the config names the SHA-256 of the
-  parameters it goes with. A lens with NaN or inf translators is neither read nor saved.
-  ``save_tuned_lens_format``/``load_tuned_lens_format`` read and write the ``tuned-lens``
-  package's folder format (``config.json`` + ``params.pt``), reading ``params.pt`` with
-  ``torch.load(weights_only=True)`` so a pickle carrying code is refused.
-Fitting lives in :mod:`tl_latentspaces.fitting`, the cached default lens in
-:mod:`tl_latentspaces.cached_lenses`, the reader :func:`tl_latentspaces.tuned_lens` in
-:mod:`tl_latentspaces.tuned_lens`; nothing here imports an optimizer or runs a model.
-
-Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> lens = tll.fit_tuned_lens(model, ["Some training text ..."] * 50)  # doctest: +SKIP
-    >>> r = tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens, targets=" Paris")  # doctest: +SKIP
-    >>> lens.save("smollm2-tuned")  # doctest: +SKIP
-    >>> same = tll.TunedLens.load("smollm2-tuned", model)  # doctest: +SKIP
+Layer ``l``'s residual ``h`` (``blocks.{l}.hook_resid_pre``, stack label ``"{l}_pre"``) reads as
+``ln_final(h + W_l h + b_l) @ W_U + b_U``; ``"final_post"`` has no translator. :class:`TunedLens` holds only the
+translators and the identity of the model they were fitted for. It reads and writes two folder formats: ours (a
+JSON config naming the SHA-256 of a safetensors file) and the ``tuned-lens`` package's (``config.json`` +
+``params.pt``). Fitting lives in :mod:`tl_latentspaces.fitting`, the cached lenses in
+:mod:`tl_latentspaces.cached_lenses`.
 """
 
 from __future__ import annotations
@@ -43,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -51,7 +28,8 @@ from jaxtyping import Float
 from tl_latentspaces.files import json_safe, read_torch_dict, sha256_hex, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
-__all__ = ["ModelIdentity", "TunedLens", "translate_rows", "CONFIG_FILE", "PARAMS_FILE", "PKG_CONFIG_FILE", "PKG_PARAMS_FILE"]
+__all__ = ["ModelIdentity", "TunedLens", "translate_rows", "CONFIG_FILE", "PARAMS_FILE", "PKG_CONFIG_FILE",
+           "PKG_PARAMS_FILE"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -71,20 +49,8 @@ def _access(model: Any) -> ModelAccess:
     return model if isinstance(model, ModelAccess) else ModelAccess(model)
 
 
-def _mismatch_error(lens_id: ModelIdentity, model_id: ModelIdentity, problems: list[str], what: str) -> ValueError:
-    return ValueError(
-        f"{what} was fitted for {lens_id.name!r} and does not fit model {model_id.name!r}: "
-        + "; ".join(problems)
-        + ". Fit a lens for this model with tl_latentspaces.fit_tuned_lens(model, corpus), or "
-        "load the model the lens was made for. (A model in compatibility mode has a different "
-        "W_U than the same model raw; pass check_unembedding=False only if you know the "
-        "translators still apply.)"
-    )
-
-
-def translate_rows(
-    x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "d_model d_model"], b: Float[torch.Tensor, " d_model"]
-) -> Float[torch.Tensor, "n d_model"]:
+def translate_rows(x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "d_model d_model"],
+                   b: Float[torch.Tensor, " d_model"]) -> Float[torch.Tensor, "n d_model"]:
     """One translator applied to rows: ``x + x @ W.T + b`` (the fit and the lens share this formula)."""
     return x + torch.addmm(b, x, W.T)
 
@@ -92,60 +58,47 @@ def translate_rows(
 class TunedLens(torch.nn.Module):
     """Affine translators ``h -> h + W_l h + b_l``, one per layer, read through the logit lens.
 
-    The translators are stored in residual form and initialised at zero, so a fresh lens *is*
-    the logit lens, and weight decay (or a ridge penalty) pulls each translator toward the
-    identity rather than toward the zero map, which would erase the residual stream.
+    The translators are stored in residual form and start at zero, so a fresh lens *is* the logit lens and
+    weight decay pulls each one toward the identity. A lens refuses a model other than the one it was fitted
+    for. It is a :class:`~tl_latentspaces.Lens` (``translate(x, label)``) for ``read_lenses`` and
+    ``tuned_lens``, and TransformerLens 4.3's ``logit_lens(model, input, lens=lens)`` callable
+    ``lens(entry, index)``.
 
     Args:
         identity: The model this lens is for (see :meth:`for_model`).
-        weight: ``[n_layers, d_model, d_model]`` translator matrices ``W_l`` (``nn.Linear``
-            convention: the translated vector is ``h + h @ W_l.T + b_l``); zeros if None.
-        bias: ``[n_layers, d_model]`` translator biases ``b_l``; zeros if None.
-        info: JSON-serialisable notes on how the lens was made (fit settings, losses); saved
-            with the lens.
-
-    Attributes:
-        weight: ``nn.Parameter [n_layers, d_model, d_model]`` float32.
-        bias: ``nn.Parameter [n_layers, d_model]`` float32.
-        identity: :class:`ModelIdentity`.
+        weight: ``[n_layers, d_model, d_model]`` translator matrices (``nn.Linear`` convention: the translated
+            vector is ``h + h @ W_l.T + b_l``); zeros if None. Kept as a float32 ``nn.Parameter``.
+        bias: ``[n_layers, d_model]`` translator biases; zeros if None.
+        info: JSON-serialisable notes on how the lens was made (fit settings, losses); saved with the lens.
 
     Example:
         >>> lens = TunedLens.for_model(model)  # doctest: +SKIP
         >>> lens(torch.randn(2, 5, model.cfg.d_model), 3).shape  # the TransformerLens lens callable  # doctest: +SKIP
         torch.Size([2, 5, 64])
+        >>> lens.save("smollm2-tuned")  # doctest: +SKIP
+        >>> same = TunedLens.load("smollm2-tuned", model)  # doctest: +SKIP
     """
 
     name = "tuned"
 
-    def __init__(
-        self,
-        identity: ModelIdentity,
-        *,
-        weight: Optional[Float[torch.Tensor, "layer d_model d_model"]] = None,
-        bias: Optional[Float[torch.Tensor, "layer d_model"]] = None,
-        info: Optional[dict] = None,
-    ):
+    def __init__(self, identity: ModelIdentity, *,
+                 weight: Optional[Float[torch.Tensor, "layer d_model d_model"]] = None,
+                 bias: Optional[Float[torch.Tensor, "layer d_model"]] = None, info: Optional[dict] = None):
         super().__init__()
         if not isinstance(identity, ModelIdentity):
-            raise TypeError(
-                f"identity must be a ModelIdentity, got {type(identity).__name__}. "
-                "Use TunedLens.for_model(model) to make a lens for a model."
-            )
+            raise TypeError(f"identity must be a ModelIdentity, got {type(identity).__name__}. "
+                            "Use TunedLens.for_model(model) to make a lens for a model.")
         L, d = identity.n_layers, identity.d_model
-        if weight is None:
-            weight = torch.zeros(L, d, d)
-        if bias is None:
-            bias = torch.zeros(L, d)
+        weight = torch.zeros(L, d, d) if weight is None else weight
+        bias = torch.zeros(L, d) if bias is None else bias
         _check_param("weight", weight, (L, d, d))
         _check_param("bias", bias, (L, d))
         self.identity = identity
-        # Zero-initialised residual translators: weight decay pulls toward the identity map.
         self.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone())
         self.bias = torch.nn.Parameter(bias.detach().to(torch.float32).clone())
         self.info = dict(info or {})
         self._checked: Optional[tuple] = None
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def for_model(cls, model: Any) -> "TunedLens":
         """A zero-initialised lens for ``model``: exactly the logit lens until it is fitted."""
@@ -164,56 +117,41 @@ class TunedLens(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"model={self.identity.name!r}, n_layers={self.n_layers}, d_model={self.d_model}"
 
-    # ------------------------------------------------------------------ the translation
-    def _layer(self, index: Any) -> Optional[int]:
-        """Translator index for stack index ``index`` (``0..n_layers-1``), None for the final entry."""
+    def transform_hidden(self, h: Float[torch.Tensor, "... d_model"], index: int) -> Float[torch.Tensor, "... d_model"]:
+        """``h + h @ W.T + b`` in float32 for stack index ``index``: ``l`` for ``"{l}_pre"``, ``n_layers`` (or -1)
+        for ``"final_post"``, which is returned unchanged. ``h`` may have any float dtype and leading shape."""
         if isinstance(index, torch.Tensor) and index.numel() == 1:
             index = int(index.item())
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError(f"the stack index must be an int, got {index!r}.")
-        if index == self.n_layers or index == -1:
-            return None
-        if not 0 <= index < self.n_layers:
+        is_final = index == self.n_layers or index == -1
+        if not is_final and not 0 <= index < self.n_layers:
             raise ValueError(
-                f"stack index {index} is out of range: this tuned lens has translators for "
-                f"entries 0..{self.n_layers - 1} (the '{{l}}_pre' residuals) and reads entry "
-                f"{self.n_layers} ('final_post') unchanged. resid_mid entries (incl_mid=True) "
-                "have no translator; read them with incl_mid=False."
+                f"stack index {index} is out of range: this tuned lens has translators for entries "
+                f"0..{self.n_layers - 1} (the '{{l}}_pre' residuals) and reads entry {self.n_layers} ('final_post') "
+                "unchanged. resid_mid entries (incl_mid=True) have no translator; read them with incl_mid=False."
             )
-        return index
-
-    def transform_hidden(
-        self, h: Float[torch.Tensor, "... d_model"], index: int
-    ) -> Float[torch.Tensor, "... d_model"]:
-        """``h + h @ W.T + b`` for stack entry ``index`` (identity for ``final_post``), in float32.
-
-        Args:
-            h: Residual vectors of stack entry ``index`` (any float dtype, any leading shape).
-            index: Stack index: ``l`` for ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``),
-                ``n_layers`` for ``"final_post"``.
-        """
-        layer = self._layer(index)
-        x = h.to(torch.float32)
-        if h.shape[-1] != self.d_model:
-            raise ValueError(
-                f"residual vectors must have d_model={self.d_model} features, got shape {tuple(h.shape)}."
-            )
-        if layer is None:
+        x = self._float32(h)
+        if is_final:
             return x
-        if not (torch.isfinite(self.weight[layer]).all() and torch.isfinite(self.bias[layer]).all()):
+        if not (torch.isfinite(self.weight[index]).all() and torch.isfinite(self.bias[index]).all()):
             self.check_finite("read")
-        return self._translated(x.reshape(-1, self.d_model), layer).reshape(x.shape)
+        return self._translated(x.reshape(-1, self.d_model), index).reshape(x.shape)
+
+    def _float32(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(x.shape)}.")
+        return x.to(torch.float32)
 
     def _translated(self, x: Float[torch.Tensor, "n d_model"], layer: int) -> Float[torch.Tensor, "n d_model"]:
-        """``x + x @ W_layer.T + b_layer`` for float32 rows ``x``, on their device."""
         return translate_rows(x, self.weight[layer].to(x.device, torch.float32),
                               self.bias[layer].to(x.device, torch.float32))
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
-        """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` for stack entry ``label``.
+        """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` in float32 for stack entry ``label``.
 
-        ``"{l}_pre"`` uses translator ``l``; ``"final_post"`` reads unchanged; any other label
-        (a ``"{l}_mid"`` entry) raises ``ValueError``. Float32, on ``x``'s device.
+        ``"{l}_pre"`` uses translator ``l``; ``"final_post"`` reads unchanged; any other label (a ``"{l}_mid"``
+        entry) raises ``ValueError``.
         """
         layer = pre_layer(label, self.n_layers)
         if layer is None and label != "final_post":
@@ -221,26 +159,20 @@ class TunedLens(torch.nn.Module):
                 f"the tuned lens has no translator for stack entry {label!r}: it reads the "
                 f"'{{l}}_pre' entries (l < {self.n_layers}) and 'final_post'. Read it with incl_mid=False."
             )
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(x.shape)}.")
-        x = x.to(torch.float32)
+        x = self._float32(x)
         return x if layer is None else self._translated(x, layer)
 
     def forward(self, entry: torch.Tensor, index: int) -> torch.Tensor:
-        """The TransformerLens ``lens(entry, index)`` callable: the translated entry, same dtype.
+        """The TransformerLens ``lens(entry, index)`` callable: the translated entry, in ``entry``'s dtype.
 
-        TransformerLens 4.3's ``logit_lens(model, input, lens=tuned)`` calls this on each stack
-        entry (``[batch, pos, d_model]``) before its own final norm; ``index`` is the stack index
-        with ``incl_mid=False`` (``n_layers`` is ``final_post``, read unchanged).
+        ``index`` is the stack index with ``incl_mid=False``, as :meth:`transform_hidden` takes it.
         """
         return self.transform_hidden(entry, index).to(entry.dtype)
 
-    # ------------------------------------------------------------------ readout
     def check_model(self, model: Any, *, check_unembedding: bool = True, what: str = "this tuned lens") -> ModelAccess:
         """Raise ``ValueError`` naming every mismatch between this lens and ``model``."""
         access = _access(model)
-        # Hashing W_U takes a fraction of a second; skip it when this very tensor (same storage,
-        # no in-place change since) was checked before.
+        # Hashing W_U takes a fraction of a second; skip it when this very tensor was checked before.
         key = (id(access.model), _tensor_key(access.W_U), _tensor_key(getattr(access.model, "b_U", None)),
                check_unembedding)
         if key == self._checked:
@@ -248,316 +180,161 @@ class TunedLens(torch.nn.Module):
         model_id = ModelIdentity.of(access, weights=False)
         problems = self.identity.mismatches(model_id, check_unembedding=check_unembedding)
         if problems:
-            raise _mismatch_error(self.identity, model_id, problems, what)
+            raise ValueError(
+                f"{what} was fitted for {self.identity.name!r} and does not fit model {model_id.name!r}: "
+                + "; ".join(problems)
+                + ". Fit a lens for this model with tl_latentspaces.fit_tuned_lens(model, corpus), or load the model "
+                "the lens was made for. (A model in compatibility mode has a different W_U than the same model raw; "
+                "pass check_unembedding=False only if you know the translators still apply.)"
+            )
         self._checked = key
         return access
 
     def check_finite(self, action: str = "read") -> None:
-        """Raise ``ValueError`` naming the layers whose translators hold NaN or inf values.
-
-        Args:
-            action: What was about to happen (``"read"``, ``"save"``), for the message.
-        """
+        """Raise ``ValueError`` naming the layers whose translators hold NaN or inf; ``action`` (``"read"``,
+        ``"save"``) is what was about to happen, for the message."""
         bad_w, bad_b = _nonfinite_layers(self.weight), _nonfinite_layers(self.bias)
         if bad_w or bad_b:
             layers = sorted(set(bad_w) | set(bad_b))
             parts = [f"weight of layer(s) {bad_w}"] * bool(bad_w) + [f"bias of layer(s) {bad_b}"] * bool(bad_b)
             raise ValueError(
-                f"cannot {action} this tuned lens: the translator(s) of layer(s) {layers} hold NaN or inf "
-                f"values ({', '.join(parts)}), which would make every readout of those layers NaN. "
-                "Refit the lens (tl_latentspaces.fit_tuned_lens) or load a saved copy "
-                "(TunedLens.load); if you edited lens.weight or lens.bias, check what was written."
+                f"cannot {action} this tuned lens: the translator(s) of layer(s) {layers} hold NaN or inf values "
+                f"({', '.join(parts)}), which would make every readout of those layers NaN. Refit the lens "
+                "(tl_latentspaces.fit_tuned_lens) or load a saved copy (TunedLens.load); if you edited lens.weight "
+                "or lens.bias, check what was written."
             )
 
-    # ------------------------------------------------------------------ save / load
-    def _config(self) -> dict:
-        return {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "model": asdict(self.identity),
-            "translator": "h + h @ weight[l].T + bias[l], l = stack index of '{l}_pre'; final_post unchanged",
-            "info": self.info,
-        }
-
     def save(self, path: PathLike) -> Path:
-        """Write the lens to the folder ``path``: ``tuned_lens.json`` + ``tuned_lens.safetensors``.
+        """Write the lens to the folder ``path`` (``tuned_lens.json`` + ``tuned_lens.safetensors``); returns it.
 
-        Only those two files are replaced, each atomically; anything else in the folder (a
-        README, notes) stays. The config names the SHA-256 of the parameter file it goes with,
-        and the files are written in an order that keeps a readable lens at every moment: first
-        an interim config naming both the new parameters and the previous lens, then the
-        parameters, then the final config. A crash in between leaves the old lens or the new
-        one for :meth:`load`, which detects a parameter file that belongs to neither. An
-        existing path that is neither empty nor a lens folder is refused, and so is a lens with
-        NaN or inf translators.
-
-        Returns:
-            The folder written.
+        Only those two files are replaced, each atomically; anything else in the folder stays. The config names
+        the SHA-256 of its parameter file, and the writes go interim config (new parameters and the previous
+        lens), parameters, final config, so a crash leaves the old or the new lens for :meth:`load`. An existing
+        path that is neither empty nor a lens folder is refused, and so is a lens with NaN or inf translators.
         """
-
         self.check_finite("save")
-        folder = Path(path)
-        config = self._config()
-        tensors = {
-            "weight": self.weight.detach().to("cpu", torch.float32).contiguous(),
-            "bias": self.bias.detach().to("cpu", torch.float32).contiguous(),
-        }
-        params = safetensors.torch.save(tensors, metadata={"format": _FORMAT})
-        config["params_sha256"] = sha256_hex(params)
-        final = _config_bytes(config)
-        files = [(PARAMS_FILE, params), (CONFIG_FILE, final)]
-        previous = _previous_config(folder)
-        if previous is not None:
-            files.insert(0, (CONFIG_FILE, _config_bytes({**config, "previous": previous})))
-        return write_into_folder(folder, files, own_marker=CONFIG_FILE, what="lens folder")
+        return _write_folder(self, Path(path))
 
     @classmethod
-    def load(
-        cls,
-        path: PathLike,
-        model: Any,
-        *,
-        check_unembedding: bool = True,
-        device: Union[str, torch.device, None] = None,
-    ) -> "TunedLens":
+    def load(cls, path: PathLike, model: Any, *, check_unembedding: bool = True,
+             device: Union[str, torch.device, None] = None) -> "TunedLens":
         """Load a lens saved by :meth:`save` and check it against ``model``.
 
-        Args:
-            path: The folder.
-            model: The model to read with the lens; a lens fitted for another model (other
-                sizes or unembedding) is refused with an error naming the mismatch.
-            check_unembedding: Compare the unembedding hash too (turn off only for the same
-                model in another form, e.g. compatibility mode, where ``W_U`` differs).
-            device: Where to put the parameters (default: the model's device).
+        A lens fitted for another model (other sizes or unembedding) is refused with an error naming the
+        mismatch. ``check_unembedding=False`` skips the unembedding hash (only for the same model in another form,
+        e.g. compatibility mode, where ``W_U`` differs). ``device`` defaults to the model's.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
             ValueError: On a malformed file, missing or extra layers, or a model mismatch.
         """
-
-        folder = Path(path)
-        cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
-        if not cfg_path.is_file() or not params_path.is_file():
-            if (folder / PKG_CONFIG_FILE).is_file() and (folder / PKG_PARAMS_FILE).is_file():
-                raise ValueError(
-                    f"{str(folder)!r} holds a lens in the tuned-lens package's format "
-                    f"({PKG_CONFIG_FILE} + {PKG_PARAMS_FILE}). Load it with "
-                    "TunedLens.load_tuned_lens_format(path, model)."
-                )
-            raise FileNotFoundError(
-                f"{str(folder)!r} is not a saved tuned lens: it needs {CONFIG_FILE} and {PARAMS_FILE} "
-                "(written by TunedLens.save)."
-            )
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {cfg_path}: {err}. The lens folder is damaged; save it again.") from err
-        if not isinstance(config, dict) or config.get("format") != _FORMAT:
-            raise ValueError(
-                f"{cfg_path} is not a tl_latentspaces tuned lens config (format "
-                f"{config.get('format') if isinstance(config, dict) else None!r}, expected {_FORMAT!r})."
-            )
-        if config.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{cfg_path} has format_version {config.get('format_version')!r}; this version of "
-                f"tl_latentspaces reads version {_FORMAT_VERSION}. Upgrade tl_latentspaces or refit."
-            )
-        try:
-            data = params_path.read_bytes()
-            tensors = safetensors.torch.load(data)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
-        config, unmatched = _matching_config(config, sha256_hex(data), cfg_path, params_path)
-        try:
-            identity = ModelIdentity(**config["model"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{cfg_path} has no valid 'model' section: {err}.") from err
-        extra = sorted(set(tensors) - {"weight", "bias"})
-        missing = sorted({"weight", "bias"} - set(tensors))
-        if extra or missing:
-            raise ValueError(
-                f"{params_path} must hold exactly the tensors ['bias', 'weight']; missing {missing}, "
-                f"extra {extra}. It was not written by TunedLens.save; save the lens again."
-            )
-        _check_layers(tensors["weight"], tensors["bias"], identity, str(params_path))
-        if unmatched is not None:
-            raise ValueError(unmatched)
-        lens = cls(identity, weight=tensors["weight"], bias=tensors["bias"], info=config.get("info") or {})
-        access = lens.check_model(model, check_unembedding=check_unembedding, what=f"the lens in {str(folder)!r}")
+        identity, tensors, info = _read_folder(Path(path))
+        lens = cls(identity, weight=tensors["weight"], bias=tensors["bias"], info=info)
+        access = lens.check_model(model, check_unembedding=check_unembedding, what=f"the lens in {str(Path(path))!r}")
         return lens.to(device if device is not None else access.device)
 
-    # ------------------------------------------------------------------ tuned-lens package format
     def save_tuned_lens_format(self, path: PathLike, model: Any = None) -> Path:
-        """Write the ``tuned-lens`` package's folder format: ``config.json`` + ``params.pt``.
+        """Write the ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``); returns the folder.
 
-        ``params.pt`` is ``torch.save`` of the translators' state dict, keys ``"{l}.weight"``
-        (``[d_model, d_model]``) and ``"{l}.bias"``, the translator applied as ``h + W h + b``
-        to ``hidden_states[l]`` of the Hugging Face model (= ``blocks.{l}.hook_resid_pre``).
-        Load it with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``.
-
-        Args:
-            path: The folder (each file written atomically, other files kept, as in :meth:`save`).
-            model: The model, to record the package's ``unembed_hash`` of ``W_U`` (optional; the
-                package only warns when it is absent or different).
+        ``params.pt`` holds ``"{l}.weight"`` (``[d_model, d_model]``) and ``"{l}.bias"``, applied as ``h + W h + b``
+        to the Hugging Face model's ``hidden_states[l]`` (= ``blocks.{l}.hook_resid_pre``); the package loads it
+        with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``. Files are written as
+        in :meth:`save`. ``model``, optional, records the package's ``unembed_hash`` of ``W_U`` (the package only
+        warns when it is absent or different).
         """
         self.check_finite("save")
-        unembed_hash = None
-        if model is not None:
-            access = self.check_model(model)
-            unembed_hash = _package_unembed_hash(access)
-        config = {
-            "base_model_name_or_path": self.identity.name,
-            "d_model": self.d_model,
-            "num_hidden_layers": self.n_layers,
-            "bias": True,
-            "base_model_revision": None,
-            "unembed_hash": unembed_hash,
-            "lens_type": _PKG_LENS_TYPE,
-        }
-        state = {}
-        for layer in range(self.n_layers):
-            state[f"{layer}.weight"] = self.weight[layer].detach().to("cpu", torch.float32).clone()
-            state[f"{layer}.bias"] = self.bias[layer].detach().to("cpu", torch.float32).clone()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        # The parameters first: the package's config names no hash, and its sizes are the same
-        # for the old and the new lens of one model.
-        files = [(PKG_PARAMS_FILE, buffer.getvalue()), (PKG_CONFIG_FILE, json.dumps(config).encode("utf-8"))]
-        return write_into_folder(Path(path), files, own_marker=PKG_PARAMS_FILE, what="lens folder")
+        unembed_hash = _package_unembed_hash(self.check_model(model)) if model is not None else None
+        return _write_package_folder(self, Path(path), unembed_hash)
 
     @classmethod
-    def load_tuned_lens_format(
-        cls,
-        path: PathLike,
-        model: Any,
-        *,
-        check_unembedding: bool = True,
-        device: Union[str, torch.device, None] = None,
-    ) -> "TunedLens":
+    def load_tuned_lens_format(cls, path: PathLike, model: Any, *, check_unembedding: bool = True,
+                               device: Union[str, torch.device, None] = None) -> "TunedLens":
         """Import a lens folder in the ``tuned-lens`` package's format (``config.json`` + ``params.pt``).
 
-        ``params.pt`` is read with ``torch.load(weights_only=True)``: only tensors and plain
-        containers are unpickled, and a file carrying code is refused before anything in it
-        runs.
-
-        Args:
-            path: The folder written by ``tuned_lens.TunedLens.save`` (or a training run).
-            model: The TransformerLens model the lens is for. ``num_hidden_layers`` and
-                ``d_model`` must match; the package's ``unembed_hash``, when present, is
-                compared with this model's ``W_U`` (``check_unembedding``).
-            check_unembedding: Refuse a lens whose ``unembed_hash`` differs from the model's.
-            device: Where to put the parameters (default: the model's device).
+        ``params.pt`` is read with ``torch.load(weights_only=True)``, so a file carrying code is refused before
+        anything in it runs. ``num_hidden_layers`` and ``d_model`` must match ``model``; the package's
+        ``unembed_hash``, when present, is compared with the model's ``W_U`` unless ``check_unembedding`` is
+        False. ``device`` defaults to the model's.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
-            ValueError: On unsafe or malformed ``params.pt``, missing or extra layers, an
-                unsupported ``lens_type``, or a model mismatch.
+            ValueError: On unsafe or malformed ``params.pt``, missing or extra layers, an unsupported
+                ``lens_type``, or a model mismatch.
         """
-        folder = Path(path)
-        cfg_path, params_path = folder / PKG_CONFIG_FILE, folder / PKG_PARAMS_FILE
-        for p in (cfg_path, params_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"{str(folder)!r} is not a tuned-lens package folder: {p.name} is missing "
-                    f"(it needs {PKG_CONFIG_FILE} and {PKG_PARAMS_FILE})."
-                )
-        access = _access(model)
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {cfg_path} as JSON: {err}.") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}.")
-        lens_type = config.get("lens_type", _PKG_LENS_TYPE)
-        if lens_type != _PKG_LENS_TYPE:
-            raise ValueError(
-                f"{cfg_path} has lens_type {lens_type!r}; only {_PKG_LENS_TYPE!r} (affine translators) "
-                "can be imported."
-            )
-        problems = []
-        for key, ours in (("num_hidden_layers", access.n_layers), ("d_model", access.d_model)):
-            value = config.get(key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{cfg_path} needs an int {key!r}, got {value!r}.")
-            if value != ours:
-                problems.append(f"{key}: lens {value}, model {ours}")
-        pkg_hash = config.get("unembed_hash")
-        model_hash = _package_unembed_hash(access) if (check_unembedding and pkg_hash) else None
-        if model_hash is not None and model_hash != pkg_hash:
-            problems.append(f"unembed_hash (tuned-lens hash of W_U): lens {pkg_hash}, model {model_hash}")
-        if problems:
-            raise ValueError(
-                f"the tuned-lens folder {str(folder)!r} was made for "
-                f"{config.get('base_model_name_or_path')!r} and does not fit model {access.name!r}: "
-                + "; ".join(problems)
-                + ". Load the lens made for this model, or fit one with tl_latentspaces.fit_tuned_lens."
-            )
-        state = read_torch_dict(
-            params_path, holds="named tensors '0.weight', '0.bias', ...",
-            fix="Re-save the translators from trusted code with "
-            "torch.save(lens.layer_translators.state_dict(), 'params.pt').",
-        )
-        if not all(isinstance(k, str) for k in state):
-            raise ValueError(f"{params_path} must hold a dict of named tensors ('0.weight', '0.bias', ...).")
-        L, d = access.n_layers, access.d_model
-        has_bias = bool(config.get("bias", True))
-        expected = {f"{layer}.weight" for layer in range(L)} | (
-            {f"{layer}.bias" for layer in range(L)} if has_bias else set()
-        )
-        missing = sorted(expected - set(state), key=_natural_key)
-        extra = sorted(set(state) - expected, key=_natural_key)
-        if missing or extra:
-            raise ValueError(
-                f"{params_path} does not hold one translator per layer of a {L}-layer model "
-                f"(keys '0.weight', '0.bias' ... '{L - 1}.weight', '{L - 1}.bias'): missing "
-                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, extra "
-                f"{extra[:8]}{' ...' if len(extra) > 8 else ''}. Use the lens trained for this "
-                "model (a lens for a deeper or shallower model does not transfer)."
-            )
-        weight = torch.stack([_tensor_entry(state, f"{layer}.weight", (d, d), params_path) for layer in range(L)])
-        if has_bias:
-            bias = torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
-        else:
-            bias = torch.zeros(L, d)
-        identity = ModelIdentity.of(access, weights=False)
+        access, weight, bias, config = _read_package_folder(Path(path), model, check_unembedding)
         info = {"imported_from": "tuned-lens package format", "package_config": config}
-        lens = cls(identity, weight=weight, bias=bias, info=json_safe(info))
+        lens = cls(ModelIdentity.of(access, weights=False), weight=weight, bias=bias, info=json_safe(info))
         return lens.to(device if device is not None else access.device)
 
 
-# ---------------------------------------------------------------------- helpers
-def _check_param(name: str, t: Any, shape: tuple[int, ...]) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor of shape {list(shape)}, got {type(t).__name__}.")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)} (layers, d_model...), got {list(t.shape)}.")
-    bad = _nonfinite_layers(t)
-    if bad:
-        raise ValueError(
-            f"{name} holds NaN or inf values in the translator(s) of layer(s) {bad}; a lens needs "
-            "finite translators. Refit the lens (tl_latentspaces.fit_tuned_lens) or use a good copy."
+# ---------------------------------------------------------------------- our folder format
+def _write_folder(lens: TunedLens, folder: Path) -> Path:
+    config = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "model": asdict(lens.identity),
+              "translator": "h + h @ weight[l].T + bias[l], l = stack index of '{l}_pre'; final_post unchanged",
+              "info": lens.info}
+    tensors = {"weight": lens.weight.detach().to("cpu", torch.float32).contiguous(),
+               "bias": lens.bias.detach().to("cpu", torch.float32).contiguous()}
+    params = safetensors.torch.save(tensors, metadata={"format": _FORMAT})
+    config["params_sha256"] = sha256_hex(params)
+    files = [(PARAMS_FILE, params), (CONFIG_FILE, _config_bytes(config))]
+    previous = _previous_config(folder)
+    if previous is not None:
+        files.insert(0, (CONFIG_FILE, _config_bytes({**config, "previous": previous})))
+    return write_into_folder(folder, files, own_marker=CONFIG_FILE, what="lens folder")
+
+
+def _read_folder(folder: Path) -> tuple[ModelIdentity, dict, dict]:
+    """The identity, tensors and info of the lens saved in ``folder``, validated."""
+    cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
+    if not cfg_path.is_file() or not params_path.is_file():
+        if (folder / PKG_CONFIG_FILE).is_file() and (folder / PKG_PARAMS_FILE).is_file():
+            raise ValueError(f"{str(folder)!r} holds a lens in the tuned-lens package's format ({PKG_CONFIG_FILE} + "
+                             f"{PKG_PARAMS_FILE}). Load it with TunedLens.load_tuned_lens_format(path, model).")
+        raise FileNotFoundError(f"{str(folder)!r} is not a saved tuned lens: it needs {CONFIG_FILE} and {PARAMS_FILE} "
+                                "(written by TunedLens.save).")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {cfg_path}: {err}. The lens folder is damaged; save it again.") from err
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise ValueError(f"{cfg_path} is not a tl_latentspaces tuned lens config (format {found!r}, "
+                         f"expected {_FORMAT!r}).")
+    if config.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {config.get('format_version')!r}; this version of "
+                         f"tl_latentspaces reads version {_FORMAT_VERSION}. Upgrade tl_latentspaces or refit.")
+    try:
+        data = params_path.read_bytes()
+        tensors = safetensors.torch.load(data)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {params_path}: {err}. The lens folder is damaged; save it again.") from err
+    digest, recorded = sha256_hex(data), config.get("params_sha256")
+    matching = _config_for(config, digest)
+    if matching is not None and matching is not config:
+        warnings.warn(
+            f"{cfg_path} records a save that did not finish: {params_path.name} still holds the previous lens, "
+            "which was loaded. Save the lens again to complete it.",
+            stacklevel=3,
         )
-
-
-def _nonfinite_layers(t: torch.Tensor) -> list[int]:
-    """Indices along the first (layer) axis of ``t`` that hold a NaN or an infinity."""
-    finite = torch.isfinite(t.detach())
-    if finite.all():
-        return []
-    return [int(i) for i in torch.nonzero(~finite.reshape(t.shape[0], -1).all(-1)).flatten()]
-
-
-def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdentity, where: str) -> None:
-    L, d = identity.n_layers, identity.d_model
-    if weight.ndim != 3 or weight.shape[0] != L or bias.ndim != 2 or bias.shape[0] != L:
-        have = weight.shape[0] if weight.ndim >= 1 else 0
+        config = matching
+    try:
+        identity = ModelIdentity(**config["model"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{cfg_path} has no valid 'model' section: {err}.") from err
+    extra = sorted(set(tensors) - {"weight", "bias"})
+    missing = sorted({"weight", "bias"} - set(tensors))
+    if extra or missing:
+        raise ValueError(f"{params_path} must hold exactly the tensors ['bias', 'weight']; missing {missing}, "
+                         f"extra {extra}. It was not written by TunedLens.save; save the lens again.")
+    _check_layers(tensors["weight"], tensors["bias"], identity, str(params_path))
+    if matching is None:
         raise ValueError(
-            f"{where} holds {have} translators (weight {list(weight.shape)}, bias {list(bias.shape)}) "
-            f"but its config says the model has {L} layers: layers are missing or extra. The file "
-            "is damaged or was edited; save the lens again."
+            f"{params_path} (sha256 {digest[:16]}...) is not the parameter file {cfg_path.name} names (sha256 "
+            f"{str(recorded)[:16]}...): the two files of this lens folder do not belong together (one was copied "
+            "from another lens or edited, or a save was cut off). Save the lens again, or copy both files from the "
+            "same lens folder."
         )
-    _check_param(f"{where}: weight", weight, (L, d, d))
-    _check_param(f"{where}: bias", bias, (L, d))
+    return identity, tensors, config.get("info") or {}
 
 
 def _config_bytes(config: dict) -> bytes:
@@ -568,10 +345,7 @@ def _config_bytes(config: dict) -> bytes:
 
 
 def _previous_config(folder: Path) -> Optional[dict]:
-    """The config of the lens ``folder`` holds now (the one its parameter file goes with), or None.
-
-    After an interrupted save that is the config's ``previous`` section, not its top level.
-    """
+    """The config of the lens in ``folder`` now (after an interrupted save, its ``previous`` section), or None."""
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         digest = sha256_hex((folder / PARAMS_FILE).read_bytes())
@@ -579,6 +353,12 @@ def _previous_config(folder: Path) -> Optional[dict]:
         return None
     if not isinstance(config, dict) or config.get("format") != _FORMAT:
         return None
+    return _config_for(config, digest)
+
+
+def _config_for(config: dict, digest: str) -> Optional[dict]:
+    """Of ``config`` and its ``previous`` section (the lens an unfinished save was replacing, taken out of
+    ``config``), the one whose ``params_sha256`` is ``digest`` or absent (written before hashes were recorded)."""
     previous = config.pop("previous", None)
     for candidate in (config, previous):
         if isinstance(candidate, dict) and candidate.get("params_sha256") in (None, digest):
@@ -586,38 +366,85 @@ def _previous_config(folder: Path) -> Optional[dict]:
     return None
 
 
-def _matching_config(config: dict, digest: str, cfg_path: Path, params_path: Path) -> tuple[dict, Optional[str]]:
-    """The config that goes with a parameter file of SHA-256 ``digest``, and an error if none does.
+# ---------------------------------------------------------------------- the tuned-lens package's format
+def _write_package_folder(lens: TunedLens, folder: Path, unembed_hash: Optional[str]) -> Path:
+    config = {"base_model_name_or_path": lens.identity.name, "d_model": lens.d_model,
+              "num_hidden_layers": lens.n_layers, "bias": True, "base_model_revision": None,
+              "unembed_hash": unembed_hash, "lens_type": _PKG_LENS_TYPE}
+    state = {f"{layer}.{kind}": getattr(lens, kind)[layer].detach().to("cpu", torch.float32).clone()
+             for layer in range(lens.n_layers) for kind in ("weight", "bias")}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # The parameters first: the package's config names no hash, and its sizes are the same for the old and
+    # the new lens of one model.
+    files = [(PKG_PARAMS_FILE, buffer.getvalue()), (PKG_CONFIG_FILE, json.dumps(config).encode("utf-8"))]
+    return write_into_folder(folder, files, own_marker=PKG_PARAMS_FILE, what="lens folder")
 
-    A config written before the hash was recorded has no ``params_sha256`` and is taken as it
-    is. A ``previous`` section is the lens a save was replacing when it stopped: its parameters
-    are still in place.
-    """
-    previous = config.pop("previous", None)
-    recorded = config.get("params_sha256")
-    if recorded is None or recorded == digest:
-        return config, None
-    if isinstance(previous, dict) and previous.get("params_sha256") in (None, digest):
-        warnings.warn(
-            f"{cfg_path} records a save that did not finish: {params_path.name} still holds the "
-            "previous lens, which was loaded. Save the lens again to complete it.",
-            stacklevel=3,
+
+def _read_package_folder(folder: Path, model: Any, check_unembedding: bool) -> tuple[ModelAccess, Any, Any, dict]:
+    """The model's access, the ``[L, d, d]`` weight, ``[L, d]`` bias and config of a tuned-lens folder, validated."""
+    cfg_path, params_path = folder / PKG_CONFIG_FILE, folder / PKG_PARAMS_FILE
+    for p in (cfg_path, params_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(folder)!r} is not a tuned-lens package folder: {p.name} is missing "
+                                    f"(it needs {PKG_CONFIG_FILE} and {PKG_PARAMS_FILE}).")
+    access = _access(model)
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {cfg_path} as JSON: {err}.") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}.")
+    lens_type = config.get("lens_type", _PKG_LENS_TYPE)
+    if lens_type != _PKG_LENS_TYPE:
+        raise ValueError(f"{cfg_path} has lens_type {lens_type!r}; only {_PKG_LENS_TYPE!r} (affine translators) "
+                         "can be imported.")
+    problems = []
+    for key, ours in (("num_hidden_layers", access.n_layers), ("d_model", access.d_model)):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{cfg_path} needs an int {key!r}, got {value!r}.")
+        if value != ours:
+            problems.append(f"{key}: lens {value}, model {ours}")
+    pkg_hash = config.get("unembed_hash")
+    model_hash = _package_unembed_hash(access) if (check_unembedding and pkg_hash) else None
+    if model_hash is not None and model_hash != pkg_hash:
+        problems.append(f"unembed_hash (tuned-lens hash of W_U): lens {pkg_hash}, model {model_hash}")
+    if problems:
+        raise ValueError(
+            f"the tuned-lens folder {str(folder)!r} was made for {config.get('base_model_name_or_path')!r} and does "
+            f"not fit model {access.name!r}: " + "; ".join(problems)
+            + ". Load the lens made for this model, or fit one with tl_latentspaces.fit_tuned_lens."
         )
-        return previous, None
-    return config, (
-        f"{params_path} (sha256 {digest[:16]}...) is not the parameter file {cfg_path.name} names "
-        f"(sha256 {str(recorded)[:16]}...): the two files of this lens folder do not belong together "
-        "(one was copied from another lens or edited, or a save was cut off). Save the lens again, "
-        "or copy both files from the same lens folder."
-    )
+    state = read_torch_dict(params_path, holds="named tensors '0.weight', '0.bias', ...", fix="Re-save the translators "
+                            "from trusted code with torch.save(lens.layer_translators.state_dict(), 'params.pt').")
+    if not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{params_path} must hold a dict of named tensors ('0.weight', '0.bias', ...).")
+    L, d = access.n_layers, access.d_model
+    has_bias = bool(config.get("bias", True))
+    expected = {f"{layer}.{kind}" for layer in range(L) for kind in (("weight", "bias") if has_bias else ("weight",))}
+    missing = sorted(expected - set(state), key=_natural_key)
+    extra = sorted(set(state) - expected, key=_natural_key)
+    if missing or extra:
+        raise ValueError(
+            f"{params_path} does not hold one translator per layer of a {L}-layer model (keys '0.weight', '0.bias' "
+            f"... '{L - 1}.weight', '{L - 1}.bias'): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, extra "
+            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}. Use the lens trained for this model (a lens for a "
+            "deeper or shallower model does not transfer)."
+        )
+    weight = torch.stack([_tensor_entry(state, f"{layer}.weight", (d, d), params_path) for layer in range(L)])
+    if has_bias:
+        bias = torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
+    else:
+        bias = torch.zeros(L, d)
+    return access, weight, bias, config
 
 
-def _tensor_key(t: Any) -> Optional[tuple]:
-    if not isinstance(t, torch.Tensor):
-        return None
-    # A strided sample guards against a new tensor reusing a freed one's memory and version.
-    sample = float(t.detach().reshape(-1)[::997].double().sum()) if t.numel() else 0.0
-    return (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device), sample)
+def _package_unembed_hash(access: ModelAccess) -> str:
+    """The ``tuned-lens`` package's ``Unembed.unembedding_hash()``: SHA-256 of ``np.array_str`` (precision 1) of
+    the ``lm_head`` weight ``[d_vocab, d_model]``, i.e. ``W_U.T``."""
+    w = access.W_U.detach().to("cpu", torch.float32).T.contiguous().numpy()
+    return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
 
 
 def _natural_key(key: str) -> tuple:
@@ -635,13 +462,42 @@ def _tensor_entry(state: dict, key: str, shape: tuple[int, ...], where: Path) ->
     return t.to(torch.float32)
 
 
-def _package_unembed_hash(access: ModelAccess) -> str:
-    """The ``tuned-lens`` package's ``Unembed.unembedding_hash()`` of this model's ``W_U``.
+# ---------------------------------------------------------------------- checks
+def _check_param(name: str, t: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape {list(shape)}, got {type(t).__name__}.")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} (layers, d_model...), got {list(t.shape)}.")
+    bad = _nonfinite_layers(t)
+    if bad:
+        raise ValueError(f"{name} holds NaN or inf values in the translator(s) of layer(s) {bad}; a lens needs finite "
+                         "translators. Refit the lens (tl_latentspaces.fit_tuned_lens) or use a good copy.")
 
-    The package hashes ``np.array_str`` (precision 1) of the ``lm_head`` weight ``[d_vocab,
-    d_model]``, i.e. ``W_U.T``.
-    """
-    import numpy as np
 
-    w = access.W_U.detach().to("cpu", torch.float32).T.contiguous().numpy()
-    return hashlib.sha256(str.encode(np.array_str(w, precision=1))).hexdigest()
+def _nonfinite_layers(t: torch.Tensor) -> list[int]:
+    """Indices along the first (layer) axis of ``t`` that hold a NaN or an infinity."""
+    finite = torch.isfinite(t.detach())
+    if finite.all():
+        return []
+    return [int(i) for i in torch.nonzero(~finite.reshape(t.shape[0], -1).all(-1)).flatten()]
+
+
+def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdentity, where: str) -> None:
+    L, d = identity.n_layers, identity.d_model
+    if weight.ndim != 3 or weight.shape[0] != L or bias.ndim != 2 or bias.shape[0] != L:
+        have = weight.shape[0] if weight.ndim >= 1 else 0
+        raise ValueError(
+            f"{where} holds {have} translators (weight {list(weight.shape)}, bias {list(bias.shape)}) but its config "
+            f"says the model has {L} layers: layers are missing or extra. The file is damaged or was edited; save the "
+            "lens again."
+        )
+    _check_param(f"{where}: weight", weight, (L, d, d))
+    _check_param(f"{where}: bias", bias, (L, d))
+
+
+def _tensor_key(t: Any) -> Optional[tuple]:
+    if not isinstance(t, torch.Tensor):
+        return None
+    # A strided sample guards against a new tensor reusing a freed one's memory and version.
+    sample = float(t.detach().reshape(-1)[::997].double().sum()) if t.numel() else 0.0
+    return (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device), sample)

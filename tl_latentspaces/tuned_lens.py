@@ -1,17 +1,9 @@
 """Reading through the tuned lens: ``tl_latentspaces.tuned_lens(model, input, lens)``.
 
-This module is the tuned lens's public face: the reader :func:`tuned_lens` and, under the names
-users import from here, :class:`~tl_latentspaces.translators.TunedLens` (the translators, in
-:mod:`tl_latentspaces.translators`), :func:`~tl_latentspaces.cached_lenses.default_tuned_lens`
-(:mod:`tl_latentspaces.cached_lenses`) and :func:`~tl_latentspaces.fit_tuned_lens`
-(:mod:`tl_latentspaces.fitting`). Nothing inside the package imports it, so it closes no
-import circle. The module itself is callable: ``tl_latentspaces.tuned_lens(...)`` calls
+The tuned lens's public face: the reader :func:`tuned_lens` and, under the names users import from here,
+:class:`TunedLens`, :func:`default_tuned_lens` and :func:`fit_tuned_lens`. Nothing in the package imports this
+module, so it closes no import circle. The module itself is callable: ``tl_latentspaces.tuned_lens(...)`` calls
 :func:`tuned_lens`, while ``tl_latentspaces.tuned_lens.TunedLens`` stays reachable.
-
-Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> r = tll.tuned_lens(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,51 +17,23 @@ from tl_latentspaces.lenses import read_lenses
 from tl_latentspaces.model import ModelIdentity
 from tl_latentspaces.translators import CONFIG_FILE, PARAMS_FILE, PKG_CONFIG_FILE, PKG_PARAMS_FILE, TunedLens
 
-__all__ = [
-    "CONFIG_FILE",
-    "DEFAULT_FIT",
-    "ModelIdentity",
-    "PARAMS_FILE",
-    "PKG_CONFIG_FILE",
-    "PKG_PARAMS_FILE",
-    "TunedLens",
-    "default_lens_dir",
-    "default_tuned_lens",
-    "fit_tuned_lens",
-    "tuned_lens",
-    "tuned_lens_for",
-]
+__all__ = ["CONFIG_FILE", "DEFAULT_FIT", "ModelIdentity", "PARAMS_FILE", "PKG_CONFIG_FILE", "PKG_PARAMS_FILE",
+           "TunedLens", "default_lens_dir", "default_tuned_lens", "fit_tuned_lens", "tuned_lens", "tuned_lens_for"]
 
 
-def tuned_lens(
-    model: Any,
-    input: Any,
-    lens: Optional[TunedLens] = None,
-    *,
-    top_k: int = 5,
-    targets: Any = None,
-    prepend_bos: bool = True,
-    cache: Any = None,
-    layers: Any = None,
-    pos: Any = None,
-    chunk_rows: int = 256,
-) -> Any:
+def tuned_lens(model: Any, input: Any, lens: Optional[TunedLens] = None, *, top_k: int = 5, targets: Any = None,
+               prepend_bos: bool = True, cache: Any = None, layers: Any = None, pos: Any = None,
+               chunk_rows: int = 256) -> Any:
     """Read every residual-stack entry through a tuned lens: a ``LensResult`` named ``"tuned"``.
 
-    Same labels (``"0_pre"`` ... ``"final_post"``), arguments and result type as
-    :func:`~tl_latentspaces.logit_lens`; ``final_post`` has no translator, so it reproduces the
-    model's own prediction.
-
-    Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        input: A string, a list of strings or a ``[batch, pos]`` token tensor.
-        lens: The :class:`TunedLens` (fitted for this model). None reads the default model's
-            cached lens (:func:`default_tuned_lens`, fitted on first use).
-        top_k, targets, prepend_bos, cache, layers, pos, chunk_rows: As in
-            :func:`~tl_latentspaces.read_lenses`.
+    Labels, arguments and result are those of :func:`~tl_latentspaces.logit_lens`; ``final_post`` has no
+    translator, so it reproduces the model's own prediction. ``lens`` must be fitted for ``model``; None reads
+    the default model's cached lens (:func:`default_tuned_lens`, fitted on first use).
 
     Example:
-        >>> r = tuned_lens(model, "The Eiffel Tower is in the city of", lens, targets=" Paris")  # doctest: +SKIP
+        >>> import tl_latentspaces as tll
+        >>> model = tll.load_default_model()  # doctest: +SKIP
+        >>> r = tll.tuned_lens(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
         >>> r.summary()  # doctest: +SKIP
     """
     if lens is None:
@@ -79,15 +43,12 @@ def tuned_lens(
             f"lens must be a tl_latentspaces.TunedLens, got {type(lens).__name__}. Fit one with "
             "tl_latentspaces.fit_tuned_lens(model, corpus) or load one with TunedLens.load(path, model)."
         )
-    return read_lenses(
-        model, input, lenses=(lens,), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
-        cache=cache, layers=layers, pos=pos, chunk_rows=chunk_rows,
-    )["tuned"]
+    return read_lenses(model, input, lenses=(lens,), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+                       cache=cache, layers=layers, pos=pos, chunk_rows=chunk_rows)["tuned"]
 
 
 class _CallableModule(type(sys.modules[__name__])):
-    """Lets ``tl_latentspaces.tuned_lens(model, input, lens)`` call :func:`tuned_lens` while
-    ``tl_latentspaces.tuned_lens.TunedLens`` and ``.default_tuned_lens`` stay reachable."""
+    """Makes the module callable as :func:`tuned_lens`."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return tuned_lens(*args, **kwargs)
