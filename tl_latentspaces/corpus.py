@@ -223,7 +223,7 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
             )
         seqs = corpus.long()
     else:
-        tok = access._require_tokenizer("tokenizing a corpus")
+        tok = access.require_tokenizer("tokenizing a corpus")
         body = seq_len - 1 if prepend_bos else seq_len
         budget = None if max_tokens is None else (max_tokens // seq_len + 1) * body
         stream, any_text = _token_stream(tok, iter_texts(corpus), budget)

@@ -346,8 +346,6 @@ class ModelAccess:
                              "Pass token ids as a [batch, pos] LongTensor instead.")
         return tok
 
-    _require_tokenizer = require_tokenizer
-
     @property
     def bos_token_id(self) -> Optional[int]:
         """The BOS id from the tokenizer (or the config), or None."""
