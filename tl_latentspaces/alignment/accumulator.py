@@ -1,26 +1,14 @@
 """The alignment suite's streaming fitter: :class:`AlignmentAccumulator`, fed one batch at a time.
 
-It keeps float64 statistics whose size does not depend on the number of tokens (``E`` entries,
-``d = d_model``, ``V = d_vocab``; index ``E`` stands for the embeddings ``W_E[token]``):
-
-* one :class:`~tl_latentspaces.stats.Moments` store: the ``E + 1`` means, each representation's
-  centred covariance and its cross-moment with the embeddings, the next entry and the final entry,
-  each block once (``~4E d^2`` doubles, 330 MB for the default model, ``E = 31``, ``d = 576``);
-  with ``layer_cka_biased=True`` every pair of entries too (``E(E+1)/2 d^2``: 1.4 GB);
-* the sum over blocks of sequences of the ``(E + 1)^2`` unbiased HSIC matrix (debiased CKA);
-* the own-token cosine's mean and spread (a second, tiny store) and exact histograms of the cosine
-  (2,000 bins) and of the embedding-lens rank (``V`` bins), mergeable by addition.
-
-:mod:`tl_latentspaces.alignment.analysis` turns these into an
-:class:`~tl_latentspaces.alignment.results.AlignmentResult`.
-
-The options exist for pitfalls measured on the default model (``docs/alignment.md`` gives the
-figures): ``skip_positions=2`` keeps the massive activations of BOS and the next position out of
-every statistic; ``center=True`` keeps the stream's large mean direction from being the top
-principal direction; ``standardize_scale`` (per-dimension spreads, the last row for ``W_E[token]``,
-which :func:`alignment_suite` with ``standardize=True`` streams in a first pass) z-scores CKA and
-Procrustes against rogue dimensions, while angles and variance fractions stay in the model's
-coordinates, where ``W_E`` and ``W_U`` are defined.
+Its float64 statistics do not grow with the number of tokens (``E`` entries, ``d = d_model``; index
+``E`` stands for the embeddings ``W_E[token]``): one :class:`~tl_latentspaces.stats.Moments` store
+of the ``E + 1`` means, covariances and the cross-moments with the embeddings, the next and the
+final entry (``~4E d^2`` doubles, 330 MB for the default model; every pair, 1.4 GB, with
+``layer_cka_biased=True``); the summed ``(E + 1)^2`` unbiased HSIC of blocks of sequences; and the
+own-token cosine's moments and histograms of the cosine and of the embedding-lens rank.
+``docs/alignment.md`` gives the measurements behind ``skip_positions``, ``center`` and
+``standardize_scale`` (which z-scores CKA and Procrustes only; angles and variance fractions stay in
+the model's coordinates, where ``W_E`` and ``W_U`` are defined).
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,9 +43,7 @@ def _check_scale(scale: Any, shape: Tuple[int, int]) -> Tensor:
             f"for the embeddings), got {type_name(scale)}."
         )
     if tuple(scale.shape) != shape:
-        raise ValueError(
-            f"standardize_scale must have shape {shape} ([entry + 1, d_model]), got {tuple(scale.shape)}."
-        )
+        raise ValueError(f"standardize_scale must have shape {shape} ([entry + 1, d_model]), got {tuple(scale.shape)}.")
     scale = scale.detach().to("cpu", _F64)
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise ValueError(
@@ -72,11 +58,7 @@ def _check_batch(acc: "AlignmentAccumulator", ids: Any, stack: Any) -> None:
         got = f"dtype {ids.dtype} and shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type_name(ids)
         raise TypeError(f"ids must be an integer tensor [batch, seq], got {got}.")
     if not isinstance(stack, Tensor) or not stack.dtype.is_floating_point or stack.ndim != 4:
-        got = (
-            f"dtype {stack.dtype} and shape {tuple(stack.shape)}"
-            if isinstance(stack, Tensor)
-            else type_name(stack)
-        )
+        got = f"dtype {stack.dtype} and shape {tuple(stack.shape)}" if isinstance(stack, Tensor) else type_name(stack)
         raise TypeError(f"stack must be a float tensor [entry, batch, seq, d_model], got {got}.")
     expected = (acc.n_entries, ids.shape[0], ids.shape[1], acc.d_model)
     if tuple(stack.shape) != expected:
@@ -94,18 +76,16 @@ def _check_batch(acc: "AlignmentAccumulator", ids: Any, stack: Any) -> None:
     if bool(bad.any()):
         e, b, p, _ = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"the residual stream holds NaN or inf at {acc.labels[e]} (sequence {b}, position {p}); "
-            f"{int(bad.sum())} value(s) in all. Check the model's weights and any hook that edits the "
-            "stream before this entry."
+            f"the residual stream holds NaN or inf at {acc.labels[e]} (sequence {b}, position {p}); {int(bad.sum())} "
+            "value(s) in all. Check the model's weights and any hook that edits the stream before this entry."
         )
 
 
 def _weight_basis(M: Tensor, k: int, name: str) -> Float[Tensor, "d k"]:
-    """Top-``k`` left singular vectors of a ``[d, n]`` weight matrix with ``n >> d``.
+    """Top-``k`` left singular vectors of a ``[d, n]`` weight, ``n >> d``: those of ``R^T`` from ``M^T = Q R``.
 
-    A reduced QR first (``M^T = Q R``, so ``M = R^T Q^T`` has the left singular vectors and values
-    of the ``d x d`` matrix ``R^T``) gives the same subspace as an SVD of ``M`` about six times
-    faster for ``W_E``: 4 s instead of 26 s at ``576 x 49,152`` on two cores.
+    The QR first is about six times faster than an SVD of ``W_E`` itself (4 s instead of 26 s at
+    ``576 x 49,152`` on two cores).
     """
     M = M.detach().to("cpu", _F64)
     if M.shape[1] > M.shape[0]:
@@ -133,7 +113,7 @@ def _own_token_cosines(rows: Float[Tensor, "rep batch seq d"]) -> Float[Tensor, 
 def _own_token_rank_hist(
     lens: EmbeddingLens, x: Tensor, tok: Tensor, every: int, V: int
 ) -> Int[Tensor, "entry d_vocab"]:
-    """Histogram of each entry's own-token rank under the embedding lens (its projection, weight, tiles)."""
+    """Histogram of each entry's own-token rank under the embedding lens."""
     E, d = x.shape[0], x.shape[-1]
     xr = x[:, :, ::every]
     own = tok[:, ::every].reshape(-1, 1)
@@ -159,9 +139,8 @@ def _check_mergeable(acc: "AlignmentAccumulator", other: Any) -> None:
     theirs = (other.labels, other.d_model, other.d_vocab, other.settings)
     if mine != theirs:
         raise ValueError(f"cannot merge accumulators with different settings: {mine} vs {theirs}.")
-    if (acc.scale is None) != (other.scale is None) or (
-        acc.scale is not None and not torch.equal(acc.scale, other.scale)
-    ):
+    scales = (acc.scale, other.scale)
+    if (scales[0] is None) != (scales[1] is None) or (scales[0] is not None and not torch.equal(*scales)):
         raise ValueError("cannot merge accumulators with different standardize_scale.")
 
 
@@ -181,23 +160,18 @@ class AlignmentAccumulator:
 
     ``update(ids, stack)`` takes the token ids ``[batch, seq]`` and the residual stack
     ``[entry, batch, seq, d_model]`` (what :func:`~tl_latentspaces.runner.stream_residuals`
-    yields); ``result()`` computes every analysis. Memory does not grow with the number of tokens
-    (see the module docstring for what is kept). Accumulators over disjoint parts of a corpus merge
-    into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
-    The module docstring says what is kept and what each option is for.
+    yields); ``result()`` computes every analysis. Accumulators over disjoint parts of a corpus
+    merge into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
 
     Args:
         model: A ``HookedTransformer`` / ``TransformerBridge`` (or a :class:`ModelAccess`).
-        k: Subspace dimension for the angle and variance analyses, default ``d_model // 8``.
-        skip_positions: Leading positions of every sequence to leave out.
-        center: Centre before principal subspaces, variance fractions and Procrustes.
-        standardize_scale: ``[entry + 1, d_model]`` positive per-dimension scales, or None.
-        cka_block_sequences: Consecutive sequences per block of the debiased CKA estimator.
-        layer_cka_biased: Also keep every cross-covariance for the full biased layer-by-layer CKA
-            (``E(E+1)/2 d_model^2`` doubles: 1.4 GB for the default model).
-        rank_every: Compute the embedding-lens rank at every ``rank_every``-th kept position (the
-            rank needs a ``[rows, d_vocab]`` score matrix per entry: the bulk of the suite's time on
-            a large vocabulary). Cosines are computed at every position.
+        k, skip_positions, center, cka_block_sequences, layer_cka_biased: As in
+            :func:`~tl_latentspaces.alignment.alignment_suite`.
+        standardize_scale: ``[entry + 1, d_model]`` positive per-dimension scales (the last row for
+            ``W_E[token]``), or None.
+        rank_every: Compute the embedding-lens rank (a ``[rows, d_vocab]`` score matrix per entry,
+            the bulk of the time on a large vocabulary) at every ``rank_every``-th kept position;
+            cosines are computed at every position.
 
     Example:
         >>> acc = AlignmentAccumulator(model, k=8)  # doctest: +SKIP
@@ -207,15 +181,8 @@ class AlignmentAccumulator:
     """
 
     def __init__(
-        self,
-        model: Any,
-        *,
-        k: Optional[int] = None,
-        skip_positions: int = 2,
-        center: bool = True,
-        standardize_scale: Optional[Tensor] = None,
-        cka_block_sequences: int = 4,
-        layer_cka_biased: bool = False,
+        self, model: Any, *, k: Optional[int] = None, skip_positions: int = 2, center: bool = True,
+        standardize_scale: Optional[Tensor] = None, cka_block_sequences: int = 4, layer_cka_biased: bool = False,
         rank_every: int = 4,
     ):
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
@@ -243,9 +210,7 @@ class AlignmentAccumulator:
         self._zero()
 
     def _zero(self) -> None:
-        """The statistics, empty: everything ``update`` adds to and ``state_dict`` holds."""
         E = self.n_entries
-        # Index E stands for the token embeddings W_E[token].
         pairs = {(i, i) for i in range(E + 1)} | {(i, E) for i in range(E)}
         pairs |= {(i, i + 1) for i in range(E - 1)} | {(i, E - 1) for i in range(E - 1)}
         if self.settings.layer_cka_biased:
@@ -262,12 +227,7 @@ class AlignmentAccumulator:
         self._n_sequences = 0
 
     def empty(self) -> "AlignmentAccumulator":
-        """A new accumulator with nothing added, for the same model and settings.
-
-        The weight subspaces (an SVD each) and the embedding lens are shared, not computed again:
-        use it as the corpus runner's factory (``{"align": acc.empty}``), which calls it once per
-        process and again to merge processes.
-        """
+        """A new accumulator with nothing added, sharing the weight subspaces and the lens: the runner's factory."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._zero()
@@ -284,11 +244,7 @@ class AlignmentAccumulator:
         return self._n_sequences
 
     def update(self, ids: Int[Tensor, "batch seq"], stack: Float[Tensor, "entry batch seq d_model"]) -> None:
-        """Add one batch of sequences.
-
-        Args:
-            ids: ``[batch, seq]`` token ids.
-            stack: ``[entry, batch, seq, d_model]`` residuals at every ``stack_sites()`` entry.
+        """Add one batch: ``ids`` ``[batch, seq]`` and their residuals ``[entry, batch, seq, d_model]``.
 
         Raises:
             TypeError: non-tensor input or wrong dtypes.
@@ -302,7 +258,6 @@ class AlignmentAccumulator:
         with torch.no_grad():
             tok = ids[:, skip:].to(self._W_E.device).long()
             x = stack[:, :, skip:]
-            # One float64 copy of the batch: entries, then the embeddings W_E[token] as row E.
             rows = torch.empty((E + 1, *x.shape[1:]), dtype=_F64, device=x.device)
             rows[:E].copy_(x)
             rows[E].copy_(self._W_E[tok])
@@ -344,11 +299,10 @@ class AlignmentAccumulator:
         self._pending, self._pending_sequences = [], 0
 
     def merge(self, other: "AlignmentAccumulator") -> "AlignmentAccumulator":
-        """Fold in another accumulator's statistics (e.g. another process's share); returns ``self``.
+        """Fold in another accumulator's statistics; returns ``self``.
 
-        Each side's unfinished debiased-CKA block is closed as a block of its own (as ``result()``
-        would close it), so merging accumulators whose streams end on a block boundary gives exactly
-        the statistics of the concatenated stream.
+        Each side's unfinished debiased-CKA block is closed as a block of its own, so streams that
+        end on a block boundary merge into exactly the statistics of the concatenated stream.
         """
         _check_mergeable(self, other)
         self.close_block()
@@ -365,7 +319,7 @@ class AlignmentAccumulator:
         return self
 
     def state_dict(self) -> Dict[str, Any]:
-        """Every statistic as plain tensors, ints and lists (nested dicts), for ``torch.save`` or a reduction."""
+        """Every statistic as plain tensors, ints and (nested) dicts, for ``torch.save`` or a reduction."""
         return {
             "moments": self.moments.state_dict(),
             "cos": self.cos.state_dict(),
@@ -403,25 +357,17 @@ class AlignmentAccumulator:
         self._n_sequences = int(state["n_sequences"])
 
     def result(
-        self,
-        *,
-        n_null_samples: int = 200,
-        seed: int = 0,
-        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        self, *, n_null_samples: int = 200, seed: int = 0, quantiles: Sequence[float] = DEFAULT_QUANTILES,
         progress: bool = False,
     ) -> AlignmentResult:
         """Compute every analysis from the statistics so far (the accumulator stays usable).
 
-        Args:
-            n_null_samples: Haar-random subspaces in the Monte-Carlo null baselines (>= 2).
-            seed: Seed of the null baselines' random generator.
-            quantiles: Levels in ``[0, 1]`` for the drift quantiles.
-            progress: Show a progress bar over the entries.
+        ``n_null_samples`` Haar-random subspaces (>= 2, seeded by ``seed``) make the null baselines;
+        ``quantiles`` are the drift's levels in ``[0, 1]``.
 
         Raises:
             ValueError: if fewer tokens were seen than ``k`` principal directions need, an entry's
                 covariance has numerical rank below ``k``, or a representation has zero variance.
         """
-        return analysis.alignment_result(
-            self, n_null_samples=n_null_samples, seed=seed, quantiles=quantiles, progress=progress
-        )
+        return analysis.alignment_result(self, n_null_samples=n_null_samples, seed=seed, quantiles=quantiles,
+                                         progress=progress)

@@ -1,8 +1,6 @@
 """From an :class:`AlignmentAccumulator`'s statistics to an :class:`AlignmentResult`: plain functions.
 
-Every number is a function of the accumulator's moments store (means and centred cross-moment
-blocks), its summed unbiased HSIC, and its drift histograms; ``standardize_scale`` divides the
-blocks by ``s_i s_j^T``, which is exactly what z-scoring the rows would have given.
+``standardize_scale`` divides the centred blocks by ``s_i s_j^T``: exactly what z-scoring the rows gives.
 """
 
 import math
@@ -15,25 +13,12 @@ from tqdm.auto import tqdm
 
 from tl_latentspaces.alignment.options import check_rows_for_k
 from tl_latentspaces.alignment.results import (
-    AlignmentResult,
-    CKAResult,
-    ProcrustesErrors,
-    SubspaceAngles,
-    TokenDrift,
-    VarianceFractions,
+    AlignmentResult, CKAResult, ProcrustesErrors, SubspaceAngles, TokenDrift, VarianceFractions,
 )
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.stats import (
-    binned_quantiles,
-    cka_from_hsic,
-    integer_quantiles,
-    linear_cka_from_moments,
-    principal_angles,
-    principal_subspace,
-    procrustes_from_moments,
-    random_subspace_angles,
-    random_subspace_variance_fraction,
-    variance_fraction,
+    binned_quantiles, cka_from_hsic, integer_quantiles, linear_cka_from_moments, principal_angles, principal_subspace,
+    procrustes_from_moments, random_subspace_angles, random_subspace_variance_fraction, variance_fraction,
     variance_fraction_null,
 )
 
@@ -51,7 +36,6 @@ class _Blocks:
         m, self.n, self.scale = acc.moments, acc.n_tokens, acc.scale
         self.labels, self.n_entries = acc.labels, acc.n_entries
         self.means = [x.cpu() for x in m.means]
-        # Each representation's centred sum of outer products, exactly symmetric.
         self.auto = [(m.cov(i, ddof=0) * self.n).cpu() for i in range(len(m.means))]
         self._cross = {p: b.cpu() for p, b in m.blocks.items()}
 
@@ -71,7 +55,8 @@ def alignment_result(
     acc: Any, *, n_null_samples: int, seed: int, quantiles: Sequence[float], progress: bool
 ) -> AlignmentResult:
     """Every analysis of the suite from ``acc``'s statistics so far (``acc`` is not changed)."""
-    n_null_samples = check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    why = " (a standard deviation needs 2 samples)"
+    n_null_samples = check_int(n_null_samples, "n_null_samples", minimum=2, why=why)
     seed = check_int(seed, "seed", minimum=0)
     levels = tuple(float(q) for q in quantiles)
     if not levels or any(not 0.0 <= q <= 1.0 for q in levels):
@@ -83,28 +68,16 @@ def alignment_result(
     blocks = _Blocks(acc)
     angles, variance = _subspaces(acc, blocks, n_null_samples, seed, progress)
     return AlignmentResult(
-        labels=list(acc.labels),
-        model_name=acc.access.name,
-        d_model=acc.d_model,
-        d_vocab=acc.d_vocab,
-        k=st.k,
-        n_tokens=n,
-        n_sequences=acc.n_sequences,
-        skip_positions=st.skip_positions,
-        center=st.center,
-        standardized=acc.scale is not None,
-        angles=angles,
-        variance=variance,
-        cka=_cka(acc, blocks),
-        procrustes=_procrustes(acc, blocks),
-        drift=_drift(acc, levels),
+        labels=list(acc.labels), model_name=acc.access.name, d_model=acc.d_model, d_vocab=acc.d_vocab, k=st.k,
+        n_tokens=n, n_sequences=acc.n_sequences, skip_positions=st.skip_positions, center=st.center,
+        standardized=acc.scale is not None, angles=angles, variance=variance, cka=_cka(acc, blocks),
+        procrustes=_procrustes(acc, blocks), drift=_drift(acc, levels),
     )
 
 
 def _subspaces(
     acc: Any, blocks: _Blocks, n_null_samples: int, seed: int, progress: bool
 ) -> Tuple[SubspaceAngles, VarianceFractions]:
-    """Principal angles of each entry's top-``k`` subspace to ``W_E`` / ``W_U``; variance fractions."""
     n, st, d, k = blocks.n, acc.settings, acc.d_model, acc.settings.k
     out: List[List[Tensor]] = [[] for _ in range(6)]  # angles e/u, kernels e/u, fractions e/u
     seconds = []
@@ -120,7 +93,6 @@ def _subspaces(
         for col, basis in enumerate((acc.basis_embed, acc.basis_unembed)):
             a = principal_angles(q, basis)
             out[col].append(a)
-            # normalized projection kernel ||Q^T B||_F^2 / sqrt(k k) = mean squared cosine
             out[2 + col].append(torch.cos(a).square().sum() / math.sqrt(q.shape[1] * basis.shape[1]))
             out[4 + col].append(variance_fraction(second, basis))
         seconds.append(second)
@@ -165,10 +137,9 @@ def _cka(acc: Any, blocks: _Blocks) -> CKAResult:
     for i in range(E + 1):
         if not float(h[i, i]) > 0:
             raise ValueError(
-                f"the mean unbiased HSIC of {blocks.name(i)} with itself is {float(h[i, i]):.3g} (must be "
-                f"> 0), so debiased CKA is undefined: it has (near-)zero variance within the "
-                f"{n_blocks} block(s). Fix: check the activations vary across tokens, or use "
-                "more sequences per block (cka_block_sequences)."
+                f"the mean unbiased HSIC of {blocks.name(i)} with itself is {float(h[i, i]):.3g} (must be > 0), so "
+                f"debiased CKA is undefined: it has (near-)zero variance within the {n_blocks} block(s). Fix: check "
+                "the activations vary across tokens, or use more sequences per block (cka_block_sequences)."
             )
     names = [blocks.name(i) for i in range(E + 1)]
     debiased = cka_from_hsic(h, "the mean unbiased HSIC", names)
@@ -185,11 +156,8 @@ def _cka(acc: Any, blocks: _Blocks) -> CKAResult:
         embed_debiased=debiased[:E, E].clone(),
         next=torch.cat([torch.tensor([biased(i, i + 1) for i in range(E - 1)], dtype=_F64), _NAN]),
         final=torch.tensor([biased(i, E - 1) for i in range(E)], dtype=_F64),
-        layer_debiased=debiased[:E, :E].clone(),
-        layer_biased=layer_biased,
-        block_sequences=acc.settings.cka_block_sequences,
-        n_blocks=n_blocks,
-        standardized=acc.scale is not None,
+        layer_debiased=debiased[:E, :E].clone(), layer_biased=layer_biased,
+        block_sequences=acc.settings.cka_block_sequences, n_blocks=n_blocks, standardized=acc.scale is not None,
     )
 
 
@@ -220,15 +188,9 @@ def _procrustes(acc: Any, blocks: _Blocks) -> ProcrustesErrors:
     fin = [_procrustes_fit(acc, blocks, i, E - 1) for i in range(E)]
     col = lambda fits, c: torch.tensor([f[c] for f in fits], dtype=_F64)  # noqa: E731
     return ProcrustesErrors(
-        labels=list(acc.labels),
-        embed_error=col(emb, 0),
-        embed_scaled_error=col(emb, 1),
-        next_error=col(nxt, 0),
-        next_scaled_error=col(nxt, 1),
-        final_error=col(fin, 0),
-        final_scaled_error=col(fin, 1),
-        centered=acc.settings.center,
-        standardized=acc.scale is not None,
+        labels=list(acc.labels), embed_error=col(emb, 0), embed_scaled_error=col(emb, 1), next_error=col(nxt, 0),
+        next_scaled_error=col(nxt, 1), final_error=col(fin, 0), final_scaled_error=col(fin, 1),
+        centered=acc.settings.center, standardized=acc.scale is not None,
     )
 
 
@@ -237,17 +199,9 @@ def _drift(acc: Any, levels: Tuple[float, ...]) -> TokenDrift:
     ranks = torch.arange(acc.d_vocab, dtype=_F64)
     var: Float[Tensor, " entry"] = (acc.cos.sq_sums[0].cpu() / n).clamp_min(0.0)
     return TokenDrift(
-        labels=list(acc.labels),
-        quantile_levels=levels,
-        cos_mean=acc.cos.means[0].cpu().clone(),
-        cos_std=var.sqrt(),
-        cos_quantiles=binned_quantiles(acc.cos_hist, levels, -1.0, 2.0 / cos_bins),
-        cos_hist=acc.cos_hist.clone(),
-        rank_mean=(acc.rank_hist.to(_F64) @ ranks) / n_rank,
-        rank_quantiles=integer_quantiles(acc.rank_hist, levels),
-        rank0_fraction=acc.rank_hist[:, 0].to(_F64) / n_rank,
-        rank_hist=acc.rank_hist.clone(),
-        n_cos=n,
-        n_rank=n_rank,
-        rank_every=acc.settings.rank_every,
+        labels=list(acc.labels), quantile_levels=levels, cos_mean=acc.cos.means[0].cpu().clone(), cos_std=var.sqrt(),
+        cos_quantiles=binned_quantiles(acc.cos_hist, levels, -1.0, 2.0 / cos_bins), cos_hist=acc.cos_hist.clone(),
+        rank_mean=(acc.rank_hist.to(_F64) @ ranks) / n_rank, rank_quantiles=integer_quantiles(acc.rank_hist, levels),
+        rank0_fraction=acc.rank_hist[:, 0].to(_F64) / n_rank, rank_hist=acc.rank_hist.clone(), n_cos=n,
+        n_rank=n_rank, rank_every=acc.settings.rank_every,
     )

@@ -28,16 +28,9 @@ class Settings:
 
     @classmethod
     def check(
-        cls,
-        access: ModelAccess,
-        *,
-        k: Optional[int],
-        skip_positions: int,
-        center: bool,
-        cka_block_sequences: int,
-        layer_cka_biased: bool,
-        rank_every: int,
-    ) -> "Settings":
+        cls, access: ModelAccess, *, k: Optional[int], skip_positions: int, center: bool, cka_block_sequences: int,
+        layer_cka_biased: bool, rank_every: int,
+) -> "Settings":
         d = access.d_model
         if k is None:
             k = max(1, d // 8)
@@ -56,10 +49,9 @@ def check_seq_len(seq_len: int, skip: int) -> None:
     kept = seq_len - skip
     if kept < MIN_DEBIASED_ROWS:
         raise ValueError(
-            f"sequences of {seq_len} tokens keep {kept} position(s) after skip_positions={skip}, but the "
-            f"debiased CKA estimator needs at least {MIN_DEBIASED_ROWS} tokens per block (its unbiased "
-            f"HSIC divides by n (n - 3)). Fix: use seq_len >= {skip + MIN_DEBIASED_ROWS} or a smaller "
-            "skip_positions."
+            f"sequences of {seq_len} tokens keep {kept} position(s) after skip_positions={skip}, but the debiased CKA "
+            f"estimator needs at least {MIN_DEBIASED_ROWS} tokens per block (its unbiased HSIC divides by n (n - 3)). "
+            f"Fix: use seq_len >= {skip + MIN_DEBIASED_ROWS} or a smaller skip_positions."
         )
 
 

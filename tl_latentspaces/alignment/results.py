@@ -1,12 +1,8 @@
-"""The alignment suite's results: frozen dataclasses of tensors and labels, one row per stack entry.
-
-Every result has ``to_dataframe()`` (one row per label, ``"0_pre"`` ... ``"final_post"``);
-:class:`AlignmentResult` gathers them.
-"""
+"""The alignment suite's results: frozen dataclasses of tensors, each with ``to_dataframe()`` (one row per label)."""
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pandas as pd
 import torch
@@ -23,23 +19,14 @@ class SubspaceAngles:
     """Principal angles between each entry's top-``k`` principal subspace and ``W_E`` / ``W_U``.
 
     Attributes:
-        labels: Stack labels (``"0_pre"`` ... ``"final_post"``).
-        k: Subspace dimension.
-        d_model: Ambient dimension.
-        embed: ``[entry, k]`` ascending angles (radians) to the top-``k`` singular subspace of ``W_E``.
-        unembed: ``[entry, k]`` the same for ``W_U``.
-        pk_embed: ``[entry]`` normalized projection kernel ``||Q^T B||_F^2 / k`` (mean squared
-            cosine of the angles; 1 = same subspace, 0 = orthogonal).
-        pk_unembed: ``[entry]`` the same for ``W_U``.
-        null_mean: ``[k]`` mean of each ascending angle between two independent Haar-random
-            ``k``-dimensional subspaces of ``R^d`` (Monte Carlo).
-        null_std: ``[k]`` standard deviation of each such angle.
-        null_pk_mean: 0-d mean normalized projection kernel of random subspaces (its expectation
-            is exactly ``k / d``).
-        null_pk_std: 0-d its standard deviation.
-        centered: Whether the principal subspaces are of the centred covariance (else of the
-            uncentred second moment).
-        n_null_samples: Random subspaces drawn for the null.
+        embed, unembed: ``[entry, k]`` ascending angles (radians) to the top-``k`` singular
+            subspace of ``W_E`` / ``W_U``.
+        pk_embed, pk_unembed: ``[entry]`` normalized projection kernel ``||Q^T B||_F^2 / k`` (mean
+            squared cosine; 1 = same subspace, 0 = orthogonal).
+        null_mean, null_std: ``[k]`` mean and spread of each ascending angle between two
+            independent Haar-random ``k``-dimensional subspaces (Monte Carlo).
+        null_pk_mean, null_pk_std: 0-d the same for the projection kernel (its expectation is ``k / d``).
+        centered: Whether the subspaces are of the centred covariance (else the second moment).
     """
 
     labels: List[str]
@@ -57,7 +44,7 @@ class SubspaceAngles:
     n_null_samples: int
 
     def to_dataframe(self) -> Any:
-        """Per-entry summary (degrees): mean and smallest angle, projection kernel, and the null."""
+        """Per-entry mean and smallest angle (degrees), projection kernel, and the null."""
         deg = 180.0 / math.pi
         return label_frame(
             self.labels,
@@ -81,17 +68,11 @@ class VarianceFractions:
     """Fraction of each entry's variance inside the top-``k`` singular subspaces of ``W_E`` / ``W_U``.
 
     Attributes:
-        labels: Stack labels.
-        k: Subspace dimension.
-        d_model: Ambient dimension.
-        embed: ``[entry]`` ``tr(P C P) / tr(C)`` with ``P`` the projector onto the ``W_E`` subspace.
-        unembed: ``[entry]`` the same for ``W_U``.
-        null_mean: 0-d what a uniformly random ``k``-dim subspace holds on average: exactly ``k / d``
-            for any covariance.
-        null_std: ``[entry]`` the standard deviation of that fraction over random subspaces for this
-            entry's covariance (large for a spiky spectrum, ~0 for an isotropic one).
-        centered: Whether ``C`` is the centred covariance (else the uncentred second moment).
-        n_null_samples: Random subspaces drawn for ``null_std``.
+        embed, unembed: ``[entry]`` ``tr(P C P) / tr(C)``, ``P`` the projector onto the subspace.
+        null_mean: 0-d what a uniformly random ``k``-dim subspace holds on average: exactly ``k / d``.
+        null_std: ``[entry]`` the spread of that fraction over random subspaces for this entry's
+            covariance (large for a spiky spectrum, ~0 for an isotropic one).
+        centered: Whether ``C`` is the centred covariance (else the second moment).
     """
 
     labels: List[str]
@@ -125,22 +106,15 @@ class CKAResult:
     """Linear CKA of each entry with the input embeddings and with the other entries.
 
     Biased values are exact over the whole stream (Kornblith et al. 2019). Debiased values are
-    minibatch CKA (Nguyen et al. 2021): the unbiased HSIC (Song et al. 2012) of each block of
-    ``block_sequences`` consecutive sequences, averaged over blocks; they are ~0 for unrelated
-    representations even when ``d`` is large against the block size. Blocks are fixed groups of
-    sequences, so the values do not depend on the forward ``batch_size``.
+    minibatch CKA (Nguyen et al. 2021): the unbiased HSIC of each block of ``block_sequences``
+    consecutive sequences, averaged over the ``n_blocks`` blocks (so independent of ``batch_size``);
+    ~0 for unrelated representations even when ``d`` is large against the block size.
 
     Attributes:
-        labels: Stack labels.
-        embed: ``[entry]`` biased CKA with ``W_E[token]`` of the same positions.
-        embed_debiased: ``[entry]`` debiased CKA with ``W_E[token]``.
-        next: ``[entry]`` biased CKA with the next entry (NaN at the last entry, which has none).
-        final: ``[entry]`` biased CKA with ``final_post``.
+        embed, embed_debiased: ``[entry]`` CKA with ``W_E[token]`` of the same positions.
+        next: ``[entry]`` biased CKA with the next entry (NaN at the last). final: with ``final_post``.
         layer_debiased: ``[entry, entry]`` debiased CKA between every pair of entries.
-        layer_biased: ``[entry, entry]`` biased CKA between every pair, or None unless the suite
-            ran with ``layer_cka_biased=True``.
-        block_sequences: Sequences per debiased block.
-        n_blocks: Number of blocks averaged.
+        layer_biased: ``[entry, entry]`` biased CKA, or None unless run with ``layer_cka_biased=True``.
         standardized: Whether every representation was z-scored per dimension first.
     """
 
@@ -181,35 +155,19 @@ class CKAResult:
         return pd.DataFrame(matrix.numpy(), index=pd.Index(self.labels, name="label"), columns=self.labels)
 
     def to_dataframe(self) -> Any:
-        """Per-entry CKA with the embeddings, the next entry and the final entry."""
-        return label_frame(
-            self.labels,
-            {
-                "cka_embed": self.embed,
-                "cka_embed_debiased": self.embed_debiased,
-                "cka_next": self.next,
-                "cka_next_debiased": self.next_debiased,
-                "cka_final": self.final,
-                "cka_final_debiased": self.final_debiased,
-            },
-        )
+        """Per-entry CKA with the embeddings, the next entry and the final entry, biased and debiased."""
+        columns = {f"cka_{t}{s}": getattr(self, t + s) for t in ("embed", "next", "final") for s in ("", "_debiased")}
+        return label_frame(self.labels, columns)
 
 
 @dataclass(frozen=True, eq=False)
 class ProcrustesErrors:
     """Orthogonal Procrustes fits ``X R ~ Y`` of each entry ``X`` onto a target ``Y``.
 
-    ``error`` is ``||X R - Y||_F / ||Y||_F`` with the best orthogonal ``R``; ``scaled_error``
-    allows the best isotropic scale too, ``||s X R - Y||_F / ||Y||_F``, which is what to read when
-    the residual norm grows with depth. 0 means ``Y`` is a rotation of ``X``.
-
-    Attributes:
-        labels: Stack labels.
-        embed_error, embed_scaled_error: ``[entry]`` onto ``W_E[token]`` of the same positions.
-        next_error, next_scaled_error: ``[entry]`` onto the next entry (NaN at the last).
-        final_error, final_scaled_error: ``[entry]`` onto ``final_post``.
-        centered: Whether both sides were mean-centred.
-        standardized: Whether both sides were z-scored per dimension.
+    ``*_error`` is ``||X R - Y||_F / ||Y||_F`` with the best orthogonal ``R``; ``*_scaled_error``
+    allows the best isotropic scale too (what to read when the residual norm grows with depth).
+    0 means ``Y`` is a rotation of ``X``. Targets, each ``[entry]``: ``embed`` (``W_E[token]`` of
+    the same positions), ``next`` (the next entry; NaN at the last), ``final`` (``final_post``).
     """
 
     labels: List[str]
@@ -224,39 +182,28 @@ class ProcrustesErrors:
 
     def to_dataframe(self) -> Any:
         """Per-entry normalized Procrustes errors."""
-        return label_frame(
-            self.labels,
-            {
-                "procrustes_embed": self.embed_error,
-                "procrustes_embed_scaled": self.embed_scaled_error,
-                "procrustes_next": self.next_error,
-                "procrustes_next_scaled": self.next_scaled_error,
-                "procrustes_final": self.final_error,
-                "procrustes_final_scaled": self.final_scaled_error,
-            },
-        )
+        targets = ("embed", "next", "final")
+        columns = {f"procrustes_{t}{s}": getattr(self, f"{t}{s}_error") for t in targets for s in ("", "_scaled")}
+        return label_frame(self.labels, columns)
 
 
 @dataclass(frozen=True, eq=False)
 class TokenDrift:
     """How far each position's residual has drifted from its own token's input embedding.
 
-    The cosine is between the raw residual and ``W_E[token]``; the rank is that token's rank
-    among all ``W_E`` rows by cosine with the residual (0 = nearest), as the embedding lens reads
-    it. Neither is centred or standardized: they describe the stream as the embedding lens sees it.
+    The cosine is between the raw residual and ``W_E[token]``; the rank is that token's rank among
+    all ``W_E`` rows by cosine (0 = nearest), as the embedding lens reads it. Neither is centred or
+    standardized.
 
     Attributes:
-        labels: Stack labels.
         quantile_levels: The levels of the ``*_quantiles`` columns.
         cos_mean, cos_std: ``[entry]`` exact mean and standard deviation of the cosine.
         cos_quantiles: ``[entry, q]`` cosine quantiles (resolved to the 0.001-wide histogram bins).
         cos_hist: ``[entry, 2000]`` counts of the cosine in equal bins over ``[-1, 1]``.
-        rank_mean: ``[entry]`` exact mean rank.
-        rank_quantiles: ``[entry, q]`` exact rank quantiles (numpy's ``inverted_cdf``).
+        rank_mean: ``[entry]`` exact mean rank. rank_quantiles: ``[entry, q]`` exact (``inverted_cdf``).
         rank0_fraction: ``[entry]`` fraction of positions whose own token is the nearest.
         rank_hist: ``[entry, d_vocab]`` counts of each rank.
-        n_cos: Positions in the cosine statistics.
-        n_rank: Positions in the rank statistics.
+        n_cos, n_rank: Positions in the cosine and the rank statistics.
         rank_every: The rank was computed at every ``rank_every``-th kept position of each sequence.
     """
 
@@ -276,36 +223,26 @@ class TokenDrift:
 
     def to_dataframe(self) -> Any:
         """Per-entry mean, spread and quantiles of the own-token cosine and rank."""
-        data: Dict[str, Any] = {"cos_mean": self.cos_mean, "cos_std": self.cos_std}
-        for i, q in enumerate(self.quantile_levels):
-            data[f"cos_q{round(100 * q):02d}"] = self.cos_quantiles[:, i]
-        data["rank_mean"] = self.rank_mean
-        for i, q in enumerate(self.quantile_levels):
-            data[f"rank_q{round(100 * q):02d}"] = self.rank_quantiles[:, i]
-        data["rank0_frac"] = self.rank0_fraction
-        return label_frame(self.labels, data)
+
+        def quantiles(name: str, values: Tensor) -> dict:
+            return {f"{name}_q{round(100 * q):02d}": values[:, i] for i, q in enumerate(self.quantile_levels)}
+
+        return label_frame(self.labels, {
+            "cos_mean": self.cos_mean, "cos_std": self.cos_std, **quantiles("cos", self.cos_quantiles),
+            "rank_mean": self.rank_mean, **quantiles("rank", self.rank_quantiles), "rank0_frac": self.rank0_fraction,
+        })
 
 
 @dataclass(frozen=True, eq=False)
 class AlignmentResult:
-    """The alignment suite's results, one row per residual-stack entry.
+    """The alignment suite's results, one row per residual-stack entry (``"0_pre"`` ... ``"final_post"``).
 
     Attributes:
-        labels: Stack labels (``"0_pre"`` ... ``"final_post"``).
-        model_name: The model's name.
-        d_model: Residual width.
-        d_vocab: Vocabulary size.
         k: Subspace dimension of the angle and variance analyses.
         n_tokens: Positions that entered the statistics (after ``skip_positions``).
-        n_sequences: Sequences read.
-        skip_positions: Leading positions of every sequence left out.
         center: Whether subspaces, variance fractions and Procrustes used centred data.
         standardized: Whether CKA and Procrustes used per-dimension z-scored data.
-        angles: :class:`SubspaceAngles`.
-        variance: :class:`VarianceFractions`.
-        cka: :class:`CKAResult`.
-        procrustes: :class:`ProcrustesErrors`.
-        drift: :class:`TokenDrift`.
+        angles, variance, cka, procrustes, drift: The five analyses.
     """
 
     labels: List[str]
@@ -332,14 +269,5 @@ class AlignmentResult:
 
     def to_dataframe(self) -> Any:
         """Every per-entry number of the suite, one row per stack label, null baselines included."""
-        return pd.concat(
-            [
-                self.angles.to_dataframe(),
-                self.variance.to_dataframe(),
-                self.cka.to_dataframe(),
-                self.procrustes.to_dataframe(),
-                self.drift.to_dataframe(),
-            ],
-            axis=1,
-        )
-
+        parts = (self.angles, self.variance, self.cka, self.procrustes, self.drift)
+        return pd.concat([part.to_dataframe() for part in parts], axis=1)

@@ -1,9 +1,8 @@
 """The alignment suite's entry points: :func:`alignment_suite` on a corpus, :func:`alignment_from_cache`.
 
-Both check every argument before the first forward pass, stream batches of residuals into an
-:class:`~tl_latentspaces.alignment.accumulator.AlignmentAccumulator` and return its
-:class:`~tl_latentspaces.alignment.results.AlignmentResult`. With ``standardize=True`` a first
-pass streams each representation's per-dimension spread.
+Both check every argument before the first forward pass and feed an
+:class:`~tl_latentspaces.alignment.accumulator.AlignmentAccumulator`; with ``standardize=True`` a
+first pass streams each representation's per-dimension spread.
 """
 
 import dataclasses
@@ -19,7 +18,7 @@ from tl_latentspaces.alignment.results import AlignmentResult
 from tl_latentspaces.checks import check_bool, check_int, type_name
 from tl_latentspaces.corpus import Corpus, default_corpus, tokenize_corpus
 from tl_latentspaces.model import ModelAccess
-from tl_latentspaces.runner import stream_residuals
+from tl_latentspaces.runner import CorpusRunner
 from tl_latentspaces.stats import Moments
 
 __all__ = ["alignment_suite", "alignment_from_cache"]
@@ -28,8 +27,59 @@ _F64 = torch.float64
 _EPS = torch.finfo(_F64).eps
 
 
+class _Spread:
+    """Corpus-runner consumer of ``standardize=True``'s first pass: every representation's per-dimension spread."""
+
+    def __init__(self, access: ModelAccess, skip: int):
+        self.W_E, self.skip, self.E = access.W_E.detach(), skip, len(access.stack_sites())
+        self.moments = Moments(self.E + 1, variances=True)
+
+    def update(self, ids: Tensor, stack: Tensor) -> None:
+        with torch.no_grad():
+            tok = ids[:, self.skip:].to(self.W_E.device).long()
+            rows = torch.cat([stack[:, :, self.skip:].to(_F64), self.W_E[tok].to(_F64).unsqueeze(0)], 0)
+            if not bool(torch.isfinite(rows).all()):
+                raise ValueError("the residual stream holds NaN or inf; check the model and any hook that edits it.")
+            self.moments.update(rows.reshape(self.E + 1, -1, rows.shape[-1]))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.moments.load_state_dict(state)
+
+    def merge(self, other: "_Spread") -> "_Spread":
+        self.moments.merge(other.moments)
+        return self
+
+    def scale(self) -> Tensor:
+        """``[E + 1, d_model]`` spreads; a dimension that never varies keeps scale 1 (no division by zero)."""
+        if self.moments.n < 2:
+            raise ValueError(f"standardization needs at least 2 tokens to estimate a spread; saw {self.moments.n}.")
+        std = torch.sqrt(torch.stack(self.moments.sq_sums) / self.moments.n)
+        floor = 1e3 * _EPS * std.amax(-1, keepdim=True)
+        return torch.where(std > floor, std, torch.ones_like(std)).cpu()
+
+
+def _run(
+    access: ModelAccess, feed: Callable[[Callable[[], Any]], Any], *, standardize: bool, settings: Settings,
+    n_null_samples: int, seed: int, progress: bool,
+) -> AlignmentResult:
+    """Both passes through ``feed``, which streams every batch into ``factory()`` and returns it."""
+    scale = feed(lambda: _Spread(access, settings.skip_positions)).scale() if standardize else None
+    acc = AlignmentAccumulator(access, standardize_scale=scale, **dataclasses.asdict(settings))
+    return feed(acc.empty).result(n_null_samples=n_null_samples, seed=seed, progress=progress)
+
+
+def _check_run(*, standardize: bool, batch_size: int, n_null_samples: int, seed: int, progress: bool) -> None:
+    check_bool(standardize, "standardize")
+    check_bool(progress, "progress")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
+    check_int(seed, "seed", minimum=0)
+
+
 def _cache_entries(access: ModelAccess, cache: Any, ids: Tensor, names: Dict[str, str]) -> List[Tensor]:
-    """The cached residual at every stack entry, shape-checked (not copied)."""
     acts = []
     for label, name in names.items():
         try:
@@ -61,81 +111,17 @@ def _as_ids(tokens: Any, access: ModelAccess) -> Tensor:
     return ids.long()
 
 
-def _scales(access: ModelAccess, batches: Any, E: int, skip: int) -> Tensor:
-    """First pass of ``standardize=True``: the per-dimension spread of every representation."""
-    W_E = access.W_E.detach()
-    spread = Moments(E + 1, variances=True)
-    with torch.no_grad():
-        for ids, stack in batches:
-            tok = ids[:, skip:].to(W_E.device).long()
-            rows = torch.cat([stack[:, :, skip:].to(_F64), W_E[tok].to(_F64).unsqueeze(0)], 0)
-            if not bool(torch.isfinite(rows).all()):
-                raise ValueError("the residual stream holds NaN or inf; check the model and any hook that edits it.")
-            spread.update(rows.reshape(E + 1, -1, rows.shape[-1]))
-    if spread.n < 2:
-        raise ValueError(f"standardization needs at least 2 tokens to estimate a spread; saw {spread.n}.")
-    std = torch.sqrt(torch.stack(spread.sq_sums) / spread.n)
-    # A dimension that never varies carries no information after centring; leaving it
-    # unscaled avoids dividing by zero (and keeps its mean as it is when center=False).
-    floor = 1e3 * _EPS * std.amax(-1, keepdim=True)
-    return torch.where(std > floor, std, torch.ones_like(std)).cpu()
-
-
-def _run(
-    access: ModelAccess,
-    batches: Callable[[str], Any],
-    *,
-    standardize: bool,
-    settings: Settings,
-    n_null_samples: int,
-    seed: int,
-    progress: bool,
-) -> AlignmentResult:
-    scale = None
-    if standardize:
-        E = len(access.stack_sites())
-        scale = _scales(access, batches("alignment: per-dimension spread"), E, settings.skip_positions)
-    acc = AlignmentAccumulator(access, standardize_scale=scale, **dataclasses.asdict(settings))
-    for ids, stack in batches("alignment"):
-        acc.update(ids, stack)
-    return acc.result(n_null_samples=n_null_samples, seed=seed, progress=progress)
-
-
-def _check_run(*, standardize: bool, batch_size: int, n_null_samples: int, seed: int, progress: bool) -> None:
-    """The options of a run that are not :class:`Settings` of its accumulator."""
-    check_bool(standardize, "standardize")
-    check_bool(progress, "progress")
-    check_int(batch_size, "batch_size", minimum=1)
-    check_int(n_null_samples, "n_null_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-    check_int(seed, "seed", minimum=0)
-
-
 def alignment_suite(
-    model: Any,
-    corpus: Optional[Corpus] = None,
-    *,
-    k: Optional[int] = None,
-    max_tokens: Optional[int] = 16384,
-    seq_len: Optional[int] = None,
-    prepend_bos: bool = True,
-    batch_size: int = 8,
-    skip_positions: int = 2,
-    center: bool = True,
-    standardize: bool = False,
-    cka_block_sequences: int = 4,
-    layer_cka_biased: bool = False,
-    rank_every: int = 4,
-    n_null_samples: int = 200,
-    seed: int = 0,
-    progress: bool = True,
+    model: Any, corpus: Optional[Corpus] = None, *, k: Optional[int] = None, max_tokens: Optional[int] = 16384,
+    seq_len: Optional[int] = None, prepend_bos: bool = True, batch_size: int = 8, skip_positions: int = 2,
+    center: bool = True, standardize: bool = False, cka_block_sequences: int = 4, layer_cka_biased: bool = False,
+    rank_every: int = 4, n_null_samples: int = 200, seed: int = 0, progress: bool = True,
 ) -> AlignmentResult:
     """Run the whole alignment suite on a model over a corpus, streaming the residual stream.
 
     The corpus is packed into sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`) and run
-    through the model's own forward pass in batches; the plugin's capture hooks feed an
-    :class:`AlignmentAccumulator` and are removed, exactly, after every batch. Hooks the user
-    registered fire as usual, so the suite measures what the patched model does. No activations
-    are stored beyond one batch. Every argument is checked before the first forward pass.
+    through the model's own forward pass by a :class:`~tl_latentspaces.runner.CorpusRunner`, so the
+    user's hooks fire as usual; no activations are kept beyond one batch.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
@@ -146,9 +132,8 @@ def alignment_suite(
         seq_len: Tokens per sequence; default 128 for text, the width of a token tensor.
         prepend_bos: Start every text sequence with BOS (ignored for a token tensor).
         batch_size: Sequences per forward pass (memory only: results do not depend on it).
-        skip_positions: Leading positions of every sequence left out of every statistic (default
-            2: BOS and the first token after it, whose massive activations would dominate every
-            covariance; see :class:`AlignmentAccumulator`).
+        skip_positions: Leading positions of every sequence left out of every statistic (default 2:
+            BOS and the next token, whose massive activations would dominate every covariance).
         center: Centre before principal subspaces, variance fractions and Procrustes.
         standardize: z-score every representation per dimension (spread streamed in a first pass,
             which doubles the forward passes) before CKA and Procrustes, against rogue dimensions.
@@ -194,35 +179,18 @@ def alignment_suite(
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     n_rows = seqs.shape[0] * (seq_len - settings.skip_positions)
     check_rows_for_k(n_rows, settings.k, settings.center, "in this corpus")
-    names = dict(access.stack_sites())
-
-    def batches(desc: str) -> Any:
-        return stream_residuals(access, seqs, names, batch_size=batch_size, progress=progress, desc=desc)
-
+    runner = CorpusRunner(access, seqs, seq_len=seq_len, batch_size=batch_size, progress=progress)
     return _run(
-        access, batches, standardize=standardize,
-        settings=settings,
-        n_null_samples=n_null_samples, seed=seed, progress=progress,
+        access, lambda factory: runner.run({"alignment": factory})["alignment"], standardize=standardize,
+        settings=settings, n_null_samples=n_null_samples, seed=seed, progress=progress,
     )
 
 
 def alignment_from_cache(
-    model: Any,
-    cache: Any,
-    tokens: Int[Tensor, "batch seq"],
-    *,
-    k: Optional[int] = None,
-    batch_size: int = 8,
-    skip_positions: int = 2,
-    center: bool = True,
-    standardize: bool = False,
-    cka_block_sequences: int = 4,
-    layer_cka_biased: bool = False,
-    rank_every: int = 4,
-    n_null_samples: int = 200,
-    seed: int = 0,
-    progress: bool = False,
-    verify_cache: bool = True,
+    model: Any, cache: Any, tokens: Int[Tensor, "batch seq"], *, k: Optional[int] = None, batch_size: int = 8,
+    skip_positions: int = 2, center: bool = True, standardize: bool = False, cka_block_sequences: int = 4,
+    layer_cka_biased: bool = False, rank_every: int = 4, n_null_samples: int = 200, seed: int = 0,
+    progress: bool = False, verify_cache: bool = True,
 ) -> AlignmentResult:
     """Run the alignment suite on an ``ActivationCache`` the user already has (no forward pass).
 
@@ -250,14 +218,15 @@ def alignment_from_cache(
     if check_bool(verify_cache, "verify_cache"):
         access.check_cache_tokens(cache, ids)
 
-    def batches(desc: str) -> Any:
+    def feed(factory: Callable[[], Any]) -> Any:
+        consumer = factory()
         # One batch at a time, so the float64 working copies stay bounded whatever the cache size.
         for start in range(0, ids.shape[0], batch_size):
             stop = start + batch_size
-            yield ids[start:stop], torch.stack([act[start:stop] for act in acts], 0)
+            consumer.update(ids[start:stop], torch.stack([act[start:stop] for act in acts], 0))
+        return consumer
 
     return _run(
-        access, batches, standardize=standardize,
-        settings=settings,
-        n_null_samples=n_null_samples, seed=seed, progress=progress,
+        access, feed, standardize=standardize, settings=settings, n_null_samples=n_null_samples, seed=seed,
+        progress=progress,
     )

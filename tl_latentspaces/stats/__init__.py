@@ -1,9 +1,7 @@
 """Streaming statistics and the subspace maths of the alignment suite; pure torch, no model code.
 
-One store, :class:`Moments` (means and centred cross-moment blocks, one merge rule), and plain
-functions of what it holds: principal subspaces and angles, variance fractions and their
-random-subspace nulls, linear CKA and orthogonal Procrustes. Each is checked against scipy, numpy
-or a closed form in ``tests/test_stats.py``.
+One store, :class:`Moments`, and plain functions of what it holds: principal subspaces and angles,
+variance fractions and their random-subspace nulls, linear CKA and orthogonal Procrustes.
 
 Example:
     >>> import torch
@@ -22,39 +20,15 @@ from tl_latentspaces.stats.histograms import binned_quantiles, integer_quantiles
 from tl_latentspaces.stats.moments import Moments
 from tl_latentspaces.stats.rotations import ProcrustesResult, procrustes, procrustes_from_moments
 from tl_latentspaces.stats.subspaces import (
-    CHUNK_ELEMENTS,
-    NullAngles,
-    NullVarianceFraction,
-    haar_bases,
-    orthonormal_basis,
-    principal_angles,
-    principal_subspace,
-    random_subspace_angles,
-    random_subspace_variance_fraction,
-    variance_fraction,
+    CHUNK_ELEMENTS, NullAngles, NullVarianceFraction, haar_bases, orthonormal_basis, principal_angles,
+    principal_subspace, random_subspace_angles, random_subspace_variance_fraction, variance_fraction,
     variance_fraction_null,
 )
 
 __all__ = [
-    "Moments",
-    "principal_angles",
-    "orthonormal_basis",
-    "principal_subspace",
-    "variance_fraction",
-    "haar_bases",
-    "NullAngles",
-    "NullVarianceFraction",
-    "random_subspace_angles",
-    "random_subspace_variance_fraction",
-    "variance_fraction_null",
-    "CHUNK_ELEMENTS",
-    "linear_cka",
-    "linear_cka_from_moments",
-    "unbiased_hsic_matrix",
-    "cka_from_hsic",
-    "ProcrustesResult",
-    "procrustes",
-    "procrustes_from_moments",
-    "binned_quantiles",
+    "Moments", "principal_angles", "orthonormal_basis", "principal_subspace", "variance_fraction", "haar_bases",
+    "NullAngles", "NullVarianceFraction", "random_subspace_angles", "random_subspace_variance_fraction",
+    "variance_fraction_null", "CHUNK_ELEMENTS", "linear_cka", "linear_cka_from_moments", "unbiased_hsic_matrix",
+    "cka_from_hsic", "ProcrustesResult", "procrustes", "procrustes_from_moments", "binned_quantiles",
     "integer_quantiles",
 ]

@@ -1,15 +1,13 @@
 """Linear centred kernel alignment (CKA): one shot, from streamed moments, and minibatch-debiased.
 
-Biased CKA (Kornblith et al. 2019) is a function of centred cross-moments, so
-:func:`linear_cka_from_moments` on a :class:`~tl_latentspaces.stats.Moments` store equals
-:func:`linear_cka` on every row it saw. The debiased estimator needs the unbiased HSIC of Song et
-al. (2012), which is not a function of moments: :func:`unbiased_hsic_matrix` computes it for one
-minibatch, and minibatch CKA (Nguyen et al. 2021) averages it over blocks (:func:`cka_from_hsic`).
+Biased CKA (Kornblith et al. 2019) is a function of centred cross-moments
+(:func:`linear_cka_from_moments`); the unbiased HSIC of Song et al. (2012) is not, so minibatch CKA
+(Nguyen et al. 2021) averages :func:`unbiased_hsic_matrix` over blocks (:func:`cka_from_hsic`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Sequence, Tuple
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -44,35 +42,23 @@ def _choose_method(method: str, n: int, dims: Sequence[int]) -> str:
     return "gram" if gram < features else "features"
 
 
-def _pair_products(xs: Sequence[Tensor]) -> Dict[Tuple[int, int], Tensor]:
-    return {(i, j): xs[i].mT @ xs[j] for i in range(len(xs)) for j in range(i, len(xs))}
-
-
-def _sym_from_pairs(vals: Dict[Tuple[int, int], Tensor], n_layers: int, device: torch.device) -> Tensor:
-    out = torch.empty(n_layers, n_layers, dtype=_F64, device=device)
-    for (i, j), v in vals.items():
-        out[i, j] = v
-        out[j, i] = v
-    return out
-
-
 def _hsic_biased_matrix(xs: Sequence[Tensor], method: str) -> Tensor:
     """``||Xc_i^T Xc_j||_F^2`` for all pairs of centred ``xs`` (= ``tr(K_i H K_j H)``)."""
     if method == "gram":
         grams = torch.stack([x @ x.mT for x in xs]).flatten(1)
         return grams @ grams.mT
-    return _sym_from_pairs({p: m.square().sum() for p, m in _pair_products(xs).items()}, len(xs), xs[0].device)
+    out = torch.empty(len(xs), len(xs), dtype=_F64, device=xs[0].device)
+    for i in range(len(xs)):
+        for j in range(i, len(xs)):
+            out[i, j] = out[j, i] = (xs[i].mT @ xs[j]).square().sum()
+    return out
 
 
 def _hsic_unbiased_matrix(xs: Sequence[Tensor], method: str) -> Tensor:
-    """Unbiased HSIC (Song et al. 2012) with linear kernels, for all pairs of ``xs``.
+    """Unbiased HSIC with linear kernels for all pairs of ``xs``; ``K~ = X X^T`` with its diagonal zeroed.
 
-    With ``K~ = X X^T`` with its diagonal zeroed:
-    ``HSIC_u = [tr(K~ L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``.
-
-    The ``features`` path never forms ``n x n`` matrices:
-    ``tr(K~ L~) = ||X^T Y||_F^2 - sum_i |x_i|^2 |y_i|^2`` and
-    ``K~ 1 = X (X^T 1) - (|x_i|^2)_i``.
+    ``HSIC_u = [tr(K~ L~) + (1'K~1)(1'L~1)/((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))``. The
+    ``features`` path never forms ``n x n`` matrices: ``tr(K~ L~) = ||X^T Y||_F^2 - sum_i |x_i|^2 |y_i|^2``.
     """
     n = xs[0].shape[0]
     if method == "gram":
@@ -95,10 +81,7 @@ def _hsic_unbiased_matrix(xs: Sequence[Tensor], method: str) -> Tensor:
 
 
 def cka_from_hsic(h: Float[Tensor, "L L"], what: str, names: Sequence[str]) -> Float[Tensor, "L L"]:
-    """CKA matrix ``h_ij / sqrt(h_ii h_jj)`` from (mean) HSIC values; a diagonal <= 0 is an error naming ``names[i]``.
-
-    ``what`` says which HSIC it is in the message (e.g. ``"the mean unbiased HSIC"``).
-    """
+    """CKA matrix ``h_ij / sqrt(h_ii h_jj)`` from (mean) HSIC; a diagonal <= 0 raises, naming ``what`` and the name."""
     diag = torch.diagonal(h)
     for i, v in enumerate(diag.tolist()):
         if not v > 0:
@@ -117,52 +100,24 @@ def cka_from_hsic(h: Float[Tensor, "L L"], what: str, names: Sequence[str]) -> F
 
 
 def _check_not_constant(xc: Tensor, x: Tensor, name: str) -> None:
-    # Centring a constant column leaves O(eps * |mean|) rounding noise, not zero;
-    # treat anything at that level as constant.
+    # centring a constant column leaves O(eps * |mean|) rounding noise, not zero
     if float(torch.linalg.norm(xc)) <= 1e3 * _EPS * float(torch.linalg.norm(x)):
         raise ValueError(
-            f"{name} (shape {tuple(x.shape)}) is constant across its rows (zero variance after "
-            "centring), so CKA is undefined. Fix: check that the activations vary across rows "
-            "(e.g. not only padding or BOS positions)."
+            f"{name} (shape {tuple(x.shape)}) is constant across its rows (zero variance after centring), so CKA is "
+            "undefined. Fix: check that the activations vary across rows (e.g. not only padding or BOS positions)."
         )
 
 
 def linear_cka(
-    X: Float[Tensor, "n d1"],
-    Y: Float[Tensor, "n d2"],
-    *,
-    debiased: bool = False,
-    method: Method = "auto",
+    X: Float[Tensor, "n d1"], Y: Float[Tensor, "n d2"], *, debiased: bool = False, method: Method = "auto"
 ) -> Float[Tensor, ""]:
-    """Linear centred kernel alignment between two representations of the same samples.
+    """Linear CKA between two representations ``[n, d1]`` and ``[n, d2]`` of the same samples (0-d float64).
 
-    Biased (Kornblith et al. 2019): with column-centred ``Xc``, ``Yc``,
-    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
-
-    Debiased (Nguyen et al. 2021, using the unbiased HSIC estimator of Song et
-    al. 2012): ``CKA_u = HSIC_u(K, L) / sqrt(HSIC_u(K, K) HSIC_u(L, L))`` with
-    ``K = X X^T``, ``L = Y Y^T``; it is ~0 for independent representations even
-    when ``d >> n``, where the biased CKA is strongly positive. Needs ``n >= 4``.
-    The debiased value can be slightly negative.
-
-    Both are invariant to orthogonal transforms, isotropic scaling and
-    translation of either input, but not to general invertible linear maps.
-
-    Args:
-        X: ``[n, d1]`` activations, one row per sample.
-        Y: ``[n, d2]`` activations of the same ``n`` samples (same row order).
-        debiased: use the unbiased HSIC estimator.
-        method: ``"gram"`` works with ``n x n`` Gram matrices, ``"features"`` with
-            ``d x d`` cross products (never forming ``n x n``); ``"auto"`` picks the
-            cheaper. Both give the same value up to rounding.
-
-    Returns:
-        0-d float64 tensor.
-
-    Raises:
-        TypeError: if an input is not a float tensor.
-        ValueError: for non-2-D/non-finite inputs, different ``n``, too few rows
-            (2 biased, 4 debiased), constant inputs, or an unknown ``method``.
+    Biased: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` of the column-centred inputs.
+    ``debiased=True`` uses the unbiased HSIC (needs ``n >= 4``; ~0 for independent representations
+    even when ``d >> n``, and can be slightly negative). ``method``: ``"gram"`` (``n x n``),
+    ``"features"`` (``d x d``) or ``"auto"`` (the cheaper); equal up to rounding. Raises
+    ``ValueError`` for different ``n``, too few rows, constant inputs or an unknown ``method``.
 
     Example:
         >>> import torch
@@ -183,18 +138,15 @@ def linear_cka(
     n = X.shape[0]
     minimum = 4 if debiased else 2
     if n < minimum:
-        raise ValueError(
-            f"{'debiased' if debiased else 'biased'} linear CKA needs at least {minimum} rows "
-            f"(samples), got n={n}."
-        )
+        kind = "debiased" if debiased else "biased"
+        raise ValueError(f"{kind} linear CKA needs at least {minimum} rows (samples), got n={n}.")
     if X.shape[1] == 0 or Y.shape[1] == 0:
         raise ValueError(f"X and Y need at least one column, got shapes {tuple(X.shape)} and {tuple(Y.shape)}.")
     Xc, Yc = _centre(X), _centre(Y)
     _check_not_constant(Xc, X, "X")
     _check_not_constant(Yc, Y, "Y")
     chosen = _choose_method(method, n, [X.shape[1], Y.shape[1]])
-    # HSIC_u is exactly translation invariant; centring first just avoids
-    # cancellation when the activations have a large mean.
+    # HSIC_u is translation invariant; centring first avoids cancellation under a large mean
     if debiased:
         h = _hsic_unbiased_matrix([Xc, Yc], chosen)
         return cka_from_hsic(h, "the unbiased HSIC", ["X", "Y"])[0, 1]
@@ -202,14 +154,12 @@ def linear_cka(
     return cka_from_hsic(h, "HSIC", ["X", "Y"])[0, 1]
 
 
-
 def linear_cka_from_moments(
     cross: Float[Tensor, "dx dy"], auto_x: Float[Tensor, "dx dx"], auto_y: Float[Tensor, "dy dy"]
 ) -> Float[Tensor, ""]:
-    """Biased linear CKA from centred co-moments ``C_xy``, ``C_xx``, ``C_yy`` (sums or averages).
+    """Biased linear CKA ``||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F)`` from centred co-moments (sums or averages).
 
-    ``||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F)``: exactly :func:`linear_cka` of the rows the moments
-    came from. The caller checks that neither representation is constant.
+    Exactly :func:`linear_cka` of the rows the moments came from; the caller checks neither is constant.
 
     Example:
         >>> import torch
@@ -222,14 +172,9 @@ def linear_cka_from_moments(
 
 
 def unbiased_hsic_matrix(xs: Sequence[Float[Tensor, "n d"]], *, method: Method = "auto") -> Float[Tensor, "L L"]:
-    """Unbiased HSIC with linear kernels (Song et al. 2012) of every pair of ``xs``, one minibatch.
+    """Unbiased HSIC with linear kernels of every pair of ``xs`` (``[n, d_l]`` each, the same ``n >= 4`` rows).
 
-    ``xs[l]`` is the ``[n, d_l]`` representation ``l`` of the same ``n >= 4`` rows. Averaged over
-    minibatches and passed to :func:`cka_from_hsic`, it gives minibatch-debiased CKA.
-
-    Raises:
-        TypeError / ValueError: non-float or non-finite input, different row counts, fewer than
-            4 rows, or an unknown ``method``.
+    Averaged over minibatches and passed to :func:`cka_from_hsic`, it gives minibatch-debiased CKA.
     """
     xs = [as_float64(x, f"xs[{i}]", ndim=2, shape_hint="[n, d]") for i, x in enumerate(xs)]
     rows = [x.shape[0] for x in xs]

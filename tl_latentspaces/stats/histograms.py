@@ -16,7 +16,9 @@ __all__ = ["binned_quantiles", "integer_quantiles"]
 _F64 = torch.float64
 
 
-def binned_quantiles(hist: Int[Tensor, "*b bins"], levels: Sequence[float], lo: float, width: float) -> Float[Tensor, "*b q"]:
+def binned_quantiles(
+    hist: Int[Tensor, "*b bins"], levels: Sequence[float], lo: float, width: float
+) -> Float[Tensor, "*b q"]:
     """Quantiles of binned continuous data: the bin holding ``q N``, interpolated linearly inside it.
 
     ``hist[..., i]`` counts values in ``[lo + i width, lo + (i + 1) width)``.

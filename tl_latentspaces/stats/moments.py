@@ -1,12 +1,8 @@
 """Streaming first and second moments: the one statistics store of the alignment suite.
 
-:class:`Moments` keeps, in float64, the mean of each of several representations of the same rows
-and the centred cross-moment ``sum (x_i - m_i)(x_j - m_j)^T`` of each requested pair ``(i, j)``
-(optionally also per-dimension sums of squares). Every batch is centred on its own mean and folded
-in with one rule, the parallel update of Chan, Golub and LeVeque (1979), which is also how two
-stores merge: data with a large mean and a small spread (mean 1e4, std 1e-2) keep full precision,
-unlike ``E[xx^T] - m m^T``. Covariances, CKA, Procrustes and principal subspaces are plain functions
-of these blocks (``tl_latentspaces.stats``).
+Every batch is centred on its own mean and folded in with the parallel update of Chan, Golub and
+LeVeque (1979), which is also how two stores merge: data with a large mean and a small spread keep
+full precision, unlike ``E[xx^T] - m m^T``.
 
 Example:
     >>> import torch
@@ -34,14 +30,13 @@ Pair = Tuple[int, int]
 
 
 class Moments:
-    """Streaming means and centred cross-moments of ``n_inputs`` representations of the same rows.
+    """Streaming float64 means and centred cross-moments of ``n_inputs`` representations of the same rows.
 
     Args:
         n_inputs: Representations per update (``update`` takes one ``[n, d_i]`` tensor of each).
-        pairs: The ``(i, j)`` blocks to keep, each stored once (``(j, i)`` is the transpose).
-            ``(i, i)`` gives representation ``i``'s covariance. Memory: ``8 d_i d_j`` bytes a block.
-        variances: Also keep per-dimension centred sums of squares (``8 d_i`` bytes each), for
-            spreads without the ``d x d`` blocks.
+        pairs: The ``(i, j)`` blocks to keep, each stored once (``(j, i)`` is the transpose;
+            ``(i, i)`` gives a covariance). Memory: ``8 d_i d_j`` bytes a block.
+        variances: Also keep per-dimension centred sums of squares (spreads without the blocks).
 
     Attributes:
         n: Rows seen. means: ``[d_i]`` float64 means. blocks: ``{(i, j): [d_i, d_j]}`` centred
@@ -64,12 +59,11 @@ class Moments:
         self.blocks: Dict[Pair, Tensor] = {}
         self.sq_sums: List[Tensor] = []
 
-    # ------------------------------------------------------------------ adding rows
     def update(self, xs: Sequence[Float[Tensor, "n d"]]) -> None:
-        """Add rows: ``xs[i]`` is the ``[n, d_i]`` representation ``i`` of the same ``n`` rows.
+        """Add rows: ``xs[i]`` is the ``[n, d_i]`` representation ``i`` (a ``[n_inputs, n, d]`` tensor works too).
 
-        A ``[n_inputs, n, d]`` tensor works too. Raises ``TypeError``/``ValueError`` for a wrong
-        count, non-float or non-finite input, different row counts, or widths that changed.
+        Raises ``TypeError``/``ValueError`` for a wrong count, non-float or non-finite input,
+        different row counts, or widths that changed.
         """
         if not isinstance(xs, (list, tuple, Tensor)):
             raise TypeError(f"xs must be a list of {self.n_inputs} [n, d] tensors, got {type_name(xs)}.")
@@ -130,7 +124,6 @@ class Moments:
             m += delta * (n_b / n)
         self.n = n
 
-    # ------------------------------------------------------------------ reading
     @property
     def dims(self) -> List[int]:
         """Widths ``d_i`` of the inputs (empty before the first row)."""
@@ -144,10 +137,7 @@ class Moments:
         return self.blocks[(i, j)] if i <= j else self.blocks[(j, i)].mT
 
     def cov(self, i: int, j: Optional[int] = None, *, ddof: int = 1) -> Float[Tensor, "di dj"]:
-        """Covariance of input ``i`` (with ``j``: cross-covariance), ``comoment / (n - ddof)`` (``numpy.cov``).
-
-        ``cov(i)`` is exactly symmetric (the merges keep it so only up to rounding).
-        """
+        """Covariance of input ``i`` (with ``j``: cross-covariance), ``comoment / (n - ddof)``, as ``numpy.cov``."""
         ddof = check_int(ddof, "ddof", minimum=0)
         self._need(ddof + 1, f"cov(ddof={ddof})")
         c = self.comoment(i, i if j is None else j)
@@ -159,7 +149,6 @@ class Moments:
         if self.n < minimum:
             raise ValueError(f"{what} needs at least {minimum} row(s); saw n={self.n}.")
 
-    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """``{"n", "means", "blocks", "sq_sums"}``: plain tensors, ints and lists (merge states, do not sum them)."""
         return {

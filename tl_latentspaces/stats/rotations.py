@@ -1,8 +1,7 @@
 """Orthogonal Procrustes: the rotation that best maps one representation onto another.
 
-:func:`procrustes` fits rows directly; :func:`procrustes_from_moments` fits from ``X^T Y``,
-``||X||_F^2`` and ``||Y||_F^2`` alone, which a :class:`~tl_latentspaces.stats.Moments` store keeps
-for a whole corpus (centred, or uncentred by adding ``n m_x m_y^T`` back).
+:func:`procrustes` fits rows; :func:`procrustes_from_moments` fits from ``X^T Y``, ``||X||_F^2`` and
+``||Y||_F^2`` alone, which a :class:`~tl_latentspaces.stats.Moments` store keeps for a whole corpus.
 """
 
 from __future__ import annotations
@@ -24,12 +23,9 @@ class ProcrustesResult:
     """Result of an orthogonal Procrustes fit ``X R ~ Y``.
 
     Attributes:
-        rotation: ``[d, d]`` orthogonal ``R`` minimising ``||X R - Y||_F`` (may
-            include a reflection, as in scipy).
-        scale: 0-d optimal isotropic scale ``s`` for ``s X R ~ Y``:
-            ``sum(singular values of X^T Y) / ||X||_F^2``.
-        error: 0-d ``||X R - Y||_F / ||Y||_F`` (no scaling).
-        scaled_error: 0-d ``||s X R - Y||_F / ||Y||_F``.
+        rotation: ``[d, d]`` orthogonal ``R`` minimising ``||X R - Y||_F`` (may include a reflection, as in scipy).
+        scale: 0-d optimal isotropic ``s`` for ``s X R ~ Y``: ``sum(singular values of X^T Y) / ||X||_F^2``.
+        error: 0-d ``||X R - Y||_F / ||Y||_F``. scaled_error: 0-d ``||s X R - Y||_F / ||Y||_F``.
     """
 
     rotation: Tensor
@@ -46,18 +42,16 @@ def _check_pair_same_width(X: Tensor, Y: Tensor) -> None:
         )
     if X.shape[1] != Y.shape[1]:
         raise ValueError(
-            f"orthogonal Procrustes needs X and Y of the same width d, got X with d={X.shape[1]} and "
-            f"Y with d={Y.shape[1]}. Fix: project both onto a common k-dim space first, e.g. their "
-            "top-k principal subspaces (stats.principal_subspace(cov, k)), or use "
-            "linear_cka, which allows different widths."
+            f"orthogonal Procrustes needs X and Y of the same width d, got X with d={X.shape[1]} and Y with "
+            f"d={Y.shape[1]}. Fix: project both onto a common k-dim space first, e.g. their top-k principal subspaces "
+            "(stats.principal_subspace(cov, k)), or use linear_cka, which allows different widths."
         )
     if X.shape[1] == 0:
         raise ValueError(f"X and Y need at least one column, got shapes {tuple(X.shape)} and {tuple(Y.shape)}.")
 
 
 def _procrustes_core(xty: Tensor, sx2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Rotation, optimal scale and ``tr(S)`` from ``X^T Y = U S V^T`` and ``||X||_F^2``."""
-    # R = U V^T, as in scipy.linalg.orthogonal_procrustes.
+    """Rotation ``U V^T`` (as scipy), optimal scale and ``tr(S)`` from ``X^T Y = U S V^T`` and ``||X||_F^2``."""
     u, s, vh = torch.linalg.svd(xty)
     return u @ vh, s.sum() / sx2, s.sum()
 
@@ -65,31 +59,16 @@ def _procrustes_core(xty: Tensor, sx2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 def _check_nonzero_norm(sq: float, name: str, n: int) -> None:
     if not sq > 0:
         raise ValueError(
-            f"{name} is all zeros (||{name}||_F^2 = {sq} over n={n} rows; after centring if "
-            "center=True), so the Procrustes fit and its normalised error are undefined. "
-            f"Fix: check {name} is not constant/empty."
+            f"{name} is all zeros (||{name}||_F^2 = {sq} over n={n} rows; after centring if center=True), so the "
+            f"Procrustes fit and its normalised error are undefined. Fix: check {name} is not constant/empty."
         )
 
 
-def procrustes(
-    X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], *, center: bool = False
-) -> ProcrustesResult:
-    """Orthogonal Procrustes: the orthogonal ``R`` minimising ``||X R - Y||_F``.
+def procrustes(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], *, center: bool = False) -> ProcrustesResult:
+    """The orthogonal ``R`` minimising ``||X R - Y||_F`` for rows ``[n, d]`` (``scipy.linalg.orthogonal_procrustes``).
 
-    ``R = U V^T`` where ``U S V^T = X^T Y``; equals
-    ``scipy.linalg.orthogonal_procrustes(X, Y)[0]``.
-
-    Args:
-        X: ``[n, d]`` source rows.
-        Y: ``[n, d]`` target rows (same samples, same width).
-        center: subtract each input's column mean first (fits ``Y - my ~ (X - mx) R``).
-
-    Returns:
-        :class:`ProcrustesResult` (``rotation``, ``scale``, ``error``, ``scaled_error``).
-
-    Raises:
-        TypeError: non-tensor / non-float input.
-        ValueError: non-2-D, NaN/inf, different ``n`` or ``d``, or an all-zero input.
+    ``center=True`` subtracts each input's column mean first. Raises ``ValueError`` for different
+    ``n`` or ``d``, non-finite or all-zero input.
 
     Example:
         >>> import torch
@@ -116,18 +95,13 @@ def procrustes(
     return ProcrustesResult(rotation=rotation, scale=scale, error=error, scaled_error=scaled_error)
 
 
-
 def procrustes_from_moments(
     xty: Float[Tensor, "d d"], x_sq: Float[Tensor, ""], y_sq: Float[Tensor, ""], *, n: int
 ) -> ProcrustesResult:
-    """The Procrustes fit of ``n`` rows from their ``X^T Y``, ``||X||_F^2`` and ``||Y||_F^2``.
+    """The Procrustes fit of ``n`` rows from their ``X^T Y``, ``||X||_F^2`` and ``||Y||_F^2``: :func:`procrustes`'s.
 
-    Equals :func:`procrustes` on those rows. The errors come from the norms,
-    ``||XR - Y||^2 = ||X||^2 + ||Y||^2 - 2 tr(S)``, so for near-perfect fits they are only accurate
-    to ~1e-8 (absolute), unlike the row path.
-
-    Raises:
-        ValueError: if ``X`` or ``Y`` is all zeros.
+    The errors come from ``||XR - Y||^2 = ||X||^2 + ||Y||^2 - 2 tr(S)``, so near-perfect fits are
+    only accurate to ~1e-8 (absolute). Raises ``ValueError`` if ``X`` or ``Y`` is all zeros.
 
     Example:
         >>> import torch

@@ -1,8 +1,7 @@
-"""Subspaces of the residual stream: principal angles, bases, variance fractions, random nulls.
+"""Subspaces of the residual stream: principal angles, bases, variance fractions, Haar-random nulls.
 
-Pure torch. Every function accepts float32 or float64 tensors, computes in float64 and returns
-float64; bad input raises ``TypeError``/``ValueError`` naming what was received and the fix.
-The Monte-Carlo nulls draw Haar-random subspaces (:func:`haar_bases`).
+Every function takes float32 or float64 tensors and computes and returns float64; bad input raises
+``TypeError``/``ValueError`` naming what was received and the fix.
 """
 
 from __future__ import annotations
@@ -18,16 +17,8 @@ from torch import Tensor
 from tl_latentspaces.checks import as_float64, check_int, type_name
 
 __all__ = [
-    "haar_bases",
-    "principal_angles",
-    "orthonormal_basis",
-    "principal_subspace",
-    "variance_fraction",
-    "NullAngles",
-    "NullVarianceFraction",
-    "random_subspace_angles",
-    "random_subspace_variance_fraction",
-    "variance_fraction_null",
+    "haar_bases", "principal_angles", "orthonormal_basis", "principal_subspace", "variance_fraction", "NullAngles",
+    "NullVarianceFraction", "random_subspace_angles", "random_subspace_variance_fraction", "variance_fraction_null",
     "CHUNK_ELEMENTS",
 ]
 
@@ -52,14 +43,13 @@ def _check_cov(cov: Any, name: str = "cov") -> Tensor:
     d0, d1 = cov.shape
     if d0 != d1 or d0 == 0:
         raise ValueError(f"{name} must be a non-empty square [d, d] covariance matrix, got shape {(d0, d1)}.")
-    # Inputs computed in low precision are only symmetric to their own eps.
+    # low-precision inputs are only symmetric to their own eps
     tol = math.sqrt(torch.finfo(orig_dtype).eps) * float(cov.abs().max())
     asym = float((cov - cov.mT).abs().max())
     if asym > tol:
         raise ValueError(
-            f"{name} must be symmetric, but max |{name} - {name}.T| = {asym:.3g} exceeds the "
-            f"tolerance {tol:.3g}. Fix: pass a covariance matrix (e.g. from "
-            "Moments.cov(i)) or symmetrise it with (c + c.T) / 2."
+            f"{name} must be symmetric, but max |{name} - {name}.T| = {asym:.3g} exceeds the tolerance {tol:.3g}. Fix: "
+            "pass a covariance matrix (e.g. from Moments.cov(i)) or symmetrise it with (c + c.T) / 2."
         )
     cov = 0.5 * (cov + cov.mT)
     diag = torch.diagonal(cov)
@@ -84,36 +74,24 @@ def _numerical_rank(s: Tensor, shape: Tuple[int, ...]) -> Tuple[int, float]:
 
 
 def _orthonormalize(a: Tensor, name: str) -> Tensor:
-    """Orthonormal basis of the column space of float64 ``a``; raises if rank-deficient."""
     u, s, _ = torch.linalg.svd(a, full_matrices=False)
     rank, tol = _numerical_rank(s, tuple(a.shape))
     k = a.shape[1]
     if rank < k:
         raise ValueError(
-            f"{name} is rank-deficient: shape {tuple(a.shape)} but numerical rank {rank} "
-            f"(singular values <= {tol:.3g} treated as zero), so its {k} columns do not span a "
-            f"{k}-dimensional subspace. Fix: drop linearly dependent columns or pass "
-            f"orthonormal_basis({name}, k={max(rank, 1)})."
+            f"{name} is rank-deficient: shape {tuple(a.shape)} but numerical rank {rank} (singular values <= {tol:.3g} "
+            f"treated as zero), so its {k} columns do not span a {k}-dimensional subspace. Fix: drop linearly "
+            f"dependent columns or pass orthonormal_basis({name}, k={max(rank, 1)})."
         )
     return u[:, :k]
 
 
-def _fix_signs(q: Tensor) -> Tensor:
-    """Make each column's largest-magnitude entry positive (deterministic output)."""
-    idx = q.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(q, -2, idx))
-    signs[signs == 0] = 1.0
-    return q * signs
-
-
-
 def haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> Tensor:
-    """``n`` Haar-distributed orthonormal ``[d, k]`` bases."""
+    """``n`` Haar-distributed orthonormal ``[d, k]`` bases, ``[n, d, k]``."""
     device = generator.device if generator is not None else torch.device("cpu")
     g = torch.randn(n, d, k, generator=generator, dtype=_F64, device=device)
     q, r = torch.linalg.qr(g)
-    # QR alone is not Haar: the signs of diag(R) bias Q. Forcing diag(R) > 0
-    # makes the factorisation unique and Q exactly Haar (Mezzadri 2007).
+    # QR alone is not Haar: forcing diag(R) > 0 makes Q exactly Haar (Mezzadri 2007).
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     sign[sign == 0] = 1.0
     return q * sign.unsqueeze(-2)
@@ -122,42 +100,25 @@ def haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> 
 def _angles_from_orthonormal(qa: Tensor, qb: Tensor) -> Tensor:
     """Ascending principal angles between orthonormal bases ``[..., d, ka]``, ``[..., d, kb]``."""
     if qa.shape[-1] < qb.shape[-1]:
-        # Angles are symmetric; the sine formula needs the residual of the thinner basis.
+        # the sine formula needs the residual of the thinner basis
         qa, qb = qb, qa
     m = qa.mT @ qb
     cos = torch.linalg.svdvals(m)  # descending -> angles ascending
-    # Sines are the singular values of the part of span(qb) outside span(qa).
-    resid = qb - qa @ m
-    sin = torch.linalg.svdvals(resid).flip(-1)  # ascending
-    # arccos is ill-conditioned near 0 (cos ~ 1 - t^2/2 loses t below ~1e-8), and
-    # arcsin near pi/2, so use each where it is accurate (as scipy does). Unlike
-    # scipy, the mask is aligned with the ascending order of both arrays.
+    sin = torch.linalg.svdvals(qb - qa @ m).flip(-1)  # ascending: the part of span(qb) outside span(qa)
+    # arccos loses small angles, arcsin angles near pi/2: each where it is accurate (as scipy, but
+    # with the mask aligned with the ascending order of both arrays)
     small = cos.square() >= 0.5
     theta = torch.where(small, torch.arcsin(sin.clamp(-1.0, 1.0)), torch.arccos(cos.clamp(-1.0, 1.0)))
     return theta.sort(dim=-1).values
 
 
-def principal_angles(
-    A: Float[Tensor, "d k1"], B: Float[Tensor, "d k2"]
-) -> Float[Tensor, " k"]:
-    """Principal angles between the column spaces of ``A`` and ``B``.
+def principal_angles(A: Float[Tensor, "d k1"], B: Float[Tensor, "d k2"]) -> Float[Tensor, " k"]:
+    """Principal angles between the column spaces of ``A`` ``[d, k1]`` and ``B`` ``[d, k2]``.
 
-    Matches ``scipy.linalg.subspace_angles`` (which returns them in descending
-    order) to ~1e-8 or better, including tiny angles: cosines come from the SVD
-    of ``Qa^T Qb`` and angles below pi/4 from the sines, i.e. the SVD of
-    ``Qb - Qa Qa^T Qb``.
-
-    Args:
-        A: ``[d, k1]`` matrix whose columns span the first subspace.
-        B: ``[d, k2]`` matrix whose columns span the second subspace.
-
-    Returns:
-        ``[min(k1, k2)]`` float64 angles in radians, ascending, in ``[0, pi/2]``.
-
-    Raises:
-        TypeError: if an argument is not a floating-point tensor.
-        ValueError: if an argument is not 2-D, has zero rows/columns,
-            contains NaN/inf, is rank-deficient, or the two ``d`` differ.
+    Returns ``[min(k1, k2)]`` float64 radians, ascending, in ``[0, pi/2]``; matches
+    ``scipy.linalg.subspace_angles`` (which sorts them descending) to ~1e-8, tiny angles included
+    (those below pi/4 come from the sines). Raises ``ValueError`` for empty, non-finite or
+    rank-deficient input or different ``d``.
 
     Example:
         >>> import torch
@@ -171,37 +132,21 @@ def principal_angles(
     for name, m in (("A", A), ("B", B)):
         if m.shape[0] == 0 or m.shape[1] == 0:
             raise ValueError(
-                f"{name} has shape {tuple(m.shape)}; it needs at least one row and one column "
-                "to span a subspace."
+                f"{name} has shape {tuple(m.shape)}; it needs at least one row and one column to span a subspace."
             )
     if A.shape[0] != B.shape[0]:
         raise ValueError(
-            f"A and B must live in the same space (same number of rows d), got A with d={A.shape[0]} "
-            f"and B with d={B.shape[0]}. Fix: columns are the spanning vectors; transpose an input "
-            "given as [k, d]."
+            f"A and B must live in the same space (same number of rows d), got A with d={A.shape[0]} and B with "
+            f"d={B.shape[0]}. Fix: columns are the spanning vectors; transpose an input given as [k, d]."
         )
     return _angles_from_orthonormal(_orthonormalize(A, "A"), _orthonormalize(B, "B"))
 
 
 def orthonormal_basis(M: Float[Tensor, "d n"], k: Optional[int] = None) -> Float[Tensor, "d k"]:
-    """Top-``k`` left singular vectors of ``M``: an orthonormal basis of its main column space.
+    """Top-``k`` left singular vectors of ``M`` ``[d, n]``, by decreasing singular value: ``[d, k]`` float64.
 
-    For an embedding matrix ``W_E`` of shape ``[vocab, d]`` pass ``W_E.T`` so that
-    the basis lives in the ``d``-dimensional residual space. Column signs are fixed
-    (largest-magnitude entry positive) so the output is deterministic.
-
-    Args:
-        M: ``[d, n]`` matrix.
-        k: number of basis vectors; defaults to the numerical rank of ``M``.
-
-    Returns:
-        ``[d, k]`` float64 matrix with orthonormal columns, ordered by decreasing
-        singular value.
-
-    Raises:
-        TypeError: if ``M`` is not a float tensor or ``k`` is not an int.
-        ValueError: if ``M`` is not 2-D / empty / non-finite, or ``k`` exceeds
-            ``min(d, n)`` or the numerical rank of ``M``.
+    For an embedding ``W_E`` ``[vocab, d]`` pass ``W_E.T``. ``k`` defaults to the numerical rank;
+    a ``k`` above it raises ``ValueError``. Each column's largest-magnitude entry is positive.
 
     Example:
         >>> import torch
@@ -220,24 +165,25 @@ def orthonormal_basis(M: Float[Tensor, "d n"], k: Optional[int] = None) -> Float
             raise ValueError("M is numerically zero (rank 0); it spans no subspace.")
         k = rank
     else:
-        k = check_int(
-            k, "k", minimum=1, maximum=bound, why=f" (a [d, n] = {tuple(M.shape)} matrix has rank <= {bound})"
-        )
+        why = f" (a [d, n] = {tuple(M.shape)} matrix has rank <= {bound})"
+        k = check_int(k, "k", minimum=1, maximum=bound, why=why)
         if k > rank:
             raise ValueError(
                 f"k={k} exceeds the numerical rank {rank} of M (shape {tuple(M.shape)}; singular values "
                 f"<= {tol:.3g} treated as zero): singular vectors beyond the rank are arbitrary and do "
                 f"not lie in M's column space. Fix: use k <= {rank}."
             )
-    return _fix_signs(u[:, :k])
+    q = u[:, :k]
+    signs = torch.sign(torch.gather(q, -2, q.abs().argmax(dim=-2, keepdim=True)))
+    signs[signs == 0] = 1.0
+    return q * signs
 
 
 def principal_subspace(cov: Float[Tensor, "d d"], k: int) -> Float[Tensor, "d k"]:
     """Orthonormal top-``k`` eigenvectors of a covariance (or second moment), by decreasing eigenvalue.
 
-    Raises:
-        ValueError: for a bad ``cov`` (as :func:`variance_fraction`), or if its numerical rank
-            (eigenvalues above ``lambda_max * d * eps``) is below ``k``.
+    Raises ``ValueError`` for a bad ``cov`` (as :func:`variance_fraction`) or a numerical rank
+    (eigenvalues above ``lambda_max * d * eps``) below ``k``.
 
     Example:
         >>> import torch
@@ -258,23 +204,10 @@ def principal_subspace(cov: Float[Tensor, "d d"], k: int) -> Float[Tensor, "d k"
 
 
 def variance_fraction(cov: Float[Tensor, "d d"], basis: Float[Tensor, "d k"]) -> Float[Tensor, ""]:
-    """Fraction of the total variance of ``cov`` lying in the column span of ``basis``.
+    """Fraction ``tr(P cov P) / tr(cov)`` of the variance of ``cov`` ``[d, d]`` in the span of ``basis`` ``[d, k]``.
 
-    Computes ``tr(P cov P) / tr(cov)`` with ``P = Q Q^T`` the orthogonal projector
-    onto span(``basis``) (``basis`` is orthonormalised first, so any spanning set
-    works).
-
-    Args:
-        cov: ``[d, d]`` symmetric covariance matrix with positive trace.
-        basis: ``[d, k]`` full-column-rank matrix.
-
-    Returns:
-        0-d float64 tensor in ``[0, 1]`` (for a positive semi-definite ``cov``).
-
-    Raises:
-        TypeError: if an argument is not a float tensor.
-        ValueError: for non-square/asymmetric/non-finite ``cov``, zero trace,
-            mismatched ``d``, or rank-deficient ``basis``.
+    ``basis`` is orthonormalised first (any full-rank spanning set works). Raises ``ValueError`` for
+    a non-square, asymmetric or non-finite ``cov``, zero trace, mismatched ``d`` or a rank-deficient basis.
 
     Example:
         >>> import torch
@@ -290,19 +223,12 @@ def variance_fraction(cov: Float[Tensor, "d d"], basis: Float[Tensor, "d k"]) ->
             f"{tuple(basis.shape)}. Fix: columns are basis vectors; transpose a [k, d] input."
         )
     q = _orthonormalize(basis, "basis")
-    # tr(P C P) = tr(Q^T C Q) because Q^T Q = I.
     return torch.sum((cov @ q) * q) / torch.trace(cov)
 
 
 @dataclass(frozen=True, eq=False)
 class NullAngles:
-    """Principal angles between independent uniformly random subspaces.
-
-    Attributes:
-        mean: ``[min(k1, k2)]`` mean of each (ascending) angle, radians.
-        std: ``[min(k1, k2)]`` sample standard deviation (ddof=1) of each angle.
-        samples: ``[n_samples, min(k1, k2)]`` per-sample ascending angles.
-    """
+    """Principal angles between independent Haar-random subspaces: ``[n_samples, k]`` samples, ``[k]`` mean and std."""
 
     mean: Tensor
     std: Tensor
@@ -311,13 +237,7 @@ class NullAngles:
 
 @dataclass(frozen=True, eq=False)
 class NullVarianceFraction:
-    """Variance fraction held by uniformly random subspaces.
-
-    Attributes:
-        mean: 0-d mean fraction (its expectation is exactly ``k / d``).
-        std: 0-d sample standard deviation (ddof=1) of the fraction.
-        samples: ``[n_samples]`` per-sample fractions.
-    """
+    """Variance fraction held by Haar-random subspaces: samples, mean (expectation ``k / d``) and std (ddof=1)."""
 
     mean: Tensor
     std: Tensor
@@ -325,36 +245,12 @@ class NullVarianceFraction:
 
 
 def random_subspace_angles(
-    d: int,
-    k1: int,
-    k2: int,
-    *,
-    n_samples: int = 1000,
-    generator: Optional[torch.Generator] = None,
+    d: int, k1: int, k2: int, *, n_samples: int = 1000, generator: Optional[torch.Generator] = None
 ) -> NullAngles:
-    """Monte-Carlo null distribution of principal angles between random subspaces.
+    """Monte-Carlo null of the principal angles between Haar-random ``k1``- and ``k2``-dim subspaces of ``R^d``.
 
-    Subspaces are Haar-distributed (QR of a Gaussian matrix with the sign of
-    ``diag(R)`` fixed). Because the joint law of the angles is invariant under a
-    common rotation, one subspace is held at the first ``k1`` coordinate axes and
-    only the other is sampled; this has the same distribution as sampling both
-    and halves the cost.
-
-    Args:
-        d: ambient dimension.
-        k1: dimension of the first subspace, ``1 <= k1 <= d``.
-        k2: dimension of the second subspace, ``1 <= k2 <= d``.
-        n_samples: number of Monte-Carlo samples, ``>= 2``.
-        generator: optional ``torch.Generator`` for reproducibility (its device
-            is used for sampling).
-
-    Returns:
-        :class:`NullAngles` with ``mean``/``std`` of shape ``[min(k1, k2)]`` and
-        ``samples`` of shape ``[n_samples, min(k1, k2)]``.
-
-    Raises:
-        TypeError: for non-int sizes or a non-Generator ``generator``.
-        ValueError: for sizes outside the ranges above.
+    The law is rotation invariant, so one subspace is held at the first ``k1`` axes and only the
+    other is sampled. ``mean``/``std`` are ``[min(k1, k2)]``; the generator's device is used.
 
     Example:
         >>> import torch
@@ -380,21 +276,10 @@ def random_subspace_angles(
 
 
 def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
-    """Expected variance fraction of a uniformly random ``k``-dim subspace: exactly ``k / d``.
+    """Expected variance fraction of a Haar-random ``k``-dim subspace of ``R^d``: exactly ``k / d`` for any covariance.
 
-    Why exact for *any* covariance ``C``: the projector ``P`` onto a Haar-random
-    subspace has ``E[P] = U E[P] U^T`` for every orthogonal ``U``, so ``E[P]`` is a
-    multiple of the identity, and ``tr E[P] = k`` fixes it to ``(k/d) I``. Hence
-    ``E[tr(P C P)] = E[tr(P C)] = tr(E[P] C) = (k/d) tr(C)``; ``tr(C)`` is not
-    random, so the expected fraction is ``k/d``. (Its spread does depend on ``C``;
-    see :func:`variance_fraction_null`.)
-
-    Args:
-        d: ambient dimension, ``>= 1``.
-        k: subspace dimension, ``0 <= k <= d``.
-
-    Returns:
-        0-d float64 tensor ``k / d``.
+    ``E[P]`` commutes with every rotation and has trace ``k``, so it is ``(k / d) I``. The spread
+    does depend on the covariance (:func:`variance_fraction_null`).
 
     Example:
         >>> float(random_subspace_variance_fraction(768, 64))
@@ -406,32 +291,14 @@ def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
 
 
 def variance_fraction_null(
-    cov: Float[Tensor, "*b d d"],
-    k: int,
-    n_samples: int = 1000,
-    generator: Optional[torch.Generator] = None,
+    cov: Float[Tensor, "*b d d"], k: int, n_samples: int = 1000, generator: Optional[torch.Generator] = None
 ) -> NullVarianceFraction:
-    """Distribution of the variance fraction of ``cov`` held by Haar-random ``k``-dim subspaces.
+    """Distribution of the variance fraction of ``cov`` (``[d, d]`` or a batch ``[b, d, d]``) in Haar-random subspaces.
 
-    The mean converges to ``k / d`` (see :func:`random_subspace_variance_fraction`); the spread is
-    the useful part: ~0 for an isotropic ``cov``, large for a spiky spectrum. The Haar law is
-    rotation invariant, so ``tr(Q^T C Q) / tr(C)`` has the law of ``w . lambda / sum(lambda)``,
-    with ``lambda`` the eigenvalues of ``C`` and ``w_i`` the squared norm of row ``i`` of ``Q``:
-    ``O(d k)`` a sample instead of ``O(d^2 k)``, and one set of random bases serves a whole batch
-    of covariances (common random numbers).
-
-    Args:
-        cov: ``[d, d]`` symmetric covariance with positive trace, or a batch ``[b, d, d]``.
-        k: subspace dimension, ``1 <= k <= d``.
-        n_samples: number of Haar-random subspaces, ``>= 2``.
-        generator: optional ``torch.Generator`` (its device is used for sampling).
-
-    Returns:
-        :class:`NullVarianceFraction`: ``mean``/``std`` of shape ``[]`` (``[b]`` for a batch),
-        ``samples`` ``[n_samples]`` (``[n_samples, b]``).
-
-    Raises:
-        TypeError / ValueError: as for :func:`variance_fraction` and :func:`random_subspace_angles`.
+    The spread is the useful part: ~0 for an isotropic ``cov``, large for a spiky spectrum. By
+    rotation invariance a sample is ``w . lambda / sum(lambda)`` (``lambda`` the eigenvalues, ``w_i``
+    the squared norm of row ``i`` of the random basis), and one set of bases serves the whole batch.
+    ``mean``/``std`` are ``[]`` (``[b]``), ``samples`` ``[n_samples]`` (``[n_samples, b]``).
 
     Example:
         >>> import torch
