@@ -1,7 +1,7 @@
-"""Result dataclasses: what a lens readout returns, and the difference of two readouts.
+"""What a lens readout returns, and the difference of two readouts.
 
-Shapes use ``entry`` for the stack entries (labels ``"0_pre"`` ... ``"final_post"``), ``batch``
-and ``pos`` for the selected positions of the input, ``k`` for top-k and ``T`` for targets.
+Shapes: ``entry`` the stack entries (``"0_pre"`` ... ``"final_post"``), ``batch`` and ``pos`` the read
+positions, ``k`` top-k, ``T`` targets.
 """
 
 from __future__ import annotations
@@ -24,19 +24,16 @@ def label_frame(labels: Any, columns: dict[str, Any]) -> Any:
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over (batch, pos) of ``[entry, batch, pos]`` values where ``mask`` is True."""
     m = mask.to(values.dtype)
     return (values * m).sum((1, 2)) / m.sum().clamp_min(1)
 
 
 @dataclass(frozen=True)
 class LensInputs:
-    """What a readout was computed from, kept so that two readouts compare over the whole vocabulary.
+    """What a readout was computed from, so that two readouts compare over the whole vocabulary.
 
-    Attributes:
-        resid: ``[entry, batch, pos, d_model]`` the residual vectors that were read (on the CPU).
-        lens: The lens that read them: scores are ``lens.project(x, entry) @ lens.weight + lens.bias``.
-        entries: The stack index of each entry, as ``lens.project`` takes it.
+    ``resid`` is ``[entry, batch, pos, d_model]`` on the CPU; scores are
+    ``lens.project(x, entries[e]) @ lens.weight + lens.bias``.
     """
 
     resid: Float[torch.Tensor, "entry batch pos d_model"]
@@ -53,14 +50,11 @@ class LensInputs:
         return z.to(torch.float64).log_softmax(-1)
 
 
-def lens_divergence(
-    base: LensInputs, other: LensInputs, chunk_rows: int = 64
-) -> Float[torch.Tensor, "entry batch pos"]:
-    """``KL(base || other)`` in nats between two lens distributions, cell by cell.
+def lens_divergence(base: LensInputs, other: LensInputs,
+                    chunk_rows: int = 64) -> Float[torch.Tensor, "entry batch pos"]:
+    """``KL(base || other)`` in nats between two lens distributions, cell by cell, over the full vocabulary.
 
-    Cells whose residual vectors are bit-identical in both runs (upstream of a patch) are exactly
-    zero and cost nothing; the others are computed over the full vocabulary, in float64 from
-    float32 scores.
+    Cells whose residual vectors are bit-identical in both runs (upstream of a patch) are exactly 0.
     """
     E, B, P, _ = base.resid.shape
     out = torch.zeros(E, B * P, dtype=torch.float64)
@@ -88,11 +82,9 @@ class LensResult:
         mask: ``[batch, pos]`` True where the read position is a real token (not padding).
         top_ids: ``[entry, batch, pos, k]`` top-k token ids under the lens.
         top_probs: ``[entry, batch, pos, k]`` their probabilities.
-        top_scores: ``[entry, batch, pos, k]`` their raw scores: logits for the logit and tuned
-            lenses, cosine similarity for the embedding lens.
+        top_scores: ``[entry, batch, pos, k]`` their raw scores: logits, or cosines for the embedding lens.
         entropy: ``[entry, batch, pos]`` entropy of the lens distribution (nats).
-        kl_to_final: ``[entry, batch, pos]`` KL(final || lens) in nats; 0 at ``final_post`` for
-            the logit lens.
+        kl_to_final: ``[entry, batch, pos]`` KL(final || lens) in nats.
         final_top1: ``[batch, pos]`` the model's own top-1 prediction.
         target_ids: ``[batch, pos, T]`` requested target ids, or None.
         target_probs: ``[entry, batch, pos, T]`` their probabilities under the lens, or None.
@@ -100,10 +92,8 @@ class LensResult:
         own_scores: ``[entry, batch, pos]`` embedding lens only: cosine between the residual and
             the input embedding of the position's own token.
         own_ranks: ``[entry, batch, pos]`` embedding lens only: that token's rank by cosine.
-        model_name: The model's name.
-        decode: Token id -> string, for the helpers below.
-        inputs: The residual vectors read and the lens that read them, for
-            :attr:`LensDiff.divergence`; None for results made without them.
+        decode: Token id -> string.
+        inputs: What :attr:`LensDiff.divergence` needs; None for results made without it.
     """
 
     lens: str
@@ -126,7 +116,6 @@ class LensResult:
     decode: Callable[[int], str] = field(default=str, repr=False, compare=False)
     inputs: Optional[LensInputs] = field(default=None, repr=False, compare=False)
 
-    # ------------------------------------------------------------------ derived views
     @property
     def agrees_with_final(self) -> Bool[torch.Tensor, "entry batch pos"]:
         """Whether the lens's top-1 equals the model's final top-1."""
@@ -153,10 +142,10 @@ class LensResult:
             raise ValueError(f"unknown stack label {label!r}; this result has {self.labels}.")
         return self.labels.index(label)
 
-    # ------------------------------------------------------------------ summaries
     def summary(self) -> Any:
-        """Per-entry means over real positions: entropy, KL to final, top-1 agreement, and for the
-        embedding lens the mean own-token cosine and rank. A ``pandas.DataFrame`` indexed by label.
+        """Per-entry means over real positions (entropy, KL, top-1 agreement, own-token cosine and rank).
+
+        A ``pandas.DataFrame`` indexed by label.
         """
         cols = {
             "entropy": _masked_mean(self.entropy, self.mask),
@@ -177,7 +166,7 @@ class LensResult:
         keep = self.mask.unsqueeze(0).expand(E, B, P).reshape(-1).cpu()
         e_idx, b_idx, p_idx = (t.reshape(-1)[keep] for t in (e_idx, b_idx, p_idx))
         pos = torch.tensor(self.positions)[p_idx]
-        flat = lambda t: t.reshape(E * B * P, *t.shape[3:]).cpu()[keep]  # noqa: E731
+        flat = lambda t: t.reshape(E * B * P, *t.shape[3:]).cpu()[keep].numpy()  # noqa: E731
         data: dict[str, Any] = {
             "label": [self.labels[i] for i in e_idx.tolist()],
             "entry": e_idx.numpy(),
@@ -185,21 +174,20 @@ class LensResult:
             "pos": pos.numpy(),
             "token": [self.decode(int(self.tokens[b, p])) for b, p in zip(b_idx.tolist(), pos.tolist())],
             "top1": [self.decode(int(i)) for i in flat(self.top_ids[..., 0]).tolist()],
-            "top1_prob": flat(self.top_probs[..., 0]).numpy(),
-            "entropy": flat(self.entropy).numpy(),
-            "kl_to_final": flat(self.kl_to_final).numpy(),
-            "agrees_with_final": flat(self.agrees_with_final).numpy(),
+            "top1_prob": flat(self.top_probs[..., 0]),
+            "entropy": flat(self.entropy),
+            "kl_to_final": flat(self.kl_to_final),
+            "agrees_with_final": flat(self.agrees_with_final),
         }
         if self.own_scores is not None and self.own_ranks is not None:
-            data["own_cosine"] = flat(self.own_scores).numpy()
-            data["own_rank"] = flat(self.own_ranks).numpy()
+            data["own_cosine"] = flat(self.own_scores)
+            data["own_rank"] = flat(self.own_ranks)
         if self.target_ids is not None and self.target_probs is not None and self.target_ranks is not None:
             for t in range(self.target_ids.shape[-1]):
-                data[f"target{t}_prob"] = flat(self.target_probs[..., t]).numpy()
-                data[f"target{t}_rank"] = flat(self.target_ranks[..., t]).numpy()
+                data[f"target{t}_prob"] = flat(self.target_probs[..., t])
+                data[f"target{t}_rank"] = flat(self.target_ranks[..., t])
         return pd.DataFrame(data)
 
-    # ------------------------------------------------------------------ comparison
     def diff(self, other: "LensResult") -> "LensDiff":
         """``other`` minus ``self`` for the same input and lens (e.g. patched minus clean)."""
         return LensDiff.between(self, other)
@@ -213,8 +201,6 @@ class LensDiff:
     """The difference between two readouts of the same input: ``other - base``.
 
     Attributes:
-        base: The reference run (e.g. clean).
-        other: The compared run (e.g. patched).
         kl_delta: ``[entry, batch, pos]`` change in each run's KL to *its own* final distribution.
             A patch changes the final distribution too, so this moves at entries the patch
             cannot reach; use :attr:`divergence` to see where the patch acts.
@@ -236,11 +222,7 @@ class LensDiff:
 
     @classmethod
     def between(cls, base: LensResult, other: LensResult) -> "LensDiff":
-        """The difference ``other - base`` of two readouts of one input with the same lens and entries.
-
-        Raises:
-            ValueError: If the lens, the entries, the positions or the input tokens differ.
-        """
+        """``other - base``; raises ValueError if the lens, the entries, the positions or the input tokens differ."""
         problems = []
         if base.lens != other.lens:
             problems.append(f"lens {base.lens!r} vs {other.lens!r}")
@@ -257,8 +239,12 @@ class LensDiff:
             )
         tpd = None
         if base.target_probs is not None and other.target_probs is not None:
-            if base.target_ids is not None and other.target_ids is not None and torch.equal(base.target_ids, other.target_ids):
+            same_targets = base.target_ids is not None and other.target_ids is not None
+            if same_targets and torch.equal(base.target_ids, other.target_ids):
                 tpd = other.target_probs - base.target_probs
+        a, b = base.inputs, other.inputs
+        same = a is not None and b is not None and a.resid.shape == b.resid.shape and a.entries == b.entries
+        divergence = lens_divergence(a, b) if same and a.lens.weight.shape == b.lens.weight.shape else None
         return cls(
             base=base,
             other=other,
@@ -266,7 +252,7 @@ class LensDiff:
             entropy_delta=other.entropy - base.entropy,
             top1_changed=other.top_ids[..., 0] != base.top_ids[..., 0],
             target_prob_delta=tpd,
-            divergence=_divergence(base, other),
+            divergence=divergence,
         )
 
     @property
@@ -281,24 +267,13 @@ class LensDiff:
 
     def to_dataframe(self) -> Any:
         """One row per (entry, batch, pos) real position: both top-1 tokens and the deltas."""
-        frame = self.base.to_dataframe()[["label", "entry", "batch", "pos", "token", "top1"]].rename(
-            columns={"top1": "top1_base"}
-        )
-        other = self.other.to_dataframe()
-        frame["top1_other"] = other["top1"].values
+        columns = ["label", "entry", "batch", "pos", "token", "top1"]
+        frame = self.base.to_dataframe()[columns].rename(columns={"top1": "top1_base"})
+        frame["top1_other"] = self.other.to_dataframe()["top1"].values
         keep = self.base.mask.unsqueeze(0).expand_as(self.kl_delta).reshape(-1).cpu()
-        frame["kl_delta"] = self.kl_delta.reshape(-1).cpu()[keep].numpy()
-        frame["entropy_delta"] = self.entropy_delta.reshape(-1).cpu()[keep].numpy()
-        frame["top1_changed"] = self.top1_changed.reshape(-1).cpu()[keep].numpy()
-        if self.divergence is not None:
-            frame["divergence"] = self.divergence.reshape(-1).cpu()[keep].numpy()
+        deltas = {"kl_delta": self.kl_delta, "entropy_delta": self.entropy_delta, "top1_changed": self.top1_changed,
+                  "divergence": self.divergence}
+        for name, values in deltas.items():
+            if values is not None:
+                frame[name] = values.reshape(-1).cpu()[keep].numpy()
         return frame
-
-
-def _divergence(base: LensResult, other: LensResult) -> Optional[torch.Tensor]:
-    a, b = base.inputs, other.inputs
-    if a is None or b is None or a.resid.shape != b.resid.shape or a.entries != b.entries:
-        return None
-    if a.lens.weight.shape != b.lens.weight.shape:
-        return None
-    return lens_divergence(a, b)
