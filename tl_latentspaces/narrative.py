@@ -1,8 +1,4 @@
-"""The report's story: a few sentences read off the results, and the caveats the model calls for.
-
-Every sentence is computed from numbers the report also shows (held-out lens evaluation,
-alignment suite, residual norms of the grid prompts), with the threshold it used stated, so a
-reader can check it against the figures below it.
+"""The report's story: sentences read off the numbers the report shows, each stating its threshold, and caveats.
 
 Example:
     >>> story = tell_story(access, evaluation, alignment, resid_norms=norms)  # doctest: +SKIP
@@ -21,8 +17,7 @@ from tl_latentspaces.model import ModelAccess
 
 __all__ = ["Story", "tell_story", "readable_from", "similarity_blocks", "massive_positions", "ties_embeddings"]
 
-#: A lens "reads" an entry when its top-1 equals the model's final top-1 on at least this share
-#: of held-out positions.
+#: A lens "reads" an entry when its top-1 equals the final top-1 on at least this share of held-out positions.
 READABLE_AGREEMENT = 0.5
 #: Consecutive entries whose pairwise debiased CKA is at least this form a block.
 BLOCK_CKA = 0.9
@@ -32,13 +27,7 @@ MASSIVE_FACTOR = 10.0
 
 @dataclass(frozen=True)
 class Story:
-    """What the report says in words before its figures.
-
-    Attributes:
-        takeaways: Findings, one sentence each, with the numbers that support them.
-        caveats: What to keep in mind reading the figures (detected from the model and settings).
-        facts: The numbers behind the sentences, for ``report.json``.
-    """
+    """What the report says before its figures: ``takeaways`` and ``caveats`` (sentences), ``facts`` (their numbers)."""
 
     takeaways: list[str]
     caveats: list[str]
@@ -57,7 +46,8 @@ class Story:
         return out + "</section>"
 
 
-def readable_from(labels: Sequence[str], agreement: torch.Tensor, threshold: float = READABLE_AGREEMENT) -> Optional[int]:
+def readable_from(labels: Sequence[str], agreement: torch.Tensor,
+                  threshold: float = READABLE_AGREEMENT) -> Optional[int]:
     """First entry from which the top-1 agreement stays at or above ``threshold``, or None."""
     ok = (agreement >= threshold).tolist()
     for i in range(len(ok)):
@@ -67,10 +57,9 @@ def readable_from(labels: Sequence[str], agreement: torch.Tensor, threshold: flo
 
 
 def similarity_blocks(matrix: torch.Tensor, threshold: float = BLOCK_CKA, min_size: int = 3) -> list[tuple[int, int]]:
-    """Maximal runs ``[start, stop]`` (inclusive) of consecutive entries whose every pair is >= ``threshold``.
+    """Runs ``[start, stop]`` (inclusive) of consecutive entries whose every pair is >= ``threshold``.
 
-    Scans left to right and grows a run while the new entry is similar to every entry already in
-    it; runs shorter than ``min_size`` are dropped. The matrix's NaNs count as dissimilar.
+    Grown left to right; runs shorter than ``min_size`` are dropped; NaN counts as dissimilar.
     """
     m = torch.nan_to_num(matrix.to(torch.float64), nan=-1.0)
     n = m.shape[0]
@@ -87,8 +76,7 @@ def similarity_blocks(matrix: torch.Tensor, threshold: float = BLOCK_CKA, min_si
 def massive_positions(norms: torch.Tensor, factor: float = MASSIVE_FACTOR) -> list[int]:
     """Positions whose largest residual norm over entries exceeds ``factor`` x the median position's.
 
-    Args:
-        norms: ``[entry, pos]`` residual norms of one prompt.
+    ``norms`` is ``[entry, pos]``, one prompt.
     """
     peak = norms.max(0).values
     return [int(p) for p in (peak > factor * peak.median()).nonzero().flatten()]
@@ -102,39 +90,25 @@ def ties_embeddings(access: ModelAccess) -> bool:
     return bool(torch.allclose(W_E.to(torch.float32), W_U.T.to(torch.float32), rtol=1e-4, atol=1e-6))
 
 
-def tell_story(
-    access: ModelAccess,
-    evaluation: Any,
-    alignment: Any,
-    *,
-    resid_norms: Optional[torch.Tensor] = None,
-    bos: bool = True,
-) -> Story:
-    """Read the report's findings off its results.
+def tell_story(access: ModelAccess, evaluation: Any, alignment: Any, *, resid_norms: Optional[torch.Tensor] = None,
+               bos: bool = True) -> Story:
+    """Read the report's findings off a :class:`~tl_latentspaces.evaluation.LensEvaluation` and an alignment result.
 
-    Args:
-        access: The model.
-        evaluation: The held-out :class:`~tl_latentspaces.evaluation.LensEvaluation`.
-        alignment: The :class:`~tl_latentspaces.alignment.AlignmentResult`.
-        resid_norms: ``[entry, pos]`` residual norms of one prompt, to detect massive activations.
-        bos: Whether the prompts start with BOS (names position 0 in the caveat).
+    ``resid_norms`` (``[entry, pos]``, one prompt) detects massive activations; ``bos`` names position 0 BOS.
     """
     labels = list(evaluation.labels)
     takeaways: list[str] = []
     caveats: list[str] = []
-    facts: dict[str, Any] = {"thresholds": {"readable_agreement": READABLE_AGREEMENT, "block_cka": BLOCK_CKA,
-                                             "massive_factor": MASSIVE_FACTOR}}
+    thresholds = {"readable_agreement": READABLE_AGREEMENT, "block_cka": BLOCK_CKA, "massive_factor": MASSIVE_FACTOR}
+    facts: dict[str, Any] = {"thresholds": thresholds}
 
-    # Where each lens becomes readable.
     readable = {}
     for i, name in enumerate(evaluation.lenses):
         at = readable_from(labels, evaluation.top1_agreement[i])
         readable[name] = None if at is None else labels[at]
         if at is None:
-            takeaways.append(
-                f"The {name} lens never holds the model's final top-1 on {READABLE_AGREEMENT:.0%} of held-out "
-                "positions through to the end."
-            )
+            takeaways.append(f"The {name} lens never holds the model's final top-1 on {READABLE_AGREEMENT:.0%} of "
+                             "held-out positions through to the end.")
         else:
             takeaways.append(
                 f"The {name} lens agrees with the model's final top-1 on at least {READABLE_AGREEMENT:.0%} of "
@@ -144,17 +118,15 @@ def tell_story(
             )
     facts["readable_from"] = readable
 
-    # How fast the stream leaves the W_E subspace, against what a random subspace holds.
+    # when the stream leaves the W_E subspace, against what a random subspace holds
     v = alignment.variance
     band = v.null_mean + 2 * v.null_std
     above = (v.embed > band).tolist()
     left = next((i for i in range(1, len(above)) if not any(above[i:])), None)
     k = alignment.k
     if left is None:
-        takeaways.append(
-            f"The residual stream keeps more of its variance in the top-{k} W_E subspace than a random "
-            f"{k}-dim subspace would (mean + 2 sd) through the last entry."
-        )
+        takeaways.append(f"The residual stream keeps more of its variance in the top-{k} W_E subspace than a random "
+                         f"{k}-dim subspace would (mean + 2 sd) through the last entry.")
     else:
         takeaways.append(
             f"The residual stream leaves the top-{k} W_E subspace by {v.labels[left]}: from there on the "
@@ -163,7 +135,6 @@ def tell_story(
         )
     facts["leaves_embedding_subspace_at"] = None if left is None else v.labels[left]
 
-    # Blocks of similar representations.
     cka = alignment.cka.layer_debiased
     blocks = similarity_blocks(cka)
     facts["cka_blocks"] = [[alignment.labels[a], alignment.labels[b]] for a, b in blocks]
@@ -181,34 +152,28 @@ def tell_story(
             "relative to what it holds; a drop at a block's edge marks a layer that rewrites it."
         )
     else:
-        takeaways.append(f"No three consecutive entries reach debiased CKA >= {BLOCK_CKA} pairwise: the stream changes steadily.")
+        takeaways.append(f"No three consecutive entries reach debiased CKA >= {BLOCK_CKA} pairwise: "
+                         "the stream changes steadily.")
 
-    # Caveats from the model and the settings.
-    if ties_embeddings(access):
-        caveats.append(
-            "W_E and W_U are tied (the same matrix): their subspaces coincide, so every W_E and W_U curve "
-            "below is one curve drawn twice."
-        )
-    facts["tied_embeddings"] = ties_embeddings(access)
+    tied = ties_embeddings(access)
+    if tied:
+        caveats.append("W_E and W_U are tied (the same matrix): their subspaces coincide, so every W_E and W_U curve "
+                       "below is one curve drawn twice.")
+    facts["tied_embeddings"] = tied
     if resid_norms is not None:
         massive = massive_positions(resid_norms)
         facts["massive_positions"] = massive
         if massive:
             peak = resid_norms.max(0).values
-            where = ", ".join(
-                f"position {p}{' (BOS)' if bos and p == 0 else ''}: norm {float(peak[p]):.0f}" for p in massive
-            )
+            where = ", ".join(f"position {p}{' (BOS)' if bos and p == 0 else ''}: norm {float(peak[p]):.0f}"
+                              for p in massive)
             caveats.append(
                 f"Massive activations: {where}, against a median position's {float(peak.median()):.0f}. A few "
                 "dimensions dominate those vectors and every uncentred cosine with them; the corpus "
                 "statistics leave such positions out."
             )
-    caveats.append(
-        f"Held-out statistics leave BOS out; the alignment suite also skips the first "
-        f"{alignment.skip_positions} position(s) of every sequence ({alignment.n_tokens} tokens used)."
-    )
-    caveats.append(
-        "The embedding lens and the drift curves use uncentred cosines with W_E: a shared offset of the "
-        "stream (its mean direction) lowers them at every position alike."
-    )
+    caveats.append(f"Held-out statistics leave BOS out; the alignment suite also skips the first "
+                   f"{alignment.skip_positions} position(s) of every sequence ({alignment.n_tokens} tokens used).")
+    caveats.append("The embedding lens and the drift curves use uncentred cosines with W_E: a shared offset of the "
+                   "stream (its mean direction) lowers them at every position alike.")
     return Story(takeaways=takeaways, caveats=caveats, facts=facts)

@@ -1,16 +1,5 @@
-"""The report: everything the plugin sees in a model, as one offline HTML page and one JSON file.
-
-:func:`build_report` runs, on a model:
-
-* the lens grids (logit, tuned, embedding) for each prompt;
-* held-out corpus metrics per layer for the logit and tuned lenses (KL to final, cross-entropy,
-  top-1 agreement, prediction depth);
-* the alignment suite (principal angles, variance in the ``W_E``/``W_U`` subspaces, CKA,
-  Procrustes, token drift) with its null baselines.
-
-:func:`write_report` writes ``report.html`` (self-contained, no network needed to open it) and
-``report.json`` (every number in it). Both are built in memory first and moved into place, so a
-failure leaves no partial file.
+"""The report: the lens grids of a few prompts, held-out lens metrics per layer and the alignment suite with its
+null baselines, as one offline HTML page (``report.html``) and every number in it (``report.json``).
 
 Example:
     >>> report = build_report(model, prompts=["The Eiffel Tower is in the city of"])  # doctest: +SKIP
@@ -99,8 +88,7 @@ def _grid_data(results: dict[str, Any]) -> dict[str, Any]:
             "entropy": r.entropy[:, 0],
             "kl_to_final": r.kl_to_final[:, 0],
         }
-        if r.own_scores is not None:
-            # named as in LensResult.to_dataframe() and the views
+        if r.own_scores is not None:  # named as in LensResult.to_dataframe() and the views
             lens["own_cosine"] = r.own_scores[:, 0]
             lens["own_rank"] = r.own_ranks[:, 0]
         out["lenses"][name] = to_jsonable(lens)
@@ -108,7 +96,6 @@ def _grid_data(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(frame: Any, digits: int = 3) -> str:
-    """A pandas DataFrame as a small HTML table."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [frame.index.name or ""] + list(frame.columns))
     rows = []
     for idx, row in frame.iterrows():
@@ -135,48 +122,25 @@ details { margin: 8px 0; } .meta { color: #666; font-size: 0.9em; }
 """
 
 
-def _page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )
+def _guide(text: str) -> str:
+    """A one-line reading guide above a figure."""
+    return f'<p class="guide">{html.escape(text)}</p>'
 
 
-def build_report(
-    model: Any,
-    *,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    corpus: Any = None,
-    tuned: Any = "auto",
-    lenses: Sequence[Any] = (),
-    eval_tokens: int = 1024,
-    align_tokens: int = 1024,
-    top_k: int = 5,
-    prepend_bos: bool = True,
-    cache_dir: Union[str, Path, None] = None,
-    progress: bool = True,
-) -> Report:
-    """Run the report's analyses on ``model`` and assemble its JSON data and HTML page.
+def build_report(model: Any, *, prompts: Sequence[str] = DEFAULT_PROMPTS, corpus: Any = None, tuned: Any = "auto",
+                 lenses: Sequence[Any] = (), eval_tokens: int = 1024, align_tokens: int = 1024, top_k: int = 5,
+                 prepend_bos: bool = True, cache_dir: Union[str, Path, None] = None, progress: bool = True) -> Report:
+    """Run the report's analyses on ``model`` (in eval mode) and assemble its JSON data and HTML page.
 
     Args:
-        model: A ``TransformerBridge`` or ``HookedTransformer`` in eval mode.
-        prompts: Prompts for the lens grids.
-        corpus: Held-out text for the corpus metrics and the alignment suite (texts, files or a
-            token tensor); default the held-out split of the offline default corpus.
-        tuned: ``"auto"`` (the cached tuned lens, fitted if missing), a ``TunedLens``, or None to
-            leave the tuned lens out.
-        lenses: More lenses to put beside the logit and tuned lenses, in the grids and in the
-            held-out table: a :class:`~tl_latentspaces.JacobianLens`, another ``TunedLens``, a
-            TransformerLens ``JacobianLens``, a lens of your own (:class:`~tl_latentspaces.Lens`).
-        eval_tokens: Tokens of ``corpus`` for the logit-vs-tuned metrics.
-        align_tokens: Tokens of ``corpus`` for the alignment suite.
-        top_k: Top tokens per grid cell.
-        prepend_bos: Prepend BOS to the prompts.
+        corpus: Held-out text for the corpus metrics and the alignment suite (texts, files or a token tensor);
+            default the held-out split of the offline default corpus.
+        tuned: ``"auto"`` (the cached tuned lens, fitted if missing), a ``TunedLens``, or None to leave it out.
+        lenses: More lenses beside the logit and tuned lenses, in the grids and the held-out table (a
+            :class:`~tl_latentspaces.JacobianLens`, another ``TunedLens``, a :class:`~tl_latentspaces.Lens`).
+        eval_tokens, align_tokens: Tokens of ``corpus`` for the lens metrics and for the alignment suite.
         cache_dir: Cache folder for the tuned lens.
-        progress: Show progress bars.
     """
-
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("the report")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -187,16 +151,11 @@ def build_report(
     if corpus is None:
         corpus = default_corpus("heldout")
     lens = tuned_lens_for(access, cache_dir=cache_dir, progress=progress) if tuned == "auto" else tuned
-    extra = list(lenses)
-    grid_lenses: list[Any] = ["logit"] + ([lens] if lens is not None else []) + extra + ["embedding"]
-
-    grids = []
-    for prompt in prompts:
-        results = read_lenses(access.model, prompt, lenses=grid_lenses, top_k=top_k, prepend_bos=prepend_bos)
-        grids.append((prompt, results))
-    eval_lenses = ["logit"] + ([lens] if lens is not None else []) + extra
-    # The corpus statistics stream through the corpus runner: one pass feeds both when their token
-    # budgets agree, and under torchrun each process takes its share of the batches.
+    eval_lenses: list[Any] = ["logit"] + ([lens] if lens is not None else []) + list(lenses)
+    grid_lenses = eval_lenses + ["embedding"]
+    grids = [(p, read_lenses(access.model, p, lenses=grid_lenses, top_k=top_k, prepend_bos=prepend_bos))
+             for p in prompts]
+    # one corpus pass feeds both when their token budgets agree; under torchrun each process takes its share
     passes: dict[int, dict[str, Any]] = {}
     passes.setdefault(eval_tokens, {})["evaluation"] = LensEvalAccumulator(access, eval_lenses).empty
     passes.setdefault(align_tokens, {})["alignment"] = AlignmentAccumulator(access).empty
@@ -235,38 +194,39 @@ def build_report(
         _table(evaluation.summary() if hasattr(evaluation, "summary") else evaluation.to_dataframe()),
         _guide("Lower is better: how far each lens's distribution is from the model's final one, layer by "
                "layer. Where a curve drops, that lens starts to read what the model will say."),
-        layer_curves_view(
-            labels,
-            {f"KL to final, {name} lens": evaluation.kl_to_final[i] for i, name in enumerate(evaluation.lenses)},
-            ylabel="nats",
-            title="KL(final || lens) per stack entry",
-        ).local_src,
+        layer_curves_view(labels, {f"KL to final, {name} lens": evaluation.kl_to_final[i]
+                                   for i, name in enumerate(evaluation.lenses)},
+                          ylabel="nats", title="KL(final || lens) per stack entry").local_src,
         "<details><summary>Per-entry table</summary>" + _table(evaluation.to_dataframe()) + "</details>",
         "<h2>Lens grids</h2>",
+        _guide("Rows are stack entries (embedding at the top), columns input positions; each cell is "
+               "the lens's top-1 guess for the next token. Switch lens and colour metric above the "
+               "grid; hover a cell for its top-k."),
     ]
-    parts.append(_guide("Rows are stack entries (embedding at the top), columns input positions; each cell is "
-                        "the lens's top-1 guess for the next token. Switch lens and colour metric above the "
-                        "grid; hover a cell for its top-k."))
     for prompt, results in grids:
         parts.append(f"<h3>{html.escape(repr(prompt))}</h3>")
         parts.append(lens_grid(results, title=prompt).local_src)
         if "embedding" in results:
             parts.append(_guide("Per-token drift: each input token coloured by the cosine between its residual and "
                                 "its own input embedding, at the entry the slider picks; hover for every entry."))
-            parts.append(drift_tokens(results["embedding"], "own_cosine", title=f"Drift from the own token: {prompt}").local_src)
+            drift = drift_tokens(results["embedding"], "own_cosine", title=f"Drift from the own token: {prompt}")
+            parts.append(drift.local_src)
     parts += [
         "<h2>Alignment with the embedding and unembedding spaces</h2>",
         f'<p class="meta">{alignment.n_tokens} tokens of {alignment.n_sequences} held-out sequences '
         f"(first {alignment.skip_positions} position(s) of each left out), subspace dimension k = {alignment.k}. "
         "Dashed lines and bands: what random subspaces give (mean ± 1 sd).</p>",
     ]
-    parts += _alignment_figures(alignment, layer_curves_view, cka_matrix_view)
+    parts += _alignment_figures(alignment)
     parts.append("<details><summary>Per-entry table</summary>" + _table(alignment.to_dataframe()) + "</details>")
-    page = _page(f"tl_latentspaces report: {access.name}", one_bundle_per_page(parts))
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
+            f"<title>{html.escape(f'tl_latentspaces report: {access.name}')}</title>\n<style>{_STYLE}</style>\n"
+            f"</head>\n<body>\n{one_bundle_per_page(parts)}\n</body>\n</html>\n")
     return Report(data=data, html=page)
 
 
-def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: Any) -> list[str]:
+def _alignment_figures(alignment: Any) -> list[str]:
     labels = alignment.labels
     a, v, c, d = alignment.angles, alignment.variance, alignment.cka, alignment.drift
     guides = [
@@ -279,37 +239,24 @@ def _alignment_figures(alignment: Any, layer_curves_view: Any, cka_matrix_view: 
         "Bright squares on the diagonal are blocks of layers that represent the text alike; a dark "
         "seam is a layer that rewrites the stream.",
     ]
+    angle_names = ("mean angle to W_E subspace", "mean angle to W_U subspace")
+    variance_names = ("variance in W_E subspace", "variance in W_U subspace")
+    k = alignment.k
     figs = [
-        layer_curves_view(
-            labels,
-            {"mean angle to W_E subspace": a.embed.mean(-1), "mean angle to W_U subspace": a.unembed.mean(-1)},
-            # the null of the mean angle: random subspaces' mean angle, banded by one angle's sd
-            null={name: (float(a.null_mean.mean()), float(a.null_std.mean()))
-                  for name in ("mean angle to W_E subspace", "mean angle to W_U subspace")},
-            ylabel="radians",
-            title=f"Principal angles: top-{alignment.k} residual subspace vs top-{alignment.k} singular subspaces",
-        ),
-        layer_curves_view(
-            labels,
-            {"variance in W_E subspace": v.embed, "variance in W_U subspace": v.unembed},
-            null={name: (v.null_mean, v.null_std) for name in ("variance in W_E subspace", "variance in W_U subspace")},
-            ylabel="fraction of variance",
-            title=f"Residual variance inside the top-{alignment.k} embedding and unembedding subspaces",
-        ),
-        layer_curves_view(
-            labels,
-            {"own-token cosine (mean)": d.cos_mean},
-            ylabel="cosine",
-            title="Drift: cosine between each position's residual and its own input embedding",
-        ),
+        # the null of the mean angle: random subspaces' mean angle, banded by one angle's sd
+        layer_curves_view(labels, dict(zip(angle_names, (a.embed.mean(-1), a.unembed.mean(-1)))),
+                          null={name: (float(a.null_mean.mean()), float(a.null_std.mean())) for name in angle_names},
+                          ylabel="radians",
+                          title=f"Principal angles: top-{k} residual subspace vs top-{k} singular subspaces"),
+        layer_curves_view(labels, dict(zip(variance_names, (v.embed, v.unembed))),
+                          null={name: (v.null_mean, v.null_std) for name in variance_names},
+                          ylabel="fraction of variance",
+                          title=f"Residual variance inside the top-{k} embedding and unembedding subspaces"),
+        layer_curves_view(labels, {"own-token cosine (mean)": d.cos_mean}, ylabel="cosine",
+                          title="Drift: cosine between each position's residual and its own input embedding"),
         cka_matrix_view(c.layer_debiased, labels, title="Debiased linear CKA between stack entries"),
     ]
     return [_guide(g) + f.local_src for g, f in zip(guides, figs)]
-
-
-def _guide(text: str) -> str:
-    """A one-line reading guide above a figure."""
-    return f'<p class="guide">{html.escape(text)}</p>'
 
 
 def alignment_data(alignment: Any) -> Any:
@@ -321,11 +268,7 @@ def alignment_data(alignment: Any) -> Any:
 
 
 def write_report(report: Report, out_dir: Union[str, Path]) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed), atomically.
-
-    Returns:
-        The paths of the page and the JSON file.
-    """
+    """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed) atomically; return their paths."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
