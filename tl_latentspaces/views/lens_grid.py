@@ -10,7 +10,7 @@ from tl_latentspaces.results import LensDiff, LensResult
 from tl_latentspaces.views.data import batch_index, nums, real_positions, target_names
 from tl_latentspaces.views.render import HTMLView, render_component
 from tl_latentspaces.views.scales import diff_metrics, fill_ranges, metric_name, run_metrics
-from tl_latentspaces.views.tokens import TokenText
+from tl_latentspaces.views.tokens import TokenText, input_tokens
 
 __all__ = ["lens_grid"]
 
@@ -143,12 +143,7 @@ def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: 
     ref = runs[0][0]
     b = batch_index(batch, ref.tokens.shape[0])
     keep = real_positions(ref, b)
-    positions = [ref.positions[i] for i in keep]
-    words = TokenText(ref.decode)
-    row = [int(i) for i in ref.tokens[b].tolist()]
-    texts, notes = words.sequence(row)
-    tokens = [texts[p] for p in positions]
-    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+    tokens, bos = input_tokens(ref, b, keep)
 
     lenses = []
     for name, rs, d in zip(names, runs, diffs):
@@ -194,19 +189,9 @@ def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: 
         if diff_mode:
             title += f" · {run_names[1]} vs {run_names[0]}"
     props: dict[str, Any] = {
-        "labels": list(ref.labels),
-        "tokens": tokens,
-        "tokenIds": [row[p] for p in positions],
-        "tokenNotes": [notes[p] for p in positions],
-        "positions": positions,
-        "bos": bos,
-        "hideBos": bos and len(positions) > 1,
-        "compact": len(positions) > COMPACT_FROM,
-        "lenses": lenses,
-        "title": title,
-        "initialLens": 0,
-        "initialMetric": matches[0]["key"],
-        "initialView": view,
+        "labels": list(ref.labels), **tokens, "bos": bos, "hideBos": bos and len(keep) > 1,
+        "compact": len(keep) > COMPACT_FROM, "lenses": lenses, "title": title, "initialLens": 0,
+        "initialMetric": matches[0]["key"], "initialView": view,
     }
     if diff_mode:
         props["runs"] = list(run_names)

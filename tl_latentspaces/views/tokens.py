@@ -151,6 +151,18 @@ class TokenText:
             notes[k] = f"bytes {hexes}, part of \u201c{split[k]}\u201d"
 
 
+def input_tokens(result: LensResult, b: int, keep: list[int]) -> tuple[dict[str, Any], bool]:
+    """The props naming the input tokens at the read positions ``keep`` of row ``b``; and whether they open with BOS."""
+    positions = [result.positions[i] for i in keep]
+    words = TokenText(result.decode)
+    row = [int(i) for i in result.tokens[b].tolist()]
+    texts, notes = words.sequence(row)
+    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+    props = {"tokens": [texts[p] for p in positions], "tokenIds": [row[p] for p in positions],
+             "tokenNotes": [notes[p] for p in positions], "positions": positions}
+    return props, bos
+
+
 def _intensity(values: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
     """The colour intensity the components draw (js/src/colors.ts ``intensity``)."""
     squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
@@ -207,32 +219,18 @@ def drift_tokens(result: LensResult, metric: Optional[str] = None, *, batch: int
     if not entries:
         raise ValueError("layers is empty; pass at least one stack entry, or None for all.")
     m["values"] = [m["values"][e] for e in entries]
-    positions = [result.positions[i] for i in keep]
-    words = TokenText(result.decode)
-    row = [int(i) for i in result.tokens[b].tolist()]
-    texts, notes = words.sequence(row)
-    bos = positions[0] == 0 and words.bos_id is not None and row[0] == words.bos_id
+    tokens, bos = input_tokens(result, b, keep)
     skip = (0,) if bos else ()
-    lens = {"metrics": [m]}
-    fill_ranges([lens], skip=skip, labels=[result.labels[e] for e in entries])
+    fill_ranges([{"metrics": [m]}], skip=skip, labels=[result.labels[e] for e in entries])
     del m["view"]
     values = torch.tensor([[float("nan") if v is None else v for v in r] for r in m["values"]], dtype=torch.float64)
     if title is None:
-        title = f"{m['name']} across layers · {result.lens} lens" + (
-            f" · {result.model_name}" if result.model_name else "")
+        model = f" · {result.model_name}" if result.model_name else ""
+        title = f"{m['name']} across layers · {result.lens} lens{model}"
     props = {
-        "title": title,
-        "lens": result.lens,
-        "tokens": [texts[p] for p in positions],
-        "tokenIds": [row[p] for p in positions],
-        "tokenNotes": [notes[p] for p in positions],
-        "positions": positions,
-        "labels": [result.labels[e] for e in entries],
-        "values": m.pop("values"),
-        "metric": m,
-        "initialEntry": _informative_entry(values, m, skip),
-        "bos": bos,
-        "hideBos": bos and len(positions) > 1,
+        "title": title, "lens": result.lens, **tokens, "labels": [result.labels[e] for e in entries],
+        "values": m.pop("values"), "metric": m, "initialEntry": _informative_entry(values, m, skip),
+        "bos": bos, "hideBos": bos and len(keep) > 1,
     }
     return render_component("TokenDrift", props, title=title)
 
@@ -293,6 +291,6 @@ def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) ->
         "correctTokenRank": ranks,
         "correctTokenLogProb": [num(lp) for lp in log_probs],
     }
-    title = f"{result.labels[e]} predictions · {result.lens} lens" + (
-        f" · {result.model_name}" if result.model_name else "")
+    model = f" · {result.model_name}" if result.model_name else ""
+    title = f"{result.labels[e]} predictions · {result.lens} lens{model}"
     return render_component("TokenLogProbs", props, title=title, circuitsvis=True)
