@@ -1,5 +1,4 @@
-"""Figures of alignment results: a matrix between stack entries and per-entry curves (``MatrixHeatmap``,
-``LayerCurves`` in ``js/src/``)."""
+"""Figures of alignment results: a matrix between stack entries and per-entry curves."""
 
 from __future__ import annotations
 
@@ -35,13 +34,8 @@ def cka_matrix_view(matrix: ArrayLike, labels: Sequence[str], title: str = "CKA 
                     vmin: Optional[float] = None, vmax: Optional[float] = None) -> HTMLView:
     """A layer x layer similarity matrix (e.g. linear CKA) as a heat map (``MatrixHeatmap``).
 
-    Args:
-        matrix: ``[L, L]`` values; row ``i`` is drawn ``i``-th from the top; NaN is drawn grey.
-        labels: The ``L`` layer labels (e.g. ``"0_pre"`` ... ``"final_post"``).
-        vmin, vmax: Colour range; default ``[0, 1]``, widened to the data if it leaves that.
-
-    Returns:
-        An :class:`HTMLView`; ``.props`` holds the matrix (None for NaN), the labels and the colour range.
+    ``matrix`` is ``[L, L]``, row ``i`` drawn ``i``-th from the top, NaN grey; ``vmin, vmax`` default to
+    ``[0, 1]``, widened to the data if it leaves that. ``.props`` holds the matrix (None for NaN).
 
     Example:
         >>> view = tll.cka_matrix_view(torch.eye(3), ["0_pre", "1_pre", "final_post"])  # doctest: +SKIP
@@ -94,15 +88,12 @@ def layer_curves_view(labels: Sequence[str], curves: Mapping[str, ArrayLike],
     """Per-layer curves (principal angles, variance in the embedding subspace, ...) (``LayerCurves``).
 
     Args:
-        labels: The ``L`` layer labels along the x axis.
-        curves: ``{name: [L] values}``; NaN leaves a gap.
-        null: ``{name: (mean, std)}``, a curve's null baseline, each a float or ``[L]`` values: drawn as a
-            dashed line at the mean with a band of one standard deviation.
+        curves: ``{name: [L] values}``, one value per label; NaN leaves a gap.
+        null: ``{name: (mean, std)}``, a curve's null baseline, each a float or ``[L]`` values: a dashed line
+            at the mean with a band of one standard deviation.
         ymin, ymax: The y range (default: the data's, baselines included, rounded out).
 
-    Returns:
-        An :class:`HTMLView`; ``.props["series"]`` holds one ``{"name", "values", "baseline"}`` per curve
-        in the order given (``baseline`` is ``{"mean", "std"}`` or absent; None for NaN), with the y range and ticks.
+    ``.props["series"]`` holds one ``{"name", "values", "baseline"}`` per curve, in the order given.
 
     Example:
         >>> labels = ["0_pre", "1_pre", "final_post"]

@@ -20,7 +20,7 @@ COMPACT_FROM = 24
 
 def _grid_runs(results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[str]]
                ) -> tuple[list[str], list[list[LensResult]], list[Optional[LensDiff]]]:
-    """Normalise lens_grid's arguments to (lens names, runs per lens, diff per lens)."""
+    """(lens names, runs per lens, diff per lens) from lens_grid's arguments."""
     if not results:
         raise ValueError("lens_grid needs at least one LensResult (or a read_lenses dict, or a LensDiff); got none.")
     named: list[tuple[str, Any]] = []
@@ -103,32 +103,23 @@ def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
 def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: Optional[Sequence[str]] = None,
               batch: int = 0, diff: bool = False, metric: Optional[str] = None,
               run_names: Sequence[str] = ("clean", "patched"), title: Optional[str] = None) -> HTMLView:
-    """The lens grid: stack entries x positions, each cell the lens's top-1 token.
+    """The lens grid: stack entries (rows) x the real read positions of one batch row, each cell a top-1 token.
 
-    Rows are the stack entries (``0_pre`` ... ``final_post``), columns the real (non-padding) read positions of
-    one batch row. Cells are coloured by a metric chosen with buttons, named as in
-    :meth:`LensResult.to_dataframe`: ``top1_prob``, ``entropy``, ``kl_to_final`` and, where the results hold
-    them, ``target{t}_prob``, ``target{t}_rank``, ``own_cosine``, ``own_rank``. Hovering a cell shows its
-    top-k tokens. Several results (readouts of the same input, e.g. a :func:`~tl_latentspaces.read_lenses`
-    dict) make a lens switch. Each lens and metric has its own colour range, robust to outliers and stated
-    in the legend; the BOS column is left out of the ranges and hidden at first.
+    Cells are coloured by a metric named as in :meth:`LensResult.to_dataframe` (``top1_prob``, ``entropy``,
+    ``kl_to_final``, ``target{t}_prob``, ``target{t}_rank``, ``own_cosine``, ``own_rank``); hovering shows the
+    top-k. Several results of one input (e.g. a :func:`~tl_latentspaces.read_lenses` dict) make a lens switch.
+    Colour ranges are per lens and metric, robust to outliers, without the BOS column (hidden at first).
 
-    Difference mode: ``lens_grid(clean, patched, diff=True)`` with two LensResults or two ``read_lenses``
-    dicts (paired by lens), or LensDiffs (``clean.diff(patched)``), shows either run or their difference,
-    coloured by ``divergence``, ``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
-    ``target{t}_rank_delta`` or ``top1_changed``.
+    ``lens_grid(clean, patched, diff=True)`` (two LensResults or two ``read_lenses`` dicts), or LensDiffs, show
+    either run or their difference: ``divergence``, ``kl_delta``, ``entropy_delta``, ``target{t}_prob_delta``,
+    ``target{t}_rank_delta``, ``top1_changed``.
 
     Args:
-        *results: LensResults, LensDiffs, or dicts of them (``read_lenses`` output).
         labels: Names on the lens buttons, one per result (default: each result's ``lens``, or the dict keys).
-        batch: Which batch row to show.
-        metric: Key (or button name) of the metric shown first. Default: ``top1_prob``; in difference mode
-            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. The old names
-            (``"target_ranks:0"``, ``"own_scores"``, ...) still work, with a DeprecationWarning.
+        metric: Key (or button name) of the metric shown first. Default ``top1_prob``; in difference mode
+            ``divergence``, else ``target0_prob_delta``, else ``kl_delta``. Old names (``"target_ranks:0"``,
+            ``"own_scores"``) still work, with a DeprecationWarning.
         run_names: The two runs' names in difference mode, base first.
-
-    Returns:
-        An :class:`HTMLView` of the ``LensGrid`` component (``.props`` holds its data).
 
     Example:
         >>> r = read_lenses(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
@@ -183,9 +174,8 @@ def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: 
     # In difference mode a run metric opens on the other (e.g. patched) run.
     view = -1 if any(m["view"] == -1 for m in matches) else max(m["view"] for m in matches)
 
-    model = ref.model_name
     if title is None:
-        title = f"Lens grid · {model}" if model else "Lens grid"
+        title = f"Lens grid · {ref.model_name}" if ref.model_name else "Lens grid"
         if diff_mode:
             title += f" · {run_names[1]} vs {run_names[0]}"
     props: dict[str, Any] = {

@@ -1,8 +1,5 @@
-"""How a view becomes HTML: the :class:`HTMLView` and the inlined bundle of our components.
-
-A view is a ``<div id=...>`` plus a script calling ``TLLatentSpaces.render(id, TLLatentSpaces.Component, props)``,
-as CircuitsVis renders its components, with the bundle inlined in a script of its own.
-"""
+"""How a view becomes HTML: a ``<div>`` plus a script calling ``TLLatentSpaces.render(id, Component, props)``, as
+CircuitsVis renders its components, with the bundle inlined in a script of its own (:class:`HTMLView`)."""
 
 from __future__ import annotations
 
@@ -30,16 +27,9 @@ PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-in
 class HTMLView(RenderedHTML):
     """A CircuitsVis ``RenderedHTML`` that renders offline and never probes the network.
 
-    ``_repr_html_`` and ``str(view)`` give the HTML with its script inlined; ``show_code()`` still gives
-    CircuitsVis's CDN version for the views built on CircuitsVis's own components.
-
-    Attributes:
-        local_src: The HTML fragment with its JavaScript inlined.
-        cdn_src: CircuitsVis's CDN fragment for CircuitsVis components, else the same as ``local_src``.
-        title: The saved page's title.
-        component: The React component drawn (``"LensGrid"``, ``"TokenDrift"``, ``"MatrixHeatmap"``,
-            ``"LayerCurves"``, ``"TokenLogProbs"``), or None for HTML put together from several views.
-        props: The data the component receives, as plain Python lists and numbers.
+    ``local_src`` (also ``str(view)``) is the HTML with its JavaScript inlined; ``cdn_src`` is CircuitsVis's CDN
+    fragment for CircuitsVis components, else the same. ``component`` names the React component drawn (None for
+    HTML put together from several views) and ``props`` its data as plain lists and numbers.
     """
 
     def __init__(self, local_src: str, cdn_src: Optional[str] = None, *, title: str = "",
@@ -52,11 +42,9 @@ class HTMLView(RenderedHTML):
     @property
     def svg(self) -> str:
         """Removed: the figures are components of the bundle, drawn in the browser."""
-        raise AttributeError(
-            "HTMLView.svg is gone: cka_matrix_view and layer_curves_view now render the bundle's "
-            "MatrixHeatmap and LayerCurves components, drawn by the browser. Their data is in "
-            "view.props; view.save(path) writes a page that opens offline."
-        )
+        raise AttributeError("HTMLView.svg is gone: cka_matrix_view and layer_curves_view now render the bundle's "
+                             "MatrixHeatmap and LayerCurves components, drawn by the browser. Their data is in "
+                             "view.props; view.save(path) writes a page that opens offline.")
 
     def _repr_html_(self) -> str:
         return self.local_src
@@ -73,16 +61,11 @@ class HTMLView(RenderedHTML):
 
     def to_html(self) -> str:
         """One complete, self-contained HTML page holding the view."""
-        return (
-            "<!DOCTYPE html>\n"
-            '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(self.title or 'tl_latentspaces view')}</title>\n"
-            "</head>\n<body style=\"background: white; margin: 8px;\">\n"
-            f"{self.local_src}\n"
-            "</body>\n</html>\n"
-        )
+        return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+                f'<meta http-equiv="Content-Security-Policy" content="{PAGE_CSP}">\n'
+                '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+                f"<title>{html.escape(self.title or 'tl_latentspaces view')}</title>\n"
+                f'</head>\n<body style="background: white; margin: 8px;">\n{self.local_src}\n</body>\n</html>\n')
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write :meth:`to_html` to ``path`` atomically (an existing file survives a failed write); returns the path."""
@@ -142,10 +125,7 @@ def render_component(component: str, props: dict[str, Any], *, title: str, circu
     """Render a component as CircuitsVis's ``render_local`` does, offline; ``circuitsvis``: one of CircuitsVis's."""
     prefix, name = ("circuits-vis-", "CircuitsVis") if circuitsvis else ("tl-latentspaces-", BUNDLE_GLOBAL)
     uid = prefix + uuid.uuid4().hex[:13]
-    src = (
-        f'<div id="{uid}" style="margin: 15px 0;"></div>\n'
-        f"{bundle_script(circuitsvis)}"
-        f'<script>\n{name}.render(\n  "{uid}",\n  {name}.{component},\n  {js_json(props)}\n)\n</script>'
-    )
+    src = (f'<div id="{uid}" style="margin: 15px 0;"></div>\n{bundle_script(circuitsvis)}'
+           f'<script>\n{name}.render(\n  "{uid}",\n  {name}.{component},\n  {js_json(props)}\n)\n</script>')
     cdn = render_cdn(component, **props) if circuitsvis else None
     return HTMLView(src, cdn, title=title, component=component, props=props)

@@ -1,7 +1,4 @@
-"""Colour scales and the metrics views colour by, named as ``LensResult.to_dataframe()`` names them.
-
-Each lens and metric gets its own colour range, robust to outliers and stated in the legend (``_RANGES``).
-"""
+"""Colour scales, and the metrics views colour by (named as ``LensResult.to_dataframe()`` names them)."""
 
 from __future__ import annotations
 
@@ -56,14 +53,9 @@ def metric_name(name: str) -> str:
 
 def _metric(key: str, name: str, view: int, values: torch.Tensor, *, scale: str = "sequential", reverse: bool = False,
             log: bool = False, fmt: str = "number", unit: str = "", description: str, ranging: str) -> dict[str, Any]:
-    m: dict[str, Any] = {
-        "key": key, "name": name, "view": view, "values": nums(values), "scale": scale,
-        "reverse": reverse, "log": log, "format": fmt, "description": description,
-    }
-    if unit:
-        m["unit"] = unit
-    m["_ranging"] = ranging
-    return m
+    m: dict[str, Any] = {"key": key, "name": name, "view": view, "values": nums(values), "scale": scale,
+                         "reverse": reverse, "log": log, "format": fmt, "description": description}
+    return {**m, "unit": unit, "_ranging": ranging} if unit else {**m, "_ranging": ranging}
 
 
 def run_metrics(r: LensResult, view: int, b: int, keep: list[int], targets: list[str]) -> list[dict[str, Any]]:
@@ -159,10 +151,9 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
 
 
 def embedding_entry_is_apart(rows: Sequence[Sequence[float]], *, log: bool = False) -> bool:
-    """Whether the first stack entry's values (``0_pre``, the token embedding) sit far from every later entry's.
+    """Whether entry 0's median lies over three interquartile ranges outside the quartiles of the later medians.
 
-    It is apart when its median lies more than three interquartile ranges (of the later entries' medians)
-    outside their quartiles. ``rows`` is ``[entry][...]``; ``log`` compares ``log1p`` of the values.
+    ``rows`` is ``[entry][...]``; ``log`` compares ``log1p`` of the values.
     """
     medians = []
     for row in rows:
@@ -180,11 +171,8 @@ def embedding_entry_is_apart(rows: Sequence[Sequence[float]], *, log: bool = Fal
 
 
 def fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = (), labels: Sequence[str] = ()) -> None:
-    """Give each metric of each lens its colour range, shared by the runs of that lens.
-
-    The columns in ``skip`` (the BOS position) are left out, and, for a run's own metrics, ``0_pre`` when
-    :func:`embedding_entry_is_apart`; the legend says so.
-    """
+    """Give each metric of each lens its colour range, shared by its runs, without the columns in ``skip`` (BOS)
+    and, for a run's own metrics, without ``0_pre`` when :func:`embedding_entry_is_apart`."""
     for lens in lenses:
         groups: dict[str, list[dict[str, Any]]] = {}
         for m in lens["metrics"]:

@@ -46,10 +46,9 @@ def _escape_bytes(raw: bytes) -> str:
 class TokenText:
     """How views write tokens: text where a token is text, ``<0xE2>``-style escapes of its bytes where it is not.
 
-    A byte-level tokenizer can split one character over several tokens, each decoding to ``\ufffd`` alone. A
-    token's bytes come from the tokenizer's vocabulary (the byte-level alphabet, or ``<0xE2>`` byte-fallback
-    pieces), and input tokens are decoded as one byte stream, so a split character is shown whole.
-    ``decode`` is a result's ``decode``; its ``tokenizer`` attribute is used when present.
+    A token's bytes come from the tokenizer's vocabulary (byte-level alphabet or ``<0xE2>`` pieces); input tokens
+    are decoded as one byte stream, so a character split over several tokens is shown whole. ``decode`` is a
+    result's ``decode``; its ``tokenizer`` attribute is used when present.
     """
 
     def __init__(self, decode: Callable[[int], str]):
@@ -60,7 +59,6 @@ class TokenText:
 
     @property
     def bos_id(self) -> Optional[int]:
-        """The tokenizer's BOS id, or None."""
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return bos if isinstance(bos, int) else None
 
@@ -108,9 +106,8 @@ class TokenText:
     def sequence(self, ids: Sequence[int]) -> tuple[list[str], list[str]]:
         """Input tokens read as one text: ``(texts, notes)``, one per token.
 
-        A character split over several tokens is written whole in the token where it starts, and as ``…``
-        plus that character in a token that only continues it; ``notes`` gives such a token's bytes and the
-        character it is part of, else is empty.
+        A split character is written whole where it starts and as ``…`` plus the character in a token that only
+        continues it; such a token's note gives its bytes and the character, other notes are empty.
         """
         ids = [int(i) for i in ids]
         raws = [self.token_bytes(i) for i in ids]
@@ -184,20 +181,10 @@ def drift_tokens(result: LensResult, metric: Optional[str] = None, *, batch: int
                  layers: Optional[Sequence[Selector]] = None, title: Optional[str] = None) -> HTMLView:
     """The input's tokens coloured by one per-token metric, one stack entry at a time (``TokenDrift``).
 
-    A slider picks the stack entry; colour ranges are those of :func:`lens_grid`. It opens on the entry whose
-    colours vary most across the tokens.
-
-    Args:
-        metric: A metric named as in :meth:`LensResult.to_dataframe` (``"own_cosine"``, ``"own_rank"``,
-            ``"kl_to_final"``, ``"entropy"``, ``"top1_prob"``, ``"target{t}_prob"``, ``"target{t}_rank"``);
-            old names still work, with a DeprecationWarning. Default: ``own_cosine`` for the embedding lens,
-            else ``kl_to_final``.
-        batch: Which batch row to show (padding dropped).
-        layers: The stack entries to offer (labels or indices), default all.
-
-    Returns:
-        An :class:`HTMLView`; ``.props`` holds ``tokens``, ``labels``, ``values`` (``[entry][pos]``),
-        ``metric`` (its key, name, range) and ``initialEntry``.
+    A slider picks the entry (of ``layers``, default all); colour ranges are those of :func:`lens_grid`. It opens
+    on the entry whose colours vary most across the tokens. ``metric`` is named as in
+    :meth:`LensResult.to_dataframe` (old names warn); default ``own_cosine`` for the embedding lens, else
+    ``kl_to_final``. ``.props["values"]`` is ``[entry][pos]``.
     """
     if not isinstance(result, LensResult):
         raise ValueError(f"drift_tokens takes one LensResult, got {type(result).__name__}.")
@@ -238,9 +225,8 @@ def drift_tokens(result: LensResult, metric: Optional[str] = None, *, batch: int
 def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) -> HTMLView:
     """One stack entry's next-token predictions, with CircuitsVis's ``TokenLogProbs`` component.
 
-    ``result``'s read positions must be consecutive; ``label`` is a stack entry (``"12_pre"`` or an index).
-    The true next token's probability and rank come from the top-k when it is there, else from the
-    result's targets; raises ValueError where neither has it. Read with the next tokens as targets::
+    The read positions must be consecutive. The next token's probability and rank come from the top-k, else
+    from the targets; ValueError where neither has it. Read with the next tokens as targets::
 
         ids = model.to_tokens(text)
         result = tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))
