@@ -149,6 +149,15 @@ def test_checkpoint_of_another_fit_is_refused(tmp_path):
         fit_tuned_lens(model, _corpus(seed=9), refine_steps=0, checkpoint_dir=tmp_path, progress=False)
 
 
+def test_checkpoint_of_an_earlier_version_is_refused(tmp_path):
+    """A folder of the earlier format (version 2: the fit's own collection files) is refused, naming the fix."""
+    state = {"format": "tl_latentspaces.tuned_lens_fit", "version": 2, "key": "0" * 24, "files": {}}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"not a tuned-lens fit checkpoint of this version .*version 2.*"
+                                         r"Delete the folder to start over, or pass another checkpoint_dir"):
+        fit_tuned_lens(_model(), _corpus(), refine_steps=0, checkpoint_dir=tmp_path, progress=False)
+
+
 def _other_models():
     out = [("weights", lambda: _model(seed=1), r"weights fingerprint \(hash of every parameter\): checkpoint"),
            ("dtype", lambda: _model().to(torch.float64), r"dtype: checkpoint torch.float32, this model torch.float64")]

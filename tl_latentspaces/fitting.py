@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
-from tl_latentspaces.distributed import all_reduce_sum, current_context, gather_states
+from tl_latentspaces.distributed import all_reduce_sum, current_context, shard_batches
 from tl_latentspaces.files import json_safe, write_bytes_atomic
 from tl_latentspaces.model import ModelAccess, ModelIdentity
-from tl_latentspaces.runner import stream_residuals
+from tl_latentspaces.runner import CorpusRunner
 from tl_latentspaces.translators import TunedLens, translate_rows
 
 __all__ = ["fit_tuned_lens", "FitSettings", "TunedLensFitError"]
@@ -50,7 +50,7 @@ _CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (wo
 _FULL_CHECK_TOKENS = 128  # of those, the ones whose full-vocabulary KL decides what is kept
 _VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
 _CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
-_CKPT_VERSION = 2
+_CKPT_VERSION = 3  # 3: the collection is the corpus runner's checkpoint, in collect/
 
 
 class TunedLensFitError(RuntimeError):
@@ -218,7 +218,7 @@ def fit_tuned_lens(
             "sequences' worth) or a larger max_tokens."
         )
     identity = ModelIdentity.of(access)
-    ckpt = None if checkpoint_dir is None else _Checkpoint(checkpoint_dir, settings, identity, seqs, checkpoint_every)
+    ckpt = None if checkpoint_dir is None else _Checkpoint(checkpoint_dir, settings, identity, seqs)
     order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val], order[n_val:]
     n_refine_seq = min(len(train_idx), math.ceil(refine_tokens / (seq_len - 1))) if refine_steps else 0
@@ -226,7 +226,13 @@ def fit_tuned_lens(
 
     phases = {}
     t0 = time.perf_counter()
-    stats = _collect(access, seqs, val_idx, train_idx, n_refine_seq, settings, dev, ckpt, progress)
+    # Validation and training sequences stream separately, so no batch mixes the two; the refinement subset is
+    # the first training sequences. Only the training pass (the long one) is checkpointed.
+    val = _collect(access, seqs[val_idx], n_val, settings, dev, None, checkpoint_every, progress)
+    folder = None if ckpt is None else ckpt.folder / "collect"
+    train = _collect(access, seqs[train_idx], n_refine_seq, settings, dev, folder, checkpoint_every, progress, True)
+    stats = _check_collection(_Stats(XtX=train.XtX, XtY=train.XtY, n=train.n, val=val.rows(), refine=train.rows(),
+                                     n_excluded=val.n_excluded + train.n_excluded), settings, access.d_model)
     phases["collect"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     work = _prepare(readout, stats, settings)
@@ -258,7 +264,6 @@ class _Stats:
     n: int  # training positions accumulated
     val: torch.Tensor  # [L+1, n_val_pos, d] float32
     refine: torch.Tensor  # [L+1, n_ref_pos, d] float32
-    batches_done: int
     n_excluded: int
 
 
@@ -274,99 +279,99 @@ def _keep_mask(stack: torch.Tensor, factor: float) -> torch.Tensor:
     return keep
 
 
-def _collect(access: ModelAccess, seqs: torch.Tensor, val_idx: torch.Tensor, train_idx: torch.Tensor,
-             n_refine_seq: int, settings: FitSettings, dev: torch.device, ckpt: Optional["_Checkpoint"],
-             progress: bool) -> _Stats:
-    L, d = access.n_layers, access.d_model
-    names = dict(access.stack_sites())
-    B = settings.batch_size
-    # Validation batches first, then training batches (the first ones hold the refinement subset): no batch
-    # mixes the two, and a resumed run sees the same batches in the same order.
-    batches = [val_idx[i : i + B] for i in range(0, len(val_idx), B)]
-    n_val_batches = len(batches)
-    batches += [train_idx[i : i + B] for i in range(0, len(train_idx), B)]
-    refine_seq = set(train_idx[:n_refine_seq].tolist())
+class _Collection:
+    """A corpus-runner consumer: the kept positions of the first ``n_kept`` sequences as float32 rows, and with
+    ``normal_equations`` the float64 ``X^T X``, ``X^T Y`` of every layer against the final residual.
 
-    ctx = current_context()
-    state = ckpt.load_collect(dev) if ckpt is not None else None
-    if state is None:
-        state = _Stats(XtX=torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev),
-                       XtY=torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev), n=0,
-                       val=torch.zeros(L + 1, 0, d, device=dev), refine=torch.zeros(L + 1, 0, d, device=dev),
-                       batches_done=0, n_excluded=0)
-    elif ctx.distributed and not ctx.is_main:
-        # Every rank resumes from the same checkpoint; its sums and rows enter the reduction once, from rank 0.
-        state.XtX.zero_(), state.XtY.zero_()
-        state.n = state.n_excluded = 0
-        state.val, state.refine = state.val[:, :0], state.refine[:, :0]
-    # Under torchrun each rank takes every world_size-th remaining batch of the single-process run.
-    mine = [bi for bi in range(state.batches_done, len(batches))
-            if (bi - state.batches_done) % ctx.world_size == ctx.rank]
-    todo = sum(len(batches[bi]) for bi in mine) * seqs.shape[1]
-    bar = tqdm(total=todo, desc="tuned lens: collecting activations", unit="tok",
-               disable=not (progress and ctx.is_main))
-    # Kept rows by batch index, folded into the state (or gathered across ranks) in batch order.
-    val_by_batch: dict[int, torch.Tensor] = {}
-    ref_by_batch: dict[int, torch.Tensor] = {}
-    try:
-        for bi in mine:
-            seq_ids = batches[bi]
-            for ids, stack in stream_residuals(access, seqs[seq_ids], names, batch_size=len(seq_ids), progress=False):
-                keep = _keep_mask(stack, settings.massive_factor)
-                state.n_excluded += int((~keep[:, 1:]).sum())
-                rows = stack[:, keep].to(dev, torch.float32)  # [L+1, n_keep, d]
-                if bi < n_val_batches:
-                    val_by_batch[bi] = rows
-                else:
-                    in_ref = torch.tensor([int(i) in refine_seq for i in seq_ids], device=keep.device)
-                    if bool(in_ref.any()):
-                        ref_by_batch[bi] = stack[:, keep & in_ref[:, None]].to(dev, torch.float32)
-                    _accumulate(state, rows, bi)
-                bar.update(ids.numel())
-            if ctx.distributed:
-                continue  # checkpoints of a sharded collection are written once, after the reduction
-            state.batches_done = bi + 1
-            if ckpt is not None and (state.batches_done % ckpt.every == 0 or state.batches_done == len(batches)):
-                _fold_rows(state, val_by_batch, ref_by_batch)
-                ckpt.save_collect(state)
-    finally:
-        bar.close()
-    if ctx.distributed:
-        _reduce_collection(state, val_by_batch, ref_by_batch, len(batches))
-        if ckpt is not None:
-            ckpt.save_collect(state)
-    else:
-        _fold_rows(state, val_by_batch, ref_by_batch)
-    return _check_collection(state, settings, d)
+    Rows are tagged with their batch, so a merge of ranks puts them in the single-process order.
+    """
+
+    def __init__(self, access: ModelAccess, device: torch.device, settings: FitSettings, n_batches: int,
+                 n_kept: int, normal_equations: bool):
+        L, d = access.n_layers, access.d_model
+        self.device, self.factor, self.batch_size = device, settings.massive_factor, settings.batch_size
+        self.batches, self.n_kept = list(shard_batches(n_batches)), n_kept
+        self.XtX = torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=device) if normal_equations else None
+        self.XtY = torch.zeros(L, d + 1, d, dtype=torch.float64, device=device) if normal_equations else None
+        self.n = self.n_excluded = self.updates = 0
+        self.parts = [(torch.zeros(0, dtype=torch.int64), torch.zeros(L + 1, 0, d, device=device))]
+        self.saved = False
+
+    def update(self, ids: torch.Tensor, stack: torch.Tensor) -> None:
+        if self.saved:  # the runner wrote a checkpoint of this state before this batch
+            self.saved = False
+            _checkpoint_saved("collect", {"batches_done": self.updates})
+        batch = self.batches[self.updates]
+        self.updates += 1
+        keep = _keep_mask(stack, self.factor)
+        self.n_excluded += int((~keep[:, 1:]).sum())
+        first = batch * self.batch_size
+        kept = torch.arange(first, first + ids.shape[0], device=keep.device) < self.n_kept
+        if bool(kept.any()):
+            rows = stack[:, keep & kept[:, None]].to(self.device, torch.float32)
+            self.parts.append((torch.full((rows.shape[1],), batch, dtype=torch.int64), rows))
+        if self.XtX is not None:
+            self._accumulate(stack[:, keep].to(self.device, torch.float32), batch)
+
+    def _accumulate(self, rows: torch.Tensor, batch: int) -> None:
+        if rows.shape[1] == 0:
+            return
+        Y = rows[-1].double()
+        ones = torch.ones(Y.shape[0], 1, dtype=torch.float64, device=Y.device)
+        for layer in range(rows.shape[0] - 1):
+            X = torch.cat([rows[layer].double(), ones], 1)
+            self.XtX[layer].addmm_(X.T, X)
+            self.XtY[layer].addmm_(X.T, Y)
+        if not (torch.isfinite(self.XtX).all() and torch.isfinite(self.XtY).all()):
+            raise TunedLensFitError(
+                f"the normal equations became non-finite at training batch {batch}: the residual stream "
+                "holds values too large for float64 sums. Check the model's weights, or lower massive_factor "
+                "to leave out more outlier positions."
+            )
+        self.n += Y.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        """The kept rows ``[L+1, n, d]`` in batch order."""
+        order = torch.argsort(torch.cat([t for t, _ in self.parts]), stable=True)
+        rows = torch.cat([r for _, r in self.parts], 1)
+        return rows if bool((order == torch.arange(len(order))).all()) else rows[:, order.to(self.device)]
+
+    def state_dict(self) -> dict[str, Any]:
+        self.saved = True
+        return {"XtX": self.XtX, "XtY": self.XtY, "n": self.n, "n_excluded": self.n_excluded,
+                "updates": self.updates, "tags": torch.cat([t for t, _ in self.parts]),
+                "rows": torch.cat([r for _, r in self.parts], 1)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        dev = self.device
+        self.XtX, self.XtY = (None if state[k] is None else state[k].to(dev) for k in ("XtX", "XtY"))
+        self.n, self.n_excluded, self.updates = int(state["n"]), int(state["n_excluded"]), int(state["updates"])
+        self.parts = [(state["tags"].cpu(), state["rows"].to(dev))]
+
+    def merge(self, other: "_Collection") -> "_Collection":
+        if self.XtX is not None:
+            self.XtX += other.XtX
+            self.XtY += other.XtY
+        self.n += other.n
+        self.n_excluded += other.n_excluded
+        self.updates += other.updates
+        self.parts += other.parts
+        return self
 
 
-def _fold_rows(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor]) -> None:
-    """Append the kept rows to the state in batch order; empty the dicts."""
-    state.val = torch.cat([state.val] + [val_by_batch[b] for b in sorted(val_by_batch)], 1)
-    state.refine = torch.cat([state.refine] + [ref_by_batch[b] for b in sorted(ref_by_batch)], 1)
-    val_by_batch.clear()
-    ref_by_batch.clear()
+def _collect(access: ModelAccess, seqs: torch.Tensor, n_kept: int, settings: FitSettings, dev: torch.device,
+             folder: Optional[Path], every: int, progress: bool, normal_equations: bool = False) -> _Collection:
+    """Stream ``seqs`` through the corpus runner into a :class:`_Collection` (resumable with ``folder``)."""
+    runner = CorpusRunner(access, seqs, seq_len=seqs.shape[1], batch_size=settings.batch_size,
+                          checkpoint_dir=folder, checkpoint_every=every, progress=progress)
 
+    def fresh() -> _Collection:
+        return _Collection(access, dev, settings, runner.n_batches, n_kept, normal_equations)
 
-def _reduce_collection(state: _Stats, val_by_batch: dict[int, torch.Tensor], ref_by_batch: dict[int, torch.Tensor],
-                       n_batches: int) -> None:
-    """Sum the normal equations over ranks and gather the kept rows on every rank, in batch order (rank 0 also
-    holds a resumed checkpoint's rows, which come first)."""
-    counts = torch.tensor([state.n, state.n_excluded], dtype=torch.float64, device=state.XtX.device)
-    all_reduce_sum(state.XtX)
-    all_reduce_sum(state.XtY)
-    all_reduce_sum(counts)
-    state.n, state.n_excluded = int(counts[0].item()), int(counts[1].item())
-    mine = {"prefix_val": state.val.cpu(), "prefix_refine": state.refine.cpu(),
-            "val": {str(b): t.cpu() for b, t in val_by_batch.items()},
-            "refine": {str(b): t.cpu() for b, t in ref_by_batch.items()}}
-    states = gather_states(mine)
-    dev = state.XtX.device
-    state.val = torch.cat([st["prefix_val"] for st in states], 1).to(dev)
-    state.refine = torch.cat([st["prefix_refine"] for st in states], 1).to(dev)
-    _fold_rows(state, {int(b): t.to(dev) for st in states for b, t in st["val"].items()},
-               {int(b): t.to(dev) for st in states for b, t in st["refine"].items()})
-    state.batches_done = n_batches
+    out = runner.run({"tuned_lens_collection": fresh})["tuned_lens_collection"]
+    if folder is not None:
+        _checkpoint_saved("collect", {"batches_done": out.updates})
+    return out
 
 
 def _check_collection(state: _Stats, settings: FitSettings, d: int) -> _Stats:
@@ -382,24 +387,6 @@ def _check_collection(state: _Stats, settings: FitSettings, d: int) -> _Stats:
             f"least {2 * (d + 1)}. Pass more text or a larger massive_factor (now {settings.massive_factor})."
         )
     return state
-
-
-def _accumulate(state: _Stats, rows: torch.Tensor, batch: int) -> None:
-    if rows.shape[1] == 0:
-        return
-    Y = rows[-1].double()
-    ones = torch.ones(Y.shape[0], 1, dtype=torch.float64, device=Y.device)
-    for layer in range(rows.shape[0] - 1):
-        X = torch.cat([rows[layer].double(), ones], 1)
-        state.XtX[layer].addmm_(X.T, X)
-        state.XtY[layer].addmm_(X.T, Y)
-    if not (torch.isfinite(state.XtX).all() and torch.isfinite(state.XtY).all()):
-        raise TunedLensFitError(
-            f"the normal equations became non-finite at collection batch {batch}: the residual stream "
-            "holds values too large for float64 sums. Check the model's weights, or lower massive_factor "
-            "to leave out more outlier positions."
-        )
-    state.n += Y.shape[0]
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -672,37 +659,36 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
 
 # ---------------------------------------------------------------------- checkpoints
 class _Checkpoint:
-    """The fit's state: ``state.json`` (model identity, a key of corpus and settings) and the safetensors files
-    it names, written first, so a crash at any moment leaves the previous consistent state."""
+    """The fit's folder: the corpus runner's checkpoint of the collection in ``collect/``, the lens phases'
+    safetensors files, and ``state.json`` (model identity, a key of corpus and settings, the files of the lens
+    phases), replaced after the files it names, so a crash at any moment leaves a consistent state."""
 
     def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
-                 seqs: torch.Tensor, every: int):
+                 seqs: torch.Tensor):
         self.folder = Path(folder)
-        self.every = every
-        self.identity = identity
         h = hashlib.sha256()
         h.update(json.dumps(asdict(settings), sort_keys=True).encode())
         h.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
-        self.key = h.hexdigest()[:24]
+        key = h.hexdigest()[:24]
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint_dir {str(self.folder)!r} exists and is not a folder; pass a folder path.")
-        self.folder.mkdir(parents=True, exist_ok=True)
         state = self._state()
-        if state is not None:
-            try:
-                recorded = ModelIdentity(**state["model"])
-            except (KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{self.folder / 'state.json'} has no valid 'model' section ({err}); delete the "
-                    "checkpoint folder to start over."
-                ) from None
-            recorded.require_same(identity, f"the fit checkpoint in {str(self.folder)!r}")
-            if state.get("key") != self.key:
-                raise ValueError(
-                    f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (same model, "
-                    "other corpus or settings); resuming it would mix two fits. Pass an empty folder, or "
-                    "delete this one to start over."
-                )
+        if state is None:
+            self._put_state({"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": key,
+                             "model": asdict(identity), "files": {}})
+            return
+        try:
+            recorded = ModelIdentity(**state["model"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{self.folder / 'state.json'} has no valid 'model' section ({err}); delete the "
+                             "checkpoint folder to start over.") from None
+        recorded.require_same(identity, f"the fit checkpoint in {str(self.folder)!r}")
+        if state.get("key") != key:
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (same model, "
+                "other corpus or settings); resuming it would mix two fits. Pass an empty folder, or "
+                "delete this one to start over."
+            )
 
     def _state(self) -> Optional[dict]:
         path = self.folder / "state.json"
@@ -713,68 +699,46 @@ class _Checkpoint:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read {path}: {err}. Delete the checkpoint folder to start over.") from err
         if state.get("format") != _CKPT_FORMAT or state.get("version") != _CKPT_VERSION:
-            raise ValueError(f"{path} is not a tuned-lens fit checkpoint of this version; delete it to start over.")
+            raise ValueError(
+                f"{path} is not a tuned-lens fit checkpoint of this version (format {state.get('format')!r}, "
+                f"version {state.get('version')!r}; this version reads {_CKPT_FORMAT!r} version {_CKPT_VERSION}). "
+                "Delete the folder to start over, or pass another checkpoint_dir."
+            )
         return state
-
-    def _write(self, phase: str, tensors: dict, extra: dict) -> None:
-        if not current_context().is_main:
-            return  # under torchrun every rank holds the same state; rank 0 alone writes it
-
-        state = self._state() or {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": self.key,
-                                  "model": asdict(self.identity), "files": {}}
-        counter = int(state.get("counter", 0)) + 1
-        name = f"{phase}-{counter:06d}.safetensors"
-        data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-        write_bytes_atomic(self.folder / name, data)
-        old = state["files"].get(phase)
-        state["files"][phase] = name
-        state["counter"] = counter
-        state[phase] = extra
-        self._put_state(state)
-        if old and old != name:
-            (self.folder / old).unlink(missing_ok=True)
-        _checkpoint_saved(phase, extra)
-
-    def _read(self, phase: str, device: torch.device) -> Optional[tuple[dict, dict]]:
-        state = self._state()
-        if state is None or phase not in state.get("files", {}):
-            return None
-        tensors = safetensors.torch.load_file(str(self.folder / state["files"][phase]))
-        return {k: v.to(device) for k, v in tensors.items()}, state[phase]
-
-    def save_collect(self, stats: _Stats) -> None:
-        self._write("collect", {"XtX": stats.XtX, "XtY": stats.XtY, "val": stats.val, "refine": stats.refine},
-                    {"n": stats.n, "batches_done": stats.batches_done, "n_excluded": stats.n_excluded})
-
-    def load_collect(self, device: torch.device) -> Optional[_Stats]:
-        got = self._read("collect", device)
-        if got is None:
-            return None
-        t, extra = got
-        return _Stats(XtX=t["XtX"], XtY=t["XtY"], n=int(extra["n"]), val=t["val"], refine=t["refine"],
-                      batches_done=int(extra["batches_done"]), n_excluded=int(extra["n_excluded"]))
 
     def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict,
                   layers_done: int) -> None:
-        self._write(phase, {"weight": weight, "bias": bias}, {"report": json_safe(report), "layers_done": layers_done})
+        """Write the lens of ``phase`` (rank 0 alone: every rank holds the same), then name it in the state."""
+        extra = {"report": json_safe(report), "layers_done": layers_done}
+        if current_context().is_main:
+            state = self._state()
+            counter = int(state.get("counter", 0)) + 1
+            name = f"{phase}-{counter:06d}.safetensors"
+            data = safetensors.torch.save({"weight": weight.detach().contiguous().cpu(),
+                                           "bias": bias.detach().contiguous().cpu()})
+            write_bytes_atomic(self.folder / name, data)
+            old = state["files"].get(phase)
+            state["files"][phase], state["counter"], state[phase] = name, counter, extra
+            self._put_state(state)
+            if old and old != name:
+                (self.folder / old).unlink(missing_ok=True)
+        _checkpoint_saved(phase, extra)
 
     def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
-        got = self._read(phase, device)
-        if got is None:
+        state = self._state()
+        if state is None or phase not in state["files"]:
             return None
-        t, extra = got
-        return t["weight"], t["bias"], extra["report"]
+        tensors = safetensors.torch.load_file(str(self.folder / state["files"][phase]))
+        return tensors["weight"].to(device), tensors["bias"].to(device), state[phase]["report"]
 
     def mark_done(self) -> None:
-        if not current_context().is_main:
-            return
         state = self._state()
         if state is not None:
-            state["done"] = True
-            self._put_state(state)
+            self._put_state(dict(state, done=True))
 
     def _put_state(self, state: dict) -> None:
-        write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
+        if current_context().is_main:  # under torchrun rank 0 alone writes
+            write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
 
 
 def _checkpoint_saved(phase: str, extra: dict) -> None:
