@@ -3,17 +3,16 @@
 :func:`fit_tuned_lens` fits one affine translator per layer so that ``ln_final(h_l + W_l h_l + b_l) @ W_U``
 predicts the model's own next-token distribution, in three phases bounded in memory:
 
-1. **Collection.** The sequences stream through the model (:func:`~tl_latentspaces.runner.stream_residuals`);
-   position 0 and *massive-activation* positions (residual norm above ``massive_factor`` times the layer's
-   median) are left out. The normal equations of each layer accumulate in float64; a ``refine_tokens`` subset
-   and the held-out validation positions are kept as float32 activations.
+1. **Collection**, a :class:`~tl_latentspaces.runner.CorpusRunner` consumer: leaving out position 0 and
+   *massive-activation* positions, the normal equations of each layer accumulate in float64; the held-out
+   validation positions and a ``refine_tokens`` subset are kept as float32.
 2. **Closed form.** Per layer, ridge least squares toward the identity, the ridge chosen by validation KL.
 3. **Refinement.** A few Gauss-Newton steps on KL(final || lens) with a Kronecker-factored curvature
    (Martens & Grosse 2015) over a working vocabulary of the ``refine_vocab`` most probable tokens; a refined
    translator is kept only if its full-vocabulary validation KL beats the closed form's.
 
-The result is deterministic for a seed; with ``checkpoint_dir`` an interrupted fit resumes to the same lens.
-On a GPU the vocabulary matmuls of the refinement run under bfloat16 autocast.
+Deterministic for a seed; with ``checkpoint_dir`` an interrupted fit resumes to the same lens. On a GPU the
+vocabulary matmuls of the refinement run under bfloat16 autocast.
 
 Example:
     >>> lens = tll.fit_tuned_lens(model)  # default offline corpus: a few minutes on 2 CPU cores  # doctest: +SKIP
@@ -22,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -74,63 +74,14 @@ class FitSettings:
     seed: int
 
 
-# ---------------------------------------------------------------------- norm and scores
-class _Readout:
-    """The final norm, ``W_U`` and ``b_U`` (float32, on ``device``) and the norm's vector-Jacobian product."""
-
-    def __init__(self, access: ModelAccess, device: torch.device):
-        self.access = access
-        self.device = device
-        self.W_U = access.W_U.detach().to(device, torch.float32)
-        b = access.b_U.detach().to(device, torch.float32)
-        self.b_U = b if bool(b.any()) else None
-        self.autocast = device.type == "cuda"
-
-    def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.access.final_norm(h.to(self.access.device)).to(self.device)
-
-    def logits(self, n: torch.Tensor, W: Optional[torch.Tensor] = None,
-               b: Optional[torch.Tensor] = None) -> torch.Tensor:
-        W = self.W_U if W is None else W
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                z = (n @ W).float()
-        else:
-            z = n @ W
-        return z if b is None else z + b
-
-    def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(J^T g, scale)`` for ``n = ln_final(h)``, with ``J ~ diag(gain) / scale`` per row."""
-        h = h.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self.norm(h), h, g)
-        return grad, self.access.final_norm_scale(h.detach())
-
-    def gain(self) -> torch.Tensor:
-        return self.access.final_norm_gain().to(self.device)
-
-
 # ---------------------------------------------------------------------- the fit
-def fit_tuned_lens(
-    model: Any,
-    corpus: Any = None,
-    *,
-    max_tokens: int = 16384,
-    seq_len: Optional[int] = None,
-    batch_size: int = 16,
-    validation_fraction: float = 0.1,
-    ridge: Union[float, Sequence[float]] = (1e-3, 1e-2, 1e-1),
-    refine_steps: int = 2,
-    refine_tokens: int = 8192,
-    refine_vocab: int = 2048,
-    damping: float = 10.0,
-    massive_factor: float = 6.0,
-    seed: int = 0,
-    checkpoint_dir: Union[str, os.PathLike, None] = None,
-    checkpoint_every: int = 8,
-    device: Union[str, torch.device, None] = None,
-    progress: bool = True,
-) -> TunedLens:
+def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, seq_len: Optional[int] = None,
+                   batch_size: int = 16, validation_fraction: float = 0.1,
+                   ridge: Union[float, Sequence[float]] = (1e-3, 1e-2, 1e-1), refine_steps: int = 2,
+                   refine_tokens: int = 8192, refine_vocab: int = 2048, damping: float = 10.0,
+                   massive_factor: float = 6.0, seed: int = 0, checkpoint_dir: Union[str, os.PathLike, None] = None,
+                   checkpoint_every: int = 8, device: Union[str, torch.device, None] = None,
+                   progress: bool = True) -> TunedLens:
     """Fit a tuned lens for ``model`` on ``corpus``: closed form, then Gauss-Newton on the KL.
 
     Args:
@@ -143,14 +94,13 @@ def fit_tuned_lens(
         ridge: Relative ridge strengths to choose from; the penalty on ``W_l`` is
             ``max(ridge, 1e-9) * n * mean(h_l ** 2)``.
         refine_steps: Gauss-Newton steps per layer (0 keeps the closed form).
-        refine_tokens: Training tokens whose activations are kept for the refinement.
+        refine_tokens: Training tokens kept for the refinement.
         refine_vocab: Size of the refinement's working vocabulary.
         damping: Levenberg-Marquardt damping of the output curvature, relative to its mean diagonal.
-        massive_factor: Positions whose residual norm at some layer exceeds this multiple of the layer's
-            median are left out.
+        massive_factor: Leave out positions whose residual norm at some layer exceeds this multiple of the median.
         seed: Seeds the validation split and the choice of refinement tokens.
         checkpoint_dir: Folder for checkpoints; a fit with the same model, data and settings resumes from it.
-        checkpoint_every: Save the collection state every this many batches.
+        checkpoint_every: Save the collection every this many training batches.
         device: Where to fit (default the model's device).
 
     Returns:
@@ -160,14 +110,12 @@ def fit_tuned_lens(
     Raises:
         ValueError: On a bad setting, too few tokens (the message gives the minimum), or a checkpoint of
             another fit or model.
-        TunedLensFitError: If a loss or statistic becomes non-finite; the message names the layer and step,
-            and the last good checkpoint stays in ``checkpoint_dir``.
+        TunedLensFitError: If a loss or statistic becomes non-finite (the message names the layer and step).
 
     Example:
         >>> lens = fit_tuned_lens(model, ["A long training text ..."] * 100, max_tokens=16384)  # doctest: +SKIP
         >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
     """
-
     started = time.perf_counter()
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("fit_tuned_lens")
@@ -220,37 +168,28 @@ def fit_tuned_lens(
     identity = ModelIdentity.of(access)
     ckpt = None if checkpoint_dir is None else _Checkpoint(checkpoint_dir, settings, identity, seqs)
     order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    n_refine_seq = min(len(train_idx), math.ceil(refine_tokens / (seq_len - 1))) if refine_steps else 0
+    n_refine = min(len(order) - n_val, math.ceil(refine_tokens / (seq_len - 1))) if refine_steps else 0
     readout = _Readout(access, dev)
 
     phases = {}
     t0 = time.perf_counter()
-    # Validation and training sequences stream separately, so no batch mixes the two; the refinement subset is
-    # the first training sequences. Only the training pass (the long one) is checkpointed.
-    val = _collect(access, seqs[val_idx], n_val, settings, dev, None, checkpoint_every, progress)
-    folder = None if ckpt is None else ckpt.folder / "collect"
-    train = _collect(access, seqs[train_idx], n_refine_seq, settings, dev, folder, checkpoint_every, progress, True)
-    stats = _check_collection(_Stats(XtX=train.XtX, XtY=train.XtY, n=train.n, val=val.rows(), refine=train.rows(),
-                                     n_excluded=val.n_excluded + train.n_excluded), settings, access.d_model)
+    stats = _collect(access, seqs[order], n_val, n_refine, settings, dev, ckpt, checkpoint_every, progress)
     phases["collect"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    work = _prepare(readout, stats, settings)
-    weight, bias, report = _closed_form(stats, readout, work, settings, access, ckpt)
+    val_t, ref_t = _targets(readout, stats, settings)
+    weight, bias, report = _closed_form(stats, readout, val_t, settings, ckpt)
     phases["closed_form"] = time.perf_counter() - t0
     if refine_steps:
         t0 = time.perf_counter()
-        weight, bias, report = _refine(stats, readout, work, settings, access, weight, bias, report, ckpt, progress)
+        weight, bias, report = _refine(stats, readout, val_t, ref_t, settings, weight, bias, report, ckpt, progress)
         phases["refine"] = time.perf_counter() - t0
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    report["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
-    report["n_train_positions"] = int(stats.n)
-    report["n_validation_positions"] = int(stats.val.shape[1])
-    report["n_excluded_positions"] = int(stats.n_excluded)
-    report["settings"] = asdict(settings)
+    report.update(seconds=round(time.perf_counter() - started, 2),
+                  phase_seconds={k: round(v, 2) for k, v in phases.items()}, n_train_positions=int(stats.n),
+                  n_validation_positions=int(stats.val.shape[1]), n_excluded_positions=int(stats.n_excluded),
+                  settings=asdict(settings))
     lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": json_safe(report)})
     if ckpt is not None:
-        ckpt.mark_done()
+        ckpt.update(done=True)
     return lens.to(dev)
 
 
@@ -310,12 +249,9 @@ class _Collection:
         if bool(kept.any()):
             rows = stack[:, keep & kept[:, None]].to(self.device, torch.float32)
             self.parts.append((torch.full((rows.shape[1],), batch, dtype=torch.int64), rows))
-        if self.XtX is not None:
-            self._accumulate(stack[:, keep].to(self.device, torch.float32), batch)
-
-    def _accumulate(self, rows: torch.Tensor, batch: int) -> None:
-        if rows.shape[1] == 0:
+        if self.XtX is None or not bool(keep.any()):
             return
+        rows = stack[:, keep].to(self.device, torch.float32)
         Y = rows[-1].double()
         ones = torch.ones(Y.shape[0], 1, dtype=torch.float64, device=Y.device)
         for layer in range(rows.shape[0] - 1):
@@ -343,10 +279,9 @@ class _Collection:
                 "rows": torch.cat([r for _, r in self.parts], 1)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        dev = self.device
-        self.XtX, self.XtY = (None if state[k] is None else state[k].to(dev) for k in ("XtX", "XtY"))
+        self.XtX, self.XtY = (None if state[k] is None else state[k].to(self.device) for k in ("XtX", "XtY"))
         self.n, self.n_excluded, self.updates = int(state["n"]), int(state["n_excluded"]), int(state["updates"])
-        self.parts = [(state["tags"].cpu(), state["rows"].to(dev))]
+        self.parts = [(state["tags"].cpu(), state["rows"].to(self.device))]
 
     def merge(self, other: "_Collection") -> "_Collection":
         if self.XtX is not None:
@@ -354,42 +289,81 @@ class _Collection:
             self.XtY += other.XtY
         self.n += other.n
         self.n_excluded += other.n_excluded
-        self.updates += other.updates
         self.parts += other.parts
         return self
 
 
-def _collect(access: ModelAccess, seqs: torch.Tensor, n_kept: int, settings: FitSettings, dev: torch.device,
-             folder: Optional[Path], every: int, progress: bool, normal_equations: bool = False) -> _Collection:
-    """Stream ``seqs`` through the corpus runner into a :class:`_Collection` (resumable with ``folder``)."""
-    runner = CorpusRunner(access, seqs, seq_len=seqs.shape[1], batch_size=settings.batch_size,
-                          checkpoint_dir=folder, checkpoint_every=every, progress=progress)
-
-    def fresh() -> _Collection:
-        return _Collection(access, dev, settings, runner.n_batches, n_kept, normal_equations)
-
-    out = runner.run({"tuned_lens_collection": fresh})["tuned_lens_collection"]
-    if folder is not None:
-        _checkpoint_saved("collect", {"batches_done": out.updates})
-    return out
-
-
-def _check_collection(state: _Stats, settings: FitSettings, d: int) -> _Stats:
-    if state.val.shape[1] == 0:
+def _collect(access: ModelAccess, seqs: torch.Tensor, n_val: int, n_refine: int, settings: FitSettings,
+             dev: torch.device, ckpt: Optional["_Checkpoint"], every: int, progress: bool) -> _Stats:
+    """Stream the first ``n_val`` sequences (validation), then the others (training) through the corpus runner,
+    so no batch mixes the two; the refinement rows are the first ``n_refine`` training sequences'. Only the
+    training pass, the long one, is checkpointed."""
+    folder = None if ckpt is None else ckpt.folder / "collect"
+    passes = []
+    for part, n_kept, where, normal in ((seqs[:n_val], n_val, None, False), (seqs[n_val:], n_refine, folder, True)):
+        runner = CorpusRunner(access, part, seq_len=part.shape[1], batch_size=settings.batch_size,
+                              checkpoint_dir=where, checkpoint_every=every, progress=progress)
+        fresh = functools.partial(_Collection, access, dev, settings, runner.n_batches, n_kept, normal)
+        passes.append(runner.run({"tuned_lens_collection": fresh})["tuned_lens_collection"])
+        if where is not None:
+            _checkpoint_saved("collect", {"batches_done": passes[-1].updates})
+    val, train = passes
+    d, val_rows = access.d_model, val.rows()
+    if val_rows.shape[1] == 0:
         raise ValueError(
             "every validation position was left out (position 0 or a massive activation); pass more "
             f"text or a larger massive_factor (now {settings.massive_factor})."
         )
-    if state.n < 2 * (d + 1):
+    if train.n < 2 * (d + 1):
         raise ValueError(
-            f"only {state.n} training positions remain after leaving out position 0 and "
-            f"{state.n_excluded} massive-activation positions; a translator for d_model={d} needs at "
-            f"least {2 * (d + 1)}. Pass more text or a larger massive_factor (now {settings.massive_factor})."
+            f"only {train.n} training positions remain after leaving out position 0 and "
+            f"{val.n_excluded + train.n_excluded} massive-activation positions; a translator for d_model={d} "
+            f"needs at least {2 * (d + 1)}. Pass more text or a larger massive_factor (now {settings.massive_factor})."
         )
-    return state
+    return _Stats(XtX=train.XtX, XtY=train.XtY, n=train.n, val=val_rows, refine=train.rows(),
+                  n_excluded=val.n_excluded + train.n_excluded)
 
 
-# ---------------------------------------------------------------------- validation helpers
+# ---------------------------------------------------------------------- norm and scores
+class _Readout:
+    """The final norm, ``W_U`` and ``b_U`` (float32, on ``device``), the columns of the working vocabulary once
+    chosen (:meth:`restrict`), and the norm's vector-Jacobian product."""
+
+    def __init__(self, access: ModelAccess, device: torch.device):
+        self.access = access
+        self.device = device
+        self.W_U = access.W_U.detach().to(device, torch.float32)
+        b = access.b_U.detach().to(device, torch.float32)
+        self.b_U = b if bool(b.any()) else None
+        self.autocast = device.type == "cuda"
+        self.vocab, self.W_k, self.b_k = None, self.W_U, self.b_U
+
+    def restrict(self, vocab: torch.Tensor) -> None:
+        """Score ``vocab`` (token ids) alone when ``logits(..., working=True)``."""
+        self.vocab = vocab
+        self.W_k = self.W_U[:, vocab].contiguous()
+        self.b_k = self.b_U[vocab] if self.b_U is not None else None
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.access.final_norm(h.to(self.access.device)).to(self.device)
+
+    def logits(self, n: torch.Tensor, working: bool = False) -> torch.Tensor:
+        W, b = (self.W_k, self.b_k) if working else (self.W_U, self.b_U)
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                z = (n @ W).float()
+        else:
+            z = n @ W
+        return z if b is None else z + b
+
+    def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(J^T g, scale)`` for ``n = ln_final(h)``, with ``J ~ diag(gain) / scale`` per row."""
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.norm(h), h, g)
+        return grad, self.access.final_norm_scale(h.detach())
+
+
 @dataclass
 class _Targets:
     """The final distribution of a set of positions: full and on the working vocabulary."""
@@ -400,110 +374,90 @@ class _Targets:
     u_k: torch.Tensor  # [n, d] = p_k @ W_k.T
 
 
-def _working_vocab(readout: _Readout, final: torch.Tensor, size: int, chunk: int = 512) -> torch.Tensor:
-    """The ``size`` tokens with the most final probability mass over ``final``'s positions."""
-    V = readout.W_U.shape[1]
-    if size >= V:
-        return torch.arange(V, device=readout.device)
-    mass = torch.zeros(V, dtype=torch.float64, device=readout.device)
-    for s in range(0, final.shape[0], chunk):
-        z = readout.logits(readout.norm(final[s : s + chunk]), b=readout.b_U)
-        mass += torch.softmax(z, -1).double().sum(0)
-    # Ties broken by token id, so the choice is deterministic.
-    return torch.sort(torch.argsort(-mass, stable=True)[:size]).values
-
-
-def _restricted_targets(readout: _Readout, final: torch.Tensor, work: "_Work", full_rows: int = 0,
-                        chunk: int = 512) -> _Targets:
+def _restricted_targets(readout: _Readout, final: torch.Tensor, full_rows: int = 0, chunk: int = 512) -> _Targets:
     """The final distribution on the working vocabulary, and on the full one for the first ``full_rows``."""
     log_p, p_k, log_p_k, u_k = [], [], [], []
     for s in range(0, final.shape[0], chunk):
         n = readout.norm(final[s : s + chunk])
         if s < full_rows:
-            log_p.append(torch.log_softmax(readout.logits(n[: full_rows - s], b=readout.b_U), -1))
-        lk = torch.log_softmax(readout.logits(n, work.W_k, work.b_k), -1)
+            log_p.append(torch.log_softmax(readout.logits(n[: full_rows - s]), -1))
+        lk = torch.log_softmax(readout.logits(n, working=True), -1)
         pk = lk.exp()
         log_p_k.append(lk)
         p_k.append(pk)
-        u_k.append(pk @ work.W_k.T)
+        u_k.append(pk @ readout.W_k.T)
     return _Targets(log_p=torch.cat(log_p, 0) if log_p else None, p_k=torch.cat(p_k, 0),
                     log_p_k=torch.cat(log_p_k, 0), u_k=torch.cat(u_k, 0))
 
 
-@dataclass
-class _Work:
-    """The working vocabulary and the targets both fitting phases read."""
-
-    vocab: torch.Tensor  # [K] token ids
-    W_k: torch.Tensor  # [d, K]
-    b_k: Optional[torch.Tensor]  # [K]
-    val: Optional[_Targets] = None  # the check positions (full and working vocabulary)
-    refine: Optional[_Targets] = None  # the refinement positions (working vocabulary)
-
-
-def _prepare(readout: _Readout, stats: _Stats, settings: FitSettings) -> _Work:
-    source = stats.refine[-1] if stats.refine.shape[1] else stats.val[-1]
-    vocab = _working_vocab(readout, source[:_VOCAB_TOKENS], settings.refine_vocab)
-    W_k = readout.W_U[:, vocab].contiguous()
-    b_k = readout.b_U[vocab] if readout.b_U is not None else None
-    work = _Work(vocab=vocab, W_k=W_k, b_k=b_k)
-    work.val = _restricted_targets(readout, stats.val[-1, :_CHECK_TOKENS], work, full_rows=_FULL_CHECK_TOKENS)
-    if settings.refine_steps and stats.refine.shape[1]:
-        work.refine = _restricted_targets(readout, stats.refine[-1], work)
-    return work
+def _targets(readout: _Readout, stats: _Stats, settings: FitSettings,
+             chunk: int = 512) -> tuple[_Targets, Optional[_Targets]]:
+    """Choose the working vocabulary (the ``refine_vocab`` tokens with the most final probability mass) on
+    ``readout``; return the targets of the check positions and of the refinement positions (or None)."""
+    final = (stats.refine[-1] if stats.refine.shape[1] else stats.val[-1])[:_VOCAB_TOKENS]
+    V = readout.W_U.shape[1]
+    if settings.refine_vocab >= V:
+        readout.restrict(torch.arange(V, device=readout.device))
+    else:
+        mass = torch.zeros(V, dtype=torch.float64, device=readout.device)
+        for s in range(0, final.shape[0], chunk):
+            mass += torch.softmax(readout.logits(readout.norm(final[s : s + chunk])), -1).double().sum(0)
+        # Ties broken by token id, so the choice is deterministic.
+        readout.restrict(torch.sort(torch.argsort(-mass, stable=True)[: settings.refine_vocab]).values)
+    val = _restricted_targets(readout, stats.val[-1, :_CHECK_TOKENS], full_rows=_FULL_CHECK_TOKENS)
+    refining = settings.refine_steps and stats.refine.shape[1]
+    return val, (_restricted_targets(readout, stats.refine[-1]) if refining else None)
 
 
 def _kl(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, log_p: torch.Tensor,
-        W_k: Optional[torch.Tensor] = None, b_k: Optional[torch.Tensor] = None, chunk: int = 512) -> float:
-    """Mean KL(final || lens) over ``x``'s rows, on the full vocabulary or on ``W_k``'s columns."""
+        working: bool = False, chunk: int = 512) -> float:
+    """Mean KL(final || lens) over ``x``'s rows, on the full vocabulary or on the working one."""
     total = 0.0
     for s in range(0, x.shape[0], chunk):
-        n = readout.norm(translate_rows(x[s : s + chunk], W, b))
-        z = readout.logits(n, W_k, b_k) if W_k is not None else readout.logits(n, b=readout.b_U)
-        lq = torch.log_softmax(z, -1)
+        lq = torch.log_softmax(readout.logits(readout.norm(translate_rows(x[s : s + chunk], W, b)), working), -1)
         lp = log_p[s : s + chunk]
         total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
     return total / x.shape[0]
 
 
 # ---------------------------------------------------------------------- phase 2: closed form
-def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, n: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _ridged(S: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``S`` plus ``lam`` on the diagonal, except the intercept's (last) entry: the bias is not penalised."""
+    pen = torch.ones(S.shape[0], dtype=S.dtype, device=S.device)
+    pen[-1] = 0.0
+    return S + torch.diag(lam * pen)
+
+
+def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares toward the identity: ``(W, b)`` with ``Y ~ X + X W^T + b``."""
     d = XtY.shape[1]
-    scale = XtX.diagonal()[:d].mean()
     # The floor keeps "no ridge" solvable when the residual never leaves a subspace (centred writing weights).
-    lam = max(alpha, 1e-9) * scale
-    pen = torch.ones(d + 1, dtype=XtX.dtype, device=XtX.device)
-    pen[d] = 0.0  # the intercept is not penalised
+    lam = max(alpha, 1e-9) * XtX.diagonal()[:d].mean()
     # Solve for A = [I + W^T; b^T] with the penalty on (A - I): weight decay toward the identity.
     eye = torch.zeros(d + 1, d, dtype=XtX.dtype, device=XtX.device)
     eye[:d] = torch.eye(d, dtype=XtX.dtype, device=XtX.device)
-    lhs = XtX + torch.diag(lam * pen)
-    rhs = XtY + lam * eye
-    A = torch.linalg.solve(lhs, rhs)
-    W = (A[:d] - eye[:d]).T.contiguous()
-    return W, A[d].clone()
+    A = torch.linalg.solve(_ridged(XtX, lam), XtY + lam * eye)
+    return (A[:d] - eye[:d]).T.contiguous(), A[d].clone()
 
 
-def _closed_form(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess,
+def _closed_form(stats: _Stats, readout: _Readout, targets: _Targets, settings: FitSettings,
                  ckpt: Optional["_Checkpoint"]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    L, d = access.n_layers, access.d_model
     saved = ckpt.load_lens("closed_form", readout.device) if ckpt is not None else None
     if saved is not None:
         return saved
+    L, d = stats.XtY.shape[0], stats.XtY.shape[2]
     check = stats.val[:, :_CHECK_TOKENS]
-    targets, W_k, b_k = work.val, work.W_k, work.b_k
     weight = torch.zeros(L, d, d, dtype=torch.float64, device=readout.device)
     bias = torch.zeros(L, d, dtype=torch.float64, device=readout.device)
     chosen, val_kl = [], []
     for layer in range(L):
         best = None
         for alpha in settings.ridge:
-            W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], stats.n, alpha)
+            W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], alpha)
             if len(settings.ridge) == 1:
                 best = (0.0, alpha, W, b)
                 break
-            k = _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, W_k, b_k)
+            k = _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, working=True)
             if not math.isfinite(k):
                 raise TunedLensFitError(
                     f"the validation KL of the closed-form translator of layer {layer} (ridge {alpha}) is "
@@ -527,26 +481,22 @@ def _closed_form(stats: _Stats, readout: _Readout, work: _Work, settings: FitSet
 
 
 # ---------------------------------------------------------------------- phase 3: refinement
-def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, W_k: torch.Tensor,
-                        b_k: Optional[torch.Tensor], tgt: _Targets, gain: torch.Tensor, chunk: int = 1024):
+def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, tgt: _Targets,
+                        gain: torch.Tensor, chunk: int = 1024):
     """``(loss, G [d, d+1], F [d, d])`` of the working-vocabulary KL at ``(W, b)``: ``G`` the gradient w.r.t.
     ``[W | b]``, ``F`` the softmax's Gauss-Newton matrix through the norm (``J ~ diag(gain) / rms``), row mean."""
-    d = x.shape[1]
-    dev = x.device
+    d, dev, N, W_k = x.shape[1], x.device, x.shape[0], readout.W_k
     G = torch.zeros(d, d + 1, dtype=torch.float64, device=dev)
     q_sum = torch.zeros(W_k.shape[1], dtype=torch.float64, device=dev)
     M = torch.zeros(d, d, dtype=torch.float64, device=dev)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
-    N = x.shape[0]
     ctx = current_context()
     for ci, s in enumerate(range(0, N, chunk)):
         if ci % ctx.world_size != ctx.rank:
             continue  # under torchrun each rank takes every world_size-th chunk; the sums are reduced below
         xs = x[s : s + chunk]
         h = translate_rows(xs, W, b)
-        n = readout.norm(h)
-        z = readout.logits(n, W_k, b_k)
-        lq = torch.log_softmax(z, -1)
+        lq = torch.log_softmax(readout.logits(readout.norm(h), working=True), -1)
         q = lq.exp()
         p, lp = tgt.p_k[s : s + chunk], tgt.log_p_k[s : s + chunk]
         loss += (p * (lp - lq)).sum(dtype=torch.float64)
@@ -569,53 +519,43 @@ def _gauss_newton_stats(readout: _Readout, x: torch.Tensor, W: torch.Tensor, b: 
     return float(loss) / N, G, F
 
 
-def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings, access: ModelAccess,
+def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_Targets], settings: FitSettings,
             weight: torch.Tensor, bias: torch.Tensor, report: dict, ckpt: Optional["_Checkpoint"], progress: bool):
-    L, d = access.n_layers, access.d_model
-    if stats.refine.shape[1] == 0:
+    L, d = weight.shape[0], weight.shape[1]
+    if ref_t is None:
         report["refined"] = [False] * L
         return weight, bias, report
-    start_layer = 0
     saved = ckpt.load_lens("refine", readout.device) if ckpt is not None else None
     if saved is not None:
         weight, bias, report = saved
-        start_layer = int(report.get("layers_refined", 0))
+    start_layer = int(report.get("layers_refined", 0))
     weight, bias = weight.clone(), bias.clone()
-    W_k, b_k, ref_t, val_t, vocab = work.W_k, work.b_k, work.refine, work.val, work.vocab
     check = stats.val[:, :_CHECK_TOKENS]
-    gain = readout.gain()
+    gain = readout.access.final_norm_gain().to(readout.device)
     report.setdefault("val_kl_refined", list(report["val_kl_closed_form"]))
     report.setdefault("refined", [False] * L)
     report.setdefault("train_kl_refine", [None] * L)
-    report["refine_vocab_mass"] = float(val_t.log_p[:, vocab].exp().sum(-1).mean())
-    n_total = stats.n
+    report["refine_vocab_mass"] = float(val_t.log_p[:, readout.vocab].exp().sum(-1).mean())
+    kept_in = f"is kept in {ckpt.folder}. " if ckpt is not None else ""
     bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL",
                disable=not (progress and current_context().is_main))
-    done_kl: list[float] = [k for k in report["val_kl_refined"][:start_layer]]
     try:
         for layer in range(start_layer, L):
-            x = stats.refine[layer]
-            xv = check[layer]
-            Sx = stats.XtX[layer] / n_total
-            lam_x = Sx.diagonal()[:d].mean()
-            pen = torch.ones(d + 1, dtype=torch.float64, device=Sx.device)
-            pen[d] = 0.0
-            Sx_damped = Sx + torch.diag(lam_x * pen)
-            W = weight[layer].float()
-            b = bias[layer].float()
-            cur_val = _kl(readout, xv, W, b, val_t.log_p_k, W_k, b_k)
+            x, xv = stats.refine[layer], check[layer]
+            Sx = stats.XtX[layer] / stats.n
+            Sx_damped = _ridged(Sx, Sx.diagonal()[:d].mean())
+            W, b = weight[layer].float(), bias[layer].float()
+            cur_val = _kl(readout, xv, W, b, val_t.log_p_k, working=True)
             train_kl = None
             for step in range(settings.refine_steps):
-                loss, G, F = _gauss_newton_stats(readout, x, W, b, W_k, b_k, ref_t, gain)
-                train_kl = loss
-                if not (math.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(F).all()):
+                train_kl, G, F = _gauss_newton_stats(readout, x, W, b, ref_t, gain)
+                if not (math.isfinite(train_kl) and torch.isfinite(G).all() and torch.isfinite(F).all()):
                     raise TunedLensFitError(
-                        f"the KL loss became {loss} at layer {layer}, refinement step {step} "
-                        f"(non-finite loss, gradient or curvature). "
-                        + (f"The last good checkpoint (layers 0..{layer - 1} refined) is kept in {ckpt.folder}. "
-                           if ckpt is not None else "")
-                        + "Fix: pass refine_steps=0 to keep the closed-form lens, or a larger damping; "
-                        "check the model's activations for overflow (a half-precision model?)."
+                        f"the KL loss became {train_kl} at layer {layer}, refinement step {step} (non-finite loss, "
+                        "gradient or curvature). "
+                        + (f"The last good checkpoint (layers 0..{layer - 1} refined) {kept_in}" if kept_in else "")
+                        + "Fix: pass refine_steps=0 to keep the closed-form lens, or a larger damping; check the "
+                        "model's activations for overflow (a half-precision model?)."
                     )
                 lam_f = settings.damping * F.diagonal().mean().clamp_min(1e-30)
                 F_damped = F + lam_f * torch.eye(d, dtype=torch.float64, device=F.device)
@@ -623,13 +563,12 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
                 delta = torch.linalg.solve(Sx_damped, delta.T).T  # F^-1 G Sx^-1
                 best = None
                 for eta in (1.0, 0.5, 0.25):
-                    W2 = W - eta * delta[:, :d].float()
-                    b2 = b - eta * delta[:, d].float()
-                    k = _kl(readout, xv, W2, b2, val_t.log_p_k, W_k, b_k)
+                    W2, b2 = W - eta * delta[:, :d].float(), b - eta * delta[:, d].float()
+                    k = _kl(readout, xv, W2, b2, val_t.log_p_k, working=True)
                     if math.isfinite(k) and (best is None or k < best[0]):
                         best = (k, W2, b2)
                 bar.update(1)
-                bar.set_postfix(layer=layer, train_kl=f"{loss:.3f}", val_kl=f"{cur_val:.3f}")
+                bar.set_postfix(layer=layer, train_kl=f"{train_kl:.3f}", val_kl=f"{cur_val:.3f}")
                 if best is None or best[0] >= cur_val:
                     bar.update(settings.refine_steps - step - 1)
                     break
@@ -639,7 +578,7 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
             if not math.isfinite(full):
                 raise TunedLensFitError(
                     f"the validation KL of layer {layer} became {full} after refinement. "
-                    + (f"The last good checkpoint is kept in {ckpt.folder}. " if ckpt is not None else "")
+                    + (f"The last good checkpoint {kept_in}" if kept_in else "")
                     + "Fix: pass refine_steps=0 or a larger damping."
                 )
             if full < report["val_kl_closed_form"][layer]:
@@ -648,8 +587,8 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
                 report["refined"][layer] = True
             report["train_kl_refine"][layer] = train_kl
             report["layers_refined"] = layer + 1
-            done_kl.append(report["val_kl_refined"][layer])
-            bar.set_postfix(layer=layer, mean_val_kl=f"{sum(done_kl) / len(done_kl):.3f}")
+            done = report["val_kl_refined"][: layer + 1]
+            bar.set_postfix(layer=layer, mean_val_kl=f"{sum(done) / len(done):.3f}")
             if ckpt is not None:
                 ckpt.save_lens("refine", weight, bias, report, layers_done=layer + 1)
     finally:
@@ -660,85 +599,69 @@ def _refine(stats: _Stats, readout: _Readout, work: _Work, settings: FitSettings
 # ---------------------------------------------------------------------- checkpoints
 class _Checkpoint:
     """The fit's folder: the corpus runner's checkpoint of the collection in ``collect/``, the lens phases'
-    safetensors files, and ``state.json`` (model identity, a key of corpus and settings, the files of the lens
-    phases), replaced after the files it names, so a crash at any moment leaves a consistent state."""
+    safetensors files, and ``state.json`` (model identity, a key of corpus and settings, the lens phases' files
+    and reports), replaced after the files it names, so a crash at any moment leaves a consistent state."""
 
     def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
                  seqs: torch.Tensor):
         self.folder = Path(folder)
-        h = hashlib.sha256()
-        h.update(json.dumps(asdict(settings), sort_keys=True).encode())
-        h.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
-        key = h.hexdigest()[:24]
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint_dir {str(self.folder)!r} exists and is not a folder; pass a folder path.")
-        state = self._state()
-        if state is None:
-            self._put_state({"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": key,
-                             "model": asdict(identity), "files": {}})
+        digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+        digest.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
+        key = digest.hexdigest()[:24]
+        path = self.folder / "state.json"
+        if not path.is_file():
+            self.state = {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": key, "model": asdict(identity),
+                          "files": {}}
+            self.update()
             return
         try:
-            recorded = ModelIdentity(**state["model"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{self.folder / 'state.json'} has no valid 'model' section ({err}); delete the "
-                             "checkpoint folder to start over.") from None
+            self.state = json.loads(path.read_text())
+            recorded = ModelIdentity(**self.state["model"]) if self.state.get("version") == _CKPT_VERSION else None
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read the fit checkpoint {path} ({err}); delete the folder to start over, or "
+                             "pass another checkpoint_dir.") from None
+        if self.state.get("format") != _CKPT_FORMAT or recorded is None:
+            raise ValueError(
+                f"{path} is not a tuned-lens fit checkpoint of this version (format {self.state.get('format')!r}, "
+                f"version {self.state.get('version')!r}; this version reads {_CKPT_FORMAT!r} version {_CKPT_VERSION}). "
+                "Delete the folder to start over, or pass another checkpoint_dir."
+            )
         recorded.require_same(identity, f"the fit checkpoint in {str(self.folder)!r}")
-        if state.get("key") != key:
+        if self.state["key"] != key:
             raise ValueError(
                 f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (same model, "
                 "other corpus or settings); resuming it would mix two fits. Pass an empty folder, or "
                 "delete this one to start over."
             )
 
-    def _state(self) -> Optional[dict]:
-        path = self.folder / "state.json"
-        if not path.is_file():
-            return None
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {path}: {err}. Delete the checkpoint folder to start over.") from err
-        if state.get("format") != _CKPT_FORMAT or state.get("version") != _CKPT_VERSION:
-            raise ValueError(
-                f"{path} is not a tuned-lens fit checkpoint of this version (format {state.get('format')!r}, "
-                f"version {state.get('version')!r}; this version reads {_CKPT_FORMAT!r} version {_CKPT_VERSION}). "
-                "Delete the folder to start over, or pass another checkpoint_dir."
-            )
-        return state
-
     def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict,
                   layers_done: int) -> None:
-        """Write the lens of ``phase`` (rank 0 alone: every rank holds the same), then name it in the state."""
+        """Write the lens of ``phase`` to a new file, name it in the state, then remove the file it replaces."""
+        old, counter = self.state["files"].get(phase), int(self.state.get("counter", 0)) + 1
+        name = f"{phase}-{counter:06d}.safetensors"
         extra = {"report": json_safe(report), "layers_done": layers_done}
-        if current_context().is_main:
-            state = self._state()
-            counter = int(state.get("counter", 0)) + 1
-            name = f"{phase}-{counter:06d}.safetensors"
-            data = safetensors.torch.save({"weight": weight.detach().contiguous().cpu(),
-                                           "bias": bias.detach().contiguous().cpu()})
-            write_bytes_atomic(self.folder / name, data)
-            old = state["files"].get(phase)
-            state["files"][phase], state["counter"], state[phase] = name, counter, extra
-            self._put_state(state)
-            if old and old != name:
-                (self.folder / old).unlink(missing_ok=True)
+        if current_context().is_main:  # under torchrun every rank holds the same lens; rank 0 alone writes
+            write_bytes_atomic(self.folder / name, safetensors.torch.save(
+                {"weight": weight.detach().contiguous().cpu(), "bias": bias.detach().contiguous().cpu()}))
+        self.state["files"][phase], self.state["counter"], self.state[phase] = name, counter, extra
+        self.update()
+        if old and current_context().is_main:
+            (self.folder / old).unlink(missing_ok=True)
         _checkpoint_saved(phase, extra)
 
     def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
-        state = self._state()
-        if state is None or phase not in state["files"]:
+        if phase not in self.state["files"]:
             return None
-        tensors = safetensors.torch.load_file(str(self.folder / state["files"][phase]))
-        return tensors["weight"].to(device), tensors["bias"].to(device), state[phase]["report"]
+        tensors = safetensors.torch.load_file(str(self.folder / self.state["files"][phase]))
+        return tensors["weight"].to(device), tensors["bias"].to(device), self.state[phase]["report"]
 
-    def mark_done(self) -> None:
-        state = self._state()
-        if state is not None:
-            self._put_state(dict(state, done=True))
-
-    def _put_state(self, state: dict) -> None:
-        if current_context().is_main:  # under torchrun rank 0 alone writes
-            write_bytes_atomic(self.folder / "state.json", json.dumps(state, indent=1).encode("utf-8"))
+    def update(self, **changes: Any) -> None:
+        """Set ``changes`` in the state and write it (rank 0)."""
+        self.state.update(changes)
+        if current_context().is_main:
+            write_bytes_atomic(self.folder / "state.json", json.dumps(self.state, indent=1).encode("utf-8"))
 
 
 def _checkpoint_saved(phase: str, extra: dict) -> None:
