@@ -4,18 +4,11 @@ A lens maps a residual vector to vocabulary scores:
 
 * :class:`LogitLens`: the model's own readout, ``ln_final(x) @ W_U + b_U``, with the final norm
   applied exactly as the model applies it;
-* :class:`EmbeddingLens`: the residual against the *input* embedding ``W_E``: cosine similarity
-  with every token's embedding. Its distribution is ``softmax(cos * sqrt(d_model) / T)``: a random
-  direction has cosine of standard deviation ``1/sqrt(d_model)`` with any embedding, so the scores
-  are cosines in units of chance and the default temperature ``T = 1`` gives a distribution that
-  is flat for noise and sharp for a vector that sits on one token's embedding;
-* :class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`): the same cosine after the
-  residual stream's mean at each entry (estimated on a corpus) is subtracted, read as
-  ``"embedding_centered"`` beside the plain lens. Where the stream has a large mean direction,
-  the plain cosine measures mostly that direction.
-
-Data flows one way: model + input -> residual stack (from hooks or a cache) -> lens ->
-:mod:`~tl_latentspaces.readout` -> :class:`~tl_latentspaces.results.LensResult`.
+* :class:`EmbeddingLens`: cosine with every token's *input* embedding (``W_E`` row), as
+  ``softmax(cos * sqrt(d_model) / T)``: a random direction has cosine std ``1/sqrt(d_model)``, so
+  at ``T = 1`` the distribution is flat for noise and sharp on one token's embedding;
+* :class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`): the same after subtracting
+  the stream's mean per entry, read as ``"embedding_centered"``.
 
 Example:
     >>> import tl_latentspaces as tll

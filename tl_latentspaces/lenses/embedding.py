@@ -31,7 +31,7 @@ def _centered_normalized_embedding(W_E: torch.Tensor) -> torch.Tensor:
 
 def _normalized_embedding(W_E: torch.Tensor) -> torch.Tensor:
     W_E = W_E.to(torch.float32)
-    # Tokens never trained can have all-zero embeddings; they get cosine 0, not NaN.
+    # never-trained all-zero rows get cosine 0, not NaN
     return (W_E / W_E.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T  # [d_model, d_vocab], one row per token underneath
 
 
@@ -41,19 +41,14 @@ class EmbeddingLens:
 
     Args:
         access: The model.
-        temperature: Divides the chance-scaled cosines ``cos * sqrt(d_model)`` before the
-            softmax that defines the lens's probabilities. Scores reported as ``top_scores`` are
-            the plain cosines whatever the temperature.
-        center: Optional ``[n_entries, d_model]`` vectors, one per stack entry (row ``e`` for the
-            entry the readout calls ``e``), subtracted from the residual before the cosine. The
-            usual source is :func:`centered_embedding_lens`, which estimates the stream's mean
-            per entry from a corpus.
-        center_embedding: Subtract the mean ``W_E`` row from every row first, so the cosine
-            compares directions relative to the typical token (all-zero rows, tokens never
-            trained, stay zero and are left out of the mean).
+        temperature: Divides the chance-scaled cosines ``cos * sqrt(d_model)`` before the softmax;
+            ``top_scores`` stay the plain cosines whatever the temperature.
+        center: Optional ``[n_entries, d_model]``, row ``e`` subtracted from the residual of the entry
+            the readout calls ``e`` (usually from :func:`centered_embedding_lens`).
+        center_embedding: Subtract the mean ``W_E`` row from every row first (all-zero rows, tokens
+            never trained, stay zero and are left out of the mean).
 
-    With either option the lens is named ``"embedding_centered"``, so it reads side by side with
-    the plain ``"embedding"`` lens.
+    With either option the lens is named ``"embedding_centered"``, beside the plain ``"embedding"``.
     """
 
     name = "embedding"
@@ -105,18 +100,15 @@ def _check_center(center: Any, d_model: int) -> torch.Tensor:
 
 
 class CenteredEmbeddingLens:
-    """The embedding lens read relative to the stream's typical vector: a lens for ``lenses=``.
+    """The embedding lens read after subtracting the stream's mean per stack entry: a lens for ``lenses=``.
 
-    Holds the residual stream's mean per stack entry (estimated by
-    :func:`centered_embedding_lens`); reading it subtracts that mean from the residual and, with
-    ``center_embedding``, the mean ``W_E`` row from every embedding, before the cosine. Where the
-    stream has a large mean direction (on the default model it holds 21% of ``E|x|^2`` at
-    ``1_pre`` and 73% at ``29_pre``), the plain cosine measures mostly that direction. Its results are named ``"embedding_centered"``. What it does and does
-    not recover on the default model: ``docs/alignment.md``, "A centred embedding lens".
+    Built by :func:`centered_embedding_lens`; read as ``"embedding_centered"``. Where the stream has
+    a large mean direction (on the default model 21% of ``E|x|^2`` at ``1_pre``, 73% at ``29_pre``),
+    the plain cosine measures mostly that direction; what the centred one recovers on the default
+    model: ``docs/alignment.md``, "A centred embedding lens".
 
     Attributes:
-        labels: Stack labels (``"0_pre"``, ``"0_mid"``, ..., ``"final_post"``), one per row of
-            ``means``.
+        labels: Stack labels, one per row of ``means``.
         means: ``[n_entries, d_model]`` float64 means of the residual at each entry.
         n_tokens: Tokens averaged (the leading ``skip_positions`` of each sequence left out).
         center_embedding: Whether ``W_E`` rows are centred too.
@@ -159,13 +151,10 @@ class CenteredEmbeddingLens:
     def bind(
         self, access: ModelAccess, *, temperature: float = 1.0, labels: Optional[Sequence[str]] = None
     ) -> EmbeddingLens:
-        """An :class:`EmbeddingLens` for ``access``'s model, its center rows in ``labels`` order.
+        """An :class:`EmbeddingLens` for ``access``, its center rows in ``labels`` order.
 
-        Args:
-            access: The model; it must have the sizes and unembedding the means were taken on.
-            temperature: As for :class:`EmbeddingLens`.
-            labels: The stack labels the readout calls ``0, 1, ...``; default the ``incl_mid=False``
-                stack.
+        ``access`` must have the sizes and unembedding the means were taken on; ``labels`` are the stack
+        labels the readout calls ``0, 1, ...`` (default the ``incl_mid=False`` stack).
         """
         problems = self.identity.mismatches(ModelIdentity.of(access, weights=False))
         if problems:
@@ -199,24 +188,20 @@ def centered_embedding_lens(
     skip_positions: int = 1,
     progress: bool = False,
 ) -> CenteredEmbeddingLens:
-    """Estimate the residual stream's mean per stack entry and return a centred embedding lens.
-
-    Every entry of the stack (``"{l}_pre"``, ``"{l}_mid"`` and ``"final_post"``) is averaged
-    over the corpus's tokens, the first ``skip_positions`` of every sequence left out (BOS: its
-    residual norms are outliers by orders of magnitude on many models), with float64 sums.
+    """Estimate the residual stream's mean per stack entry (``_mid`` included, float64 sums) as a centred lens.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
         corpus: Texts, file paths, a ``datasets`` object or a ``[n, seq_len]`` token tensor
             (:func:`~tl_latentspaces.corpus.tokenize_corpus`); default the training split of the
             offline default corpus.
-        max_tokens: Tokens read (whole sequences of ``seq_len``).
-        seq_len: Tokens per sequence, BOS included.
+        max_tokens: Tokens read (whole sequences of ``seq_len``, BOS included).
         batch_size: Sequences per forward pass.
         center_embedding: Centre the ``W_E`` rows too (see :class:`EmbeddingLens`). Off by default:
             on the default model it keeps every own token nearest at ``0_pre`` and ranks own
             tokens better (``docs/alignment.md``, "A centred embedding lens").
-        skip_positions: Leading positions of every sequence left out of the means (1: BOS).
+        skip_positions: Leading positions of every sequence left out of the means (1: BOS, whose
+            residual norms are outliers by orders of magnitude on many models).
         progress: Show a progress bar.
 
     Example:
