@@ -105,8 +105,7 @@ def _angles_from_orthonormal(qa: Tensor, qb: Tensor) -> Tensor:
     m = qa.mT @ qb
     cos = torch.linalg.svdvals(m)  # descending -> angles ascending
     sin = torch.linalg.svdvals(qb - qa @ m).flip(-1)  # ascending: the part of span(qb) outside span(qa)
-    # arccos loses small angles, arcsin angles near pi/2: each where it is accurate (as scipy, but
-    # with the mask aligned with the ascending order of both arrays)
+    # arccos loses small angles, arcsin those near pi/2: each where accurate (as scipy, mask in ascending order)
     small = cos.square() >= 0.5
     theta = torch.where(small, torch.arcsin(sin.clamp(-1.0, 1.0)), torch.arccos(cos.clamp(-1.0, 1.0)))
     return theta.sort(dim=-1).values
@@ -278,8 +277,7 @@ def random_subspace_angles(
 def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
     """Expected variance fraction of a Haar-random ``k``-dim subspace of ``R^d``: exactly ``k / d`` for any covariance.
 
-    ``E[P]`` commutes with every rotation and has trace ``k``, so it is ``(k / d) I``. The spread
-    does depend on the covariance (:func:`variance_fraction_null`).
+    The spread does depend on the covariance (:func:`variance_fraction_null`).
 
     Example:
         >>> float(random_subspace_variance_fraction(768, 64))
