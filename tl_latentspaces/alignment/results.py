@@ -23,9 +23,8 @@ class SubspaceAngles:
             subspace of ``W_E`` / ``W_U``.
         pk_embed, pk_unembed: ``[entry]`` normalized projection kernel ``||Q^T B||_F^2 / k`` (mean
             squared cosine; 1 = same subspace, 0 = orthogonal).
-        null_mean, null_std: ``[k]`` mean and spread of each ascending angle between two
-            independent Haar-random ``k``-dimensional subspaces (Monte Carlo).
-        null_pk_mean, null_pk_std: 0-d the same for the projection kernel (its expectation is ``k / d``).
+        null_mean, null_std: ``[k]`` mean and spread of each angle between two independent
+            Haar-random ``k``-dim subspaces (Monte Carlo); ``null_pk_*`` the same for the kernel (mean ``k / d``).
         centered: Whether the subspaces are of the centred covariance (else the second moment).
     """
 
@@ -197,12 +196,12 @@ class TokenDrift:
 
     Attributes:
         quantile_levels: The levels of the ``*_quantiles`` columns.
-        cos_mean, cos_std: ``[entry]`` exact mean and standard deviation of the cosine.
-        cos_quantiles: ``[entry, q]`` cosine quantiles (resolved to the 0.001-wide histogram bins).
+        cos_mean, cos_std: Exact mean and standard deviation of the cosine.
+        cos_quantiles: Cosine quantiles, resolved to the 0.001-wide bins of ``cos_hist``.
         cos_hist: ``[entry, 2000]`` counts of the cosine in equal bins over ``[-1, 1]``.
-        rank_mean: ``[entry]`` exact mean rank. rank_quantiles: ``[entry, q]`` exact (``inverted_cdf``).
-        rank0_fraction: ``[entry]`` fraction of positions whose own token is the nearest.
-        rank_hist: ``[entry, d_vocab]`` counts of each rank.
+        rank_mean, rank_quantiles: Exact mean and quantiles (``inverted_cdf``) of the rank.
+        rank0_fraction: Fraction of positions whose own token is the nearest.
+        rank_hist: Counts of each rank.
         n_cos, n_rank: Positions in the cosine and the rank statistics.
         rank_every: The rank was computed at every ``rank_every``-th kept position of each sequence.
     """

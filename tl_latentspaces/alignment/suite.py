@@ -145,9 +145,6 @@ def alignment_suite(
         seed: Seed of the null baselines.
         progress: Show tqdm progress bars.
 
-    Returns:
-        :class:`AlignmentResult`; ``.to_dataframe()`` gives one row per stack entry.
-
     Raises:
         ValueError: a model in training mode, ``k`` larger than ``d_model`` or than the tokens can
             support, sequences too short for the debiased estimator, a corpus too small, NaN in the
