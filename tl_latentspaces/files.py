@@ -1,7 +1,8 @@
 """Atomic writes: a reader sees the old file or folder or the new one, never half of either.
 
 Content goes to a flushed temporary sibling, then is renamed over the target (atomic on one file
-system). On any failure, KeyboardInterrupt included, the temporary is removed and the old content stays.
+system; a replaced folder is briefly absent between its two renames). On any failure, KeyboardInterrupt
+included, the temporary is removed and the old content stays.
 """
 
 from __future__ import annotations

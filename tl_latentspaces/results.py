@@ -75,23 +75,17 @@ class LensResult:
     """One lens read at every entry of the residual stack, for one input.
 
     Attributes:
-        lens: ``"logit"``, ``"embedding"`` or ``"tuned"``.
-        labels: Stack labels, TransformerLens style (``"0_pre"`` ... ``"final_post"``).
-        tokens: ``[batch, seq]`` input ids (all positions).
-        positions: The positions read, indices into ``seq``.
-        mask: ``[batch, pos]`` True where the read position is a real token (not padding).
-        top_ids: ``[entry, batch, pos, k]`` top-k token ids under the lens.
-        top_probs: ``[entry, batch, pos, k]`` their probabilities.
-        top_scores: ``[entry, batch, pos, k]`` their raw scores: logits, or cosines for the embedding lens.
-        entropy: ``[entry, batch, pos]`` entropy of the lens distribution (nats).
-        kl_to_final: ``[entry, batch, pos]`` KL(final || lens) in nats.
-        final_top1: ``[batch, pos]`` the model's own top-1 prediction.
-        target_ids: ``[batch, pos, T]`` requested target ids, or None.
-        target_probs: ``[entry, batch, pos, T]`` their probabilities under the lens, or None.
-        target_ranks: ``[entry, batch, pos, T]`` their ranks (0 = top), or None.
-        own_scores: ``[entry, batch, pos]`` embedding lens only: cosine between the residual and
-            the input embedding of the position's own token.
-        own_ranks: ``[entry, batch, pos]`` embedding lens only: that token's rank by cosine.
+        lens: The lens's name (``"logit"``, ``"embedding"``, ``"tuned"``, ...).
+        tokens: Input ids at all positions; ``positions`` are the ones read, indices into ``seq``.
+        mask: True where the read position is a real token (not padding).
+        top_ids, top_probs, top_scores: Top-k under the lens; scores are logits, or cosines for the
+            embedding lens.
+        entropy, kl_to_final: Of the lens distribution, in nats; ``KL(final || lens)``.
+        final_top1: The model's own top-1 prediction.
+        target_ids, target_probs, target_ranks: Requested targets, their probabilities and ranks
+            (0 = top) under the lens, or None.
+        own_scores, own_ranks: Embedding lens only: cosine between the residual and the input
+            embedding of the position's own token, and that token's rank by cosine.
         decode: Token id -> string.
         inputs: What :attr:`LensDiff.divergence` needs; None for results made without it.
     """
@@ -143,10 +137,7 @@ class LensResult:
         return self.labels.index(label)
 
     def summary(self) -> Any:
-        """Per-entry means over real positions (entropy, KL, top-1 agreement, own-token cosine and rank).
-
-        A ``pandas.DataFrame`` indexed by label.
-        """
+        """A ``pandas.DataFrame`` of per-entry means over real positions, indexed by label."""
         cols = {
             "entropy": _masked_mean(self.entropy, self.mask),
             "kl_to_final": _masked_mean(self.kl_to_final, self.mask),
@@ -204,9 +195,8 @@ class LensDiff:
         kl_delta: ``[entry, batch, pos]`` change in each run's KL to *its own* final distribution.
             A patch changes the final distribution too, so this moves at entries the patch
             cannot reach; use :attr:`divergence` to see where the patch acts.
-        entropy_delta: ``[entry, batch, pos]`` change in entropy.
-        top1_changed: ``[entry, batch, pos]`` whether the lens's top-1 token changed.
-        target_prob_delta: ``[entry, batch, pos, T]`` change in target probabilities, or None.
+        entropy_delta, top1_changed: ``[entry, batch, pos]``.
+        target_prob_delta: ``[entry, batch, pos, T]``, or None.
         divergence: ``[entry, batch, pos]`` ``KL(base || other)`` in nats between the two runs'
             lens distributions at the same cell: exactly 0 wherever the patch cannot reach. None
             when either result was made without its inputs.
