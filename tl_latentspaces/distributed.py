@@ -10,7 +10,8 @@ Each rank takes every ``world_size``-th batch of the corpus (batch-level shardin
 minibatches, and so the minibatch statistics, identical to a single-process run), accumulates its
 statistics locally, and the states are reduced across ranks; only rank 0 writes files.
 
-States travel as safetensors bytes in uint8 tensors: no pickling between processes.
+States travel as ``torch.save`` bytes in uint8 tensors, read back with ``weights_only=True``
+(tensors and plain containers, never code).
 
 A script of your own joins the group with :func:`init_distributed` and, once rank 0 has written
 its files, leaves it with :func:`finish_distributed`::
@@ -25,13 +26,14 @@ its files, leaves it with :func:`finish_distributed`::
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, TypeVar
 
-import safetensors.torch
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "encode_state",
@@ -67,15 +69,8 @@ class DistContext:
         return self.world_size > 1
 
 
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist
-
-
 def current_context() -> DistContext:
     """The context of an initialized process group, or the single-process context."""
-    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return DistContext(
             rank=dist.get_rank(),
@@ -104,7 +99,6 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
     Without ``WORLD_SIZE > 1`` in the environment this is a single-process run and nothing is
     initialized. The backend defaults to NCCL when CUDA is available and gloo otherwise.
     """
-    dist = _dist()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
@@ -132,7 +126,6 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
 
 def _destroy_group() -> None:
     """Tear the process group down, if one is up (idempotent; no collective, so it cannot hang)."""
-    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -147,7 +140,6 @@ def finish_distributed() -> None:
     this does nothing. After an error, skip it: a rank that failed never reaches the barrier. The
     group is still destroyed at exit, without the barrier.
     """
-    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
@@ -162,101 +154,44 @@ def shard_batches(n_batches: int, ctx: Optional[DistContext] = None) -> range:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (a no-op without a process group); returns it."""
-    dist = _dist()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-_SEP = "|"
+_SCALARS = (str, bool, int, float, type(None))
 
 
-def _flatten(value: Any, path: str, out: dict[str, torch.Tensor]) -> None:
-    """Nested dicts/lists of tensors and scalars as flat safetensors entries with typed paths."""
+def _plain(value: Any, path: str) -> Any:
+    """``value`` with its tensors detached (a view copied, so its whole storage is not sent along); anything
+    ``torch.load(weights_only=True)`` would refuse on the other side raises here, naming where it is."""
     if isinstance(value, torch.Tensor):
-        out[path + _SEP + "t"] = value.detach().cpu().contiguous()
-    elif isinstance(value, dict):
-        out[path + _SEP + "d"] = torch.tensor(len(value))
-        for key, item in value.items():
-            key = str(key)
-            if _SEP in key:
-                raise ValueError(f"state keys may not contain {_SEP!r}: {key!r}")
-            _flatten(item, f"{path}{_SEP}k{key}", out)
-    elif isinstance(value, (list, tuple)):
-        out[path + _SEP + "l"] = torch.tensor(len(value))
-        for i, item in enumerate(value):
-            _flatten(item, f"{path}{_SEP}i{i}", out)
-    elif isinstance(value, bool):
-        out[path + _SEP + "b"] = torch.tensor(int(value))
-    elif isinstance(value, int):
-        out[path + _SEP + "n"] = torch.tensor(value, dtype=torch.int64)
-    elif isinstance(value, float):
-        out[path + _SEP + "f"] = torch.tensor(value, dtype=torch.float64)
-    elif isinstance(value, str):
-        out[path + _SEP + "s"] = torch.tensor(list(value.encode("utf-8")), dtype=torch.uint8)
-    elif value is None:
-        out[path + _SEP + "z"] = torch.zeros(0)
-    else:
-        raise TypeError(f"state entry {path!r} is a {type(value).__name__}; states hold tensors, numbers, "
-                        "strings, lists and dicts.")
-
-
-def _leaf(kind: str, t: torch.Tensor) -> Any:
-    return {"t": lambda: t, "b": lambda: bool(t.item()), "n": lambda: int(t.item()), "f": lambda: float(t.item()),
-            "s": lambda: bytes(t.tolist()).decode("utf-8"), "z": lambda: None}[kind]()
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> Any:
-    containers: dict[str, Any] = {}
-    leaves: list[tuple[list[str], Any]] = []
-    for key, t in flat.items():
-        parts = key.split(_SEP)
-        parent, kind = parts[:-1], parts[-1]
-        if kind == "d":
-            containers[_SEP.join(parent)] = {}
-        elif kind == "l":
-            containers[_SEP.join(parent)] = [None] * int(t.item())
-        else:
-            leaves.append((parent, _leaf(kind, t)))
-
-    def put(parent: list[str], value: Any) -> None:
-        owner = containers[_SEP.join(parent[:-1])]
-        last = parent[-1]
-        if last.startswith("k"):
-            owner[last[1:]] = value
-        else:
-            owner[int(last[1:])] = value
-
-    # Containers from the shallowest up, so every owner exists before its items are placed.
-    for path in sorted(containers, key=lambda p: p.count(_SEP)):
-        parts = path.split(_SEP)
-        if len(parts) > 1:
-            put(parts, containers[path])
-    for parent, value in leaves:
-        if len(parent) == 1:
-            containers[parent[0]] = value
-        else:
-            put(parent, value)
-    return containers[""]
+        t = value.detach()
+        return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    if isinstance(value, dict):
+        return {key: _plain(item, f"{path}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item, f"{path}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, _SCALARS):
+        return value
+    raise TypeError(f"state entry {path or 'state'} is a {type(value).__name__}; states hold tensors, numbers, "
+                    "strings, None, lists, tuples and dicts.")
 
 
 def encode_state(state: dict[str, Any]) -> torch.Tensor:
-    """A (nested) state dict of tensors and JSON values as one safetensors byte buffer."""
-
-    flat: dict[str, torch.Tensor] = {}
-    _flatten(state, "", flat)
-    return torch.frombuffer(bytearray(safetensors.torch.save(flat)), dtype=torch.uint8)
+    """A (nested) state dict of tensors and plain values as one ``torch.save`` byte buffer (uint8)."""
+    buf = io.BytesIO()
+    torch.save(_plain(state, ""), buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
 
 def decode_state(buf: torch.Tensor) -> dict[str, Any]:
-    """The state dict :func:`encode_state` wrote (no pickle: safetensors and JSON only)."""
-
-    return _unflatten(safetensors.torch.load(bytes(buf.numpy().tobytes())))
+    """The state dict :func:`encode_state` wrote, on the CPU, read with ``weights_only=True`` (never code)."""
+    return torch.load(io.BytesIO(buf.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
 
 
 def gather_states(state: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's ``state`` (tensors and numbers), in rank order, on every rank."""
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [state]
     buf = encode_state(state)

@@ -7,50 +7,28 @@ block's output (``final_post``) with respect to that residual, averaged over a c
 
 ``V`` is the set of valid positions: all but the first ``skip_first_positions`` (attention sinks
 with atypical residuals) and the last. The logit lens is the special case ``J_l = I``; the final
-entry is read unchanged. This is TransformerLens 4.3's ``transformer_lens.tools.analysis.JacobianLens``
-and the published J-lens artifacts, in our labels: its layer ``l`` (the output of block ``l``) is
-our ``"{l+1}_pre"``. We also fit ``"0_pre"`` (the embedding output), which it leaves out.
+entry, and an entry without a matrix, is read unchanged. This is TransformerLens 4.3's
+``transformer_lens.tools.analysis.JacobianLens`` in our labels (its layer ``l`` is our ``"{l+1}_pre"``;
+we also fit ``"0_pre"``): a TransformerLens lens passed in ``lenses=`` is converted on the fly, after its
+own model check and ours, and :mod:`~tl_latentspaces.jacobian_lens_formats` reads and writes its
+objects and ``.pt`` artifacts. :class:`JacobianLens` records the model's identity (sizes and an
+unembedding hash, which also tells a raw bridge from compatibility mode) and reads as a
+:class:`~tl_latentspaces.Lens`; ``save``/``load`` use a folder of JSON config and safetensors matrices.
 
-* :class:`JacobianLens` holds the matrices and the identity of the model they were fitted for
-  (:class:`~tl_latentspaces.model.ModelIdentity`: sizes and a hash of the unembedding, which
-  also tells a raw bridge from the same model in compatibility mode). It plugs into
-  ``read_lenses``, ``lens_session``, ``evaluate_lenses`` and the views as a
-  :class:`~tl_latentspaces.Lens` (``translate(x, label)``), like the tuned lens. An entry without a fitted matrix (``"0_pre"`` of a lens converted from
-  TransformerLens) is read with ``J = I``, i.e. as the logit lens.
-* A TransformerLens ``JacobianLens`` object passed in ``lenses=`` is converted on the fly
-  (:meth:`JacobianLens.from_transformer_lens`), after TransformerLens's own model check (raw
-  ``TransformerBridge``, same model name, revision and sizes) and ours (the recorded sizes).
-  :meth:`JacobianLens.to_transformer_lens` goes the other way; the artifact format (a ``.pt``
-  dict with ``J``, ``n_prompts``, ``source_layers``, ``d_model``) is read with
-  ``torch.load(weights_only=True)`` only, so a pickle carrying code is refused.
-* ``save``/``load`` use a folder with a JSON config and safetensors matrices, written atomically.
+:func:`fit_jacobian_lens` runs the model's own forward pass (any model class the package reads) with
+capture hooks in a :class:`~tl_latentspaces.hooks.HookSession`, so the user's hooks act on what is
+differentiated and stay registered, then takes vector-Jacobian products from the final residual back
+to every source entry at once. It has its own loop, not the corpus runner's (whose consumers get
+detached stacks, no autograd graph), over the same packed sequences, with the same ``torchrun``
+sharding, merge and checkpoint format (:mod:`~tl_latentspaces.checkpoints`). Two estimators:
 
-Fitting (:func:`fit_jacobian_lens`) works on every model class the package reads
-(``HookedTransformer``, ``TransformerBridge`` raw or in compatibility mode): it runs the model's
-own forward pass with capture hooks added through a :class:`~tl_latentspaces.hooks.HookSession`
-(so the user's hooks act on what is differentiated, and stay registered), then takes batched
-vector-Jacobian products from the final residual back to *every* source entry at once.
-
-Why not the corpus runner: its consumers receive detached residual stacks, and a Jacobian needs
-the autograd graph of the forward pass that produced them. The fit therefore has its own loop
-over the same packed sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`), shards them
-across ``torchrun`` processes with the same helpers, merges the per-process sums the same way, and
-saves them to a checkpoint folder to resume from, as the runner does.
-
-Two estimators:
-
-* ``mode="exact"``: TransformerLens's estimator. One forward pass per batch of sequences keeps
-  the graph from the lowest source entry up (the layers below it run without a graph), then
-  ``ceil(d_model / dim_batch)`` backward passes, each carrying ``dim_batch`` one-hot cotangents at
-  once (``torch.autograd.grad(..., is_grads_batched=True)``). TransformerLens instead replicates
-  the prompt ``dim_batch`` times in the forward pass and runs every layer with a graph.
-* ``mode="sketch"``: a randomized sketch with ``probes`` random orthonormal directions
-  ``Q`` (``d_model x probes``, fresh per sequence). The backward passes give ``R = Q^T J``; the
-  estimate ``I + (d_model / probes) Q (R - Q^T)`` is unbiased (``E[Q Q^T] = (probes/d_model) I``)
-  and uses the identity, the residual stream's skip path, as a control variate, so only the
-  smaller ``J - I`` carries sketch noise. It costs ``probes / d_model`` of the exact backward
-  work per sequence; spend the saving on more sequences. See ``benchmarks/results/jacobian_lens.md``
-  for its measured accuracy against the exact lens.
+* ``mode="exact"``: TransformerLens's. Each sequence is replicated ``dim_batch`` times in one forward
+  pass that keeps the graph only from the lowest source entry up; each of ``ceil(d_model / dim_batch)``
+  backward passes carries one one-hot direction per copy.
+* ``mode="sketch"``: ``probes`` random orthonormal directions ``Q`` (fresh per sequence) give
+  ``R = Q^T J``; the estimate ``I + (d_model / probes) Q (R - Q^T)`` is unbiased and uses the identity
+  (the skip path) as a control variate, so only ``J - I`` carries sketch noise. It costs
+  ``probes / d_model`` of the exact work per sequence; see ``benchmarks/results/jacobian_lens.md``.
 
 Example:
     >>> import tl_latentspaces as tll
@@ -64,25 +42,25 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from jaxtyping import Float
 
+from tl_latentspaces.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
-from tl_latentspaces.files import json_safe, read_torch_dict, replace_folder_atomic, write_bytes_atomic
 from tl_latentspaces.hooks import HookSession
+from tl_latentspaces.jacobian_lens_formats import (CONFIG_FILE, PARAMS_FILE, is_transformer_lens_jacobian_lens,
+                                                   matrices_from_transformer_lens, read_lens_folder,
+                                                   read_transformer_lens_file, save_transformer_lens_file,
+                                                   to_transformer_lens, write_lens_folder)
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
 __all__ = [
@@ -96,16 +74,11 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-#: Our folder format: a JSON config and a safetensors file of ``{label: matrix}``.
-CONFIG_FILE = "jacobian_lens.json"
-PARAMS_FILE = "jacobian_lens.safetensors"
-_FORMAT = "tl_latentspaces.jacobian_lens"
-_FORMAT_VERSION = 1
-
 #: TransformerLens's (and the reference implementation's) default: leading positions left out.
 DEFAULT_SKIP_FIRST_POSITIONS = 16
 
 MODES = ("exact", "sketch")
+_CHECKPOINT = "jacobian-lens"  # files jacobian-lens-rank{r}.pt
 
 
 def _access(model: Any) -> ModelAccess:
@@ -122,17 +95,6 @@ def _model_kind(access: ModelAccess) -> str:
 def _check_key(access: ModelAccess) -> tuple:
     # Hashing W_U takes a fraction of a second; a lens skips it for the storage it checked last.
     return (id(access.model), access.W_U.data_ptr(), access.W_U._version)
-
-
-def is_transformer_lens_jacobian_lens(obj: Any) -> bool:
-    """Whether ``obj`` is a ``transformer_lens.tools.analysis.JacobianLens`` (TransformerLens >= 4.3)."""
-    cls = type(obj)
-    return (
-        cls.__name__ == "JacobianLens"
-        and cls.__module__.startswith("transformer_lens.")
-        and isinstance(getattr(obj, "jacobians", None), dict)
-        and callable(getattr(obj, "validate_model", None))
-    )
 
 
 class JacobianLens:
@@ -152,14 +114,8 @@ class JacobianLens:
         info: dict.
     """
 
-    def __init__(
-        self,
-        identity: ModelIdentity,
-        matrices: dict[str, Float[torch.Tensor, "d_model d_model"]],
-        *,
-        info: Optional[dict] = None,
-        name: str = "jacobian",
-    ):
+    def __init__(self, identity: ModelIdentity, matrices: dict[str, Float[torch.Tensor, "d_model d_model"]], *,
+                 info: Optional[dict] = None, name: str = "jacobian"):
         if not isinstance(identity, ModelIdentity):
             raise TypeError(
                 f"identity must be a ModelIdentity, got {type(identity).__name__}. Fit a lens with "
@@ -216,9 +172,7 @@ class JacobianLens:
         """The same matrices under another name (to read two J-lenses side by side)."""
         return JacobianLens(self.identity, self.matrices, info=self.info, name=name)
 
-    def transform_hidden(
-        self, h: Float[torch.Tensor, "... d_model"], label: str
-    ) -> Float[torch.Tensor, "... d_model"]:
+    def transform_hidden(self, h: Float[torch.Tensor, "... d_model"], label: str) -> Float[torch.Tensor, "... d_model"]:
         """``J h`` for the residuals ``h`` of stack entry ``label`` (unchanged without a matrix), float32."""
         if h.shape[-1] != self.d_model:
             raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(h.shape)}.")
@@ -262,74 +216,19 @@ class JacobianLens:
         return access
 
     # ------------------------------------------------------------------ save / load
-    def _config(self) -> dict:
-        return {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "name": self.name,
-            "model": asdict(self.identity),
-            "labels": self.labels,
-            "readout": "ln_final(h @ J[label].T) @ W_U + b_U; entries without a matrix read unchanged",
-            "info": self.info,
-        }
-
     def save(self, path: PathLike) -> Path:
         """Write the lens to the folder ``path``: ``jacobian_lens.json`` + ``jacobian_lens.safetensors``.
 
         Written under a temporary name and renamed into place; an existing lens folder is
         replaced, any other existing file or folder refused.
         """
-
-        try:
-            blob = json.dumps(self._config(), indent=2, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
-        tensors = dict(self.matrices)
-
-        def write(tmp: Path) -> None:
-            safetensors.torch.save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
-            (tmp / CONFIG_FILE).write_text(blob)
-
-        return replace_folder_atomic(Path(path), write, own_marker=CONFIG_FILE, what="Jacobian lens folder")
+        return write_lens_folder(self, Path(path))
 
     @classmethod
     def load(cls, path: PathLike, model: Any) -> "JacobianLens":
         """Load a lens saved by :meth:`save` and check it against ``model``."""
-
-        folder = Path(path)
-        cfg_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
-        if not cfg_path.is_file() or not params_path.is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} is not a Jacobian lens folder: it needs {CONFIG_FILE} and {PARAMS_FILE} "
-                "(written by JacobianLens.save). For a TransformerLens .pt artifact use "
-                "JacobianLens.load_transformer_lens_format."
-            )
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cfg_path} is not valid JSON ({err}); the folder is damaged.") from err
-        if not isinstance(config, dict) or config.get("format") != _FORMAT:
-            raise ValueError(f"{cfg_path} is not a {_FORMAT} config (format {config.get('format')!r}).")
-        if config.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{cfg_path} has format_version {config.get('format_version')!r}; this version reads "
-                f"{_FORMAT_VERSION}. Upgrade tl_latentspaces or save the lens again."
-            )
-        try:
-            identity = ModelIdentity(**config["model"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{cfg_path} has no valid 'model' entry ({err}); the folder is damaged.") from err
-        try:
-            tensors = safetensors.torch.load_file(str(params_path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {params_path} as safetensors: {err}.") from err
-        labels = list(config.get("labels", []))
-        if sorted(tensors) != sorted(labels):
-            raise ValueError(
-                f"{params_path} holds matrices {sorted(tensors)} but its config lists {labels}: the "
-                "folder is damaged or was edited; save the lens again."
-            )
-        lens = cls(identity, tensors, info=config.get("info") or {}, name=config.get("name", "jacobian"))
+        identity, matrices, config = read_lens_folder(Path(path))
+        lens = cls(identity, matrices, info=config.get("info") or {}, name=config.get("name", "jacobian"))
         lens.check_model(model)
         return lens
 
@@ -338,64 +237,20 @@ class JacobianLens:
     def from_transformer_lens(cls, lens: Any, model: Any, *, name: str = "jacobian") -> "JacobianLens":
         """Convert a TransformerLens ``JacobianLens`` (fitted or loaded) for reading ``model``.
 
-        TransformerLens's own ``lens.validate_model(model)`` runs first (a raw
-        ``TransformerBridge``; the recorded model name and revision; ``d_model``; the layer range;
-        the final-block target), then the converted lens records ``model``'s identity, so every
-        later read checks sizes and the unembedding hash too. Its layer ``l`` becomes ``"{l+1}_pre"``.
+        TransformerLens's own ``lens.validate_model(model)`` runs first (a raw ``TransformerBridge``; the
+        recorded model name and revision; ``d_model``; the layer range; the final-block target); the result
+        records ``model``'s identity, so every later read checks sizes and the unembedding hash too. Its
+        layer ``l`` becomes ``"{l+1}_pre"``.
 
         Raises:
-            TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``, or ``model`` is not a
-                ``TransformerBridge``.
+            TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``.
             ValueError: If TransformerLens's model check or ours fails.
         """
-        if not is_transformer_lens_jacobian_lens(lens):
-            raise TypeError(
-                f"expected a transformer_lens.tools.analysis.JacobianLens, got {type(lens).__module__}."
-                f"{type(lens).__name__}."
-            )
         access = _access(model)
-        lens.validate_model(access.model)  # TransformerLens's check: raw bridge, same model
-        L = access.n_layers
-        matrices = {}
-        for layer, matrix in lens.jacobians.items():
-            if not 0 <= int(layer) < L - 1:
-                raise ValueError(
-                    f"the TransformerLens lens has a matrix for layer {layer}, outside 0..{L - 2} of "
-                    f"this {L}-layer model."
-                )
-            matrices[f"{int(layer) + 1}_pre"] = matrix
-        info = {
-            "converted_from": "transformer_lens.tools.analysis.JacobianLens",
-            "n_prompts": int(getattr(lens, "n_prompts", 0)),
-            "model_kind": "bridge-raw",
-            "transformer_lens_metadata": json_safe(dict(getattr(lens, "metadata", {}) or {})),
-        }
+        matrices, info = matrices_from_transformer_lens(lens, access)
         converted = cls(ModelIdentity.of(access), matrices, info=info, name=name)
         converted._checked = _check_key(access)  # its identity is this model's: no second hash
         return converted
-
-    def _transformer_lens_payload(self) -> tuple[dict[int, torch.Tensor], dict]:
-        kind = self.info.get("model_kind")
-        if kind != "bridge-raw":
-            raise ValueError(
-                f"this lens was fitted on a {kind or 'model of unknown kind'}; TransformerLens's "
-                "JacobianLens reads only raw TransformerBridge activations (a HookedTransformer or a "
-                "compatibility-mode bridge speaks another residual basis). Fit on a freshly booted "
-                "raw TransformerBridge to export."
-            )
-        jac = {}
-        for label, m in self.matrices.items():
-            layer = int(label[:-4]) - 1
-            if layer >= 0:  # "0_pre" (the embedding output) has no TransformerLens layer
-                jac[layer] = m
-        if not jac:
-            raise ValueError("this lens has no matrix TransformerLens can hold (only 0_pre); nothing to export.")
-        meta = {
-            "model_name": self.identity.name,
-            "target_layer": self.n_layers - 1,
-            "converted_from": _FORMAT,
-        }
-        return jac, meta
 
     def to_transformer_lens(self) -> Any:
         """This lens as a ``transformer_lens.tools.analysis.JacobianLens`` (TransformerLens >= 4.3).
@@ -403,76 +258,24 @@ class JacobianLens:
         ``"0_pre"`` has no TransformerLens layer and is left out. Only a lens fitted on (or
         converted for) a raw ``TransformerBridge`` exports.
         """
-        try:
-            from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
-        except ImportError as err:
-            raise ImportError(
-                "to_transformer_lens needs TransformerLens >= 4.3 (transformer_lens.tools.analysis."
-                "JacobianLens); save_transformer_lens_format writes its artifact format without it."
-            ) from err
-        jac, meta = self._transformer_lens_payload()
-        return TLJacobianLens(jac, n_prompts=int(self.info.get("n_prompts", 0)), d_model=self.d_model, metadata=meta)
+        return to_transformer_lens(self)
 
     def save_transformer_lens_format(self, path: PathLike, *, dtype: torch.dtype = torch.float16) -> Path:
         """Write TransformerLens's (and the reference implementation's) ``.pt`` artifact, atomically.
 
-        Keys ``J`` (``{layer: matrix}`` in ``dtype``), ``n_prompts``, ``source_layers``,
-        ``d_model`` and ``metadata``, loadable by ``JacobianLens.load`` there with
-        ``weights_only=True``. ``dtype`` defaults to float16 as theirs does.
+        Keys ``J`` (``{layer: matrix}`` in ``dtype``, float16 as theirs), ``n_prompts``, ``source_layers``,
+        ``d_model`` and ``metadata``, loadable by ``JacobianLens.load`` there with ``weights_only=True``.
         """
-        jac, meta = self._transformer_lens_payload()
-        payload = {
-            "J": {layer: m.to(dtype) for layer, m in jac.items()},
-            "n_prompts": int(self.info.get("n_prompts", 0)),
-            "source_layers": sorted(jac),
-            "d_model": self.d_model,
-            "metadata": meta,
-        }
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        return write_bytes_atomic(Path(path), buf.getvalue())
+        return save_transformer_lens_file(self, path, dtype)
 
     @classmethod
     def load_transformer_lens_format(cls, path: PathLike, model: Any, *, name: str = "jacobian") -> "JacobianLens":
         """Read a TransformerLens / reference ``.pt`` artifact (or fit checkpoint) for ``model``.
 
-        The file is read with ``torch.load(weights_only=True)``: tensors and plain containers
-        only, never code. The model is checked as :meth:`from_transformer_lens` does (through
-        TransformerLens's own ``validate_model``, which needs TransformerLens >= 4.3).
+        Read with ``torch.load(weights_only=True)`` (never code) and checked as :meth:`from_transformer_lens`
+        does (TransformerLens's ``validate_model`` needs TransformerLens >= 4.3).
         """
-        try:
-            from transformer_lens.tools.analysis import JacobianLens as TLJacobianLens
-        except ImportError as err:
-            raise ImportError(
-                "TransformerLens J-lens artifacts are fitted on raw TransformerBridge activations and "
-                "checked by TransformerLens >= 4.3 (transformer_lens.tools.analysis.JacobianLens); "
-                "install it to read them."
-            ) from err
-        payload = read_torch_dict(Path(path), holds="keys 'J', 'd_model', ...")
-        if "J" in payload:
-            jac = payload["J"]
-            n_prompts = payload.get("n_prompts", 0)
-        elif "jacobian_sum" in payload:
-            n_prompts = payload.get("n_done", payload.get("n_prompts", 0))
-            if not isinstance(n_prompts, int) or n_prompts <= 0:
-                raise ValueError(f"{path} is a fit checkpoint with n_done={n_prompts!r}; a positive count is needed.")
-            jac = {k: v / n_prompts for k, v in payload["jacobian_sum"].items() if isinstance(v, torch.Tensor)}
-        else:
-            raise ValueError(
-                f"{path} is not a Jacobian lens artifact: it needs a 'J' key (artifact) or a "
-                f"'jacobian_sum' key (fit checkpoint); it has {sorted(map(str, payload))[:8]}."
-            )
-        if not isinstance(jac, dict) or not jac or not all(isinstance(v, torch.Tensor) for v in jac.values()):
-            raise ValueError(f"{path}: 'J' must be a non-empty {{layer: tensor}} dict.")
-        d = next(iter(jac.values())).shape[-1]
-        meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
-        if "target_layer" in payload and "target_layer" not in meta:
-            meta = {**meta, "target_layer": payload["target_layer"]}
-        tl_lens = TLJacobianLens(
-            {int(k): v for k, v in jac.items()}, n_prompts=int(n_prompts or 0), d_model=int(payload.get("d_model", d)),
-            metadata=meta,
-        )
-        return cls.from_transformer_lens(tl_lens, model, name=name)
+        return cls.from_transformer_lens(read_transformer_lens_file(path), model, name=name)
 
 
 # ---------------------------------------------------------------------- fitting
@@ -499,34 +302,19 @@ class _JacobianSums:
         return self
 
 
-class _Checkpoint:
-    """The running sums of one process, saved atomically and read back only for the same work."""
-
-    def __init__(self, folder: Path, rank: int, seqs: torch.Tensor, settings: dict):
-        self.path = folder / f"jacobian-lens-rank{rank}.safetensors"
-        digest = hashlib.sha256(seqs.numpy().tobytes())
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        self.fingerprint = digest.hexdigest()[:16]
-
-    def save(self, sums: _JacobianSums, done: int) -> None:
-        meta = {"fingerprint": self.fingerprint, "done": str(done), "n": str(sums.n)}
-        write_bytes_atomic(self.path, safetensors.torch.save({"sums": sums.sums.contiguous()}, metadata=meta))
-
-    def load(self, sums: _JacobianSums) -> int:
-        """Sequences of this process already in ``sums`` (0 without a checkpoint)."""
-
-        if not self.path.is_file():
-            return 0
-        with safe_open(str(self.path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("fingerprint") != self.fingerprint:
-                raise ValueError(
-                    f"the checkpoint {str(self.path)!r} belongs to another corpus or other settings (mode, "
-                    "layers, probes, seed, number of processes); pass another checkpoint_dir or delete it."
-                )
-            sums.sums.copy_(fh.get_tensor("sums"))
-        sums.n = int(meta["n"])
-        return int(meta["done"])
+def _resume(folder: PathLike, rank: int, fingerprint: str, sums: _JacobianSums) -> int:
+    """Sequences of this process already fitted, loaded into ``sums`` (0 without a checkpoint)."""
+    saved = load_checkpoint(folder, _CHECKPOINT, rank)
+    if saved is None:
+        return 0
+    meta, states = saved
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"the checkpoint {str(checkpoint_path(folder, _CHECKPOINT, rank))!r} belongs to another corpus or other "
+            "settings (mode, layers, probes, seed, number of processes); pass another checkpoint_dir or delete it."
+        )
+    sums.load_state_dict(states["sums"])
+    return int(meta["done"])
 
 
 def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
@@ -550,9 +338,8 @@ def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
     return sorted(out, key=lambda s: int(s[:-4]))
 
 
-def _forward_with_graph(
-    access: ModelAccess, ids: torch.Tensor, sources: list[str], target_name: str
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _forward_with_graph(access: ModelAccess, ids: torch.Tensor, sources: list[str],
+                        target_name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward pass of the model's own, keeping the graph from the lowest source entry up.
 
     The lowest source's hook returns a detached copy that requires grad and switches autograd on
@@ -597,16 +384,8 @@ def _forward_with_graph(
     return target, [captured[s] for s in sources]
 
 
-def _sequence_rows(
-    access: ModelAccess,
-    ids: torch.Tensor,
-    directions: torch.Tensor,
-    dim_batch: int,
-    sources: list[str],
-    target_name: str,
-    valid: torch.Tensor,
-    bar: Any,
-) -> list[torch.Tensor]:
+def _sequence_rows(access: ModelAccess, ids: torch.Tensor, directions: torch.Tensor, dim_batch: int,
+                   sources: list[str], target_name: str, valid: torch.Tensor, bar: Any) -> list[torch.Tensor]:
     """``directions @ J`` (``[n, d]``) of the one sequence ``ids`` (``[1, seq]``), for every source entry.
 
     The sequence is replicated ``K = min(dim_batch, n)`` times in one forward pass; each of the
@@ -632,24 +411,12 @@ def _sequence_rows(
     return rows
 
 
-def fit_jacobian_lens(
-    model: Any,
-    corpus: Any = None,
-    *,
-    mode: str = "exact",
-    seq_len: int = 128,
-    max_tokens: Optional[int] = 8 * 128,
-    layers: Any = None,
-    skip_first_positions: int = DEFAULT_SKIP_FIRST_POSITIONS,
-    dim_batch: int = 8,
-    probes: int = 32,
-    prepend_bos: bool = True,
-    seed: int = 0,
-    name: Optional[str] = None,
-    checkpoint_dir: Optional[PathLike] = None,
-    checkpoint_every: int = 1,
-    progress: bool = True,
-) -> JacobianLens:
+def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", seq_len: int = 128,
+                      max_tokens: Optional[int] = 8 * 128, layers: Any = None,
+                      skip_first_positions: int = DEFAULT_SKIP_FIRST_POSITIONS, dim_batch: int = 8, probes: int = 32,
+                      prepend_bos: bool = True, seed: int = 0, name: Optional[str] = None,
+                      checkpoint_dir: Optional[PathLike] = None, checkpoint_every: int = 1,
+                      progress: bool = True) -> JacobianLens:
     """Fit a Jacobian lens on any supported model: ``HookedTransformer`` or ``TransformerBridge``.
 
     Each sequence of the packed corpus contributes its Jacobian of the final residual
@@ -678,8 +445,8 @@ def fit_jacobian_lens(
         seed: Seeds the sketch's random directions.
         name: The lens's name (default ``"jacobian"``, or ``"jacobian_sketch"`` in sketch mode).
         checkpoint_dir: Save the running sums here every ``checkpoint_every`` sequences (one
-            safetensors file per process, written atomically) and resume from them: a resumed run
-            ends with the same lens as an uninterrupted one.
+            ``jacobian-lens-rank{r}.pt`` per process, :mod:`~tl_latentspaces.checkpoints`) and resume
+            from them: a resumed run ends with the same lens as an uninterrupted one.
         checkpoint_every: Sequences between checkpoints.
         progress: Show a progress bar (directions done).
 
@@ -723,8 +490,10 @@ def fit_jacobian_lens(
     sums = _JacobianSums(sources, d)
     settings = {"mode": mode, "skip": skip, "probes": probes, "seed": int(seed), "sources": sources,
                 "world_size": ctx.world_size}
-    checkpoint = None if checkpoint_dir is None else _Checkpoint(Path(checkpoint_dir), ctx.rank, seqs, settings)
-    done = 0 if checkpoint is None else checkpoint.load(sums)
+    digest = hashlib.sha256(seqs.numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    fingerprint = digest.hexdigest()[:16]
+    done = 0 if checkpoint_dir is None else _resume(checkpoint_dir, ctx.rank, fingerprint, sums)
     start_time = time.perf_counter()
     bar = tqdm(total=(len(mine) - done) * n_dirs, desc=f"Jacobian lens ({mode})", unit="dir",
                disable=not (progress and ctx.is_main))
@@ -751,8 +520,9 @@ def fit_jacobian_lens(
                 else:  # I + (d/m) Q (Q^T J - Q^T): unbiased, identity as control variate
                     sums.sums[si] += eye + (d / probes) * Q @ (rows[si] - Q.T)
             sums.n += 1
-            if checkpoint is not None and (k % checkpoint_every == 0 or k == len(mine)):
-                checkpoint.save(sums, k)
+            if checkpoint_dir is not None and (k % checkpoint_every == 0 or k == len(mine)):
+                save_checkpoint(checkpoint_dir, _CHECKPOINT, ctx.rank, {"fingerprint": fingerprint, "done": k},
+                                {"sums": sums.state_dict()})
     finally:
         bar.close()
     reduce_accumulator(sums, lambda: _JacobianSums(sources, d))
@@ -760,20 +530,9 @@ def fit_jacobian_lens(
         raise ValueError("no sequence was fitted; pass a longer corpus or a larger max_tokens.")
     seconds = time.perf_counter() - start_time
     matrices = {label: (sums.sums[i] / sums.n).to(torch.float32) for i, label in enumerate(sources)}
-    info = {
-        "model_kind": _model_kind(access),
-        "n_prompts": sums.n,
-        "fit": {
-            "mode": mode,
-            "seq_len": seq_len,
-            "skip_first_positions": skip,
-            "probes": probes if mode == "sketch" else None,
-            "dim_batch": dim_batch,
-            "seed": int(seed),
-            "seconds": round(seconds, 3),
-            "world_size": ctx.world_size,
-            "target": target_name,
-        },
-    }
+    fit = {"mode": mode, "seq_len": seq_len, "skip_first_positions": skip,
+           "probes": probes if mode == "sketch" else None, "dim_batch": dim_batch, "seed": int(seed),
+           "seconds": round(seconds, 3), "world_size": ctx.world_size, "target": target_name}
+    info = {"model_kind": _model_kind(access), "n_prompts": sums.n, "fit": fit}
     default_name = "jacobian" if mode == "exact" else "jacobian_sketch"
     return JacobianLens(ModelIdentity.of(access), matrices, info=info, name=name or default_name)

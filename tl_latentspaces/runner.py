@@ -14,26 +14,17 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-import safetensors.torch
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from tl_latentspaces.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import tokenize_corpus
-from tl_latentspaces.distributed import (
-    decode_state,
-    encode_state,
-    current_context,
-    reduce_accumulator,
-    shard_batches,
-)
-from tl_latentspaces.files import write_bytes_atomic
+from tl_latentspaces.distributed import current_context, reduce_accumulator, shard_batches
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 
@@ -50,7 +41,8 @@ class CorpusRunner:
             to ``max_tokens`` (:func:`~tl_latentspaces.corpus.iter_texts`).
         seq_len: Tokens per sequence (BOS included).
         seed: Fixes the batch order when ``shuffle``.
-        checkpoint_dir: Save progress here (every ``checkpoint_every`` batches) and resume from it.
+        checkpoint_dir: Save progress here (every ``checkpoint_every`` batches; one ``runner-rank{r}.pt`` per
+            process, :mod:`~tl_latentspaces.checkpoints`) and resume from it.
     """
 
     def __init__(self, model: Any, corpus: Any, *, seq_len: int = 128, batch_size: int = 8,
@@ -91,45 +83,39 @@ class CorpusRunner:
         """The ``[batch_size, seq_len]`` token ids of batch ``index`` (fewer rows for the last batch)."""
         return self.sequences[index * self.batch_size : (index + 1) * self.batch_size]
 
-    def _checkpoint_path(self, rank: int) -> Path:
-        assert self.checkpoint_dir is not None
-        return self.checkpoint_dir / f"runner-rank{rank}.safetensors"
-
     def _save(self, rank: int, done: int, consumers: dict[str, Any]) -> None:
         """One file per rank holding every consumer's state and the batch count, replaced atomically."""
-        path = self._checkpoint_path(rank)
-        tensors = {name: encode_state(c.state_dict()) for name, c in consumers.items()}
-        meta = {"fingerprint": self.fingerprint, "done": str(done), "consumers": ",".join(sorted(consumers)),
-                "world_size": str(current_context().world_size), "model": json.dumps(asdict(self.identity))}
-        write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
+        meta = {"fingerprint": self.fingerprint, "done": done, "consumers": sorted(consumers),
+                "world_size": current_context().world_size, "model": asdict(self.identity)}
+        save_checkpoint(self.checkpoint_dir, "runner", rank, meta, {n: c.state_dict() for n, c in consumers.items()})
 
     def _load(self, rank: int, consumers: dict[str, Any]) -> int:
-        if self.checkpoint_dir is None or not self._checkpoint_path(rank).is_file():
+        saved = None if self.checkpoint_dir is None else load_checkpoint(self.checkpoint_dir, "runner", rank)
+        if saved is None:
             return 0
-        path = self._checkpoint_path(rank)
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            self._check_model(path, meta)
-            if meta.get("fingerprint") != self.fingerprint or meta.get("consumers") != ",".join(sorted(consumers)):
-                raise ValueError(
-                    f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
-                    "pass another checkpoint_dir or delete it to start over."
-                )
-            world = current_context().world_size
-            if meta.get("world_size", "1") != str(world):
-                raise ValueError(
-                    f"the checkpoint {str(path)!r} was written by a run of {meta.get('world_size', '1')} "
-                    f"process(es), and this run has {world}: each rank's share of the batches differs. "
-                    "Resume with the same number of processes, or pass another checkpoint_dir."
-                )
-            for name, consumer in consumers.items():
-                consumer.load_state_dict(decode_state(fh.get_tensor(name)))
+        meta, states = saved
+        path = checkpoint_path(self.checkpoint_dir, "runner", rank)
+        self._check_model(path, meta)
+        if meta.get("fingerprint") != self.fingerprint or meta.get("consumers") != sorted(consumers):
+            raise ValueError(
+                f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
+                "pass another checkpoint_dir or delete it to start over."
+            )
+        world = current_context().world_size
+        if meta.get("world_size", 1) != world:
+            raise ValueError(
+                f"the checkpoint {str(path)!r} was written by a run of {meta.get('world_size', 1)} "
+                f"process(es), and this run has {world}: each rank's share of the batches differs. "
+                "Resume with the same number of processes, or pass another checkpoint_dir."
+            )
+        for name, consumer in consumers.items():
+            consumer.load_state_dict(states[name])
         return int(meta["done"])
 
     def _check_model(self, path: Path, meta: dict) -> None:
         """Refuse a checkpoint written with another model, dtype or mode, naming the difference."""
         try:
-            recorded = ModelIdentity(**json.loads(meta["model"]))
+            recorded = ModelIdentity(**meta["model"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
                              "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
