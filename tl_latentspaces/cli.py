@@ -146,10 +146,7 @@ def _check_json_out(value: Optional[str], option: str = "--out") -> None:
 
 
 def _check_folder_out(value: str, option: str, *, marker: Optional[str] = None) -> None:
-    """A folder target: not an existing file, no file suffix, and writable or creatable.
-
-    ``marker`` is a file an existing, non-empty folder must hold to be written into (a lens's config).
-    """
+    """A folder target; an existing non-empty one must hold ``marker`` (a lens's config) when given."""
     p = Path(value).expanduser()
     what = f"{option} {value!r}"
     if p.exists():
