@@ -536,12 +536,13 @@ def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_
     report.setdefault("refined", [False] * L)
     report.setdefault("train_kl_refine", [None] * L)
     report["refine_vocab_mass"] = float(val_t.log_p[:, readout.vocab].exp().sum(-1).mean())
-    kept_in = f"is kept in {ckpt.folder}. " if ckpt is not None else ""
     bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL",
                disable=not (progress and current_context().is_main))
     try:
         for layer in range(start_layer, L):
             x, xv = stats.refine[layer], check[layer]
+            last_good = ("" if ckpt is None else
+                         f"The last good checkpoint (layers 0..{layer - 1} refined) is kept in {ckpt.folder}. ")
             Sx = stats.XtX[layer] / stats.n
             Sx_damped = _ridged(Sx, Sx.diagonal()[:d].mean())
             W, b = weight[layer].float(), bias[layer].float()
@@ -552,10 +553,8 @@ def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_
                 if not (math.isfinite(train_kl) and torch.isfinite(G).all() and torch.isfinite(F).all()):
                     raise TunedLensFitError(
                         f"the KL loss became {train_kl} at layer {layer}, refinement step {step} (non-finite loss, "
-                        "gradient or curvature). "
-                        + (f"The last good checkpoint (layers 0..{layer - 1} refined) {kept_in}" if kept_in else "")
-                        + "Fix: pass refine_steps=0 to keep the closed-form lens, or a larger damping; check the "
-                        "model's activations for overflow (a half-precision model?)."
+                        f"gradient or curvature). {last_good}Fix: pass refine_steps=0 to keep the closed-form lens, "
+                        "or a larger damping; check the model's activations for overflow (a half-precision model?)."
                     )
                 lam_f = settings.damping * F.diagonal().mean().clamp_min(1e-30)
                 F_damped = F + lam_f * torch.eye(d, dtype=torch.float64, device=F.device)
@@ -576,11 +575,8 @@ def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_
             # Keep the refinement only where it beats the closed form on the full vocabulary.
             full = _kl(readout, xv[:_FULL_CHECK_TOKENS], W, b, val_t.log_p)
             if not math.isfinite(full):
-                raise TunedLensFitError(
-                    f"the validation KL of layer {layer} became {full} after refinement. "
-                    + (f"The last good checkpoint {kept_in}" if kept_in else "")
-                    + "Fix: pass refine_steps=0 or a larger damping."
-                )
+                raise TunedLensFitError(f"the validation KL of layer {layer} became {full} after refinement. "
+                                        f"{last_good}Fix: pass refine_steps=0 or a larger damping.")
             if full < report["val_kl_closed_form"][layer]:
                 weight[layer], bias[layer] = W.double(), b.double()
                 report["val_kl_refined"][layer] = full
