@@ -11,6 +11,7 @@ import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces import fitting
+from tl_latentspaces.checkpoints import load_checkpoint
 from tl_latentspaces.evaluation import evaluate_lenses
 from tl_latentspaces.fitting import TunedLensFitError, fit_tuned_lens
 from tl_latentspaces.hooks import hook_counts
@@ -136,10 +137,10 @@ def test_resumed_fit_equals_uninterrupted(tmp_path, monkeypatch, stop_at):
     monkeypatch.setattr(fitting, "_checkpoint_saved", lambda phase, extra: None)
     resumed = fit_tuned_lens(model, _corpus(), checkpoint_dir=tmp_path / "ckpt", **kwargs)
     assert torch.equal(resumed.weight, reference.weight) and torch.equal(resumed.bias, reference.bias)
-    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
-    assert state["done"] is True
-    # Only the files the state names are left (older checkpoints are removed once replaced).
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors")) == sorted(state["files"].values())
+    meta, _ = load_checkpoint(tmp_path / "ckpt", "tuned-lens-fit", 0)
+    assert meta["done"] is True
+    # One file for the collection, one for the lens (each replaced in place, nothing older left).
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["runner-rank0.pt", "tuned-lens-fit-rank0.pt"]
 
 
 def test_checkpoint_of_another_fit_is_refused(tmp_path):
@@ -150,10 +151,10 @@ def test_checkpoint_of_another_fit_is_refused(tmp_path):
 
 
 def test_checkpoint_of_an_earlier_version_is_refused(tmp_path):
-    """A folder of the earlier format (version 2: the fit's own collection files) is refused, naming the fix."""
+    """A folder of the earlier format (state.json and the fit's own collection files) is refused, naming the fix."""
     state = {"format": "tl_latentspaces.tuned_lens_fit", "version": 2, "key": "0" * 24, "files": {}}
     (tmp_path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"not a tuned-lens fit checkpoint of this version .*version 2.*"
+    with pytest.raises(ValueError, match=r"checkpoint of an earlier version \(state.json\).*"
                                          r"Delete the folder to start over, or pass another checkpoint_dir"):
         fit_tuned_lens(_model(), _corpus(), refine_steps=0, checkpoint_dir=tmp_path, progress=False)
 
@@ -187,7 +188,7 @@ def test_checkpoint_of_another_model_dtype_or_mode_is_refused(tmp_path, monkeypa
     with pytest.raises(ValueError, match=needle) as err:
         fit_tuned_lens(build(), _corpus(), checkpoint_dir=tmp_path, **kwargs)
     assert "another checkpoint_dir" in str(err.value) and "the model it was written with" in str(err.value)
-    assert json.loads((tmp_path / "state.json").read_text())["model"]["mode"] in (
+    assert load_checkpoint(tmp_path, "tuned-lens-fit", 0)[0]["model"]["mode"] in (
         "HookedTransformer", "TransformerBridge (raw)")
     # The model the checkpoint was written with resumes it.
     assert torch.equal(fit_tuned_lens(model, _corpus(), checkpoint_dir=tmp_path, **kwargs).weight,
@@ -209,8 +210,8 @@ def test_nan_loss_stops_names_layer_and_step_and_keeps_checkpoint(tmp_path, monk
         # refine_steps=1: one Gauss-Newton call per layer, so the second call is layer 1.
         fit_tuned_lens(model, _corpus(), refine_steps=1, checkpoint_dir=tmp_path, progress=False)
     assert "last good checkpoint" in str(err.value) and "refine_steps=0" in str(err.value)
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert state["refine"]["layers_done"] == 1
+    meta, _ = load_checkpoint(tmp_path, "tuned-lens-fit", 0)
+    assert meta["phase"] == "refine" and meta["layers_done"] == 1
     monkeypatch.setattr(fitting, "_gauss_newton_stats", real)
     resumed = fit_tuned_lens(model, _corpus(), refine_steps=1, checkpoint_dir=tmp_path, progress=False)
     clean = fit_tuned_lens(model, _corpus(), refine_steps=1, progress=False)

@@ -31,14 +31,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from tl_latentspaces.checkpoints import load_checkpoint, save_checkpoint
 from tl_latentspaces.checks import check_float, check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import all_reduce_sum, current_context, shard_batches
-from tl_latentspaces.files import json_safe, write_bytes_atomic
+from tl_latentspaces.files import json_safe
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 from tl_latentspaces.runner import CorpusRunner
 from tl_latentspaces.translators import TunedLens, translate_rows
@@ -49,8 +49,7 @@ _MAX_VALIDATION_TOKENS = 1024
 _CHECK_TOKENS = 512  # validation positions that choose ridge and step sizes (working vocabulary)
 _FULL_CHECK_TOKENS = 128  # of those, the ones whose full-vocabulary KL decides what is kept
 _VOCAB_TOKENS = 1024  # positions whose final distributions choose the working vocabulary
-_CKPT_FORMAT = "tl_latentspaces.tuned_lens_fit"
-_CKPT_VERSION = 3  # 3: the collection is the corpus runner's checkpoint, in collect/
+_CHECKPOINT = "tuned-lens-fit"  # the fit's file in checkpoint_dir, next to the corpus runner's
 
 
 class TunedLensFitError(RuntimeError):
@@ -189,7 +188,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
                   settings=asdict(settings))
     lens = TunedLens(identity, weight=weight.float(), bias=bias.float(), info={"fit": json_safe(report)})
     if ckpt is not None:
-        ckpt.update(done=True)
+        ckpt.save(done=True)
     return lens.to(dev)
 
 
@@ -298,7 +297,7 @@ def _collect(access: ModelAccess, seqs: torch.Tensor, n_val: int, n_refine: int,
     """Stream the first ``n_val`` sequences (validation), then the others (training) through the corpus runner,
     so no batch mixes the two; the refinement rows are the first ``n_refine`` training sequences'. Only the
     training pass, the long one, is checkpointed."""
-    folder = None if ckpt is None else ckpt.folder / "collect"
+    folder = None if ckpt is None else ckpt.folder
     passes = []
     for part, n_kept, where, normal in ((seqs[:n_val], n_val, None, False), (seqs[n_val:], n_refine, folder, True)):
         runner = CorpusRunner(access, part, seq_len=part.shape[1], batch_size=settings.batch_size,
@@ -442,9 +441,9 @@ def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, alpha: float) -> tuple[to
 
 def _closed_form(stats: _Stats, readout: _Readout, targets: _Targets, settings: FitSettings,
                  ckpt: Optional["_Checkpoint"]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    saved = ckpt.load_lens("closed_form", readout.device) if ckpt is not None else None
+    saved = ckpt.lens(readout.device) if ckpt is not None else None
     if saved is not None:
-        return saved
+        return saved  # the latest phase's: a resumed refinement goes on from its layers_refined
     L, d = stats.XtY.shape[0], stats.XtY.shape[2]
     check = stats.val[:, :_CHECK_TOKENS]
     weight = torch.zeros(L, d, d, dtype=torch.float64, device=readout.device)
@@ -525,9 +524,6 @@ def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_
     if ref_t is None:
         report["refined"] = [False] * L
         return weight, bias, report
-    saved = ckpt.load_lens("refine", readout.device) if ckpt is not None else None
-    if saved is not None:
-        weight, bias, report = saved
     start_layer = int(report.get("layers_refined", 0))
     weight, bias = weight.clone(), bias.clone()
     check = stats.val[:, :_CHECK_TOKENS]
@@ -594,70 +590,58 @@ def _refine(stats: _Stats, readout: _Readout, val_t: _Targets, ref_t: Optional[_
 
 # ---------------------------------------------------------------------- checkpoints
 class _Checkpoint:
-    """The fit's folder: the corpus runner's checkpoint of the collection in ``collect/``, the lens phases'
-    safetensors files, and ``state.json`` (model identity, a key of corpus and settings, the lens phases' files
-    and reports), replaced after the files it names, so a crash at any moment leaves a consistent state."""
+    """The fit's checkpoint folder (:mod:`~tl_latentspaces.checkpoints`): the corpus runner's files of the
+    collection and ``tuned-lens-fit-rank0.pt``: the model identity, a key of corpus and settings, and the lens of
+    the latest phase with its report (one file, replaced atomically, so a crash leaves a consistent state)."""
 
     def __init__(self, folder: Union[str, os.PathLike], settings: FitSettings, identity: ModelIdentity,
                  seqs: torch.Tensor):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint_dir {str(self.folder)!r} exists and is not a folder; pass a folder path.")
+        if (self.folder / "state.json").is_file():
+            raise ValueError(f"checkpoint_dir {str(self.folder)!r} holds a tuned-lens fit checkpoint of an earlier "
+                             "version (state.json), which this version cannot resume. Delete the folder to start "
+                             "over, or pass another checkpoint_dir.")
         digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
         digest.update(seqs.to("cpu", torch.int64).contiguous().numpy().tobytes())
-        key = digest.hexdigest()[:24]
-        path = self.folder / "state.json"
-        if not path.is_file():
-            self.state = {"format": _CKPT_FORMAT, "version": _CKPT_VERSION, "key": key, "model": asdict(identity),
-                          "files": {}}
-            self.update()
+        self.meta = {"key": digest.hexdigest()[:24], "model": asdict(identity), "phase": None, "done": False}
+        self.states: dict[str, torch.Tensor] = {}
+        saved = load_checkpoint(self.folder, _CHECKPOINT, 0)
+        if saved is None:
+            self.save()  # the key and model first, so a resumed collection is checked against them
             return
         try:
-            self.state = json.loads(path.read_text())
-            recorded = ModelIdentity(**self.state["model"]) if self.state.get("version") == _CKPT_VERSION else None
-        except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
-            raise ValueError(f"cannot read the fit checkpoint {path} ({err}); delete the folder to start over, or "
-                             "pass another checkpoint_dir.") from None
-        if self.state.get("format") != _CKPT_FORMAT or recorded is None:
-            raise ValueError(
-                f"{path} is not a tuned-lens fit checkpoint of this version (format {self.state.get('format')!r}, "
-                f"version {self.state.get('version')!r}; this version reads {_CKPT_FORMAT!r} version {_CKPT_VERSION}). "
-                "Delete the folder to start over, or pass another checkpoint_dir."
-            )
+            recorded = ModelIdentity(**saved[0]["model"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"the fit checkpoint in {str(self.folder)!r} has no valid 'model' section ({err}); "
+                             "delete the folder to start over.") from None
         recorded.require_same(identity, f"the fit checkpoint in {str(self.folder)!r}")
-        if self.state["key"] != key:
+        if saved[0].get("key") != self.meta["key"]:
             raise ValueError(
                 f"checkpoint_dir {str(self.folder)!r} holds the checkpoint of another fit (same model, "
                 "other corpus or settings); resuming it would mix two fits. Pass an empty folder, or "
                 "delete this one to start over."
             )
+        self.meta, self.states = saved
+
+    def lens(self, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """``(weight, bias, report)`` of the latest phase saved, or None before the closed form."""
+        if self.meta.get("phase") is None:
+            return None
+        return self.states["weight"].to(device), self.states["bias"].to(device), self.meta["report"]
 
     def save_lens(self, phase: str, weight: torch.Tensor, bias: torch.Tensor, report: dict,
                   layers_done: int) -> None:
-        """Write the lens of ``phase`` to a new file, name it in the state, then remove the file it replaces."""
-        old, counter = self.state["files"].get(phase), int(self.state.get("counter", 0)) + 1
-        name = f"{phase}-{counter:06d}.safetensors"
-        extra = {"report": json_safe(report), "layers_done": layers_done}
-        if current_context().is_main:  # under torchrun every rank holds the same lens; rank 0 alone writes
-            write_bytes_atomic(self.folder / name, safetensors.torch.save(
-                {"weight": weight.detach().contiguous().cpu(), "bias": bias.detach().contiguous().cpu()}))
-        self.state["files"][phase], self.state["counter"], self.state[phase] = name, counter, extra
-        self.update()
-        if old and current_context().is_main:
-            (self.folder / old).unlink(missing_ok=True)
-        _checkpoint_saved(phase, extra)
+        self.states = {"weight": weight.detach().cpu(), "bias": bias.detach().cpu()}
+        self.save(phase=phase, layers_done=layers_done, report=json_safe(report))
+        _checkpoint_saved(phase, self.meta)
 
-    def load_lens(self, phase: str, device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, dict]]:
-        if phase not in self.state["files"]:
-            return None
-        tensors = safetensors.torch.load_file(str(self.folder / self.state["files"][phase]))
-        return tensors["weight"].to(device), tensors["bias"].to(device), self.state[phase]["report"]
-
-    def update(self, **changes: Any) -> None:
-        """Set ``changes`` in the state and write it (rank 0)."""
-        self.state.update(changes)
+    def save(self, **changes: Any) -> None:
+        """Set ``changes`` in the metadata and write the checkpoint (rank 0 alone: every rank holds the same)."""
+        self.meta.update(changes)
         if current_context().is_main:
-            write_bytes_atomic(self.folder / "state.json", json.dumps(self.state, indent=1).encode("utf-8"))
+            save_checkpoint(self.folder, _CHECKPOINT, 0, self.meta, self.states)
 
 
 def _checkpoint_saved(phase: str, extra: dict) -> None:
