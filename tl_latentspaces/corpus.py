@@ -151,10 +151,8 @@ def iter_texts(corpus: Any) -> Iterator[str]:
         yield from _iter_dataset(corpus)
         return
     if not hasattr(corpus, "__iter__"):
-        raise ValueError(
-            f"a corpus must be text, a file path, a datasets object, an iterable of texts, paths or "
-            f"{{'text': ...}} rows, or a [n, seq_len] token tensor; got {type(corpus).__name__}."
-        )
+        raise ValueError(f"a corpus must be text, a file path, a datasets object, an iterable of texts, paths or "
+                         f"{{'text': ...}} rows, or a [n, seq_len] token tensor; got {type(corpus).__name__}.")
     for item in corpus:
         if isinstance(item, Path):
             yield from _iter_file(item)
@@ -163,10 +161,8 @@ def iter_texts(corpus: Any) -> Iterator[str]:
         elif isinstance(item, dict) and isinstance(item.get("text"), str):
             yield item["text"]
         else:
-            raise ValueError(
-                f"a corpus must be text, a list of texts or file paths, or a [n, seq_len] token "
-                f"tensor; got an item of type {type(item).__name__}."
-            )
+            raise ValueError(f"a corpus must be text, a list of texts or file paths, or a [n, seq_len] token "
+                             f"tensor; got an item of type {type(item).__name__}.")
 
 
 def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tuple[array, bool]:
@@ -217,10 +213,8 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
     seq_len = check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] != seq_len:
-            raise ValueError(
-                f"a token corpus must be an integer tensor [n_seq, seq_len={seq_len}], got dtype "
-                f"{corpus.dtype} and shape {tuple(corpus.shape)}."
-            )
+            raise ValueError(f"a token corpus must be an integer tensor [n_seq, seq_len={seq_len}], got dtype "
+                             f"{corpus.dtype} and shape {tuple(corpus.shape)}.")
         seqs = corpus.long()
     else:
         tok = access.require_tokenizer("tokenizing a corpus")
@@ -231,10 +225,8 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
             raise ValueError("the corpus is empty: it holds no text. Pass texts, files or token ids.")
         n = len(stream) // body
         if n == 0:
-            raise ValueError(
-                f"the corpus tokenizes to {len(stream)} tokens, fewer than one sequence of "
-                f"seq_len={seq_len}. Pass more text or a smaller seq_len."
-            )
+            raise ValueError(f"the corpus tokenizes to {len(stream)} tokens, fewer than one sequence of "
+                             f"seq_len={seq_len}. Pass more text or a smaller seq_len.")
         body_ids = torch.frombuffer(stream, dtype=torch.int64, count=n * body).clone().view(n, body)
         if prepend_bos:
             bos = access.bos_token_id
@@ -245,10 +237,8 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
     if max_tokens is not None:
         seqs = seqs[: max(1, max_tokens // seq_len)]
     if seqs.shape[0] < min_sequences:
-        raise ValueError(
-            f"the corpus gives {seqs.shape[0]} sequences of {seq_len} tokens; at least "
-            f"{min_sequences} are needed. Pass more text."
-        )
+        raise ValueError(f"the corpus gives {seqs.shape[0]} sequences of {seq_len} tokens; at least "
+                         f"{min_sequences} are needed. Pass more text.")
     lo, hi = int(seqs.min()), int(seqs.max())
     if lo < 0 or hi >= access.d_vocab:
         raise ValueError(f"corpus token ids must lie in [0, {access.d_vocab}), got [{lo}, {hi}].")

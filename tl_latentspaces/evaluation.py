@@ -1,26 +1,8 @@
-"""Held-out evaluation of lenses, per layer and side by side, streamed over a corpus.
+"""Held-out evaluation of lenses per stack entry, streamed over a corpus.
 
-For every stack entry (``"0_pre"`` ... ``"final_post"``) and every lens, :func:`evaluate_lenses`
-reports, averaged over the evaluated positions of a held-out corpus:
-
-* ``kl_to_final``: KL(final || lens) in nats, the model's own next-token distribution against
-  the lens's;
-* ``cross_entropy``: the lens's cross-entropy against the actual next token (nats);
-* ``top1_agreement``: how often the lens's top-1 equals the model's final top-1;
-* ``prediction_depth`` (per lens): the first entry from which the lens's top-1 stays equal to
-  the final top-1 through ``final_post``, averaged over positions (Belrose et al. 2023).
-
-The corpus is packed into ``seq_len``-token sequences starting with BOS. Position 0 (BOS, whose
-residual norm is orders of magnitude above the rest in many models) and the last position of each
-sequence (which has no next token inside the sequence) are left out, so every metric averages
-over the same positions. Residuals are captured by the plugin's hooks batch by batch and read by
-the streaming readout; sums accumulate in float64. :class:`LensEvalAccumulator` holds the sums,
-so the corpus runner can drive it, resume it from a checkpoint and merge it across processes.
-
-Example:
-    >>> from tl_latentspaces.evaluation import evaluate_lenses
-    >>> ev = evaluate_lenses(model, lenses=("logit", lens), max_tokens=4096)  # doctest: +SKIP
-    >>> ev.to_dataframe()  # doctest: +SKIP
+Metrics (nats, means over positions): ``kl_to_final`` KL(final || lens), ``cross_entropy`` against the next
+token, ``top1_agreement`` with the final top-1, and per lens ``prediction_depth`` (Belrose et al. 2023).
+Position 0 (BOS) and the last position of each sequence are left out; sums accumulate in float64.
 """
 
 from __future__ import annotations
@@ -46,23 +28,10 @@ __all__ = ["LensEvaluation", "LensEvalAccumulator", "evaluate_lenses"]
 class LensEvaluation:
     """Per-entry held-out metrics of several lenses on one model.
 
-    Shapes use ``lens`` (the lenses, in ``lenses`` order) and ``entry`` (the stack entries, in
-    ``labels`` order).
-
-    Attributes:
-        lenses: Lens names, e.g. ``["logit", "tuned"]``.
-        labels: Stack labels, ``"0_pre"`` ... ``"final_post"``.
-        kl_to_final: ``[lens, entry]`` mean KL(final || lens), nats.
-        cross_entropy: ``[lens, entry]`` mean cross-entropy against the next token, nats.
-        top1_agreement: ``[lens, entry]`` fraction of positions whose lens top-1 is the final top-1.
-        prediction_depth: ``[lens]`` mean first entry index from which the top-1 agrees through
-            ``final_post`` (0 = from the embedding on, ``len(labels) - 1`` = only at the end).
-        depth_histogram: ``[lens, entry]`` fraction of positions with each prediction depth.
-        kl_std: ``[lens, entry]`` standard deviation of the per-position KL (its standard error
-            is ``kl_std / sqrt(n_positions)``).
-        n_positions: Positions evaluated.
-        n_sequences: Sequences evaluated.
-        model_name: The model's name.
+    Tensors are ``[lens, entry]`` (``lenses`` x ``labels`` order) unless noted. ``prediction_depth`` is ``[lens]``:
+    the mean first entry index from which the top-1 agrees through ``final_post`` (0 = from the embedding on).
+    ``depth_histogram`` is the fraction of positions at each depth; ``kl_std`` the standard deviation of the
+    per-position KL (standard error ``kl_std / sqrt(n_positions)``).
     """
 
     lenses: list[str]
@@ -91,11 +60,7 @@ class LensEvaluation:
         return float(row.mean())
 
     def to_dataframe(self) -> Any:
-        """A ``pandas.DataFrame`` indexed by label, one column per (metric, lens), side by side.
-
-        Columns are ``"{metric}_{lens}"`` for ``kl_to_final``, ``cross_entropy`` and
-        ``top1_agreement``.
-        """
+        """A ``pandas.DataFrame`` indexed by label with columns ``"{metric}_{lens}"`` for each metric."""
         data = {}
         for metric in ("kl_to_final", "cross_entropy", "top1_agreement"):
             values = getattr(self, metric)
@@ -107,49 +72,28 @@ class LensEvaluation:
         """One row per lens: mean KL over layers, mean cross-entropy, prediction depth."""
         import pandas as pd
 
-        rows = []
-        for i, lens in enumerate(self.lenses):
-            rows.append(
-                {
-                    "lens": lens,
-                    "mean_kl_to_final": self.mean_kl(lens),
-                    "mean_cross_entropy": float(self.cross_entropy[i, :-1].mean()),
-                    "mean_top1_agreement": float(self.top1_agreement[i, :-1].mean()),
-                    "prediction_depth": float(self.prediction_depth[i]),
-                }
-            )
+        rows = [{"lens": lens, "mean_kl_to_final": self.mean_kl(lens),
+                 "mean_cross_entropy": float(self.cross_entropy[i, :-1].mean()),
+                 "mean_top1_agreement": float(self.top1_agreement[i, :-1].mean()),
+                 "prediction_depth": float(self.prediction_depth[i])} for i, lens in enumerate(self.lenses)]
         return pd.DataFrame(rows).set_index("lens")
 
 
 class LensEvalAccumulator:
     """Streaming held-out metrics of lenses: a consumer of the corpus runner.
 
-    Feed it residual stacks batch by batch (``update``); partial accumulators from several
-    processes combine with ``merge`` (``state_dict``/``load_state_dict`` carry them between
-    processes and into checkpoints); ``result()`` gives the :class:`LensEvaluation`. Every lens
-    is read with the streaming readout (:mod:`~tl_latentspaces.readout`): no ``[rows, d_vocab]``
-    score matrix is kept, and sums accumulate in float64.
-
-    Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode (or a ``ModelAccess``).
-        lenses: ``"logit"``, ``"embedding"`` and/or lenses (:class:`~tl_latentspaces.Lens`: a
-            ``TunedLens``, a ``JacobianLens``, one of your own).
-        chunk_rows: Rows per block of the readout.
-        readout_dtype: ``torch.float32`` (default) or ``torch.bfloat16``: the dtype of the score
-            matmuls (reductions stay float32/float64). bfloat16 is about twice as fast on CPUs
-            with bf16 matrix units; its error is measured in the README's performance section.
+    ``update`` adds a batch, ``merge`` / ``state_dict`` / ``load_state_dict`` combine and checkpoint partial
+    sums, ``result()`` gives the :class:`LensEvaluation`. ``lenses`` and ``chunk_rows`` as for
+    :func:`evaluate_lenses`; ``readout_dtype`` is ``torch.float32`` or ``torch.bfloat16`` score matmuls
+    (reductions stay float32/float64).
 
     Example:
-        >>> from tl_latentspaces.runner import CorpusRunner
-        >>> runner = CorpusRunner(model, texts, seq_len=128)  # doctest: +SKIP
-        >>> acc = runner.run({"eval": LensEvalAccumulator(model, ("logit", lens)).empty})["eval"]  # doctest: +SKIP
+        >>> acc = CorpusRunner(model, texts, seq_len=128).run({"eval": LensEvalAccumulator(model).empty})["eval"]  # doctest: +SKIP
         >>> acc.result().summary()  # doctest: +SKIP
     """
 
-    def __init__(
-        self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
-        readout_dtype: torch.dtype = torch.float32,
-    ):
+    def __init__(self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
+                 readout_dtype: torch.dtype = torch.float32):
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         access.require_eval("evaluate_lenses")
         chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
@@ -180,22 +124,14 @@ class LensEvalAccumulator:
         self.n_sequences = 0
 
     def empty(self) -> "LensEvalAccumulator":
-        """A new accumulator with nothing added, for the same model, lenses and settings.
-
-        The lenses are shared, not built again: use it as the corpus runner's factory
-        (``{"eval": acc.empty}``), which calls it once per process and again to merge processes.
-        """
+        """A new, zeroed accumulator sharing this one's lenses: the corpus runner's factory (``{"eval": acc.empty}``)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._zero()
         return new
 
     def update(self, ids: torch.Tensor, stack: Float[torch.Tensor, "entry batch seq d_model"]) -> None:
-        """Add one batch: ``ids`` ``[batch, seq]`` and its residual stack at every stack entry.
-
-        Position 0 (BOS) and the last position (no next token in the sequence) are left out.
-        """
-
+        """Add one batch: ``ids`` ``[batch, seq]`` and its residual stack at every stack entry."""
         E = len(self.labels)
         if stack.shape[0] != E or ids.shape != stack.shape[1:3]:
             raise ValueError(
@@ -220,7 +156,6 @@ class LensEvalAccumulator:
                 self.ce_sum[k] -= r.target_log_probs[..., 0].double().sum(1)
                 agree = r.top_ids[..., 0] == out.final_top1
                 self.agree_sum[k] += agree.double().sum(1)
-                # Prediction depth: the index where the final run of agreeing entries starts.
                 trailing = agree.flip(0).to(torch.int64).cumprod(0).sum(0)
                 depth = (E - trailing).clamp_max(E - 1)
                 self.depth_hist[k] += torch.bincount(depth, minlength=E).double()
@@ -267,66 +202,36 @@ class LensEvalAccumulator:
         positions = torch.arange(E, dtype=torch.float64, device=self.kl_sum.device)
         hist = self.depth_hist / n
         return LensEvaluation(
-            lenses=list(self.lenses),
-            labels=list(self.labels),
-            kl_to_final=kl_mean.float().cpu(),
-            cross_entropy=(self.ce_sum / n).float().cpu(),
-            top1_agreement=(self.agree_sum / n).float().cpu(),
-            prediction_depth=(hist * positions).sum(1).float().cpu(),
-            depth_histogram=hist.float().cpu(),
-            kl_std=kl_var.sqrt().float().cpu(),
-            n_positions=self.n_positions,
-            n_sequences=self.n_sequences,
+            lenses=list(self.lenses), labels=list(self.labels), kl_to_final=kl_mean.float().cpu(),
+            cross_entropy=(self.ce_sum / n).float().cpu(), top1_agreement=(self.agree_sum / n).float().cpu(),
+            prediction_depth=(hist * positions).sum(1).float().cpu(), depth_histogram=hist.float().cpu(),
+            kl_std=kl_var.sqrt().float().cpu(), n_positions=self.n_positions, n_sequences=self.n_sequences,
             model_name=self.access.name,
         )
 
 
-def evaluate_lenses(
-    model: Any,
-    lenses: Sequence[Any] = ("logit",),
-    corpus: Any = None,
-    *,
-    max_tokens: int = 8192,
-    seq_len: Optional[int] = None,
-    batch_size: int = 8,
-    chunk_rows: int = 512,
-    progress: bool = True,
-    readout_dtype: torch.dtype = torch.float32,
-) -> LensEvaluation:
-    """Evaluate lenses on held-out text, every stack entry, streaming over the corpus.
-
-    The corpus streams through :class:`~tl_latentspaces.runner.CorpusRunner` into a
-    :class:`LensEvalAccumulator`, so under ``torchrun`` each process evaluates its share of the
-    batches and the sums are merged.
+def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any = None, *, max_tokens: int = 8192,
+                    seq_len: Optional[int] = None, batch_size: int = 8, chunk_rows: int = 512, progress: bool = True,
+                    readout_dtype: torch.dtype = torch.float32) -> LensEvaluation:
+    """Evaluate lenses on held-out text at every stack entry, streaming over the corpus (merged under ``torchrun``).
 
     Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
-        lenses: ``"logit"``, ``"embedding"`` and/or lenses (:class:`~tl_latentspaces.Lens`: a
-            ``TunedLens``, a ``JacobianLens``, one of your own).
-        corpus: Text, a list of texts, file paths or a ``[n, seq_len]`` token tensor; default
-            the held-out split of the offline default corpus (disjoint from the training split
-            :func:`~tl_latentspaces.fit_tuned_lens` uses by default).
+        lenses: ``"logit"``, ``"embedding"`` and/or :class:`~tl_latentspaces.Lens` objects.
+        corpus: Texts, file paths or a ``[n, seq_len]`` token tensor; default the held-out split of the offline
+            default corpus (disjoint from the training split :func:`~tl_latentspaces.fit_tuned_lens` uses).
         max_tokens: Evaluate at most this many tokens (whole sequences).
         seq_len: Tokens per sequence, BOS included (default 128, or the width of a token tensor).
-        batch_size: Sequences per forward pass.
         chunk_rows: Rows per block of the readout.
-        progress: Show a progress bar.
-        readout_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` score matmuls, see
-            :class:`LensEvalAccumulator`.
-
-    Returns:
-        A :class:`LensEvaluation`.
+        readout_dtype: ``torch.float32`` or ``torch.bfloat16`` score matmuls.
 
     Raises:
-        ValueError: On an empty or too-short corpus, a bad setting, or a lens made for another
-            model.
+        ValueError: On an empty or too-short corpus, a bad setting, or a lens made for another model.
 
     Example:
         >>> ev = evaluate_lenses(model, ("logit", lens), ["held-out text ..."] * 20)  # doctest: +SKIP
         >>> ev.mean_kl("tuned") < ev.mean_kl("logit")  # doctest: +SKIP
         True
     """
-
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     max_tokens = check_int(max_tokens, "max_tokens", minimum=3)
@@ -335,7 +240,6 @@ def evaluate_lenses(
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
     seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
-    # every lens checked before reading
     template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows, readout_dtype=readout_dtype)
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=max(max_tokens, seq_len), progress=progress)

@@ -70,8 +70,7 @@ class HookSession:
         """Call ``fn(activation)`` with the activation at ``name`` after every other hook there (``fn`` must
         not change it).
 
-        A PyTorch forward hook, moved to the end of the module's forward hooks by a pre-hook at every call,
-        so hooks registered later or with ``prepend=True`` still run first. It is not in the point's
+        A PyTorch forward hook, moved to the end of the forward hooks at every call; not in the point's
         ``fwd_hooks``, so TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it.
         """
         hp = self.access.hook_point(name)

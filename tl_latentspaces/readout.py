@@ -120,9 +120,8 @@ def _tiles(d_vocab: int) -> list[tuple[int, int]]:
     return [(a, min(a + TILE_COLS, d_vocab)) for a in range(0, d_vocab, TILE_COLS)]
 
 
-def _tile_scores(
-    bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, a: int, b: int, out: torch.Tensor
-) -> torch.Tensor:
+def _tile_scores(bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tensor, a: int, b: int,
+                 out: torch.Tensor) -> torch.Tensor:
     """Float32 scores of vocabulary columns ``a:b`` into ``out``; ``wt`` is ``[d_vocab, d_in]``."""
     if y.dtype != torch.float32:
         out.copy_(torch.mm(y, wt[a:b].T))
@@ -243,9 +242,8 @@ def _count_above(z: torch.Tensor, a: int, ranked_ids: torch.Tensor, ranked_score
     counts -= ((own_z > ranked_scores) & inside).to(torch.int32)
 
 
-def token_ranks(
-    lens: Readout, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor, bufs: ReadoutBuffers
-) -> torch.Tensor:
+def token_ranks(lens: Readout, y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor,
+                bufs: ReadoutBuffers) -> torch.Tensor:
     """``[n, R]`` int32 ranks (tokens scoring strictly higher; 0 = top) of ``ids`` under ``lens`` for the
     projected rows ``y``, as :func:`read_stack` ranks them; ``wt`` is ``[d_vocab, d_in]``, ``bufs`` has ``n`` rows."""
     rows = y.shape[0]
@@ -416,9 +414,8 @@ def read_stack(
         g.own = g.own or own[li]
         g.slots += [_Slot(li, e_pos, entry) for e_pos, entry in enumerate(entries)]
     ref_index = next((i for i, lens in enumerate(lenses) if lens is reference), None)
-    final_slot = next(
-        (j for j, s in enumerate(ref_group.slots) if s.lens == ref_index and entries[s.e_pos] == final_entry), None
-    ) if ref_index is not None else None
+    final_slot = None if ref_index is None else next(
+        (j for j, s in enumerate(ref_group.slots) if s.lens == ref_index and entries[s.e_pos] == final_entry), None)
     if final_slot is None:
         ref_group.slots.append(_Slot(-1, -1, final_entry))
         final_slot = len(ref_group.slots) - 1
@@ -502,10 +499,9 @@ def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _Gr
     return (terms * once).sum(-1)
 
 
-def _finish(
-    blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], cols: slice, top_k: int, T: Optional[int],
-    x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor, final: Optional[tuple[_GroupBlock, int]] = None,
-) -> None:
+def _finish(blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], cols: slice, top_k: int,
+            T: Optional[int], x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor,
+            final: Optional[tuple[_GroupBlock, int]] = None) -> None:
     """Write a finished block's top-k, probabilities, entropy and KL into each lens's output; ``final`` (the
     reference block and the final rows' slot) turns on :func:`_kl_rounding`."""
     n, L, rows = blk.n, blk.L, blk.rows

@@ -1,9 +1,7 @@
 """Reading through the tuned lens: ``tl_latentspaces.tuned_lens(model, input, lens)``.
 
-The tuned lens's public face: the reader :func:`tuned_lens` and, under the names users import from here,
-:class:`TunedLens`, :func:`default_tuned_lens` and :func:`fit_tuned_lens`. Nothing in the package imports this
-module, so it closes no import circle. The module itself is callable: ``tl_latentspaces.tuned_lens(...)`` calls
-:func:`tuned_lens`, while ``tl_latentspaces.tuned_lens.TunedLens`` stays reachable.
+The tuned lens's public names in one place. Nothing in the package imports this module (no import circle). The
+module is callable: ``tl_latentspaces.tuned_lens(...)`` calls :func:`tuned_lens`.
 """
 
 from __future__ import annotations
@@ -39,10 +37,8 @@ def tuned_lens(model: Any, input: Any, lens: Optional[TunedLens] = None, *, top_
     if lens is None:
         lens = default_tuned_lens(model)
     if not isinstance(lens, TunedLens):
-        raise ValueError(
-            f"lens must be a tl_latentspaces.TunedLens, got {type(lens).__name__}. Fit one with "
-            "tl_latentspaces.fit_tuned_lens(model, corpus) or load one with TunedLens.load(path, model)."
-        )
+        raise ValueError(f"lens must be a tl_latentspaces.TunedLens, got {type(lens).__name__}. Fit one with "
+                         "tl_latentspaces.fit_tuned_lens(model, corpus) or load one with TunedLens.load(path, model).")
     return read_lenses(model, input, lenses=(lens,), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
                        cache=cache, layers=layers, pos=pos, chunk_rows=chunk_rows)["tuned"]
 

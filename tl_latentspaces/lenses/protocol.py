@@ -1,9 +1,5 @@
-"""What a lens is: the :class:`Lens` protocol, the logit lens, and the adapter that reads any lens.
-
-A lens maps a stack entry's residual rows into the final residual basis (``translate``); the
-model's own readout (final norm, ``W_U``, ``b_U``) does the rest. :class:`LogitLens` is that
-readout itself (the identity lens); :class:`TranslatedLens` reads any :class:`Lens` through it,
-sharing the logit lens's ``W_U`` tensor so that every translated lens shares its vocabulary sweep.
+"""The :class:`Lens` protocol, the logit lens, and :class:`TranslatedLens`, which reads any lens through the
+model's own readout (final norm, ``W_U``, ``b_U``).
 """
 
 from __future__ import annotations
@@ -23,13 +19,7 @@ _WEIGHTS: "weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple, Any]]]" = weakr
 
 
 def cached_weight(access: ModelAccess, kind: str, source: torch.Tensor, build: Any) -> Any:
-    """``build(source)``, computed once per model and weight: rebuilt when ``source`` changes.
-
-    The readout matrices (a float32, vocabulary-major ``W_U``; the row-normalized ``W_E``) cost a
-    49K x d_model copy to build, more than a short prompt's whole readout. They are kept per model
-    (weakly: they go with it), keyed by :func:`~tl_latentspaces.readout.tensor_key` of the weight
-    they come from, so a weight replaced or changed in place is noticed.
-    """
+    """``build(source)``, kept per model (weakly) and rebuilt when ``source`` changes (by its ``tensor_key``)."""
     per_model = _WEIGHTS.setdefault(access.model, {})
     key = tensor_key(source)
     hit = per_model.get(kind)
@@ -47,21 +37,14 @@ def unembedding(access: ModelAccess) -> tuple[torch.Tensor, Optional[torch.Tenso
     return weight, bias
 
 
-
 class LogitLens:
-    """``ln_final(x) @ W_U + b_U``: the model's own readout applied to any residual vector.
-
-    Args:
-        access: The model.
-    """
+    """``ln_final(x) @ W_U + b_U``: the model's own readout applied to any residual vector."""
 
     name = "logit"
     score_scale = 1.0
 
     def __init__(self, access: ModelAccess):
         self.access = access
-        # One row per token (no copy for the bridge, whose W_U is a transposed view), built once
-        # per model and weight: see vocab_major and _cached.
         self.weight, self.bias = unembedding(access)
 
     def project(self, x: torch.Tensor, entry: int) -> torch.Tensor:
@@ -70,23 +53,13 @@ class LogitLens:
 
 @runtime_checkable
 class Lens(Protocol):
-    """What a lens is: a map from one stack entry's residuals into the final residual basis.
+    """A map from one stack entry's residuals into the final residual basis: any object with a ``name`` and
+    ``translate(x, label)``. The model's own readout turns the result into vocabulary scores.
 
-    Any object with a ``name`` and a ``translate`` method is a lens; the model's own readout
-    (final norm, ``W_U``, ``b_U``) turns what it returns into vocabulary scores. It reads
-    wherever a built-in lens does: :func:`read_lenses`, :func:`lens_session`,
-    :func:`~tl_latentspaces.evaluate_lenses`, :func:`~tl_latentspaces.lens_grid` and the report.
-    :class:`~tl_latentspaces.TunedLens` and :class:`~tl_latentspaces.JacobianLens` are lenses of
-    this kind; ``"logit"`` is the identity one.
-
-    Attributes:
-        name: The lens's name in results (``results[name]``) and tables; unique per call.
-
-    ``translate(x, label)`` gets ``x``, a ``[n, d_model]`` float32 tensor of residuals of the
-    stack entry ``label`` (``"0_pre"`` ... ``"{n_layers-1}_pre"``, ``"{l}_mid"`` with
-    ``incl_mid=True``, ``"final_post"``) and returns ``[n, d_model]``. A lens with nothing for a
-    label raises ``ValueError``: every label is tried (on zero rows) before the forward pass, so
-    that error comes first.
+    ``name`` is the lens's key in results; unique per call. ``translate`` gets ``x``, ``[n, d_model]`` float32
+    residuals of the stack entry ``label`` (``"0_pre"`` ... ``"final_post"``, ``"{l}_mid"`` with ``incl_mid``)
+    and returns ``[n, d_model]``. A lens with nothing for a label raises ``ValueError``: every label is tried on
+    zero rows before the forward pass, so that error comes first.
 
     Example (a fixed random rotation of the residual basis):
         >>> class Rotation:
@@ -97,7 +70,6 @@ class Lens(Protocol):
         ...     def translate(self, x, label):
         ...         return x @ self.Q.to(x.device)
         >>> results = read_lenses(model, "The Eiffel Tower is in", lenses=("logit", Rotation(576)))  # doctest: +SKIP
-        >>> results["rotation"].top_tokens()  # doctest: +SKIP
     """
 
     name: str
@@ -107,16 +79,9 @@ class Lens(Protocol):
 
 
 class TranslatedLens:
-    """A :class:`Lens` read through the model's own readout: ``ln_final(translate(x, label)) @ W_U + b_U``.
+    """A :class:`Lens` read as ``ln_final(translate(x, label)) @ W_U + b_U``, sharing the logit lens's ``W_U``.
 
-    The readout weights are the logit lens's own (the same tensor), so every translated lens and
-    the logit lens share one sweep of ``W_U``, and the identity lens reads exactly as ``"logit"``.
-
-    Args:
-        lens: The lens.
-        access: The model.
-        labels: The stack labels, indexed by the readout's entry numbers; each is tried on zero
-            rows now, so a label the lens refuses fails before any forward pass.
+    ``labels`` are the stack labels by the readout's entry numbers; each is tried on zero rows now.
     """
 
     score_scale = 1.0
@@ -130,7 +95,7 @@ class TranslatedLens:
             self.translate(empty, label)
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
-        x = x.to(torch.float32)  # the protocol's promise, whatever the model's dtype
+        x = x.to(torch.float32)
         with torch.no_grad():
             y = self.lens.translate(x, label)
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
@@ -143,5 +108,3 @@ class TranslatedLens:
 
     def project(self, x: Float[torch.Tensor, "n d_model"], entry: int) -> Float[torch.Tensor, "n d_model"]:
         return self.access.final_norm(self.translate(x, self.labels[entry]))
-
-

@@ -1,9 +1,7 @@
 """Reading a model through lenses: ``read_lenses``, ``logit_lens``, ``embedding_lens``, ``lens_session``.
 
-Every call plans first (tokens, entries, positions, targets: bad input fails here, before any
-forward pass), turns each lens into a readout (:func:`build_lenses`), runs the model's own forward
-pass under a :class:`~tl_latentspaces.hooks.HookSession` (or reads a cache), and hands the stack to
-:func:`~tl_latentspaces.readout.read_stack`.
+Every call plans first (bad input fails before any forward pass), builds a readout per lens, collects the
+residual stack from hooks or a cache, and reads it with :func:`~tl_latentspaces.readout.read_stack`.
 """
 
 from __future__ import annotations
@@ -32,10 +30,6 @@ LayerSel = Union[Sequence[Union[int, str]], None]
 
 DEFAULT_CHUNK_ROWS = 512
 
-# ---------------------------------------------------------------------- argument checks
-def _check_top_k(top_k: Any, d_vocab: int) -> int:
-    return check_int(top_k, "top_k", minimum=1, maximum=d_vocab, why=" (the vocabulary size)")
-
 
 def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
     if layers is None:
@@ -47,9 +41,7 @@ def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
             f"layers must be an int, a label, or a list of them, got {type(layers).__name__} {layers!r:.80}."
         )
     if len(layers) == 0:
-        raise ValueError(
-            f"layers is empty: nothing to read. Pass None for every entry, or some of {all_labels}."
-        )
+        raise ValueError(f"layers is empty: nothing to read. Pass None for every entry, or some of {all_labels}.")
     out = []
     for item in layers:
         if isinstance(item, str):
@@ -146,7 +138,6 @@ def _stack_from_cache(cache: Any, names: dict[str, str], labels: list[str], toke
     return torch.stack(slabs, 0)
 
 
-# ---------------------------------------------------------------------- the shared reader
 @dataclass
 class _Plan:
     """Everything checked before a forward pass is paid for."""
@@ -167,26 +158,15 @@ class _Plan:
         return self.all_labels[-1]
 
 
-def _plan(
-    model: Any,
-    input: Input,
-    *,
-    operation: str,
-    top_k: int,
-    targets: Targets,
-    prepend_bos: Optional[bool],
-    layers: LayerSel,
-    incl_mid: bool,
-    pos: Positions,
-    chunk_rows: int,
-) -> _Plan:
+def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targets, prepend_bos: Optional[bool],
+          layers: LayerSel, incl_mid: bool, pos: Positions, chunk_rows: int) -> _Plan:
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval(operation)
     chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     if input is None:
         raise ValueError(f"{operation} needs an input: a string, a list of strings or a token tensor.")
     check_bool(incl_mid, "incl_mid")
-    top_k = _check_top_k(top_k, access.d_vocab)
+    top_k = check_int(top_k, "top_k", minimum=1, maximum=access.d_vocab, why=" (the vocabulary size)")
     tokens = access.to_tokens(input, prepend_bos=prepend_bos)
     sites = access.stack_sites(incl_mid=incl_mid)
     all_labels = [label for label, _ in sites]
@@ -194,18 +174,12 @@ def _plan(
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
     collect = sorted(set(all_labels[i] for i in entries) | {all_labels[-1]}, key=all_labels.index)
-    # Resolve targets now so a bad target fails before the forward pass.
     _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
     return _Plan(access, tokens, all_labels, names, entries, collect, top_k, targets, pos, chunk_rows)
 
 
 def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[str, LensResult]:
-    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses.
-
-    Every lens and every entry is read in one sweep over the vocabulary (see
-    :func:`~tl_latentspaces.readout.read_stack`); the logit lens's read of the final entry is the
-    final distribution itself.
-    """
+    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses in one sweep."""
     access, tokens = plan.access, plan.tokens
     positions = _select_positions(plan.pos, tokens.ids.shape[1])
     B, P = tokens.ids.shape[0], len(positions)
@@ -220,17 +194,9 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[s
         own = tokens.ids[:, positions].reshape(-1).to(dev)
         read_rows = [by_label[plan.all_labels[i]] for i in plan.entries]
         out = read_stack(
-            flat[read_rows],
-            plan.entries,
-            lenses,
-            final=flat[by_label[plan.final_label]],
-            final_entry=len(plan.all_labels) - 1,
-            reference=reference,
-            top_k=plan.top_k,
-            targets=flat_targets,
-            own_ids=own,
-            own=[isinstance(lens, EmbeddingLens) for lens in lenses],
-            chunk_rows=plan.chunk_rows,
+            flat[read_rows], plan.entries, lenses, final=flat[by_label[plan.final_label]],
+            final_entry=len(plan.all_labels) - 1, reference=reference, top_k=plan.top_k, targets=flat_targets,
+            own_ids=own, own=[isinstance(lens, EmbeddingLens) for lens in lenses], chunk_rows=plan.chunk_rows,
         )
         E = len(plan.entries)
         shape3 = (E, B, P)
@@ -263,27 +229,25 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[s
     return results
 
 
-def build_lenses(
-    access: ModelAccess, lenses: Sequence[Any], temperature: float, labels: Optional[Sequence[str]] = None
-) -> list[Readout]:
-    """The readouts of ``lenses`` on ``access``'s model: names (``"logit"``, ``"embedding"``), any
-    :class:`Lens` (a TunedLens, a JacobianLens, a user's own), a CenteredEmbeddingLens or a
-    TransformerLens ``JacobianLens``. ``labels`` are the stack labels by entry number (default
-    ``"0_pre"`` ... ``"final_post"``); every lens is tried on each. Raises ValueError on an unknown,
-    empty or repeated lens, or a label a lens refuses."""
+def build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float,
+                 labels: Optional[Sequence[str]] = None) -> list[Readout]:
+    """The readouts of ``lenses`` (``"logit"``, ``"embedding"``, any :class:`Lens`, a CenteredEmbeddingLens or a
+    TransformerLens ``JacobianLens``) on ``access``'s model.
+
+    ``labels`` are the stack labels by entry number (default ``"0_pre"`` ... ``"final_post"``); every lens is
+    tried on each. Raises ValueError on an unknown, empty or repeated lens, or a label a lens refuses.
+    """
     if isinstance(lenses, (str, torch.nn.Module)) or isinstance(lenses, Lens) or not hasattr(lenses, "__iter__"):
-        lenses = [lenses]  # one lens given bare
+        lenses = [lenses]
     lenses = list(lenses)
     if len(lenses) == 0:
-        raise ValueError(
-            "lenses is empty: nothing to read. Pass some of 'logit', 'embedding' or a TunedLens, "
-            "e.g. lenses=('logit',)."
-        )
+        raise ValueError("lenses is empty: nothing to read. Pass some of 'logit', 'embedding' or a TunedLens, "
+                         "e.g. lenses=('logit',).")
     if labels is None:
         labels = [f"{layer}_pre" for layer in range(access.n_layers)] + ["final_post"]
     built: list[Readout] = []
     for lens in lenses:
-        if is_transformer_lens_jacobian_lens(lens):  # TransformerLens's own model check runs first
+        if is_transformer_lens_jacobian_lens(lens):
             lens = JacobianLens.from_transformer_lens(lens, access)
         if isinstance(lens, str) and lens == "logit":
             built.append(LogitLens(access))
@@ -316,84 +280,49 @@ def _collect(plan: _Plan, cache: Any, verify_cache: bool = True) -> torch.Tensor
             plan.access.check_cache_tokens(cache, plan.tokens.ids)
         return stack
     with HookSession(plan.access) as session:
-        collector = ResidualCollector(
-            session, {label: plan.names[label] for label in plan.collect}, expect=plan.tokens.ids
-        )
+        collector = ResidualCollector(session, {label: plan.names[label] for label in plan.collect},
+                                      expect=plan.tokens.ids)
         with torch.no_grad():
             plan.access.forward(plan.tokens.ids)
     return collector.stack(plan.collect)
 
 
-def read_lenses(
-    model: Any,
-    input: Input,
-    *,
-    lenses: Sequence[Any] = ("logit", "embedding"),
-    top_k: int = 5,
-    targets: Targets = None,
-    prepend_bos: Optional[bool] = None,
-    cache: Any = None,
-    verify_cache: bool = True,
-    layers: LayerSel = None,
-    incl_mid: bool = False,
-    pos: Positions = None,
-    temperature: float = 1.0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> dict[str, LensResult]:
+def read_lenses(model: Any, input: Input, *, lenses: Sequence[Any] = ("logit", "embedding"), top_k: int = 5,
+                targets: Targets = None, prepend_bos: Optional[bool] = None, cache: Any = None,
+                verify_cache: bool = True, layers: LayerSel = None, incl_mid: bool = False, pos: Positions = None,
+                temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, LensResult]:
     """Read several lenses from one forward pass (or one cache): ``{lens name: LensResult}``.
 
     Args:
-        model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
         input: A string, a list of strings (right-padded) or a ``[batch, pos]`` token tensor.
-        lenses: Any of ``"logit"``, ``"embedding"`` and lenses (:class:`~tl_latentspaces.Lens`: a
-            ``TunedLens``, a ``JacobianLens``, one of your own).
-        top_k: Top tokens kept per cell.
-        targets: Tokens whose probability and rank to report: a token string (one token), an
-            id, a list of them (shared by every position), or a ``[batch, pos(, T)]`` id tensor.
-        prepend_bos: Prepend the BOS token to string inputs. ``None`` (the default) means True
-            for text; a token tensor is used as given (``True`` with one warns: nothing is added).
-        cache: An ``ActivationCache`` holding the residual stream of ``input``; no forward pass
-            is run then. It must come from the same tokens: its ``hook_embed`` (or
-            ``blocks.0.hook_resid_pre``) is compared with the input's token embeddings.
-        verify_cache: Set False to skip that check (a cache of a run whose embeddings a hook
-            edited fails it).
+        lenses: Any of ``"logit"``, ``"embedding"`` and :class:`~tl_latentspaces.Lens` objects.
+        targets: Tokens whose probability and rank to report: a token string (one token), an id, a list of them
+            (shared by every position), or a ``[batch, pos(, T)]`` id tensor.
+        prepend_bos: ``None`` means True for text; a token tensor is used as given.
+        cache: An ``ActivationCache`` of ``input``'s residual stream, read instead of a forward pass; its
+            embeddings are compared with the input's unless ``verify_cache=False``.
         layers: Stack entries to read (indices, negative allowed, or labels like ``"5_pre"``).
         incl_mid: Also read every layer's ``resid_mid``.
         pos: Positions to read (an int, a slice, a list), default all.
         temperature: The embedding lens's softmax temperature.
-        chunk_rows: Rows per matmul of the streaming readout: a block reads every entry and lens
-            of ``chunk_rows // (entries x lenses)`` positions (at least one) against 2048-token tiles.
+        chunk_rows: Rows per matmul of the streaming readout.
 
-    The forward pass is the model's own: hooks the user registered fire, so an ablation before
-    layer ``l`` changes what the lens reads from layer ``l + 1`` on. The lens's capture hooks are
-    removed afterwards, exactly, even on error.
+    The forward pass is the model's own, so hooks the user registered fire; the capture hooks are removed
+    afterwards, even on error.
     """
-    plan = _plan(
-        model, input, operation="read_lenses", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
-        layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
-    )
+    plan = _plan(model, input, operation="read_lenses", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+                 layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows)
     built = build_lenses(plan.access, lenses, temperature, plan.all_labels)
     return _read(plan, _collect(plan, cache, verify_cache), built)
 
 
-def logit_lens(
-    model: Any,
-    input: Input,
-    *,
-    top_k: int = 5,
-    targets: Targets = None,
-    prepend_bos: Optional[bool] = None,
-    cache: Any = None,
-    verify_cache: bool = True,
-    layers: LayerSel = None,
-    incl_mid: bool = False,
-    pos: Positions = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> LensResult:
-    """Read every residual-stack entry through the final norm and unembedding.
+def logit_lens(model: Any, input: Input, *, top_k: int = 5, targets: Targets = None,
+               prepend_bos: Optional[bool] = None, cache: Any = None, verify_cache: bool = True,
+               layers: LayerSel = None, incl_mid: bool = False, pos: Positions = None,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> LensResult:
+    """Read every residual-stack entry through the final norm and unembedding (arguments as in :func:`read_lenses`).
 
-    Arguments as in :func:`read_lenses`. The ``final_post`` entry reproduces the model's own
-    log-probabilities, and its KL to final is 0.
+    The ``final_post`` entry reproduces the model's own log-probabilities.
 
     Example:
         >>> r = logit_lens(model, "The Eiffel Tower is in the city of", targets=" Paris")  # doctest: +SKIP
@@ -406,28 +335,14 @@ def logit_lens(
     )["logit"]
 
 
-def embedding_lens(
-    model: Any,
-    input: Input,
-    *,
-    top_k: int = 5,
-    targets: Targets = None,
-    prepend_bos: Optional[bool] = None,
-    cache: Any = None,
-    verify_cache: bool = True,
-    layers: LayerSel = None,
-    incl_mid: bool = False,
-    pos: Positions = None,
-    temperature: float = 1.0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> LensResult:
-    """Compare every residual-stack entry with the input embedding matrix ``W_E``.
+def embedding_lens(model: Any, input: Input, *, top_k: int = 5, targets: Targets = None,
+                   prepend_bos: Optional[bool] = None, cache: Any = None, verify_cache: bool = True,
+                   layers: LayerSel = None, incl_mid: bool = False, pos: Positions = None, temperature: float = 1.0,
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> LensResult:
+    """Compare every residual-stack entry with the input embedding ``W_E`` (arguments as in :func:`read_lenses`).
 
-    The top-k are the nearest tokens by cosine (``top_scores`` holds the cosines); ``own_scores``
-    and ``own_ranks`` give, for every position, the cosine to and rank of its own input token's
-    embedding: how far the latent vector has drifted from where it started. KL to final compares
-    the model's final distribution with the lens's ``softmax(cos * sqrt(d_model) / temperature)``.
-    Other arguments as in :func:`read_lenses`.
+    ``top_scores`` are cosines; ``own_scores``/``own_ranks`` give each position's cosine to and rank of its own
+    input token. The lens's distribution is ``softmax(cos * sqrt(d_model) / temperature)``.
     """
     return read_lenses(
         model, input, lenses=("embedding",), top_k=top_k, targets=targets, prepend_bos=prepend_bos,
@@ -437,16 +352,12 @@ def embedding_lens(
 
 
 class LensSession:
-    """Lenses attached to a live model as hooks, read from a forward pass the user runs.
+    """Lenses attached to a live model as hooks, read from a forward pass the user runs (see :func:`lens_session`).
 
-    Use :func:`lens_session`. Inside the ``with`` block run the model on ``session.tokens`` in any
-    way (``model(...)``, with your own hooks registered, ``run_with_hooks`` on other hook points);
-    on leaving the block the lens hooks are removed, exactly, and ``session.results`` holds
-    ``{lens name: LensResult}`` for the last forward pass on ``session.tokens``. Each entry is read
-    after every hook on its hook point, whenever and however that hook was registered, so a patch
-    at the very point a lens reads shows in that entry. Forward passes on other tokens (a nested
-    session's) are ignored. On an exception inside the block the hooks are removed and no result
-    is computed.
+    Inside the ``with`` block run the model on ``session.tokens`` in any way; on leaving it the hooks are removed
+    and ``results`` holds ``{lens name: LensResult}`` for the last pass on ``session.tokens`` (passes on other
+    tokens are ignored). Each entry is read after every hook on its hook point. On an exception no result is
+    computed.
     """
 
     def __init__(self, plan: _Plan, lenses: list[Readout]):
@@ -458,21 +369,17 @@ class LensSession:
 
     @property
     def tokens(self) -> torch.Tensor:
-        """The token ids to run the model on (BOS handled as requested)."""
+        """The token ids to run the model on."""
         return self._plan.tokens.ids
 
     def __enter__(self) -> "LensSession":
         if self._session is not None:
-            raise RuntimeError(
-                "this lens session is already open: a session object can be entered once at a "
-                "time. Make a second one with lens_session(...) to nest readouts."
-            )
+            raise RuntimeError("this lens session is already open: a session object can be entered once at a "
+                               "time. Make a second one with lens_session(...) to nest readouts.")
         session = HookSession(self._plan.access)
         try:
-            self._collector = ResidualCollector(
-                session, {label: self._plan.names[label] for label in self._plan.collect},
-                expect=self._plan.tokens.ids,
-            )
+            self._collector = ResidualCollector(session, {label: self._plan.names[label] for label in self._plan.collect},
+                                                expect=self._plan.tokens.ids)
         except BaseException:
             session.remove()
             raise
@@ -487,37 +394,21 @@ class LensSession:
         self._session = self._collector = None
         session.remove()
         if exc_type is None:
-            # Only passes on session.tokens count: a nested session's pass on other tokens is
-            # ignored here, so each session reads its own input.
             self.results = _read(self._plan, collector.stack(self._plan.collect), self._lenses)
 
 
-def lens_session(
-    model: Any,
-    input: Input,
-    *,
-    lenses: Sequence[Any] = ("logit", "embedding"),
-    top_k: int = 5,
-    targets: Targets = None,
-    prepend_bos: Optional[bool] = None,
-    layers: LayerSel = None,
-    incl_mid: bool = False,
-    pos: Positions = None,
-    temperature: float = 1.0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-) -> LensSession:
-    """Attach lenses to ``model`` as hooks for a forward pass the caller runs.
+def lens_session(model: Any, input: Input, *, lenses: Sequence[Any] = ("logit", "embedding"), top_k: int = 5,
+                 targets: Targets = None, prepend_bos: Optional[bool] = None, layers: LayerSel = None,
+                 incl_mid: bool = False, pos: Positions = None, temperature: float = 1.0,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> LensSession:
+    """Attach lenses to ``model`` as hooks for a forward pass the caller runs (arguments as in :func:`read_lenses`).
 
     Example:
         >>> with lens_session(model, "The Eiffel Tower is in", lenses=("logit", "embedding")) as s:  # doctest: +SKIP
         ...     model.run_with_hooks(s.tokens, fwd_hooks=[("blocks.3.hook_attn_out", ablate)])
         >>> s.results["logit"].summary()  # doctest: +SKIP
-
-    Arguments as in :func:`read_lenses`.
     """
-    plan = _plan(
-        model, input, operation="lens_session", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
-        layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows,
-    )
+    plan = _plan(model, input, operation="lens_session", top_k=top_k, targets=targets, prepend_bos=prepend_bos,
+                 layers=layers, incl_mid=incl_mid, pos=pos, chunk_rows=chunk_rows)
     return LensSession(plan, build_lenses(plan.access, lenses, temperature, plan.all_labels))
 
