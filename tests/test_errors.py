@@ -131,9 +131,14 @@ def test_empty_layers_and_lenses(tiny, tokens):
 
 
 def test_prepend_bos_with_a_token_tensor_warns(tiny, tokens):
-    with pytest.warns(UserWarning, match="prepend_bos=True has no effect on a token tensor"):
+    with pytest.warns(UserWarning, match="prepend_bos=True has no effect on a token tensor") as record:
         r = tll.logit_lens(tiny, tokens, prepend_bos=True)
     assert torch.equal(r.tokens, tokens)  # nothing was added
+    # the warning points at the caller's line, not at the package's own frames
+    assert [w.filename for w in record] == [__file__]
+    with pytest.warns(UserWarning) as record:
+        tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"), prepend_bos=True)
+    assert {w.filename for w in record} == {__file__}
     import warnings
 
     with warnings.catch_warnings():

@@ -4,13 +4,12 @@ The four old accumulators warn with ``DeprecationWarning`` and wrap one
 :class:`~tl_latentspaces.stats.Moments` store; new code uses ``Moments`` and the plain functions.
 """
 
-import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from tl_latentspaces.checks import type_name
+from tl_latentspaces.checks import type_name, warn_user
 from tl_latentspaces.stats import (
     Moments, NullAngles, NullVarianceFraction, ProcrustesResult, cka_from_hsic, haar_bases, linear_cka,
     orthonormal_basis, principal_angles, principal_subspace, procrustes, procrustes_from_moments,
@@ -32,12 +31,10 @@ class _Deprecated:
     _extra: Sequence[str] = ()
 
     def __init__(self, moments: Moments, new: str):
-        warnings.warn(
+        warn_user(
             f"tl_latentspaces.alignment_math.{type(self).__name__} is deprecated; use {new} "
             "from tl_latentspaces.stats.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+            DeprecationWarning)
         self.moments = moments
 
     @property

@@ -7,10 +7,10 @@ under ``torchrun`` every rank fits the same lens and only the main rank writes i
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Union
 
+from tl_latentspaces.checks import warn_user
 from tl_latentspaces.corpus import default_corpus
 from tl_latentspaces.default_model import DEFAULT_MODEL_NAME, default_cache_dir, load_default_model
 from tl_latentspaces.distributed import current_context
@@ -33,10 +33,9 @@ def default_tuned_lens(model: Any = None, *, cache_dir: Union[str, Path, None] =
                        progress: bool = True) -> TunedLens:
     """The default model's tuned lens: fitted on first use (about a minute and a half on a CPU), then cached.
 
-    The first call fits it (blocking, with progress bars if ``progress``) and saves it in
-    :func:`default_lens_dir`; later calls load it in well under a second. A cached lens that does not match the
-    model (another unembedding, a damaged file) or was fitted with other settings is refitted. ``model`` is
-    loaded (``load_default_model()``) if None; another model raises ``ValueError``.
+    The first call fits it and saves it in :func:`default_lens_dir`; later calls load it. A cached lens that does
+    not match the model or was fitted with other settings is refitted. ``model`` defaults to
+    ``load_default_model()``; another model raises ``ValueError``.
 
     Example:
         >>> lens = default_tuned_lens()  # doctest: +SKIP
@@ -46,12 +45,10 @@ def default_tuned_lens(model: Any = None, *, cache_dir: Union[str, Path, None] =
         model = load_default_model(cache_dir=cache_dir, progress=progress)
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     if access.n_layers != 30 or access.d_model != 576 or access.d_vocab != 49152:
-        raise ValueError(
-            f"default_tuned_lens is the lens of the default model ({DEFAULT_MODEL_NAME}: 30 layers, "
-            f"d_model 576, d_vocab 49152); got {access.name!r} with {access.n_layers} layers, "
-            f"d_model {access.d_model}, d_vocab {access.d_vocab}. Fit a lens for this model with "
-            "tl_latentspaces.fit_tuned_lens(model, corpus), or use tuned_lens_for(model)."
-        )
+        raise ValueError(f"default_tuned_lens is the lens of the default model ({DEFAULT_MODEL_NAME}: 30 layers, "
+                         f"d_model 576, d_vocab 49152); got {access.name!r} with {access.n_layers} layers, "
+                         f"d_model {access.d_model}, d_vocab {access.d_vocab}. Fit a lens for this model with "
+                         "tl_latentspaces.fit_tuned_lens(model, corpus), or use tuned_lens_for(model).")
     return _cached_fit(access, default_lens_dir(cache_dir), DEFAULT_FIT, progress)
 
 
@@ -80,7 +77,7 @@ def _cached_fit(access: ModelAccess, folder: Path, settings: dict, progress: boo
             if lens.info.get("fit", {}).get("settings_key") == key:
                 return lens
         except (ValueError, FileNotFoundError) as err:
-            warnings.warn(f"refitting the tuned lens in {folder}: the cached one cannot be used ({err})", stacklevel=3)
+            warn_user(f"refitting the tuned lens in {folder}: the cached one cannot be used ({err})")
     lens = fit_tuned_lens(access, default_corpus("train"), progress=progress, **settings)
     lens.info.setdefault("fit", {})["settings_key"] = key
     if current_context().is_main:  # under torchrun every rank fitted the same lens; one writes it

@@ -9,15 +9,26 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
+import warnings
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float", "check_finite", "as_float64"]
+__all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float", "check_finite", "as_float64",
+           "warn_user"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong type (both a ``TypeError`` and a ``ValueError``)."""
+
+
+def warn_user(message: str, category: type = UserWarning) -> None:
+    """Warn, pointing at the caller's own line: the first frame outside this package, however deep the call."""
+    frame, level = sys._getframe(1), 2  # level 1 is this function
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tl_latentspaces."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def type_name(x: Any) -> str:

@@ -11,7 +11,6 @@ import copy
 import difflib
 import hashlib
 import importlib
-import warnings
 import zlib
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
+
+from tl_latentspaces.checks import warn_user
 
 __all__ = [
     "ModelAccess", "Tokens", "transformer_lens_version", "SITES", "pre_layer", "ModelIdentity", "model_mode",
@@ -367,9 +368,8 @@ class ModelAccess:
             raise ValueError(f"prepend_bos must be True, False or None, got {prepend_bos!r}.")
         if isinstance(input, torch.Tensor):
             if prepend_bos:
-                warnings.warn("prepend_bos=True has no effect on a token tensor: its ids are used as given, and no "
-                              "BOS is added. Prepend the BOS id to the tensor yourself, or pass text.",
-                              UserWarning, stacklevel=3)
+                warn_user("prepend_bos=True has no effect on a token tensor: its ids are used as given, and no "
+                          "BOS is added. Prepend the BOS id to the tensor yourself, or pass text.")
             tokens = _token_tensor(input, self.d_vocab)
         else:
             texts = _prompt_texts(input)
@@ -423,10 +423,9 @@ def single_token_id(access: ModelAccess, token: Union[str, int]) -> int:
     if token[:1].isalnum():
         spaced = list(tok(" " + token, add_special_tokens=False)["input_ids"])
         if len(spaced) == 1:
-            warnings.warn(f"target {token!r} (id {ids[0]}) is the word without a leading space; after another word "
-                          f"a model predicts {' ' + token!r} (id {spaced[0]}) instead. Pass {' ' + token!r} if that "
-                          f"is what you mean, or the id {ids[0]} to keep this token without this warning.",
-                          UserWarning, stacklevel=5)
+            warn_user(f"target {token!r} (id {ids[0]}) is the word without a leading space; after another word "
+                      f"a model predicts {' ' + token!r} (id {spaced[0]}) instead. Pass {' ' + token!r} if that "
+                      f"is what you mean, or the id {ids[0]} to keep this token without this warning.")
     return int(ids[0])
 
 

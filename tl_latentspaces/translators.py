@@ -1,11 +1,8 @@
 """The tuned lens (Belrose et al. 2023): one affine translator per layer before the logit lens.
 
-Layer ``l``'s residual ``h`` (``blocks.{l}.hook_resid_pre``, stack label ``"{l}_pre"``) reads as
-``ln_final(h + W_l h + b_l) @ W_U + b_U``; ``"final_post"`` has no translator. :class:`TunedLens` holds only the
-translators and the identity of the model they were fitted for. It reads and writes two folder formats: ours (a
-JSON config naming the SHA-256 of a safetensors file) and the ``tuned-lens`` package's (``config.json`` +
-``params.pt``). Fitting lives in :mod:`tl_latentspaces.fitting`, the cached lenses in
-:mod:`tl_latentspaces.cached_lenses`.
+Layer ``l``'s residual ``h`` (stack label ``"{l}_pre"``) reads as ``ln_final(h + W_l h + b_l) @ W_U + b_U``;
+``"final_post"`` has no translator. Two folder formats: ours (a JSON config naming the SHA-256 of a safetensors
+file) and the ``tuned-lens`` package's (``config.json`` + ``params.pt``).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,8 +21,10 @@ import torch
 from safetensors import SafetensorError
 from jaxtyping import Float
 
+from tl_latentspaces.checks import warn_user
 from tl_latentspaces.files import json_safe, read_torch_dict, sha256_hex, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
+from tl_latentspaces.readout import tensor_key
 
 __all__ = ["ModelIdentity", "TunedLens", "translate_rows", "CONFIG_FILE", "PARAMS_FILE", "PKG_CONFIG_FILE",
            "PKG_PARAMS_FILE"]
@@ -58,11 +56,9 @@ def translate_rows(x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "
 class TunedLens(torch.nn.Module):
     """Affine translators ``h -> h + W_l h + b_l``, one per layer, read through the logit lens.
 
-    The translators are stored in residual form and start at zero, so a fresh lens *is* the logit lens and
-    weight decay pulls each one toward the identity. A lens refuses a model other than the one it was fitted
-    for. It is a :class:`~tl_latentspaces.Lens` (``translate(x, label)``) for ``read_lenses`` and
-    ``tuned_lens``, and TransformerLens 4.3's ``logit_lens(model, input, lens=lens)`` callable
-    ``lens(entry, index)``.
+    Stored in residual form and zero at the start, so a fresh lens *is* the logit lens. It refuses a model other
+    than the one it was fitted for. It is a :class:`~tl_latentspaces.Lens` (``translate(x, label)``) and
+    TransformerLens 4.3's ``logit_lens(model, input, lens=lens)`` callable ``lens(entry, index)``.
 
     Args:
         identity: The model this lens is for (see :meth:`for_model`).
@@ -106,12 +102,10 @@ class TunedLens(torch.nn.Module):
 
     @property
     def n_layers(self) -> int:
-        """Layers of the model the lens was fitted for (one translator per ``resid_pre`` entry)."""
         return self.identity.n_layers
 
     @property
     def d_model(self) -> int:
-        """Residual width of the model the lens was fitted for."""
         return self.identity.d_model
 
     def extra_repr(self) -> str:
@@ -148,11 +142,8 @@ class TunedLens(torch.nn.Module):
                               self.bias[layer].to(x.device, torch.float32))
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
-        """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` in float32 for stack entry ``label``.
-
-        ``"{l}_pre"`` uses translator ``l``; ``"final_post"`` reads unchanged; any other label (a ``"{l}_mid"``
-        entry) raises ``ValueError``.
-        """
+        """The :class:`~tl_latentspaces.Lens` protocol: ``x + x @ W.T + b`` in float32 for ``"{l}_pre"``,
+        ``x`` for ``"final_post"``; ``ValueError`` for any other label."""
         layer = pre_layer(label, self.n_layers)
         if layer is None and label != "final_post":
             raise ValueError(
@@ -163,17 +154,15 @@ class TunedLens(torch.nn.Module):
         return x if layer is None else self._translated(x, layer)
 
     def forward(self, entry: torch.Tensor, index: int) -> torch.Tensor:
-        """The TransformerLens ``lens(entry, index)`` callable: the translated entry, in ``entry``'s dtype.
-
-        ``index`` is the stack index with ``incl_mid=False``, as :meth:`transform_hidden` takes it.
-        """
+        """The TransformerLens ``lens(entry, index)`` callable (:meth:`transform_hidden` in ``entry``'s dtype)."""
         return self.transform_hidden(entry, index).to(entry.dtype)
 
     def check_model(self, model: Any, *, check_unembedding: bool = True, what: str = "this tuned lens") -> ModelAccess:
         """Raise ``ValueError`` naming every mismatch between this lens and ``model``."""
         access = _access(model)
         # Hashing W_U takes a fraction of a second; skip it when this very tensor was checked before.
-        key = (id(access.model), _tensor_key(access.W_U), _tensor_key(getattr(access.model, "b_U", None)),
+        b_U = getattr(access.model, "b_U", None)
+        key = (id(access.model), tensor_key(access.W_U), tensor_key(b_U) if isinstance(b_U, torch.Tensor) else None,
                check_unembedding)
         if key == self._checked:
             return access
@@ -191,8 +180,7 @@ class TunedLens(torch.nn.Module):
         return access
 
     def check_finite(self, action: str = "read") -> None:
-        """Raise ``ValueError`` naming the layers whose translators hold NaN or inf; ``action`` (``"read"``,
-        ``"save"``) is what was about to happen, for the message."""
+        """Raise ``ValueError`` naming the layers whose translators hold NaN or inf (``action``: for the message)."""
         bad_w, bad_b = _nonfinite_layers(self.weight), _nonfinite_layers(self.bias)
         if bad_w or bad_b:
             layers = sorted(set(bad_w) | set(bad_b))
@@ -207,10 +195,8 @@ class TunedLens(torch.nn.Module):
     def save(self, path: PathLike) -> Path:
         """Write the lens to the folder ``path`` (``tuned_lens.json`` + ``tuned_lens.safetensors``); returns it.
 
-        Only those two files are replaced, each atomically; anything else in the folder stays. The config names
-        the SHA-256 of its parameter file, and the writes go interim config (new parameters and the previous
-        lens), parameters, final config, so a crash leaves the old or the new lens for :meth:`load`. An existing
-        path that is neither empty nor a lens folder is refused, and so is a lens with NaN or inf translators.
+        Only those two files are replaced, each atomically, so a crash leaves the old or the new lens. A non-empty
+        path that is not a lens folder is refused, and so is a lens with NaN or inf translators.
         """
         self.check_finite("save")
         return _write_folder(self, Path(path))
@@ -220,9 +206,8 @@ class TunedLens(torch.nn.Module):
              device: Union[str, torch.device, None] = None) -> "TunedLens":
         """Load a lens saved by :meth:`save` and check it against ``model``.
 
-        A lens fitted for another model (other sizes or unembedding) is refused with an error naming the
-        mismatch. ``check_unembedding=False`` skips the unembedding hash (only for the same model in another form,
-        e.g. compatibility mode, where ``W_U`` differs). ``device`` defaults to the model's.
+        A lens fitted for another model is refused, naming the mismatch; ``check_unembedding=False`` skips the
+        unembedding hash (the same model in compatibility mode has another ``W_U``). ``device`` defaults to the model's.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
@@ -236,11 +221,8 @@ class TunedLens(torch.nn.Module):
     def save_tuned_lens_format(self, path: PathLike, model: Any = None) -> Path:
         """Write the ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``); returns the folder.
 
-        ``params.pt`` holds ``"{l}.weight"`` (``[d_model, d_model]``) and ``"{l}.bias"``, applied as ``h + W h + b``
-        to the Hugging Face model's ``hidden_states[l]`` (= ``blocks.{l}.hook_resid_pre``); the package loads it
-        with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``. Files are written as
-        in :meth:`save`. ``model``, optional, records the package's ``unembed_hash`` of ``W_U`` (the package only
-        warns when it is absent or different).
+        The package loads it with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``.
+        ``model``, optional, records the package's ``unembed_hash`` of ``W_U`` (the package only warns without it).
         """
         self.check_finite("save")
         unembed_hash = _package_unembed_hash(self.check_model(model)) if model is not None else None
@@ -251,10 +233,8 @@ class TunedLens(torch.nn.Module):
                                device: Union[str, torch.device, None] = None) -> "TunedLens":
         """Import a lens folder in the ``tuned-lens`` package's format (``config.json`` + ``params.pt``).
 
-        ``params.pt`` is read with ``torch.load(weights_only=True)``, so a file carrying code is refused before
-        anything in it runs. ``num_hidden_layers`` and ``d_model`` must match ``model``; the package's
-        ``unembed_hash``, when present, is compared with the model's ``W_U`` unless ``check_unembedding`` is
-        False. ``device`` defaults to the model's.
+        ``params.pt`` is read with ``torch.load(weights_only=True)``: a file carrying code is refused before it runs.
+        The package's ``unembed_hash``, when present, is checked unless ``check_unembedding`` is False.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
@@ -311,11 +291,9 @@ def _read_folder(folder: Path) -> tuple[ModelIdentity, dict, dict]:
     digest, recorded = sha256_hex(data), config.get("params_sha256")
     matching = _config_for(config, digest)
     if matching is not None and matching is not config:
-        warnings.warn(
+        warn_user(
             f"{cfg_path} records a save that did not finish: {params_path.name} still holds the previous lens, "
-            "which was loaded. Save the lens again to complete it.",
-            stacklevel=3,
-        )
+            "which was loaded. Save the lens again to complete it.")
         config = matching
     try:
         identity = ModelIdentity(**config["model"])
@@ -494,10 +472,3 @@ def _check_layers(weight: torch.Tensor, bias: torch.Tensor, identity: ModelIdent
     _check_param(f"{where}: weight", weight, (L, d, d))
     _check_param(f"{where}: bias", bias, (L, d))
 
-
-def _tensor_key(t: Any) -> Optional[tuple]:
-    if not isinstance(t, torch.Tensor):
-        return None
-    # A strided sample guards against a new tensor reusing a freed one's memory and version.
-    sample = float(t.detach().reshape(-1)[::997].double().sum()) if t.numel() else 0.0
-    return (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device), sample)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from typing import Any, Sequence
 
 import torch
 
+from tl_latentspaces.checks import warn_user
 from tl_latentspaces.results import LensDiff, LensResult
 from tl_latentspaces.views.data import num, nums
 
@@ -42,12 +42,10 @@ def metric_name(name: str) -> str:
         new = f"target{match.group(4)}_{match.group(3)}_delta"
     if new is None:
         return name
-    warnings.warn(
+    warn_user(
         f"the metric name {name!r} is deprecated and will be removed in the next release; use {new!r} "
         "(the column name LensResult.to_dataframe() and summary() use).",
-        DeprecationWarning,
-        stacklevel=3,
-    )
+        DeprecationWarning)
     return new
 
 
