@@ -150,6 +150,12 @@ def test_interrupted_fit_resumes_to_the_same_lens(tmp_path, monkeypatch):
         torch.testing.assert_close(resumed.matrices[label], whole.matrices[label], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="belongs to another corpus"):
         fit_jacobian_lens(model, ids, checkpoint_dir=tmp_path, **{**kw, "probes": 4})
+    # a folder holding a checkpoint of the earlier safetensors format is refused, naming the file
+    old_format = tmp_path / "old"
+    old_format.mkdir()
+    (old_format / "jacobian-lens-rank0.safetensors").write_bytes(b"{}")
+    with pytest.raises(ValueError, match=r"jacobian-lens-rank0\.safetensors.*another checkpoint_dir"):
+        fit_jacobian_lens(model, ids, checkpoint_dir=old_format, **kw)
 
 
 def test_fit_bad_input(tiny):

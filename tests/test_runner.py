@@ -135,6 +135,24 @@ def test_checkpoint_without_a_model_identity_is_refused(model, corpus, tmp_path)
         runner.run({"align": _factory(model)})
 
 
+@pytest.mark.parametrize("junk", [b"", b"not a checkpoint at all", "foreign"])
+def test_old_format_damaged_or_foreign_checkpoint_is_refused_by_name(model, corpus, tmp_path, junk):
+    runner = CorpusRunner(model, corpus, seq_len=16, batch_size=4, checkpoint_dir=tmp_path, progress=False)
+    if junk == "foreign":
+        torch.save({"weights": torch.zeros(2)}, tmp_path / "runner-rank0.pt")
+    else:
+        (tmp_path / "runner-rank0.pt").write_bytes(junk)
+    with pytest.raises(ValueError, match="runner-rank0.pt") as err:
+        runner.run({"align": _factory(model)})
+    assert "another checkpoint_dir" in str(err.value)
+    # a folder holding a checkpoint of the earlier safetensors format is refused, naming that file
+    (tmp_path / "runner-rank0.pt").unlink()
+    (tmp_path / "runner-rank0.safetensors").write_bytes(b"{}")
+    with pytest.raises(ValueError, match=r"runner-rank0\.safetensors.*earlier version") as err:
+        runner.run({"align": _factory(model)})
+    assert "another checkpoint_dir" in str(err.value)
+
+
 def test_model_identity_tells_weights_dtype_and_mode_apart(model):
     a, b = ModelIdentity.of(model), ModelIdentity.of(build_llama_like(seed=0))
     assert a == b and len(a.weights_fingerprint) == 16

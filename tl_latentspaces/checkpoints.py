@@ -59,13 +59,7 @@ def load_checkpoint(folder: PathLike, kind: str,
     path = checkpoint_path(folder, kind, rank)
     if not path.is_file():
         return None
-    try:
-        payload = read_torch_dict(path, holds="a tl_latentspaces checkpoint", fix=_FIX)
-    except ValueError:
-        raise
-    except Exception as err:  # a damaged file can fail anywhere inside the unpickler
-        raise ValueError(f"cannot read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); it is damaged. "
-                         f"{_FIX}") from None
+    payload = read_torch_dict(path, holds="a tl_latentspaces checkpoint", fix=_FIX)
     meta, states = payload.get("meta"), payload.get("states")
     if payload.get("format") != FORMAT or not isinstance(meta, dict) or not isinstance(states, dict):
         raise ValueError(f"{str(path)!r} is not a {FORMAT} file (format {payload.get('format')!r}). {_FIX}")

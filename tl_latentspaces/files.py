@@ -113,8 +113,9 @@ def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
             f"and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run arbitrary "
             f"code, so nothing in it was executed.{' ' + fix if fix else ''}"
         ) from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a torch.save file: {err}.") from err
+    except Exception as err:  # a damaged or foreign file can fail anywhere inside the unpickler
+        raise ValueError(f"cannot read {path} as a torch.save file ({type(err).__name__}: {err}); it is damaged or "
+                         f"not such a file.{' ' + fix if fix else ''}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path} must hold a dict ({holds}), got {type(state).__name__}.")
     return state
