@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tl_latentspaces as tll
-from tl_latentspaces import fitting
+from tl_latentspaces import fitting, translator_solvers
 from tl_latentspaces.checkpoints import load_checkpoint
 from tl_latentspaces.evaluation import evaluate_lenses
 from tl_latentspaces.fitting import TunedLensFitError, fit_tuned_lens
@@ -197,7 +197,7 @@ def test_checkpoint_of_another_model_dtype_or_mode_is_refused(tmp_path, monkeypa
 
 def test_nan_loss_stops_names_layer_and_step_and_keeps_checkpoint(tmp_path, monkeypatch):
     model = _model()
-    real = fitting._gauss_newton_stats
+    real = translator_solvers.gauss_newton_stats
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -205,14 +205,14 @@ def test_nan_loss_stops_names_layer_and_step_and_keeps_checkpoint(tmp_path, monk
         loss, G, F = real(*args, **kwargs)
         return (float("nan"), G, F) if len(calls) == 2 else (loss, G, F)
 
-    monkeypatch.setattr(fitting, "_gauss_newton_stats", poisoned)
+    monkeypatch.setattr(translator_solvers, "gauss_newton_stats", poisoned)
     with pytest.raises(TunedLensFitError, match=r"layer 1, refinement step 0") as err:
         # refine_steps=1: one Gauss-Newton call per layer, so the second call is layer 1.
         fit_tuned_lens(model, _corpus(), refine_steps=1, checkpoint_dir=tmp_path, progress=False)
     assert "last good checkpoint" in str(err.value) and "refine_steps=0" in str(err.value)
     meta, _ = load_checkpoint(tmp_path, "tuned-lens-fit", 0)
     assert meta["phase"] == "refine" and meta["layers_done"] == 1
-    monkeypatch.setattr(fitting, "_gauss_newton_stats", real)
+    monkeypatch.setattr(translator_solvers, "gauss_newton_stats", real)
     resumed = fit_tuned_lens(model, _corpus(), refine_steps=1, checkpoint_dir=tmp_path, progress=False)
     clean = fit_tuned_lens(model, _corpus(), refine_steps=1, progress=False)
     assert torch.equal(resumed.weight, clean.weight)
