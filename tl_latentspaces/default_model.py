@@ -18,11 +18,12 @@ from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlparse
 
 import torch
+from tqdm.auto import tqdm
 
 from tl_latentspaces.conversion import (HOOKED_ARCHITECTURES, HOOKED_MAX_N_CTX, check_hooked_config,
                                         check_transformers_read, hooked_from_hf, quiet, tokenizer_from_json)
 from tl_latentspaces.files import replace_folder_atomic
-from tl_latentspaces.model import transformer_lens_version
+from tl_latentspaces.model import available_kinds, transformer_lens_version
 
 __all__ = ["load_default_model", "load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE",
            "HOOKED_ARCHITECTURES", "HOOKED_MAX_N_CTX"]
@@ -58,20 +59,7 @@ def _resolve_kind(kind: Optional[str]) -> str:
     if kind is not None and kind not in ("bridge", "hooked"):
         raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, "
                          f"got {kind!r}.")
-    available = []
-    try:
-        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
-        import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_transformers)
-
-        available.append("bridge")
-    except ImportError:
-        pass
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-
-        available.append("hooked")
-    except ImportError:
-        pass
+    available = available_kinds()
     installed = ".".join(str(v) for v in transformer_lens_version())
     if kind is None:
         if available:
@@ -309,7 +297,6 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
         >>> model.cfg.n_layers  # doctest: +SKIP
         30
     """
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     kind, dev = _check_options(kind, device, dtype, n_ctx)

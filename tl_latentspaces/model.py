@@ -57,6 +57,21 @@ def _transformer_lens_class(module: str, name: str) -> Optional[type]:
         return None
 
 
+def available_kinds() -> list[str]:
+    """The model classes the installed TransformerLens serves, the preferred first: ``"bridge"``
+    (``TransformerBridge``, 3.x/4.x, with ``boot_transformers`` attached) and ``"hooked"`` (2.x/3.x)."""
+    kinds = []
+    if _transformer_lens_class("transformer_lens.model_bridge", "TransformerBridge") is not None:
+        try:
+            importlib.import_module("transformer_lens.model_bridge.sources")  # attaches boot_transformers
+            kinds.append("bridge")
+        except ImportError:
+            pass
+    if _transformer_lens_class("transformer_lens", "HookedTransformer") is not None:
+        kinds.append("hooked")
+    return kinds
+
+
 def model_kind(model: Any) -> str:
     """``"bridge"`` for a ``TransformerBridge`` (3.x/4.x), ``"hooked"`` for a ``HookedTransformer`` (2.x/3.x);
     ``TypeError`` for anything else."""
