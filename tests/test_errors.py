@@ -151,8 +151,9 @@ def test_prepend_bos_with_a_token_tensor_warns(tiny, tokens):
 
 @pytest.mark.integration
 def test_target_without_its_leading_space_warns(smol):
-    with pytest.warns(UserWarning, match=r"'Paris'.*' Paris'"):
+    with pytest.warns(UserWarning, match=r"'Paris'.*' Paris'") as record:
         r = tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets="Paris", layers=[-1])
+    assert len(record) == 1 and record[0].filename == __file__  # once per call, at the caller's line
     paris = smol.tokenizer("Paris", add_special_tokens=False)["input_ids"]
     assert r.target_ids[0, 0, 0].item() == paris[0]  # still read as asked
     import warnings

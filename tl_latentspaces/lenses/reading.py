@@ -149,7 +149,7 @@ class _Plan:
     entries: list[int]
     collect: list[str]
     top_k: int
-    targets: Targets
+    targets: Optional[torch.Tensor]  # [batch, positions, T] ids, resolved once
     pos: Positions
     chunk_rows: int
 
@@ -174,8 +174,8 @@ def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targ
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
     collect = sorted(set(all_labels[i] for i in entries) | {all_labels[-1]}, key=all_labels.index)
-    _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
-    return _Plan(access, tokens, all_labels, names, entries, collect, top_k, targets, pos, chunk_rows)
+    resolved = _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
+    return _Plan(access, tokens, all_labels, names, entries, collect, top_k, resolved, pos, chunk_rows)
 
 
 def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[str, LensResult]:
@@ -189,7 +189,7 @@ def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[s
         stack = stack[:, :, positions].to(dev)
         flat = stack.reshape(stack.shape[0], B * P, stack.shape[-1])
         reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None) or LogitLens(access)
-        targets = _resolve_targets(access, plan.targets, (B, P))
+        targets = plan.targets
         flat_targets = None if targets is None else targets.reshape(B * P, -1).to(dev)
         own = tokens.ids[:, positions].reshape(-1).to(dev)
         read_rows = [by_label[plan.all_labels[i]] for i in plan.entries]
