@@ -297,7 +297,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     corpus = _corpus(args)
     model = _load(args)
     runner = CorpusRunner(model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                          checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
+                          checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, desc="alignment suite")
     stats = runner.run({"align": AlignmentAccumulator(model).empty})["align"]
     if not ctx.is_main:
         return 0

@@ -242,5 +242,5 @@ def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any 
     seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
     template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows, readout_dtype=readout_dtype)
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
-                          max_tokens=max(max_tokens, seq_len), progress=progress)
+                          max_tokens=max(max_tokens, seq_len), progress=progress, desc="held-out evaluation")
     return runner.run({"evaluation": template.empty})["evaluation"].result()

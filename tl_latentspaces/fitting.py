@@ -264,9 +264,11 @@ def _collect(access: ModelAccess, seqs: torch.Tensor, n_val: int, n_refine: int,
     training pass, the long one, is checkpointed."""
     folder = None if ckpt is None else ckpt.folder
     passes = []
-    for part, n_kept, where, normal in ((seqs[:n_val], n_val, None, False), (seqs[n_val:], n_refine, folder, True)):
+    for part, n_kept, where, normal, desc in ((seqs[:n_val], n_val, None, False, "validation"),
+                                              (seqs[n_val:], n_refine, folder, True, "training")):
         runner = CorpusRunner(access, part, seq_len=part.shape[1], batch_size=settings.batch_size,
-                              checkpoint_dir=where, checkpoint_every=every, progress=progress)
+                              checkpoint_dir=where, checkpoint_every=every, progress=progress,
+                              desc=f"tuned lens: {desc} activations")
         fresh = functools.partial(_Collection, access, dev, settings, runner.n_batches, n_kept, normal)
         passes.append(runner.run({"tuned_lens_collection": fresh})["tuned_lens_collection"])
         if where is not None:

@@ -161,7 +161,8 @@ def build_report(model: Any, *, prompts: Sequence[str] = DEFAULT_PROMPTS, corpus
     passes.setdefault(align_tokens, {})["alignment"] = AlignmentAccumulator(access).empty
     stats: dict[str, Any] = {}
     for budget, consumers in passes.items():
-        runner = CorpusRunner(access, corpus, seq_len=128, batch_size=8, max_tokens=budget, progress=progress)
+        runner = CorpusRunner(access, corpus, seq_len=128, batch_size=8, max_tokens=budget, progress=progress,
+                              desc="report: " + " and ".join(consumers))
         stats.update(runner.run(consumers))
     evaluation = stats["evaluation"].result()
     alignment = stats["alignment"].result(progress=progress)

@@ -43,11 +43,13 @@ class CorpusRunner:
         seed: Fixes the batch order when ``shuffle``.
         checkpoint_dir: Save progress here (every ``checkpoint_every`` batches; one ``runner-rank{r}.pt`` per
             process, :mod:`~tl_latentspaces.checkpoints`) and resume from it.
+        desc: The progress bar's label (what the pass is for).
     """
 
     def __init__(self, model: Any, corpus: Any, *, seq_len: int = 128, batch_size: int = 8,
                  max_tokens: Optional[int] = None, prepend_bos: bool = True, seed: int = 0, shuffle: bool = False,
-                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 10, progress: bool = True):
+                 checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 10, progress: bool = True,
+                 desc: str = "corpus"):
         self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         self.access.require_eval("the corpus runner")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -62,6 +64,7 @@ class CorpusRunner:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.progress = progress
+        self.desc = desc
         digest = hashlib.sha256(sequences.numpy().tobytes())
         digest.update(f"{batch_size}".encode())
         self.fingerprint = digest.hexdigest()[:16]
@@ -138,7 +141,7 @@ class CorpusRunner:
         if todo:
             seqs = torch.cat([self.batch(i) for i in todo])
             stream = stream_residuals(self.access, seqs, names, batch_size=self.batch_size,
-                                      progress=self.progress and ctx.is_main, desc="corpus")
+                                      progress=self.progress and ctx.is_main, desc=self.desc)
             for step, (ids, stack) in enumerate(stream, start=done + 1):
                 for consumer in live.values():
                     consumer.update(ids, stack)

@@ -176,7 +176,8 @@ def alignment_suite(
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     n_rows = seqs.shape[0] * (seq_len - settings.skip_positions)
     check_rows_for_k(n_rows, settings.k, settings.center, "in this corpus")
-    runner = CorpusRunner(access, seqs, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    runner = CorpusRunner(access, seqs, seq_len=seq_len, batch_size=batch_size, progress=progress,
+                          desc="alignment suite")
     return _run(
         access, lambda factory: runner.run({"alignment": factory})["alignment"], standardize=standardize,
         settings=settings, n_null_samples=n_null_samples, seed=seed, progress=progress,
