@@ -139,3 +139,24 @@ def test_write_into_folder_stops_at_a_failure_in_order(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == ["a", "marker"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
     assert files.sha256_hex(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_torch_bytes_reads_back_and_refuses_what_a_safe_load_would_refuse(tmp_path):
+    import io
+
+    import torch
+
+    from tl_latentspaces.checkpoints import load_checkpoint, save_checkpoint
+
+    big = torch.arange(100_000, dtype=torch.float32)
+    state = {"view": big[10:13], "n": 3, "pair": (1, "a"), "nested": {"none": None, "list": [0.5, True]}}
+    back = torch.load(io.BytesIO(files.torch_bytes(state)), weights_only=True)
+    assert torch.equal(back["view"], torch.tensor([10.0, 11.0, 12.0])) and back["pair"] == (1, "a")
+    assert back["nested"] == {"none": None, "list": [0.5, True]} and back["n"] == 3
+    # a view is saved alone, not with the 400 KB storage it lives in
+    assert len(files.torch_bytes({"view": big[10:13]})) < 4096
+    # a checkpoint holding something a weights_only load refuses fails when written, naming where, and leaves
+    # no file behind (it used to be written, and the run could not resume from it)
+    with pytest.raises(TypeError, match=r"state entry \['states'\]\['align'\]\['bad'\] is a object"):
+        save_checkpoint(tmp_path, "runner", 0, {"done": 1}, {"align": {"bad": object()}})
+    assert list(tmp_path.iterdir()) == [] and load_checkpoint(tmp_path, "runner", 0) is None

@@ -13,14 +13,11 @@ Example:
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
-from tl_latentspaces.files import read_torch_dict, write_bytes_atomic
+from tl_latentspaces.files import read_torch_dict, torch_bytes, write_bytes_atomic
 
 __all__ = ["checkpoint_path", "save_checkpoint", "load_checkpoint"]
 
@@ -38,9 +35,8 @@ def checkpoint_path(folder: PathLike, kind: str, rank: int) -> Path:
 def save_checkpoint(folder: PathLike, kind: str, rank: int, meta: dict[str, Any],
                     states: dict[str, Any]) -> Path:
     """Write ``{meta, states}`` for process ``rank``, replacing its previous checkpoint atomically."""
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "states": states}, buf)
-    return write_bytes_atomic(checkpoint_path(folder, kind, rank), buf.getvalue())
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "states": states}
+    return write_bytes_atomic(checkpoint_path(folder, kind, rank), torch_bytes(payload))
 
 
 def load_checkpoint(folder: PathLike, kind: str,

@@ -35,6 +35,8 @@ from typing import Any, Optional, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
+from tl_latentspaces.files import torch_bytes
+
 __all__ = [
     "encode_state",
     "decode_state",
@@ -159,30 +161,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-_SCALARS = (str, bool, int, float, type(None))
-
-
-def _plain(value: Any, path: str) -> Any:
-    """``value`` with its tensors detached (a view copied, so its whole storage is not sent along); anything
-    ``torch.load(weights_only=True)`` would refuse on the other side raises here, naming where it is."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
-    if isinstance(value, dict):
-        return {key: _plain(item, f"{path}[{key!r}]") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item, f"{path}[{i}]") for i, item in enumerate(value))
-    if isinstance(value, _SCALARS):
-        return value
-    raise TypeError(f"state entry {path or 'state'} is a {type(value).__name__}; states hold tensors, numbers, "
-                    "strings, None, lists, tuples and dicts.")
-
-
 def encode_state(state: dict[str, Any]) -> torch.Tensor:
     """A (nested) state dict of tensors and plain values as one ``torch.save`` byte buffer (uint8)."""
-    buf = io.BytesIO()
-    torch.save(_plain(state, ""), buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(torch_bytes(state)), dtype=torch.uint8)
 
 
 def decode_state(buf: torch.Tensor) -> dict[str, Any]:
@@ -230,9 +211,9 @@ def reduce_accumulator(acc: A, fresh: Any) -> A:
     Returns:
         ``acc``, now holding the statistics of all ranks (identical on every rank).
     """
+    if not current_context().distributed:
+        return acc  # one process: nothing to merge, so no state to build (a copy of every statistic)
     states = gather_states(acc.state_dict())
-    if len(states) == 1:
-        return acc
     merged = fresh()
     for state in states:
         part = fresh()

@@ -8,6 +8,7 @@ included, the temporary is removed and the old content stays.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["json_safe", "read_torch_dict", "write_bytes_atomic", "write_files_atomic", "write_into_folder",
+__all__ = ["json_safe", "read_torch_dict", "torch_bytes", "write_bytes_atomic", "write_files_atomic", "write_into_folder",
            "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -97,6 +98,34 @@ def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[P
 def json_safe(obj: Any) -> Any:
     """``obj`` as plain JSON values (a JSON round trip; anything JSON cannot hold becomes its ``str``)."""
     return json.loads(json.dumps(obj, default=str))
+
+
+_PLAIN_SCALARS = (str, bool, int, float, type(None))
+
+
+def _plain(value: Any, path: str) -> Any:
+    """``value`` with its tensors detached (a view copied, so its whole storage is not saved along); anything
+    ``torch.load(weights_only=True)`` would refuse raises here, naming where it is."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    if isinstance(value, dict):
+        return {key: _plain(item, f"{path}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item, f"{path}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, _PLAIN_SCALARS):
+        return value
+    raise TypeError(f"state entry {path or 'state'} is a {type(value).__name__}; states hold tensors, numbers, "
+                    "strings, None, lists, tuples and dicts.")
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` (tensors, numbers, strings, None, lists, tuples, dicts) as ``torch.save`` bytes that
+    ``torch.load(weights_only=True)`` reads back; anything else raises ``TypeError`` here, naming where it is,
+    before a byte is written."""
+    buf = io.BytesIO()
+    torch.save(_plain(obj, ""), buf)
+    return buf.getvalue()
 
 
 def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict
@@ -23,7 +22,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from tl_latentspaces.files import json_safe, read_torch_dict, replace_folder_atomic, write_bytes_atomic
+from tl_latentspaces.files import json_safe, read_torch_dict, replace_folder_atomic, torch_bytes, write_bytes_atomic
 from tl_latentspaces.model import ModelAccess, ModelIdentity
 
 __all__ = ["CONFIG_FILE", "PARAMS_FILE", "write_lens_folder", "read_lens_folder", "is_transformer_lens_jacobian_lens",
@@ -185,9 +184,7 @@ def save_transformer_lens_file(lens: Any, path: PathLike, dtype: torch.dtype) ->
         "d_model": lens.d_model,
         "metadata": meta,
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return write_bytes_atomic(Path(path), buf.getvalue())
+    return write_bytes_atomic(Path(path), torch_bytes(payload))
 
 
 def read_transformer_lens_file(path: PathLike) -> Any:

@@ -8,7 +8,6 @@ file) and the ``tuned-lens`` package's (``config.json`` + ``params.pt``).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from jaxtyping import Float
 
 from tl_latentspaces.checks import warn_user
-from tl_latentspaces.files import json_safe, read_torch_dict, sha256_hex, write_into_folder
+from tl_latentspaces.files import json_safe, read_torch_dict, sha256_hex, torch_bytes, write_into_folder
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 from tl_latentspaces.readout import tensor_key
 
@@ -351,11 +350,9 @@ def _write_package_folder(lens: TunedLens, folder: Path, unembed_hash: Optional[
               "unembed_hash": unembed_hash, "lens_type": _PKG_LENS_TYPE}
     state = {f"{layer}.{kind}": getattr(lens, kind)[layer].detach().to("cpu", torch.float32).clone()
              for layer in range(lens.n_layers) for kind in ("weight", "bias")}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     # The parameters first: the package's config names no hash, and its sizes are the same for the old and
     # the new lens of one model.
-    files = [(PKG_PARAMS_FILE, buffer.getvalue()), (PKG_CONFIG_FILE, json.dumps(config).encode("utf-8"))]
+    files = [(PKG_PARAMS_FILE, torch_bytes(state)), (PKG_CONFIG_FILE, json.dumps(config).encode("utf-8"))]
     return write_into_folder(folder, files, own_marker=PKG_PARAMS_FILE, what="lens folder")
 
 
