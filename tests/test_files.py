@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tl_latentspaces import files
+from tl_latentspaces.checkpoints import load_checkpoint, save_checkpoint
 from tl_latentspaces.files import replace_folder_atomic, write_bytes_atomic, write_files_atomic, write_into_folder
 
 
@@ -142,12 +145,6 @@ def test_write_into_folder_stops_at_a_failure_in_order(tmp_path, monkeypatch):
 
 
 def test_torch_bytes_reads_back_and_refuses_what_a_safe_load_would_refuse(tmp_path):
-    import io
-
-    import torch
-
-    from tl_latentspaces.checkpoints import load_checkpoint, save_checkpoint
-
     big = torch.arange(100_000, dtype=torch.float32)
     state = {"view": big[10:13], "n": 3, "pair": (1, "a"), "nested": {"none": None, "list": [0.5, True]}}
     back = torch.load(io.BytesIO(files.torch_bytes(state)), weights_only=True)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["json_safe", "read_torch_dict", "torch_bytes", "write_bytes_atomic", "write_files_atomic", "write_into_folder",
-           "replace_folder_atomic", "sha256_hex"]
+__all__ = ["json_safe", "read_torch_dict", "torch_bytes", "write_bytes_atomic", "write_files_atomic",
+           "write_into_folder", "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 

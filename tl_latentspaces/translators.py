@@ -348,7 +348,8 @@ def _write_package_folder(lens: TunedLens, folder: Path, unembed_hash: Optional[
     config = {"base_model_name_or_path": lens.identity.name, "d_model": lens.d_model,
               "num_hidden_layers": lens.n_layers, "bias": True, "base_model_revision": None,
               "unembed_hash": unembed_hash, "lens_type": _PKG_LENS_TYPE}
-    state = {f"{layer}.{kind}": getattr(lens, kind)[layer].detach().to("cpu", torch.float32).clone()
+    # torch_bytes detaches each tensor and saves a layer's view without the rest of the stacked parameter
+    state = {f"{layer}.{kind}": getattr(lens, kind)[layer].to("cpu", torch.float32)
              for layer in range(lens.n_layers) for kind in ("weight", "bias")}
     # The parameters first: the package's config names no hash, and its sizes are the same for the old and
     # the new lens of one model.
