@@ -12,9 +12,11 @@ Two tables, each measured in one run (interleaved rounds, medians), on the defau
 2. One 512-token sequence of held-out text, read from a cache: ``floor`` (the bare
    ``[31*512, 576] @ [576, 49152]`` float32 matmul, one shot), ``floor_tiled`` (the same products
    as 512-row x ``TILE_COLS`` tiles: what the readout multiplies, nothing else),
-   ``ours`` (``logit_lens(cache=...)``), ``floor_tiled_bf16`` and ``ours_bf16`` (the bfloat16
-   readout, ``read_stack(readout_dtype=torch.bfloat16)``), optionally ``transformer_lens``
-   (two calls: top-5, and full log-probs for KL).
+   ``ours`` (``logit_lens(cache=...)``; its per-tile reductions go through ``torch.compile``, and its
+   first call, compilation included, is timed apart), ``ours_eager`` (the same with
+   ``TL_LATENTSPACES_COMPILE=0``), ``floor_tiled_bf16`` and ``ours_bf16`` (the bfloat16 readout,
+   ``read_stack(readout_dtype=torch.bfloat16)``), optionally ``transformer_lens`` (two calls: top-5,
+   and full log-probs for KL).
 
 Precision, on the 512 tokens: every cell's KL to final against float64 (float32 readout), and
 the bfloat16 readout against the float32 one (top-1 agreement, KL error).
@@ -37,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -244,10 +247,22 @@ def main() -> int:
         return read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens,
                           top_k=5, readout_dtype=dtype)
 
+    def ours():
+        return tll.logit_lens(model, tokens, cache=cache, top_k=5)
+
+    def ours_eager():
+        with mock.patch.dict(os.environ, {"TL_LATENTSPACES_COMPILE": "0"}):
+            return ours()
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        ours()
+        first_call = time.perf_counter() - start
     methods = [
         ("floor", lambda: normed @ W_U),
         ("floor_tiled", lambda: floor_tiled(normed, wt)),
-        ("ours", lambda: tll.logit_lens(model, tokens, cache=cache, top_k=5)),
+        ("ours", ours),
+        ("ours_eager", ours_eager),
         ("floor_tiled_bf16", lambda: floor_tiled(normed_bf16, wt_bf16)),
         ("ours_bf16", lambda: read(torch.bfloat16)),
     ]
@@ -310,6 +325,9 @@ def main() -> int:
         f"- ours / fp32 floor: **{lp['ours'][0] / floor_t:.2f}x** (target <= 1.1x); ours_bf16 / fp32 floor: "
         f"**{lp['ours_bf16'][0] / floor_t:.2f}x**; ours_bf16 / bf16 tiled floor: "
         f"{lp['ours_bf16'][0] / lp['floor_tiled_bf16'][0]:.2f}x.",
+        f"- ours / ours_eager: **{lp['ours'][0] / lp['ours_eager'][0]:.2f}** (the compiled reductions). Its first "
+        f"call in this process took {first_call:.1f} s, compilation included (with torch's on-disk compile cache "
+        "as this machine had it; a cold cache adds seconds once per machine).",
         "",
         f"## Precision on the same {tokens.shape[1]} tokens",
         "",

@@ -179,7 +179,7 @@ def test_tile_candidates_hold_the_top_k():
 
 def test_tiled_softmax_statistics_match_float64():
     """Entropy and log-normalizer over a 49K vocabulary, walked in tiles, against float64."""
-    from tl_latentspaces.readout import TILE_COLS, _SoftmaxStats
+    from tl_latentspaces.readout import TILE_COLS, _fold, _SoftmaxStats
 
     g = torch.Generator().manual_seed(0)
     z = 8 * torch.randn(4, 49152, generator=g)
@@ -187,8 +187,10 @@ def test_tiled_softmax_statistics_match_float64():
     z[1] = z[1] / 100  # nearly uniform: entropy close to log(V)
     stats = _SoftmaxStats(4, z)
     for a in range(0, z.shape[1], TILE_COLS):
-        tile = z[:, a : a + TILE_COLS].clone()
-        stats.update(tile, tile.max(-1, keepdim=True).values, torch.empty_like(tile))
+        tile = z[:, a : a + TILE_COLS]
+        m = stats.advance(tile.max(-1, keepdim=True).values)
+        s, t, _ = _fold(tile, m, torch.ones(4, tile.shape[1]), 1)
+        stats.absorb(s, t)
     logp = torch.log_softmax(z.double(), -1)
     exact_h = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(stats.entropy().squeeze(1).double(), exact_h, atol=2e-5, rtol=1e-6)

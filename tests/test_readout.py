@@ -9,6 +9,7 @@ changed weight, and the bfloat16 mode.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -58,8 +59,16 @@ def tiles(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def reductions(request, monkeypatch):
+    """The per-tile reductions run eagerly, or (for reads of any size) through ``torch.compile``."""
+    monkeypatch.delenv("TL_LATENTSPACES_COMPILE", raising=False)
+    monkeypatch.setattr(readout, "FUSE_MIN_ROWS", 0 if request.param == "compiled" else math.inf)
+    return request.param
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_kl_entropy_and_probabilities_match_float64_on_every_cell(tiles, with_bias):
+def test_kl_entropy_and_probabilities_match_float64_on_every_cell(tiles, with_bias, reductions):
     g = torch.Generator().manual_seed(1)
     V, d = 3000, 64
     weight = torch.randn(d, V, generator=g) / math.sqrt(d)
@@ -85,6 +94,65 @@ def test_kl_entropy_and_probabilities_match_float64_on_every_cell(tiles, with_bi
     want_t = logq.gather(-1, targets.expand(E, N, 2))
     torch.testing.assert_close(r.target_log_probs.double(), want_t, atol=1e-4, rtol=1e-6)
     assert torch.equal(out.final_top1, z[-1].argmax(-1))
+
+
+def _planted_read(**kw):
+    g = torch.Generator().manual_seed(2)
+    d, V = 64, 4096
+    lens = _Linear(torch.randn(d, V, generator=g) / math.sqrt(d))
+    stack = _planted_stack(d=d)
+    E = stack.shape[0]
+    return read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens, top_k=5,
+                      chunk_rows=64, **kw).lenses[0]
+
+
+def test_in_place_fold_is_the_pure_fold_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    n, L, W = 5, 7, 2048
+    z = 6 * torch.randn(n * L, W, generator=g)
+    m = z.amax(-1, keepdim=True)
+    e_f = torch.exp2((z.view(n, L, W)[:, 2] - m.view(n, L, 1)[:, 2]) * readout.LOG2E)
+    pure = readout._fold(z, m, e_f, L)
+    in_place = readout._fold_in_place(z.clone(), m, e_f, L, torch.empty_like(z))
+    assert all(torch.equal(a, b) for a, b in zip(pure, in_place))
+
+
+def test_compiled_reductions_agree_with_the_eager_ones(monkeypatch):
+    monkeypatch.delenv("TL_LATENTSPACES_COMPILE", raising=False)
+    monkeypatch.setattr(readout, "FUSE_MIN_ROWS", math.inf)
+    eager = _planted_read()
+    monkeypatch.setattr(readout, "FUSE_MIN_ROWS", 0)
+    compiled = _planted_read()
+    assert torch.equal(compiled.top_ids, eager.top_ids)
+    torch.testing.assert_close(compiled.kl_to_final, eager.kl_to_final, atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(compiled.entropy, eager.entropy, atol=1e-6, rtol=0)
+    monkeypatch.setenv("TL_LATENTSPACES_COMPILE", "0")  # the switch: back to the eager arithmetic, bit for bit
+    off = _planted_read()
+    assert torch.equal(off.kl_to_final, eager.kl_to_final) and torch.equal(off.entropy, eager.entropy)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+    monkeypatch.delenv("TL_LATENTSPACES_COMPILE", raising=False)
+    monkeypatch.setattr(readout, "FUSE_MIN_ROWS", math.inf)
+    eager = _planted_read()
+
+    def no_compiler(fn, **kw):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(readout, "FUSE_MIN_ROWS", 0)
+    monkeypatch.setattr(readout, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = _planted_read()
+    said = sorted(str(w.message) for w in caught if w.category is RuntimeWarning)
+    assert said == [f"torch.compile of the readout's {name} failed (RuntimeError: no C++ compiler found); reading on "
+                    "eagerly." for name in ("_fold", "_gathered_products")]  # once each, not on every tile
+    assert torch.equal(fallback.top_ids, eager.top_ids)
+    torch.testing.assert_close(fallback.kl_to_final, eager.kl_to_final, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fallback.entropy, eager.entropy, atol=0, rtol=0)
 
 
 def _reference_logits(model, resid: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,17 @@ KL to final without cancellation: with ``w = (z - m) log2(e)`` (``m`` the row's 
 Each term is a sum of same-signed float32 products per tile, added up in float64, so a row equal to the
 final row gets exactly 0. Float32 readouts also correct the matmul's rounding to first order
 (:func:`_kl_rounding`). ``readout_dtype=torch.bfloat16`` multiplies in bfloat16 and reduces as above.
+Reads of :data:`FUSE_MIN_ROWS` rows or more on the CPU take each tile's sums in one pass compiled by
+``torch.compile`` (:func:`_fold`), and eagerly where compiling fails.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -143,18 +147,71 @@ def _exact_scores(bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tenso
 
 
 def _sum64(e: torch.Tensor) -> torch.Tensor:
-    """Float64 row sums ``[n, 1]`` of a float32 tile: pieces of 128 columns in float32 (pairwise, relative
-    error about 4e-8), their sums in float64, at a fraction of a float64 reduction's cost."""
-    n, width = e.shape
+    """Float64 sums over the last dimension: pieces of 128 columns in float32 (relative error about 4e-8),
+    their sums in float64, at a fraction of a float64 reduction's cost."""
+    width = e.shape[-1]
     if width % 128:
-        return e.sum(-1, keepdim=True, dtype=torch.float64)
-    return e.view(n, width // 128, 128).sum(-1).sum(-1, keepdim=True, dtype=torch.float64)
+        return e.sum(-1, dtype=torch.float64)
+    return e.view(*e.shape[:-1], width // 128, 128).sum(-1).sum(-1, dtype=torch.float64)
+
+
+def _fold(z: torch.Tensor, m: torch.Tensor, e_f: torch.Tensor, L: int) -> tuple[torch.Tensor, ...]:
+    """One tile's sums, float64: ``s = sum 2^w`` and ``t = sum 2^w w`` (``[R]``) with ``w = (z - m) log2(e)``,
+    and the KL's cross term ``sum 2^{w_f} w`` (``[R // L, L]``) against ``e_f`` (``[R // L, width]``, the
+    final rows' ``2^w``). A pure function of its inputs, so that ``torch.compile`` fuses it into one pass."""
+    w = (z - m) * LOG2E
+    e = torch.exp2(w)
+    # pairwise sums of same-signed products: a sequential matrix-vector product lost 6.6e-4 nats at KLs near 200
+    return _sum64(e), _sum64(e * w), _sum64(w.view(e_f.shape[0], L, -1) * e_f.unsqueeze(1))
+
+
+def _fold_in_place(z: torch.Tensor, m: torch.Tensor, e_f: torch.Tensor, L: int,
+                   scratch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_fold` bit for bit, eagerly, overwriting ``z`` and ``scratch`` (like ``z``) instead of allocating."""
+    w = z.sub_(m).mul_(LOG2E)
+    e = torch.exp2(w, out=scratch)
+    s = _sum64(e)
+    t = _sum64(e.mul_(w))
+    by_position = (e_f.shape[0], L, -1)
+    return s, t, _sum64(torch.mul(w.view(by_position), e_f.unsqueeze(1), out=scratch.view(by_position)))
+
+
+def _gathered_products(y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Float64 products ``y[r] . wt[ids[r, c]]`` (``[rows, c]``), written for ``torch.compile`` to fuse the gather."""
+    return (y.double().unsqueeze(1) * wt[ids].double()).sum(-1)
+
+
+#: Reads of at least this many rows run :func:`_fold` and :func:`_gathered_products` through ``torch.compile`` on
+#: the CPU (seconds the first time in a process, then about a quarter of the eager time per tile);
+#: ``TL_LATENTSPACES_COMPILE=0`` turns it off.
+FUSE_MIN_ROWS = 8192
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(fn: Callable[..., object], *args: object) -> object:
+    """``fn(*args)`` through ``torch.compile``, or eagerly from the first time compiling fails."""
+    compiled = _COMPILED.get(fn.__name__)
+    if compiled is None:
+        compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    if compiled is False:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as exc:  # no C++ compiler, or a compiler failure: the eager function is the same arithmetic
+        warnings.warn(f"torch.compile of the readout's {fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                      "reading on eagerly.", RuntimeWarning, stacklevel=2)
+        _COMPILED[fn.__name__] = False
+        return fn(*args)
+
+
+def _use_fused(rows: int, device: torch.device) -> bool:
+    return device.type == "cpu" and rows >= FUSE_MIN_ROWS and os.environ.get("TL_LATENTSPACES_COMPILE", "1") != "0"
 
 
 class _SoftmaxStats:
     """Online softmax over vocabulary tiles: the running maximum ``m`` (float32), and in float64 ``s = sum 2^w``
-    and ``t = sum 2^w w`` with ``w = (z - m) log2(e)``. After each :meth:`update`, ``shift`` (``<= 0``),
-    ``alpha = 2^shift`` and ``s_prev`` let other running sums follow the new maximum."""
+    and ``t = sum 2^w w`` with ``w = (z - m) log2(e)``. After each :meth:`advance`, ``shift`` (``<= 0``) and
+    ``alpha = 2^shift`` let other running sums follow the new maximum."""
 
     def __init__(self, n: int, like: torch.Tensor):
         dev = like.device
@@ -163,27 +220,22 @@ class _SoftmaxStats:
         self.t = torch.zeros(n, 1, dtype=torch.float64, device=dev)
         self.shift = torch.zeros_like(self.s)
         self.alpha = torch.ones_like(self.s)
-        self.s_prev = self.s
         self._first = True
 
-    def update(self, z: torch.Tensor, tile_max: torch.Tensor, e_out: torch.Tensor) -> torch.Tensor:
-        """Fold in the tile ``z`` (overwritten with ``w``); returns ``2^w``."""
+    def advance(self, tile_max: torch.Tensor) -> torch.Tensor:
+        """Take in a tile's row maxima; returns the new running maximum, which the tile's sums are taken against."""
         m_new = torch.maximum(self.m, tile_max)
-        w = z.sub_(m_new).mul_(LOG2E)
-        e = torch.exp2(w, out=e_out)
-        s_tile = _sum64(e)
-        t_tile = torch.linalg.vecdot(e, w).unsqueeze(1).to(torch.float64)
-        self.s_prev = self.s
-        if self._first:
-            self.s, self.t = s_tile, t_tile
-            self._first = False
-        else:
+        if not self._first:
             self.shift = (self.m.to(torch.float64) - m_new.to(torch.float64)) * LOG2E
             self.alpha = torch.exp2(self.shift)
-            self.t = self.alpha * (self.t + self.shift * self.s) + t_tile
-            self.s = self.alpha * self.s + s_tile
+        self._first = False
         self.m = m_new
-        return e
+        return m_new
+
+    def absorb(self, s_tile: torch.Tensor, t_tile: torch.Tensor) -> None:
+        """Add the tile's ``s`` and ``t`` (``[n]``, taken against the maximum :meth:`advance` returned)."""
+        self.t = self.alpha * (self.t + self.shift * self.s) + t_tile.unsqueeze(1)
+        self.s = self.alpha * self.s + s_tile.unsqueeze(1)
 
     def logsumexp(self) -> torch.Tensor:
         return self.m.to(torch.float64) + self.s.log()
@@ -226,7 +278,7 @@ class ReadoutBuffers:
         rows = max(rows, MIN_ROWS)
         self.z = torch.empty(rows * TILE_COLS, dtype=torch.float32, device=device)
         self.e = torch.empty(rows * TILE_COLS, dtype=torch.float32, device=device)
-        self.b = torch.empty(rows * TILE_COLS, dtype=torch.bool, device=device) if ranked else None
+        self.b = torch.empty(rows * TILE_COLS, dtype=torch.float32, device=device) if ranked else None  # 0/1 masks
 
 
 def _count_above(z: torch.Tensor, a: int, ranked_ids: torch.Tensor, ranked_scores: torch.Tensor, counts: torch.Tensor,
@@ -234,7 +286,8 @@ def _count_above(z: torch.Tensor, a: int, ranked_ids: torch.Tensor, ranked_score
     """Add to ``counts`` (``[n, R]``) the columns of tile ``z`` (vocabulary ``a:a + width``) scoring above each id."""
     width = z.shape[1]
     for j in range(ranked_ids.shape[1]):
-        counts[:, j] += torch.gt(z, ranked_scores[:, j : j + 1], out=gt).sum(-1, dtype=torch.int32)
+        # a float32 mask sums without the conversion copy a bool mask's integer sum makes (exact: <= 2^24 columns)
+        counts[:, j] += torch.gt(z, ranked_scores[:, j : j + 1], out=gt).sum(-1).to(torch.int32)
     # a token never outranks itself, even where this tile's kernel rounded it higher
     local = ranked_ids - a
     inside = (local >= 0) & (local < width)
@@ -297,7 +350,7 @@ class _GroupBlock:
         self.ids = ids  # [R, T (+1)] or None
         self.bufs = bufs
         R = y.shape[0]
-        self.stats = _SoftmaxStats(R, y)
+        self.stats = _SoftmaxStats(self.rows, y)
         self.cand_v: list[torch.Tensor] = []
         self.cand_i: list[torch.Tensor] = []
         self.x = torch.zeros(n, self.L, dtype=torch.float64, device=y.device)  # the KL's cross term
@@ -306,7 +359,7 @@ class _GroupBlock:
             self.counts = torch.zeros(R, ids.shape[1], dtype=torch.int32, device=y.device)
 
     def tile(self, a: int, b: int, top_k: int) -> None:
-        """Scores of columns ``a:b``; fold them into ranks, candidates and softmax statistics."""
+        """Scores of columns ``a:b``; fold them into ranks and candidates, and take in their row maxima."""
         R, width = self.y.shape[0], b - a
         z = _tile_scores(self.group.bias, self.y, self.group.wt_mm, a, b, self.bufs.z[: R * width].view(R, width))
         if self.ids is not None:
@@ -314,23 +367,25 @@ class _GroupBlock:
         v, i, tile_max = _tile_candidates(z, top_k)
         self.cand_v.append(v)
         self.cand_i.append(i + a)
-        self.e = self.stats.update(z, tile_max, self.bufs.e[: R * width].view(R, width))
-        self.w = z
-
-    def cross(self, e_f: torch.Tensor, alpha_f: torch.Tensor, s_prev_f: torch.Tensor) -> None:
-        """Fold this tile into ``X_q = sum 2^{w_f} w_q`` (``e_f`` ``[n, width]``: the final rows' ``2^{w_f}``)."""
-        n, L = self.n, self.L
-        # a pairwise sum (vecdot): a sequential matrix-vector product lost 6.6e-4 nats at KLs near 200
-        tile_x = torch.linalg.vecdot(self.w[: self.rows].view(n, L, -1), e_f.unsqueeze(1))
-        shift = self.stats.shift[: self.rows].view(n, L)
-        # earlier tiles: w_q moves by the row's shift, 2^{w_f} scales by the final row's alpha
-        self.x = alpha_f * (self.x + shift * s_prev_f) + tile_x.to(torch.float64)
+        self.z = z[: self.rows]
+        self.m = self.stats.advance(tile_max[: self.rows])
 
     def final_rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``2^{w_f}``, ``alpha`` and ``s_prev`` of the final rows (slot ``slot``) for this tile."""
+        """The final rows' (slot ``slot``) ``2^{w_f}`` for this tile, ``alpha``, and ``s`` before this tile."""
         n, L = self.n, self.L
-        pick = lambda t: t[: self.rows].view(n, L, *t.shape[1:])[:, slot]  # noqa: E731
-        return pick(self.e), pick(self.stats.alpha), pick(self.stats.s_prev)
+        pick = lambda t: t.view(n, L, *t.shape[1:])[:, slot]  # noqa: E731
+        return torch.exp2((pick(self.z) - pick(self.m)) * LOG2E), pick(self.stats.alpha), pick(self.stats.s)
+
+    def fold(self, e_f: torch.Tensor, alpha_f: torch.Tensor, s_before_f: torch.Tensor, fused: bool) -> None:
+        """Add this tile to the softmax sums and to ``X_q = sum 2^{w_f} w_q`` (see :meth:`final_rows`)."""
+        if fused:
+            s, t, tile_x = _compiled(_fold, self.z, self.m, e_f, self.L)
+        else:
+            s, t, tile_x = _fold_in_place(self.z, self.m, e_f, self.L, self.bufs.e[: self.z.numel()].view_as(self.z))
+        self.stats.absorb(s, t)
+        shift = self.stats.shift.view(self.n, self.L)
+        # earlier tiles: w_q moves by the row's shift, 2^{w_f} scales by the final row's alpha
+        self.x = alpha_f * (self.x + shift * s_before_f) + tile_x
 
 
 class _Output:
@@ -425,6 +480,7 @@ def read_stack(
     outs = [_Output(E, N, top_k, T, own[li], dev) for li in range(len(lenses))]
     final_top1 = torch.empty(N, dtype=torch.long, device=dev)
     per_block = max(1, chunk_rows // max(len(g.slots) for g in groups))
+    fused = _use_fused(N * sum(len(g.slots) for g in groups), dev)
     bufs = [ReadoutBuffers(min(per_block, N) * len(g.slots), targets is not None or g.own, dev) for g in groups]
     for start in range(0, N, per_block):
         stop = min(start + per_block, N)
@@ -449,9 +505,9 @@ def read_stack(
         for a, b in _tiles(ref_group.wt.shape[0]):
             for blk in blocks:
                 blk.tile(a, b, top_k)
-            e_f, alpha_f, s_prev_f = ref.final_rows(final_slot)
-            for blk in blocks:
-                blk.cross(e_f, alpha_f, s_prev_f)
+            final_rows = ref.final_rows(final_slot)
+            for blk in blocks:  # one compiled shape per read: full blocks of full tiles
+                blk.fold(*final_rows, fused and n == per_block and b - a == TILE_COLS)
         for blk in blocks:
             blk.log_s = blk.stats.s[: blk.rows].view(n, blk.L).log()
         # one log for the final rows and every other row: a row equal to the final one gets exactly 0
@@ -460,12 +516,13 @@ def read_stack(
         exact_kl = readout_dtype == torch.float32
         for blk in blocks:
             _finish(blk, lenses, outs, slice(start, stop), top_k, T, x_f, s_f, log_s_f,
-                    (ref, final_slot) if exact_kl else None)
+                    (ref, final_slot, fused and n == per_block) if exact_kl else None)
         final_top1[start:stop] = ref.top_ids[: ref.rows].view(n, ref.L, -1)[:, final_slot, 0]
     return StackReadout(lenses=[o.tensors() for o in outs], final_top1=final_top1)
 
 
-def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _GroupBlock, slot: int) -> torch.Tensor:
+def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _GroupBlock, slot: int,
+                 fused: bool) -> torch.Tensor:
     """How much the float32 rounding of the scores moved each row's KL, to first order: ``[n, L]``.
 
     With ``dz = z32 - z64`` (tile scores minus float64 products of the same rows) and ``l = log p - log q``,
@@ -485,7 +542,10 @@ def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _Gr
 
     def scores(group: _Group, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z32 = _exact_scores(group.bias, _pad_rows(y), group.wt, _pad_rows(ids))[:rows].double()
-        z64 = torch.einsum("rd,rcd->rc", y.double(), group.wt[ids].double())
+        if fused:
+            z64 = _compiled(_gathered_products, y, group.wt, ids)
+        else:
+            z64 = torch.einsum("rd,rcd->rc", y.double(), group.wt[ids].double())
         if group.bias is not None:
             z64 += group.bias[ids].double()
         return z32.view(n, L, -1), (z32 - z64).view(n, L, -1)
@@ -501,9 +561,9 @@ def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _Gr
 
 def _finish(blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], cols: slice, top_k: int,
             T: Optional[int], x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor,
-            final: Optional[tuple[_GroupBlock, int]] = None) -> None:
+            final: Optional[tuple[_GroupBlock, int, bool]] = None) -> None:
     """Write a finished block's top-k, probabilities, entropy and KL into each lens's output; ``final`` (the
-    reference block and the final rows' slot) turns on :func:`_kl_rounding`."""
+    reference block, the final rows' slot, whether to compile) turns on :func:`_kl_rounding`."""
     n, L, rows = blk.n, blk.L, blk.rows
     top_v, pick = torch.topk(torch.cat(blk.cand_v, 1), top_k, dim=-1, sorted=True)
     blk.top_ids = torch.gather(torch.cat(blk.cand_i, 1), 1, pick)
