@@ -1,24 +1,21 @@
 """Streaming readout: reduce lens scores ``z = project(x) @ weight + bias`` over the vocabulary without storing them.
 
-:func:`read_stack` reads a residual stack through several lenses in one sweep over the vocabulary, in
-tiles of :data:`TILE_COLS` columns; lenses sharing a weight share one matmul per tile. Each
-``[rows, tile]`` score tile is folded into running reductions (top-k candidates, an online softmax, rank
-counts, the KL's cross term) while in cache, and discarded: no ``[..., d_vocab]`` tensor is materialized.
+:func:`read_stack` sweeps the vocabulary in tiles of :data:`TILE_COLS` columns, one matmul per tile for the
+lenses sharing a weight, and folds each ``[rows, tile]`` score tile into running reductions (top-k, an online
+softmax, rank counts, the KL's cross term) while in cache: no ``[..., d_vocab]`` tensor is materialized.
 
 KL to final without cancellation: with ``w = (z - m) log2(e)`` (``m`` the row's running maximum),
 ``s = sum 2^w`` and ``X_q = sum_v 2^{w_f,v} w_q,v`` (``f`` the final row of the same position)::
 
     KL(p_f || q) = ln(2) (X_f - X_q) / s_f + ln s_q - ln s_f
 
-Each term is a sum of same-signed float32 products per tile, added up in float64, so a row equal to the
-final row gets exactly 0. Float32 readouts also correct the matmul's rounding to first order
-(:func:`_kl_rounding`). ``readout_dtype=torch.bfloat16`` multiplies in bfloat16 and reduces as above.
-Reads of :data:`FUSE_MIN_ROWS` rows or more on the CPU take each tile's sums in one pass compiled by
-``torch.compile`` (:func:`_fold`), and eagerly where compiling fails.
+Each term sums same-signed float32 products per tile, in float64 across tiles, so a row equal to the final
+row gets exactly 0; float32 reads also correct the matmul's rounding to first order (:func:`_kl_rounding`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -92,11 +89,8 @@ def vocab_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
-    """A cheap key that changes when ``t`` is replaced or changed, for caches derived from weights.
-
-    Storage, layout and the version counter catch a new tensor and in-place updates; a float64 sum of
-    a strided sample (walked in memory order) also catches writes through ``.data``.
-    """
+    """A cheap key that changes when ``t`` is replaced or changed, for caches derived from weights: storage,
+    layout and version counter, and a float64 sum of a strided sample (catches writes through ``.data``)."""
     in_memory_order = t.detach().permute(sorted(range(t.ndim), key=lambda dim: -t.stride(dim)))
     sample = in_memory_order[tuple(slice(None, None, 7 + 6 * i) for i in range(t.ndim))].contiguous()
     return (
@@ -148,7 +142,7 @@ def _exact_scores(bias: Optional[torch.Tensor], y: torch.Tensor, wt: torch.Tenso
 
 def _sum64(e: torch.Tensor) -> torch.Tensor:
     """Float64 sums over the last dimension: pieces of 128 columns in float32 (relative error about 4e-8),
-    their sums in float64, at a fraction of a float64 reduction's cost."""
+    their sums in float64."""
     width = e.shape[-1]
     if width % 128:
         return e.sum(-1, dtype=torch.float64)
@@ -158,7 +152,7 @@ def _sum64(e: torch.Tensor) -> torch.Tensor:
 def _fold(z: torch.Tensor, m: torch.Tensor, e_f: torch.Tensor, L: int) -> tuple[torch.Tensor, ...]:
     """One tile's sums, float64: ``s = sum 2^w`` and ``t = sum 2^w w`` (``[R]``) with ``w = (z - m) log2(e)``,
     and the KL's cross term ``sum 2^{w_f} w`` (``[R // L, L]``) against ``e_f`` (``[R // L, width]``, the
-    final rows' ``2^w``). A pure function of its inputs, so that ``torch.compile`` fuses it into one pass."""
+    final rows' ``2^w``). Pure, so that ``torch.compile`` fuses it into one pass."""
     w = (z - m) * LOG2E
     e = torch.exp2(w)
     # pairwise sums of same-signed products: a sequential matrix-vector product lost 6.6e-4 nats at KLs near 200
@@ -177,7 +171,7 @@ def _fold_in_place(z: torch.Tensor, m: torch.Tensor, e_f: torch.Tensor, L: int,
 
 
 def _gathered_products(y: torch.Tensor, wt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Float64 products ``y[r] . wt[ids[r, c]]`` (``[rows, c]``), written for ``torch.compile`` to fuse the gather."""
+    """Float64 products ``y[r] . wt[ids[r, c]]`` (``[rows, c]``), for ``torch.compile`` to fuse the gather."""
     return (y.double().unsqueeze(1) * wt[ids].double()).sum(-1)
 
 
@@ -204,14 +198,10 @@ def _compiled(fn: Callable[..., object], *args: object) -> object:
         return fn(*args)
 
 
-def _use_fused(rows: int, device: torch.device) -> bool:
-    return device.type == "cpu" and rows >= FUSE_MIN_ROWS and os.environ.get("TL_LATENTSPACES_COMPILE", "1") != "0"
-
-
 class _SoftmaxStats:
-    """Online softmax over vocabulary tiles: the running maximum ``m`` (float32), and in float64 ``s = sum 2^w``
-    and ``t = sum 2^w w`` with ``w = (z - m) log2(e)``. After each :meth:`advance`, ``shift`` (``<= 0``) and
-    ``alpha = 2^shift`` let other running sums follow the new maximum."""
+    """Online softmax over vocabulary tiles: the running maximum ``m`` (float32), and float64 ``s = sum 2^w``
+    and ``t = sum 2^w w``, ``w = (z - m) log2(e)``; ``shift`` (``<= 0``) and ``alpha = 2^shift`` let other
+    running sums follow the maximum's last move."""
 
     def __init__(self, n: int, like: torch.Tensor):
         dev = like.device
@@ -223,7 +213,7 @@ class _SoftmaxStats:
         self._first = True
 
     def advance(self, tile_max: torch.Tensor) -> torch.Tensor:
-        """Take in a tile's row maxima; returns the new running maximum, which the tile's sums are taken against."""
+        """Take in a tile's row maxima; returns the new running maximum, for the tile's sums."""
         m_new = torch.maximum(self.m, tile_max)
         if not self._first:
             self.shift = (self.m.to(torch.float64) - m_new.to(torch.float64)) * LOG2E
@@ -233,7 +223,7 @@ class _SoftmaxStats:
         return m_new
 
     def absorb(self, s_tile: torch.Tensor, t_tile: torch.Tensor) -> None:
-        """Add the tile's ``s`` and ``t`` (``[n]``, taken against the maximum :meth:`advance` returned)."""
+        """Add the tile's ``s`` and ``t`` (``[n]``, against the maximum :meth:`advance` returned)."""
         self.t = self.alpha * (self.t + self.shift * self.s) + t_tile.unsqueeze(1)
         self.s = self.alpha * self.s + s_tile.unsqueeze(1)
 
@@ -261,14 +251,9 @@ def _tile_candidates(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.gather(z, 1, cols), cols, best.values.amax(-1, keepdim=True)
 
 
-_OFFSETS: dict[tuple[int, int, str], torch.Tensor] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _group_offsets(width: int, C: int, device: torch.device) -> torch.Tensor:
-    key = (width, C, str(device))
-    if key not in _OFFSETS:
-        _OFFSETS[key] = torch.arange(0, width, C, device=device)
-    return _OFFSETS[key]
+    return torch.arange(0, width, C, device=device)
 
 
 class ReadoutBuffers:
@@ -320,7 +305,7 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Slot:
     """One kind of row in a block: lens ``lens`` reading stack slab ``e_pos`` (entry ``entry``); ``lens == -1``
-    is the reference lens reading the final residual, added only when no read row already is."""
+    is the reference lens reading the final residual, where no read row is that."""
 
     lens: int
     e_pos: int
@@ -331,11 +316,10 @@ class _Slot:
 class _Group:
     """Lenses that share one weight and bias: their rows are one matmul per tile."""
 
-    key: tuple
     wt: torch.Tensor  # [d_vocab, d_in], vocabulary-major
     bias: Optional[torch.Tensor]
+    wt_mm: torch.Tensor  # wt in the readout dtype
     slots: list[_Slot] = field(default_factory=list)
-    wt_mm: Optional[torch.Tensor] = None  # wt in the readout dtype
     own: bool = False  # some lens of the group reports own-token scores and ranks
 
 
@@ -388,33 +372,23 @@ class _GroupBlock:
         self.x = alpha_f * (self.x + shift * s_before_f) + tile_x
 
 
-class _Output:
-    """The per-(entry, row) output tensors of one lens, filled block by block."""
-
-    def __init__(self, E: int, N: int, top_k: int, T: Optional[int], own: bool, device: torch.device):
-        f32 = dict(dtype=torch.float32, device=device)
-        self.top_ids = torch.empty(E, N, top_k, dtype=torch.long, device=device)
-        self.top_probs = torch.empty(E, N, top_k, **f32)
-        self.top_scores = torch.empty(E, N, top_k, **f32)
-        self.entropy = torch.empty(E, N, **f32)
-        self.kl = torch.empty(E, N, **f32)
-        self.t_probs = torch.empty(E, N, T, **f32) if T is not None else None
-        self.t_logp = torch.empty(E, N, T, **f32) if T is not None else None
-        self.t_ranks = torch.empty(E, N, T, dtype=torch.long, device=device) if T is not None else None
-        self.o_scores = torch.empty(E, N, **f32) if own else None
-        self.o_ranks = torch.empty(E, N, dtype=torch.long, device=device) if own else None
-
-    def tensors(self) -> ReadoutTensors:
-        return ReadoutTensors(
-            top_ids=self.top_ids, top_probs=self.top_probs, top_scores=self.top_scores, entropy=self.entropy,
-            kl_to_final=self.kl, target_probs=self.t_probs, target_ranks=self.t_ranks, own_scores=self.o_scores,
-            own_ranks=self.o_ranks, target_log_probs=self.t_logp,
-        )
-
-
-def _group_key(wt: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
-    b = None if bias is None else (bias.data_ptr(), tuple(bias.shape), bias.stride(), bias.dtype)
-    return (wt.data_ptr(), tuple(wt.shape), wt.stride(), wt.dtype, str(wt.device), b)
+def _empty_output(E: int, N: int, top_k: int, T: Optional[int], own: bool,
+                  device: torch.device) -> ReadoutTensors:
+    """One lens's per-(entry, row) output tensors, filled block by block."""
+    f32 = dict(dtype=torch.float32, device=device)
+    i64 = dict(dtype=torch.long, device=device)
+    return ReadoutTensors(
+        top_ids=torch.empty(E, N, top_k, **i64),
+        top_probs=torch.empty(E, N, top_k, **f32),
+        top_scores=torch.empty(E, N, top_k, **f32),
+        entropy=torch.empty(E, N, **f32),
+        kl_to_final=torch.empty(E, N, **f32),
+        target_probs=torch.empty(E, N, T, **f32) if T is not None else None,
+        target_ranks=torch.empty(E, N, T, **i64) if T is not None else None,
+        own_scores=torch.empty(E, N, **f32) if own else None,
+        own_ranks=torch.empty(E, N, **i64) if own else None,
+        target_log_probs=torch.empty(E, N, T, **f32) if T is not None else None,
+    )
 
 
 def read_stack(
@@ -447,40 +421,37 @@ def read_stack(
     own = list(own) if own is not None else [False] * len(lenses)
     if any(own) and own_ids is None:
         raise ValueError("own-token ranks were asked for without own_ids.")
-    groups: list[_Group] = []
+    by_key: dict[tuple, _Group] = {}
     layouts: dict[int, torch.Tensor] = {}  # one vocabulary-major layout per weight, even where it copies
 
     def group_of(lens: Readout) -> _Group:
         if id(lens.weight) not in layouts:
             layouts[id(lens.weight)] = vocab_major(lens.weight).T
-        wt = layouts[id(lens.weight)]
-        key = _group_key(wt, lens.bias)
-        for g in groups:
-            if g.key == key:
-                return g
-        g = _Group(key, wt, lens.bias)
-        g.wt_mm = _low_precision(wt, readout_dtype)
-        groups.append(g)
-        return g
+        wt, bias = layouts[id(lens.weight)], lens.bias
+        b = None if bias is None else (bias.data_ptr(), tuple(bias.shape), bias.stride(), bias.dtype)
+        key = (wt.data_ptr(), tuple(wt.shape), wt.stride(), wt.dtype, str(wt.device), b)
+        if key not in by_key:
+            by_key[key] = _Group(wt, bias, _low_precision(wt, readout_dtype))
+        return by_key[key]
 
     ref_group = group_of(reference)  # first: its final rows feed every group's KL term
     for li, lens in enumerate(lenses):
         g = group_of(lens)
         g.own = g.own or own[li]
         g.slots += [_Slot(li, e_pos, entry) for e_pos, entry in enumerate(entries)]
-    ref_index = next((i for i, lens in enumerate(lenses) if lens is reference), None)
-    final_slot = None if ref_index is None else next(
-        (j for j, s in enumerate(ref_group.slots) if s.lens == ref_index and entries[s.e_pos] == final_entry), None)
+    final_slot = next(
+        (j for j, s in enumerate(ref_group.slots) if lenses[s.lens] is reference and s.entry == final_entry), None)
     if final_slot is None:
         ref_group.slots.append(_Slot(-1, -1, final_entry))
         final_slot = len(ref_group.slots) - 1
-    groups = [g for g in groups if g.slots]
+    groups = [g for g in by_key.values() if g.slots]
 
     T = None if targets is None else targets.shape[1]
-    outs = [_Output(E, N, top_k, T, own[li], dev) for li in range(len(lenses))]
+    outs = [_empty_output(E, N, top_k, T, own[li], dev) for li in range(len(lenses))]
     final_top1 = torch.empty(N, dtype=torch.long, device=dev)
     per_block = max(1, chunk_rows // max(len(g.slots) for g in groups))
-    fused = _use_fused(N * sum(len(g.slots) for g in groups), dev)
+    fused = (dev.type == "cpu" and N * sum(len(g.slots) for g in groups) >= FUSE_MIN_ROWS
+             and os.environ.get("TL_LATENTSPACES_COMPILE", "1") != "0")
     bufs = [ReadoutBuffers(min(per_block, N) * len(g.slots), targets is not None or g.own, dev) for g in groups]
     for start in range(0, N, per_block):
         stop = min(start + per_block, N)
@@ -488,19 +459,19 @@ def read_stack(
         fused_block = fused and n == per_block  # one compiled shape per read: full blocks of full tiles
         blocks = []
         for g, buf in zip(groups, bufs):
-            y = torch.empty(n, len(g.slots), g.wt.shape[1], dtype=torch.float32, device=dev)
+            L = len(g.slots)
+            y = torch.empty(n, L, g.wt.shape[1], dtype=torch.float32, device=dev)
             for j, slot in enumerate(g.slots):
                 lens = reference if slot.lens < 0 else lenses[slot.lens]
                 x = final[start:stop] if slot.lens < 0 else stack[slot.e_pos, start:stop]
                 y[:, j] = lens.project(x.to(torch.float32), slot.entry)
-            y = _pad_rows(y.view(n * len(g.slots), -1)).to(readout_dtype)
+            y = _pad_rows(y.view(n * L, -1)).to(readout_dtype)
             ranked = [] if targets is None else [targets[start:stop]]
             if g.own:
                 ranked.append(own_ids[start:stop, None])
             ids = None
             if ranked:
-                ids = torch.cat(ranked, 1).unsqueeze(1).expand(n, len(g.slots), -1).reshape(n * len(g.slots), -1)
-                ids = _pad_rows(ids)
+                ids = _pad_rows(torch.cat(ranked, 1).unsqueeze(1).expand(n, L, -1).reshape(n * L, -1))
             blocks.append(_GroupBlock(g, y, ids, n, buf))
         ref = blocks[0]
         for a, b in _tiles(ref_group.wt.shape[0]):
@@ -519,7 +490,7 @@ def read_stack(
             _finish(blk, lenses, outs, slice(start, stop), top_k, T, x_f, s_f, log_s_f,
                     (ref, final_slot, fused_block) if exact_kl else None)
         final_top1[start:stop] = ref.top_ids[: ref.rows].view(n, ref.L, -1)[:, final_slot, 0]
-    return StackReadout(lenses=[o.tensors() for o in outs], final_top1=final_top1)
+    return StackReadout(lenses=outs, final_top1=final_top1)
 
 
 def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _GroupBlock, slot: int,
@@ -560,7 +531,7 @@ def _kl_rounding(blk: _GroupBlock, kl: torch.Tensor, lse: torch.Tensor, ref: _Gr
     return (terms * once).sum(-1)
 
 
-def _finish(blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], cols: slice, top_k: int,
+def _finish(blk: _GroupBlock, lenses: Sequence[Readout], outs: list[ReadoutTensors], cols: slice, top_k: int,
             T: Optional[int], x_f: torch.Tensor, s_f: torch.Tensor, log_s_f: torch.Tensor,
             final: Optional[tuple[_GroupBlock, int, bool]] = None) -> None:
     """Write a finished block's top-k, probabilities, entropy and KL into each lens's output; ``final`` (the
@@ -587,12 +558,12 @@ def _finish(blk: _GroupBlock, lenses: Sequence[Readout], outs: list[_Output], co
         out.top_probs[e, cols] = probs[:, j]
         out.top_scores[e, cols] = top_v[:, j] / scale
         out.entropy[e, cols] = entropy[:, j]
-        out.kl[e, cols] = kl[:, j]
+        out.kl_to_final[e, cols] = kl[:, j]
         if T is not None:
             logp = exact[:, j, :T].to(torch.float64) - lse[:, j]
-            out.t_logp[e, cols] = logp
-            out.t_probs[e, cols] = logp.exp()
-            out.t_ranks[e, cols] = counts[:, j, :T]
-        if out.o_scores is not None:
-            out.o_scores[e, cols] = exact[:, j, -1] / scale
-            out.o_ranks[e, cols] = counts[:, j, -1]
+            out.target_log_probs[e, cols] = logp
+            out.target_probs[e, cols] = logp.exp()
+            out.target_ranks[e, cols] = counts[:, j, :T]
+        if out.own_scores is not None:
+            out.own_scores[e, cols] = exact[:, j, -1] / scale
+            out.own_ranks[e, cols] = counts[:, j, -1]
