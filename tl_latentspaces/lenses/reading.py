@@ -116,10 +116,9 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
     return ids.view(1, 1, -1).expand(B, P, -1).contiguous()
 
 
-def _stack_from_cache(cache: Any, names: dict[str, str], labels: list[str], tokens: Tokens) -> torch.Tensor:
+def _stack_from_cache(cache: Any, sites: dict[str, str], tokens: Tokens) -> torch.Tensor:
     slabs = []
-    for label in labels:
-        name = names[label]
+    for label, name in sites.items():
         try:
             act = cache[name]
         except (KeyError, ValueError) as err:
@@ -145,17 +144,15 @@ class _Plan:
     access: ModelAccess
     tokens: Tokens
     all_labels: list[str]
-    names: dict[str, str]
+    sites: dict[str, str]  # hook name by stack label, for the entries read and the final one, in stack order
     entries: list[int]
-    collect: list[str]
     top_k: int
     targets: Optional[torch.Tensor]  # [batch, positions, T] ids, resolved once
-    pos: Positions
+    positions: list[int]
     chunk_rows: int
 
-    @property
-    def final_label(self) -> str:
-        return self.all_labels[-1]
+    def collector(self, session: HookSession) -> ResidualCollector:
+        return ResidualCollector(session, self.sites, expect=self.tokens.ids)
 
 
 def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targets, prepend_bos: Optional[bool],
@@ -170,63 +167,62 @@ def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targ
     tokens = access.to_tokens(input, prepend_bos=prepend_bos)
     sites = access.stack_sites(incl_mid=incl_mid)
     all_labels = [label for label, _ in sites]
-    names = dict(sites)
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
-    collect = sorted(set(all_labels[i] for i in entries) | {all_labels[-1]}, key=all_labels.index)
+    collect = set(all_labels[i] for i in entries) | {all_labels[-1]}
     resolved = _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
-    return _Plan(access, tokens, all_labels, names, entries, collect, top_k, resolved, pos, chunk_rows)
+    return _Plan(access, tokens, all_labels, {label: name for label, name in sites if label in collect}, entries,
+                 top_k, resolved, positions, chunk_rows)
 
 
 def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[str, LensResult]:
-    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.collect`` order) through lenses in one sweep."""
-    access, tokens = plan.access, plan.tokens
-    positions = _select_positions(plan.pos, tokens.ids.shape[1])
-    B, P = tokens.ids.shape[0], len(positions)
-    by_label = {label: i for i, label in enumerate(plan.collect)}
+    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.sites`` order) through lenses in one sweep."""
+    access, tokens, positions, targets = plan.access, plan.tokens, list(plan.positions), plan.targets
+    E, B, P = len(plan.entries), tokens.ids.shape[0], len(positions)
+    by_label = {label: i for i, label in enumerate(plan.sites)}
+    read_rows = [by_label[plan.all_labels[i]] for i in plan.entries]
     dev = access.device
+
+    def per_read(t: Optional[torch.Tensor], *extra: int) -> Optional[torch.Tensor]:
+        return None if t is None else t.reshape(E, B, P, *extra).cpu()
+
     with torch.no_grad():
         stack = stack[:, :, positions].to(dev)
         flat = stack.reshape(stack.shape[0], B * P, stack.shape[-1])
         reference = next((lens for lens in lenses if isinstance(lens, LogitLens)), None) or LogitLens(access)
-        targets = plan.targets
-        flat_targets = None if targets is None else targets.reshape(B * P, -1).to(dev)
-        own = tokens.ids[:, positions].reshape(-1).to(dev)
-        read_rows = [by_label[plan.all_labels[i]] for i in plan.entries]
         out = read_stack(
-            flat[read_rows], plan.entries, lenses, final=flat[by_label[plan.final_label]],
-            final_entry=len(plan.all_labels) - 1, reference=reference, top_k=plan.top_k, targets=flat_targets,
-            own_ids=own, own=[isinstance(lens, EmbeddingLens) for lens in lenses], chunk_rows=plan.chunk_rows,
+            flat[read_rows], plan.entries, lenses, final=flat[by_label[plan.all_labels[-1]]],
+            final_entry=len(plan.all_labels) - 1, reference=reference, top_k=plan.top_k,
+            targets=None if targets is None else targets.reshape(B * P, -1).to(dev),
+            own_ids=tokens.ids[:, positions].reshape(-1).to(dev),
+            own=[isinstance(lens, EmbeddingLens) for lens in lenses], chunk_rows=plan.chunk_rows,
         )
-        E = len(plan.entries)
-        shape3 = (E, B, P)
         final_top1 = out.final_top1.reshape(B, P).cpu()
-        resid = flat[read_rows].reshape(E, B, P, -1).cpu()  # kept for LensDiff.divergence
-        results = {}
-        for lens, r in zip(lenses, out.lenses):
-            opt = lambda t, extra=(): None if t is None else t.reshape(*shape3, *extra).cpu()  # noqa: E731
-            results[lens.name] = LensResult(
+        resid = per_read(flat[read_rows], -1)  # kept for LensDiff.divergence
+        return {
+            lens.name: LensResult(
                 lens=lens.name,
                 labels=[plan.all_labels[i] for i in plan.entries],
                 tokens=tokens.ids.cpu(),
                 positions=positions,
                 mask=tokens.mask[:, positions].cpu(),
-                top_ids=r.top_ids.reshape(*shape3, -1).cpu(),
-                top_probs=r.top_probs.reshape(*shape3, -1).cpu(),
-                top_scores=r.top_scores.reshape(*shape3, -1).cpu(),
-                entropy=r.entropy.reshape(shape3).cpu(),
-                kl_to_final=r.kl_to_final.reshape(shape3).cpu(),
+                top_ids=per_read(r.top_ids, -1),
+                top_probs=per_read(r.top_probs, -1),
+                top_scores=per_read(r.top_scores, -1),
+                entropy=per_read(r.entropy),
+                kl_to_final=per_read(r.kl_to_final),
                 final_top1=final_top1,
                 target_ids=None if targets is None else targets.cpu(),
-                target_probs=opt(r.target_probs, (-1,)),
-                target_ranks=opt(r.target_ranks, (-1,)),
-                own_scores=opt(r.own_scores),
-                own_ranks=opt(r.own_ranks),
+                target_probs=per_read(r.target_probs, -1),
+                target_ranks=per_read(r.target_ranks, -1),
+                own_scores=per_read(r.own_scores),
+                own_ranks=per_read(r.own_ranks),
                 model_name=access.name,
                 decode=access.decoder(),
                 inputs=LensInputs(resid=resid, lens=lens, entries=list(plan.entries)),
             )
-    return results
+            for lens, r in zip(lenses, out.lenses)
+        }
 
 
 def build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float,
@@ -275,16 +271,15 @@ def build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float,
 
 def _collect(plan: _Plan, cache: Any, verify_cache: bool = True) -> torch.Tensor:
     if cache is not None:
-        stack = _stack_from_cache(cache, plan.names, plan.collect, plan.tokens)
+        stack = _stack_from_cache(cache, plan.sites, plan.tokens)
         if check_bool(verify_cache, "verify_cache"):
             plan.access.check_cache_tokens(cache, plan.tokens.ids)
         return stack
     with HookSession(plan.access) as session:
-        collector = ResidualCollector(session, {label: plan.names[label] for label in plan.collect},
-                                      expect=plan.tokens.ids)
+        collector = plan.collector(session)
         with torch.no_grad():
             plan.access.forward(plan.tokens.ids)
-    return collector.stack(plan.collect)
+    return collector.stack(list(plan.sites))
 
 
 def read_lenses(model: Any, input: Input, *, lenses: Sequence[Any] = ("logit", "embedding"), top_k: int = 5,
@@ -363,8 +358,7 @@ class LensSession:
     def __init__(self, plan: _Plan, lenses: list[Readout]):
         self._plan = plan
         self._lenses = lenses
-        self._session: Optional[HookSession] = None
-        self._collector: Optional[ResidualCollector] = None
+        self._open: Optional[tuple[HookSession, ResidualCollector]] = None
         self.results: dict[str, LensResult] = {}
 
     @property
@@ -373,28 +367,25 @@ class LensSession:
         return self._plan.tokens.ids
 
     def __enter__(self) -> "LensSession":
-        if self._session is not None:
+        if self._open is not None:
             raise RuntimeError("this lens session is already open: a session object can be entered once at a "
                                "time. Make a second one with lens_session(...) to nest readouts.")
         session = HookSession(self._plan.access)
         try:
-            self._collector = ResidualCollector(session, {label: self._plan.names[label] for label in self._plan.collect},
-                                                expect=self._plan.tokens.ids)
+            self._open = (session, self._plan.collector(session))
         except BaseException:
             session.remove()
             raise
-        self._session = session
         self.results = {}
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        session, collector = self._session, self._collector
-        if session is None or collector is None:
+        if self._open is None:
             raise RuntimeError("this lens session was not entered: use it as `with lens_session(...) as s:`.")
-        self._session = self._collector = None
+        (session, collector), self._open = self._open, None
         session.remove()
         if exc_type is None:
-            self.results = _read(self._plan, collector.stack(self._plan.collect), self._lenses)
+            self.results = _read(self._plan, collector.stack(list(self._plan.sites)), self._lenses)
 
 
 def lens_session(model: Any, input: Input, *, lenses: Sequence[Any] = ("logit", "embedding"), top_k: int = 5,
