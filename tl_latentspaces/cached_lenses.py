@@ -31,11 +31,10 @@ def default_lens_dir(cache_dir: Union[str, Path, None] = None) -> Path:
 
 def default_tuned_lens(model: Any = None, *, cache_dir: Union[str, Path, None] = None,
                        progress: bool = True) -> TunedLens:
-    """The default model's tuned lens: fitted on first use (about a minute and a half on a CPU), then cached.
-
-    The first call fits it and saves it in :func:`default_lens_dir`; later calls load it. A cached lens that does
-    not match the model or was fitted with other settings is refitted. ``model`` defaults to
-    ``load_default_model()``; another model raises ``ValueError``.
+    """The default model's tuned lens: fitted on first use (about a minute and a half on a CPU) and saved in
+    :func:`default_lens_dir`, then loaded; a cached lens that does not match the model or was fitted with
+    other settings is refitted. ``model`` defaults to ``load_default_model()``; another model raises
+    ``ValueError``.
 
     Example:
         >>> lens = default_tuned_lens()  # doctest: +SKIP

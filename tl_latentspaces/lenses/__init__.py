@@ -1,14 +1,10 @@
 """Lenses and the calls that read a model through them.
 
-A lens maps a residual vector to vocabulary scores:
-
-* :class:`LogitLens`: the model's own readout, ``ln_final(x) @ W_U + b_U``, with the final norm
-  applied exactly as the model applies it;
-* :class:`EmbeddingLens`: cosine with every token's *input* embedding (``W_E`` row), as
-  ``softmax(cos * sqrt(d_model) / T)``: a random direction has cosine std ``1/sqrt(d_model)``, so
-  at ``T = 1`` the distribution is flat for noise and sharp on one token's embedding;
-* :class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`): the same after subtracting
-  the stream's mean per entry, read as ``"embedding_centered"``.
+* :class:`LogitLens`: the model's own readout, ``ln_final(x) @ W_U + b_U``;
+* :class:`EmbeddingLens`: cosine with every token's *input* embedding, as ``softmax(cos * sqrt(d_model) / T)``
+  (a random direction has cosine std ``1/sqrt(d_model)``: flat for noise, sharp on one token's embedding);
+* :class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`): the same after subtracting the
+  stream's mean per entry, read as ``"embedding_centered"``.
 
 Example:
     >>> import tl_latentspaces as tll

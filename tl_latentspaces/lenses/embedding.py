@@ -1,10 +1,5 @@
-"""The embedding lenses: the residual against the *input* embedding ``W_E``.
-
-:class:`EmbeddingLens` scores every token by the cosine of the residual with its embedding row;
-its distribution is ``softmax(cos * sqrt(d_model) / T)`` (cosines in units of chance).
-:class:`CenteredEmbeddingLens` (from :func:`centered_embedding_lens`) subtracts the residual
-stream's mean at each entry, estimated on a corpus, before the cosine.
-"""
+"""The embedding lenses: the residual's cosine with every token's *input* embedding (``W_E`` row), plain or
+after subtracting the stream's mean per stack entry (:func:`centered_embedding_lens`)."""
 
 from __future__ import annotations
 
@@ -35,7 +30,6 @@ def _normalized_embedding(W_E: torch.Tensor) -> torch.Tensor:
     return (W_E / W_E.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T  # [d_model, d_vocab], one row per token underneath
 
 
-
 class EmbeddingLens:
     """Cosine similarity of the residual with every token's input embedding (``W_E`` rows).
 
@@ -53,14 +47,8 @@ class EmbeddingLens:
 
     name = "embedding"
 
-    def __init__(
-        self,
-        access: ModelAccess,
-        temperature: float = 1.0,
-        *,
-        center: Optional[torch.Tensor] = None,
-        center_embedding: bool = False,
-    ):
+    def __init__(self, access: ModelAccess, temperature: float = 1.0, *, center: Optional[torch.Tensor] = None,
+                 center_embedding: bool = False):
         temperature = check_float(temperature, "temperature", minimum=0.0, open_minimum=True)
         if check_bool(center_embedding, "center_embedding"):
             self.weight = cached_weight(access, "W_E centered normalized", access.W_E, _centered_normalized_embedding)
@@ -102,10 +90,9 @@ def _check_center(center: Any, d_model: int) -> torch.Tensor:
 class CenteredEmbeddingLens:
     """The embedding lens read after subtracting the stream's mean per stack entry: a lens for ``lenses=``.
 
-    Built by :func:`centered_embedding_lens`; read as ``"embedding_centered"``. Where the stream has
-    a large mean direction (on the default model 21% of ``E|x|^2`` at ``1_pre``, 73% at ``29_pre``),
-    the plain cosine measures mostly that direction; what the centred one recovers on the default
-    model: ``docs/alignment.md``, "A centred embedding lens".
+    Built by :func:`centered_embedding_lens`; read as ``"embedding_centered"``. Where the stream has a large
+    mean direction (on the default model 21% of ``E|x|^2`` at ``1_pre``, 73% at ``29_pre``) the plain cosine
+    measures mostly that direction (``docs/alignment.md``, "A centred embedding lens").
 
     Attributes:
         labels: Stack labels, one per row of ``means``.
@@ -117,15 +104,8 @@ class CenteredEmbeddingLens:
 
     name = "embedding_centered"
 
-    def __init__(
-        self,
-        labels: Sequence[str],
-        means: torch.Tensor,
-        *,
-        n_tokens: int,
-        identity: ModelIdentity,
-        center_embedding: bool = False,
-    ):
+    def __init__(self, labels: Sequence[str], means: torch.Tensor, *, n_tokens: int, identity: ModelIdentity,
+                 center_embedding: bool = False):
         labels = list(labels)
         if not isinstance(means, torch.Tensor):
             raise ValueError(
@@ -148,14 +128,11 @@ class CenteredEmbeddingLens:
             f"{self.n_tokens} tokens, center_embedding={self.center_embedding})"
         )
 
-    def bind(
-        self, access: ModelAccess, *, temperature: float = 1.0, labels: Optional[Sequence[str]] = None
-    ) -> EmbeddingLens:
-        """An :class:`EmbeddingLens` for ``access``, its center rows in ``labels`` order.
-
-        ``access`` must have the sizes and unembedding the means were taken on; ``labels`` are the stack
-        labels the readout calls ``0, 1, ...`` (default the ``incl_mid=False`` stack).
-        """
+    def bind(self, access: ModelAccess, *, temperature: float = 1.0,
+             labels: Optional[Sequence[str]] = None) -> EmbeddingLens:
+        """An :class:`EmbeddingLens` for ``access`` (the sizes and unembedding the means were taken on), its
+        center rows in ``labels`` order: the stack labels the readout calls ``0, 1, ...`` (default the
+        ``incl_mid=False`` stack)."""
         problems = self.identity.mismatches(ModelIdentity.of(access, weights=False))
         if problems:
             raise ValueError(
@@ -177,17 +154,9 @@ class CenteredEmbeddingLens:
         )
 
 
-def centered_embedding_lens(
-    model: Any,
-    corpus: Any = None,
-    *,
-    max_tokens: int = 2048,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    center_embedding: bool = False,
-    skip_positions: int = 1,
-    progress: bool = False,
-) -> CenteredEmbeddingLens:
+def centered_embedding_lens(model: Any, corpus: Any = None, *, max_tokens: int = 2048, seq_len: int = 128,
+                            batch_size: int = 8, center_embedding: bool = False, skip_positions: int = 1,
+                            progress: bool = False) -> CenteredEmbeddingLens:
     """Estimate the residual stream's mean per stack entry (``_mid`` included, float64 sums) as a centred lens.
 
     Args:

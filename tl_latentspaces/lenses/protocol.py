@@ -22,18 +22,15 @@ def cached_weight(access: ModelAccess, kind: str, source: torch.Tensor, build: A
     """``build(source)``, kept per model (weakly) and rebuilt when ``source`` changes (by its ``tensor_key``)."""
     per_model = _WEIGHTS.setdefault(access.model, {})
     key = tensor_key(source)
-    hit = per_model.get(kind)
-    if hit is None or hit[0] != key:
-        hit = (key, build(source.detach()))
-        per_model[kind] = hit
-    return hit[1]
+    if kind not in per_model or per_model[kind][0] != key:
+        per_model[kind] = (key, build(source.detach()))
+    return per_model[kind][1]
 
 
 def unembedding(access: ModelAccess) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``W_U`` (float32, vocabulary-major) and ``b_U`` (None when zero: a zero bias costs a pass per tile)."""
     weight = cached_weight(access, "W_U", access.W_U, lambda w: vocab_major(w.to(torch.float32)))
-    b = access.b_U
-    bias = cached_weight(access, "b_U", b, lambda t: None if not bool(t.any()) else t.to(torch.float32))
+    bias = cached_weight(access, "b_U", access.b_U, lambda b: None if not bool(b.any()) else b.to(torch.float32))
     return weight, bias
 
 
