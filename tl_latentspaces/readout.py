@@ -439,8 +439,8 @@ def read_stack(
         g = group_of(lens)
         g.own = g.own or own[li]
         g.slots += [_Slot(li, e_pos, entry) for e_pos, entry in enumerate(entries)]
-    final_slot = next(
-        (j for j, s in enumerate(ref_group.slots) if lenses[s.lens] is reference and s.entry == final_entry), None)
+    final_slot = next((j for j, s in enumerate(ref_group.slots)
+                       if lenses[s.lens] is reference and s.entry == final_entry), None)
     if final_slot is None:
         ref_group.slots.append(_Slot(-1, -1, final_entry))
         final_slot = len(ref_group.slots) - 1

@@ -47,8 +47,8 @@ class EmbeddingLens:
 
     name = "embedding"
 
-    def __init__(self, access: ModelAccess, temperature: float = 1.0, *, center: Optional[torch.Tensor] = None,
-                 center_embedding: bool = False):
+    def __init__(self, access: ModelAccess, temperature: float = 1.0, *,
+                 center: Optional[torch.Tensor] = None, center_embedding: bool = False):
         temperature = check_float(temperature, "temperature", minimum=0.0, open_minimum=True)
         if check_bool(center_embedding, "center_embedding"):
             self.weight = cached_weight(access, "W_E centered normalized", access.W_E, _centered_normalized_embedding)

@@ -30,7 +30,7 @@ def cached_weight(access: ModelAccess, kind: str, source: torch.Tensor, build: A
 def unembedding(access: ModelAccess) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``W_U`` (float32, vocabulary-major) and ``b_U`` (None when zero: a zero bias costs a pass per tile)."""
     weight = cached_weight(access, "W_U", access.W_U, lambda w: vocab_major(w.to(torch.float32)))
-    bias = cached_weight(access, "b_U", access.b_U, lambda b: None if not bool(b.any()) else b.to(torch.float32))
+    bias = cached_weight(access, "b_U", access.b_U, lambda b: b.to(torch.float32) if bool(b.any()) else None)
     return weight, bias
 
 

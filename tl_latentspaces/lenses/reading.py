@@ -170,13 +170,13 @@ def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targ
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
     collect = set(all_labels[i] for i in entries) | {all_labels[-1]}
+    collected = {label: name for label, name in sites if label in collect}
     resolved = _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
-    return _Plan(access, tokens, all_labels, {label: name for label, name in sites if label in collect}, entries,
-                 top_k, resolved, positions, chunk_rows)
+    return _Plan(access, tokens, all_labels, collected, entries, top_k, resolved, positions, chunk_rows)
 
 
 def _read(plan: _Plan, stack: torch.Tensor, lenses: Sequence[Readout]) -> dict[str, LensResult]:
-    """Read a collected ``[entry, batch, seq, d]`` stack (in ``plan.sites`` order) through lenses in one sweep."""
+    """Read a collected ``[entry, batch, seq, d]`` stack (``plan.sites`` order) through lenses at once."""
     access, tokens, positions, targets = plan.access, plan.tokens, list(plan.positions), plan.targets
     E, B, P = len(plan.entries), tokens.ids.shape[0], len(positions)
     by_label = {label: i for i, label in enumerate(plan.sites)}
