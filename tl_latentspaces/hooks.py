@@ -2,13 +2,7 @@
 
 TransformerLens's own cleanup (``reset_hooks()``, ``run_with_hooks``, the bridge's ``hooks()``) removes
 every non-permanent hook it touches, the user's included. A :class:`HookSession` removes only the hooks
-it added, in a ``finally``, whatever happens. Its captures see an activation after every other hook on
-the point, whenever and however registered.
-
-Example:
-    >>> with HookSession(ModelAccess(model)) as session:  # doctest: +SKIP
-    ...     session.capture("blocks.0.hook_resid_pre", lambda act: print(act.shape))
-    ...     model(tokens)
+it added, whatever happens; its captures see an activation after every other hook on the point.
 """
 
 from __future__ import annotations
