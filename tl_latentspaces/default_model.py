@@ -330,10 +330,10 @@ def load_model(spec: Union[str, Path] = "default", *, kind: Optional[str] = None
     """
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ValueError(f"the model must be {_VALID}; got {spec!r}.")
-    kind, dev = _check_options(kind, device, dtype, n_ctx)
-    if spec == "default":
-        return load_default_model(kind=kind, cache_dir=cache_dir, device=dev, dtype=dtype, n_ctx=n_ctx,
+    if spec == "default":  # load_default_model checks the options itself
+        return load_default_model(kind=kind, cache_dir=cache_dir, device=device, dtype=dtype, n_ctx=n_ctx,
                                   progress=progress)
+    kind, dev = _check_options(kind, device, dtype, n_ctx)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_file():
@@ -376,8 +376,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
     """The model in a Hugging Face folder, with ``tokenizer`` (default: the folder's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    problem = _folder_problem(path)
-    if problem:
+    if problem := _folder_problem(path):
         fix = ("re-save it with model.save_pretrained(folder) or copy it again"
                if (path / "config.json").is_file() else f"pass the folder that holds config.json, or {_VALID}")
         raise ValueError(f"the model folder {str(path)!r} cannot be read: {problem}. Fix: {fix}.")
@@ -391,7 +390,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
         raise ValueError(f"{source}: the installed transformers cannot read it ({type(err).__name__}: "
                          f"{_first_line(err)}); upgrade transformers or check model_type.") from None
     archs = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ValueError(f"the model folder {str(path)!r} holds {archs or 'no architecture'} ({config.model_type}), "
                          "not a causal language model; the lenses read a decoder's next-token prediction.")
     if kind == "bridge":

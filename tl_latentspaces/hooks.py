@@ -62,11 +62,8 @@ class HookSession:
 
     def capture(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(activation)`` with the activation at ``name`` after every other hook there (``fn`` must
-        not change it).
-
-        A PyTorch forward hook, moved to the end of the forward hooks at every call; not in the point's
-        ``fwd_hooks``, so TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it.
-        """
+        not change it): a PyTorch forward hook moved last at every call, outside the point's ``fwd_hooks``
+        so that TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it."""
         hp = self.access.hook_point(name)
         conversion = getattr(hp, "hook_conversion", None)
 
@@ -120,13 +117,10 @@ class HookSession:
 
 
 class ResidualCollector:
-    """Captures a detached copy of the activation at each hook point of ``names`` (``{label: hook_name}``)
-    after every hook there, through ``session``.
-
-    A pass starts when the token embedding is computed, so :meth:`stack` returns activations of one
-    pass, the last complete one. With ``expect`` (``[batch, pos]`` token ids) passes on other tokens
-    (a nested session's, say) are ignored.
-    """
+    """Captures, through ``session``, a detached copy of the activation at each hook point of ``names``
+    (``{label: hook_name}``) after every hook there. A pass starts when the token embedding is computed,
+    so :meth:`stack` returns the last complete pass; with ``expect`` (``[batch, pos]`` token ids), passes
+    on other tokens (a nested session's, say) are ignored."""
 
     def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
         self.names = dict(names)

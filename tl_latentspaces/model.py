@@ -219,8 +219,8 @@ class ModelAccess:
         return f"blocks.{layer}.hook_{site}"
 
     def stack_sites(self, incl_mid: bool = False) -> list[tuple[str, str]]:
-        """The residual stack as ``(label, hook_name)`` pairs, labelled as ``accumulated_resid`` labels
-        them: ``"{l}_pre"`` (and ``"{l}_mid"``) per layer, then ``"final_post"`` (the last ``resid_post``)."""
+        """The residual stack as ``(label, hook_name)`` pairs, with ``accumulated_resid``'s labels:
+        ``"{l}_pre"`` (and ``"{l}_mid"``) per layer, then ``"final_post"`` (the last ``resid_post``)."""
         out = []
         for layer in range(self.n_layers):
             out.append((f"{layer}_pre", self.site_name(layer, "resid_pre")))
@@ -291,11 +291,9 @@ class ModelAccess:
     def to_tokens(
         self, input: Union[str, Sequence[str], torch.Tensor], *, prepend_bos: Optional[bool] = None
     ) -> Tokens:
-        """Tokenize ``input`` (a string, a list of strings, right-padded, or a ``[batch, pos]`` id tensor).
-
-        Strings get ``bos_token_id`` prepended unless ``prepend_bos`` is False (``None`` means True) and
-        never the tokenizer's own special tokens; a token tensor is taken as it is.
-        """
+        """Tokenize ``input``: a string or a list of strings (right-padded), with ``bos_token_id`` prepended
+        unless ``prepend_bos`` is False (None means True) and never the tokenizer's own special tokens; or
+        a ``[batch, pos]`` id tensor, taken as it is."""
         if prepend_bos is not None and not isinstance(prepend_bos, bool):
             raise ValueError(f"prepend_bos must be True, False or None, got {prepend_bos!r}.")
         if isinstance(input, torch.Tensor):
@@ -407,11 +405,9 @@ def model_mode(model: Any) -> str:
 
 
 def weights_fingerprint(model: Any) -> str:
-    """A short hash of every parameter's name, shape, dtype and exact bytes (a CRC-32 each, then SHA-256).
-
-    Models above ``FULL_HASH_BYTES`` hash ``_SAMPLE_ELEMENTS`` evenly spaced elements per parameter:
-    that catches another checkpoint or a fine-tune, not an edit of a single weight.
-    """
+    """A short hash of every parameter's name, shape, dtype and exact bytes (a CRC-32 each, then SHA-256);
+    above ``FULL_HASH_BYTES``, of ``_SAMPLE_ELEMENTS`` evenly spaced elements per parameter (that catches
+    another checkpoint or a fine-tune, not an edit of a single weight)."""
     params = list(_access(model).model.named_parameters())
     full = sum(p.numel() * p.element_size() for _, p in params) <= FULL_HASH_BYTES
     h = hashlib.sha256(b"full" if full else b"sample")
@@ -426,11 +422,9 @@ def weights_fingerprint(model: Any) -> str:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a saved lens or checkpoint records about the model it was made with.
-
-    ``unembedding_fingerprint`` is :meth:`ModelAccess.unembedding_fingerprint`, ``weights_fingerprint``
-    :func:`weights_fingerprint`, ``mode`` :func:`model_mode`; an empty string means unknown.
-    """
+    """What a saved lens or checkpoint records about the model it was made with: the fingerprints are
+    :meth:`ModelAccess.unembedding_fingerprint` and :func:`weights_fingerprint`, ``mode`` is
+    :func:`model_mode`; an empty string means unknown."""
 
     name: str
     n_layers: int
@@ -453,33 +447,33 @@ class ModelIdentity:
             mode=model_mode(access),
         )
 
-    def _differ(self, other: "ModelIdentity", field: str) -> bool:
-        """Whether ``field`` differs between two identities that both know it."""
-        a, b = getattr(self, field), getattr(other, field)
-        return a != b and a != "" and b != ""
-
     def mismatches(self, other: "ModelIdentity", *, check_unembedding: bool = True) -> list[str]:
         """Differences that make a lens for ``self`` wrong for ``other``: sizes and the unembedding hash (a
         translator depends only on the residual basis and the readout, not on the name, dtype or mode)."""
         sizes = ("n_layers", "d_model", "d_vocab")
         out = [f"{field}: lens {getattr(self, field)}, model {getattr(other, field)}"
                for field in sizes if getattr(self, field) != getattr(other, field)]
-        if check_unembedding and self._differ(other, "unembedding_fingerprint"):
-            out.append(f"unembedding fingerprint (hash of W_U, b_U): lens {self.unembedding_fingerprint}, "
-                       f"model {other.unembedding_fingerprint}")
-            if self._differ(other, "mode"):
+        mine, theirs = self.unembedding_fingerprint, other.unembedding_fingerprint
+        if check_unembedding and mine and theirs and mine != theirs:
+            out.append(f"unembedding fingerprint (hash of W_U, b_U): lens {mine}, model {theirs}")
+            if self.mode and other.mode and self.mode != other.mode:
                 out.append(f"mode: lens fitted on a {self.mode}, model is a {other.mode}")
         return out
 
     def differences(self, other: "ModelIdentity") -> list[str]:
         """Every difference that makes a checkpoint made with ``self`` wrong to resume with ``other``, as
         ``"field: checkpoint X, this model Y"``; weights are compared only when mode, dtype and sizes agree."""
+
+        def differ(field: str) -> bool:
+            a, b = getattr(self, field), getattr(other, field)
+            return a != b and a != "" and b != ""
+
         out = [f"{field}: checkpoint {getattr(self, field)}, this model {getattr(other, field)}"
-               for field in ("mode", "dtype", "n_layers", "d_model", "d_vocab") if self._differ(other, field)]
+               for field in ("mode", "dtype", "n_layers", "d_model", "d_vocab") if differ(field)]
         if not out:
             for field, what in (("weights_fingerprint", "weights fingerprint (hash of every parameter)"),
                                 ("unembedding_fingerprint", "unembedding fingerprint (hash of W_U, b_U)")):
-                if self._differ(other, field):
+                if differ(field):
                     out.append(f"{what}: checkpoint {getattr(self, field)} ({self.name!r}), "
                                f"this model {getattr(other, field)} ({other.name!r})")
                     break
@@ -492,14 +486,14 @@ class ModelIdentity:
         if not problems:
             return
         fixes = []
-        if self._differ(other, "mode"):
+        if self.mode and other.mode and self.mode != other.mode:
             if self.mode.endswith("(compatibility mode)"):
                 fixes.append("call model.enable_compatibility_mode() on the bridge it was written with")
             elif self.mode.endswith("(raw)"):
                 fixes.append("boot the bridge again without enable_compatibility_mode()")
             else:
                 fixes.append(f"load the model as a {self.mode}")
-        if self._differ(other, "dtype"):
+        if self.dtype and other.dtype and self.dtype != other.dtype:
             fixes.append(f"load the model in {self.dtype} (model.to({self.dtype}))")
         fix = " and ".join(fixes) if fixes else "pass the model it was written with"
         raise ValueError(f"{what} was written with another model than the one given: " + "; ".join(problems)
