@@ -16,8 +16,6 @@ from tl_latentspaces.model import ModelAccess
 
 __all__ = ["HookSession", "ResidualCollector", "hook_counts"]
 
-HookFn = Callable[..., Optional[torch.Tensor]]
-
 #: The first hook point of every forward pass on tokens: its input is the raw token embedding.
 EMBED_HOOK = "hook_embed"
 
@@ -46,7 +44,7 @@ class HookSession:
         self._added: list[tuple[Any, Any]] = []  # (hook point, TransformerLens handle)
         self._handles: list[Any] = []  # PyTorch RemovableHandles of capture and input hooks
 
-    def add(self, name: str, fn: HookFn) -> None:
+    def add(self, name: str, fn: Callable[..., Optional[torch.Tensor]]) -> None:
         """Register ``fn(activation, hook=...)`` on the hook point ``name`` as TransformerLens does, after the
         hooks already there (inside ``fn``, ``hook.name`` may be a bridge-native alias)."""
         hp = self.access.hook_point(name)
