@@ -38,10 +38,8 @@ def type_name(x: Any) -> str:
 
 
 def check_int(value: Any, name: str, *, minimum: int, maximum: Optional[int] = None, why: str = "") -> int:
-    """``value`` as an int if it is an integer in ``[minimum, maximum]`` (numpy integers count; bools do not).
-
-    ``why`` explains the bound in the error message.
-    """
+    """``value`` as an int if it is an integer in ``[minimum, maximum]`` (numpy integers count; bools do
+    not); ``why`` explains the bound in the error message."""
     valid = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     wrong = ArgumentTypeError(f"{name} must be an int {valid}{why}, got {type_name(value)} ({value!r:.80}). "
                               f"Fix: pass int({name}).")

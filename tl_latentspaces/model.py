@@ -1,12 +1,12 @@
 """Model access: the one module that knows `HookedTransformer` from `TransformerBridge`.
 
-Everything else reads a model through :class:`ModelAccess`: residual-stream hook names and stack
-labels, the weights, the final norm applied as the model applies it (in float32, firing none of
-the user's hooks on ``ln_final``), and tokenization with explicit BOS handling.
+Everything else reads a model through :class:`ModelAccess`: hook names and stack labels, the weights,
+the final norm as the model applies it (float32, firing no hook), and tokenization with explicit BOS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -14,7 +14,7 @@ import importlib
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -41,10 +41,7 @@ def pre_layer(label: Any, n_layers: int) -> Optional[int]:
 
 def transformer_lens_version() -> tuple[int, ...]:
     """The installed TransformerLens version as a tuple of ints (there is no ``__version__``)."""
-    try:
-        raw = version("transformer-lens")
-    except PackageNotFoundError:  # pragma: no cover - the package is a hard dependency
-        raw = version("transformer_lens")
+    raw = version("transformer-lens")
     digits = ["".join(ch for ch in piece if ch.isdigit()) for piece in raw.split(".")[:3]]
     return tuple(int(d) if d else 0 for d in digits)
 
@@ -62,19 +59,16 @@ def available_kinds() -> list[str]:
     (``TransformerBridge``, 3.x/4.x, with ``boot_transformers`` attached) and ``"hooked"`` (2.x/3.x)."""
     kinds = []
     if _transformer_lens_class("transformer_lens.model_bridge", "TransformerBridge") is not None:
-        try:
+        with contextlib.suppress(ImportError):
             importlib.import_module("transformer_lens.model_bridge.sources")  # attaches boot_transformers
             kinds.append("bridge")
-        except ImportError:
-            pass
     if _transformer_lens_class("transformer_lens", "HookedTransformer") is not None:
         kinds.append("hooked")
     return kinds
 
 
 def model_kind(model: Any) -> str:
-    """``"bridge"`` for a ``TransformerBridge`` (3.x/4.x), ``"hooked"`` for a ``HookedTransformer`` (2.x/3.x);
-    ``TypeError`` for anything else."""
+    """``"bridge"`` for a ``TransformerBridge``, ``"hooked"`` for a ``HookedTransformer``, else TypeError."""
     hooked = _transformer_lens_class("transformer_lens", "HookedTransformer")
     bridge = _transformer_lens_class("transformer_lens.model_bridge", "TransformerBridge")
     if bridge is not None and isinstance(model, bridge):
@@ -93,22 +87,22 @@ def final_norm_function(access: "ModelAccess") -> Callable[[torch.Tensor], torch
     from its parameters (its module would fire ``hook_scale`` and ``hook_normalized``)."""
     norm_type = getattr(access.cfg, "normalization_type", None)
     ln_final = getattr(access.model, "ln_final", None)
+    has_norm = norm_type is not None and ln_final is not None
     if access.kind == "bridge":
         original = getattr(ln_final, "_original_component", None) or getattr(ln_final, "original_component", None)
-        if original is None:
-            if norm_type is None or ln_final is None:
-                return lambda x: x
+        if original is not None:
+            module = copy.deepcopy(original).to(torch.float32)
+            module.requires_grad_(False)
+            return module
+        if has_norm:
             raise ValueError(f"cannot apply the final norm of {access.name}: ln_final is "
                              f"{type(ln_final).__name__} without an original component.")
-        module = copy.deepcopy(original).to(torch.float32)
-        module.requires_grad_(False)
-        return module
-    eps = float(getattr(access.cfg, "eps", 1e-5))
-    if norm_type is None or ln_final is None:
+    if not has_norm:
         return lambda x: x
     if norm_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         raise ValueError(f"cannot apply normalization_type={norm_type!r} of {access.name}; supported: "
                          "LN, LNPre, RMS, RMSPre or None.")
+    eps = float(getattr(access.cfg, "eps", 1e-5))
     centred = norm_type in ("LN", "LNPre")
     w = getattr(ln_final, "w", None)
     b = getattr(ln_final, "b", None) if centred else None
@@ -225,9 +219,8 @@ class ModelAccess:
         return f"blocks.{layer}.hook_{site}"
 
     def stack_sites(self, incl_mid: bool = False) -> list[tuple[str, str]]:
-        """The accumulated residual stack as ``(label, hook_name)`` pairs, labelled as
-        ``ActivationCache.accumulated_resid``: ``"{l}_pre"`` (and ``"{l}_mid"``) for every layer, then
-        ``"final_post"`` for the last layer's ``resid_post`` (the stream the final norm reads)."""
+        """The residual stack as ``(label, hook_name)`` pairs, with ``accumulated_resid``'s labels:
+        ``"{l}_pre"`` (and ``"{l}_mid"``) per layer, then ``"final_post"`` (the last ``resid_post``)."""
         out = []
         for layer in range(self.n_layers):
             out.append((f"{layer}_pre", self.site_name(layer, "resid_pre")))
@@ -290,8 +283,7 @@ class ModelAccess:
     @property
     def bos_token_id(self) -> Optional[int]:
         """The BOS id from the tokenizer (or the config), or None."""
-        tok = self.tokenizer
-        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        bos = getattr(self.tokenizer, "bos_token_id", None)
         if bos is None:
             bos = getattr(self.cfg, "bos_token_id", None)
         return None if bos is None else int(bos)
@@ -299,11 +291,9 @@ class ModelAccess:
     def to_tokens(
         self, input: Union[str, Sequence[str], torch.Tensor], *, prepend_bos: Optional[bool] = None
     ) -> Tokens:
-        """Tokenize ``input`` (a string, a list of strings, right-padded, or a ``[batch, pos]`` id tensor).
-
-        Strings get ``bos_token_id`` prepended unless ``prepend_bos`` is False (``None`` means True) and
-        never the tokenizer's own special tokens; a token tensor is taken as it is.
-        """
+        """Tokenize ``input``: a string or a list of strings (right-padded), with ``bos_token_id`` prepended
+        unless ``prepend_bos`` is False (None means True) and never the tokenizer's own special tokens; or
+        a ``[batch, pos]`` id tensor, taken as it is."""
         if prepend_bos is not None and not isinstance(prepend_bos, bool):
             raise ValueError(f"prepend_bos must be True, False or None, got {prepend_bos!r}.")
         if isinstance(input, torch.Tensor):
@@ -325,16 +315,66 @@ class ModelAccess:
         return tokens
 
     def to_single_token(self, token: Union[str, int]) -> int:
-        """The id of ``token`` (a string that must encode to exactly one token, or an id)."""
-        return single_token_id(self, token)
+        """The id of ``token`` (a string that must encode to exactly one token, or an id); a word without its
+        leading space warns."""
+        if isinstance(token, bool) or not isinstance(token, (str, int)):
+            raise ValueError(f"a target must be a token string or an int id, got {token!r}.")
+        if isinstance(token, int):
+            if not 0 <= token < self.d_vocab:
+                raise ValueError(f"target id {token} is outside the vocabulary [0, {self.d_vocab}).")
+            return token
+        tok = self.require_tokenizer("a string target")
+        ids = list(tok(token, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            pieces = [tok.decode([int(i)]) for i in ids]
+            raise ValueError(f"target {token!r} encodes to {len(ids)} tokens {pieces}, not one. Pass a "
+                             "single token (mind the leading space, e.g. ' Paris') or its id.")
+        if token[:1].isalnum():
+            spaced = list(tok(" " + token, add_special_tokens=False)["input_ids"])
+            if len(spaced) == 1:
+                spaced_token = " " + token
+                warn_user(f"target {token!r} (id {ids[0]}) is the word without a leading space; after another"
+                          f" word a model predicts {spaced_token!r} (id {spaced[0]}) instead. Pass "
+                          f"{spaced_token!r} if that is what you mean, or the id {ids[0]} to keep this token "
+                          "without this warning.")
+        return int(ids[0])
 
     def embeds_tokens(self, embedding: torch.Tensor, ids: torch.Tensor) -> bool:
-        """Whether ``embedding`` is the token embedding of ``ids`` (:func:`embeds_tokens`)."""
-        return embeds_tokens(self.W_E, embedding, ids)
+        """Whether ``embedding`` (``[batch, pos, d_model]``) is ``W_E``'s embedding of ``ids``
+        (``[batch, pos]``), by direction (cosine > 0.999 everywhere: Gemma's scaled embedding matches)."""
+        if embedding.ndim != 3 or tuple(embedding.shape[:2]) != tuple(ids.shape):
+            return False
+        W_E = self.W_E.detach()
+        ref = W_E[ids.to(W_E.device)].to(torch.float32)
+        emb = embedding.detach().to(ref.device, torch.float32)
+        n_ref, n_emb = ref.norm(dim=-1), emb.norm(dim=-1)
+        cos = (ref * emb).sum(-1) / (n_ref * n_emb).clamp_min(1e-30)
+        both_zero = (n_ref <= 1e-12) & (n_emb <= 1e-12)
+        return bool(((cos > 0.999) | both_zero).all())
 
     def check_cache_tokens(self, cache: Any, ids: torch.Tensor) -> None:
-        """Refuse an ``ActivationCache`` made from other tokens than ``ids`` (:func:`check_cache_tokens`)."""
-        check_cache_tokens(self, cache, ids)
+        """``ValueError`` unless the cache's ``hook_embed`` (or ``blocks.0.hook_resid_pre`` less ``W_pos``) is
+        the token embedding of ``ids`` (``[batch, pos]``); a cache of another shape is left to the caller."""
+        first = self.site_name(0, "resid_pre")
+        for name, has_pos in (("hook_embed", False), (first, True)):
+            try:
+                act = cache[name]
+            except (KeyError, ValueError, TypeError):
+                continue
+            if act.ndim != 3 or tuple(act.shape[:2]) != tuple(ids.shape):
+                return
+            act = act.detach()
+            if has_pos and self.W_pos is not None:
+                act = act - self.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
+            if not self.embeds_tokens(act, ids):
+                raise ValueError(f"the cache does not belong to this input: its {name!r} is not the token "
+                                 f"embedding of the input's {tuple(ids.shape)} tokens (compared by cosine "
+                                 "with W_E at every position). Pass the input the cache was made from (mind "
+                                 "prepend_bos); if you edited the embeddings in that run, pass "
+                                 "verify_cache=False.")
+            return
+        raise ValueError(f"cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
+                         f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked.")
 
     def decoder(self) -> TokenDecoder:
         """An id -> string function that caches what it decoded (``"<id>"`` without a tokenizer)."""
@@ -346,89 +386,29 @@ class ModelAccess:
         return self.model(ids.to(self.device))
 
 
-def single_token_id(access: ModelAccess, token: Union[str, int]) -> int:
-    """:meth:`ModelAccess.to_single_token`; a word without its leading space warns."""
-    if isinstance(token, bool) or not isinstance(token, (str, int)):
-        raise ValueError(f"a target must be a token string or an int id, got {token!r}.")
-    if isinstance(token, int):
-        if not 0 <= token < access.d_vocab:
-            raise ValueError(f"target id {token} is outside the vocabulary [0, {access.d_vocab}).")
-        return token
-    tok = access.require_tokenizer("a string target")
-    ids = list(tok(token, add_special_tokens=False)["input_ids"])
-    if len(ids) != 1:
-        pieces = [tok.decode([int(i)]) for i in ids]
-        raise ValueError(f"target {token!r} encodes to {len(ids)} tokens {pieces}, not one. Pass a single "
-                         "token (mind the leading space, e.g. ' Paris') or its id.")
-    if token[:1].isalnum():
-        spaced = list(tok(" " + token, add_special_tokens=False)["input_ids"])
-        if len(spaced) == 1:
-            warn_user(f"target {token!r} (id {ids[0]}) is the word without a leading space; after another word "
-                      f"a model predicts {' ' + token!r} (id {spaced[0]}) instead. Pass {' ' + token!r} if that "
-                      f"is what you mean, or the id {ids[0]} to keep this token without this warning.")
-    return int(ids[0])
-
-
-def embeds_tokens(W_E: torch.Tensor, embedding: torch.Tensor, ids: torch.Tensor) -> bool:
-    """Whether ``embedding`` (``[batch, pos, d_model]``) is the embedding ``W_E`` gives ``ids`` (``[batch, pos]``),
-    by direction (cosine above 0.999 at every position: Gemma's scaled embedding still matches)."""
-    if embedding.ndim != 3 or tuple(embedding.shape[:2]) != tuple(ids.shape):
-        return False
-    W_E = W_E.detach()
-    ref = W_E[ids.to(W_E.device)].to(torch.float32)
-    emb = embedding.detach().to(ref.device, torch.float32)
-    n_ref, n_emb = ref.norm(dim=-1), emb.norm(dim=-1)
-    cos = (ref * emb).sum(-1) / (n_ref * n_emb).clamp_min(1e-30)
-    both_zero = (n_ref <= 1e-12) & (n_emb <= 1e-12)
-    return bool(((cos > 0.999) | both_zero).all())
-
-
-def check_cache_tokens(access: ModelAccess, cache: Any, ids: torch.Tensor) -> None:
-    """``ValueError`` unless the cache's ``hook_embed`` (or ``blocks.0.hook_resid_pre`` less ``W_pos``) is the
-    token embedding of ``ids`` (``[batch, pos]``); a cache of another shape is left to the caller's checks."""
-    first = access.site_name(0, "resid_pre")
-    for name, has_pos in (("hook_embed", False), (first, True)):
-        try:
-            act = cache[name]
-        except (KeyError, ValueError, TypeError):
-            continue
-        if act.ndim != 3 or tuple(act.shape[:2]) != tuple(ids.shape):
-            return
-        act = act.detach()
-        if has_pos and access.W_pos is not None:
-            act = act - access.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
-        if not access.embeds_tokens(act, ids):
-            raise ValueError(f"the cache does not belong to this input: its {name!r} is not the token embedding of the "
-                             f"input's {tuple(ids.shape)} tokens (compared by cosine with W_E at every position). Pass "
-                             "the input the cache was made from (mind prepend_bos); if you edited the embeddings in "
-                             "that run, pass verify_cache=False.")
-        return
-    raise ValueError(f"cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor {first!r}. "
-                     "Cache them too, or pass verify_cache=False to read it unchecked.")
-
-
 #: Parameters up to this many bytes are hashed in full; larger models hash this many elements of each.
 FULL_HASH_BYTES = 1 << 30
 _SAMPLE_ELEMENTS = 65536
 
 
+def _access(model: Any) -> ModelAccess:
+    return model if isinstance(model, ModelAccess) else ModelAccess(model)
+
+
 def model_mode(model: Any) -> str:
     """``"HookedTransformer"``, ``"TransformerBridge (raw)"`` or ``"TransformerBridge (compatibility mode)"``
     (which rewrites the weights: one checkpoint read in two modes describes other activations)."""
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = _access(model)
     if access.kind == "hooked":
         return "HookedTransformer"
     return "TransformerBridge (compatibility mode)" if access.compatibility_mode else "TransformerBridge (raw)"
 
 
 def weights_fingerprint(model: Any) -> str:
-    """A short hash of every parameter's name, shape, dtype and exact bytes (a CRC-32 each, then SHA-256).
-
-    Models above ``FULL_HASH_BYTES`` hash ``_SAMPLE_ELEMENTS`` evenly spaced elements per parameter:
-    that catches another checkpoint or a fine-tune, not an edit of a single weight.
-    """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
-    params = list(access.model.named_parameters())
+    """A short hash of every parameter's name, shape, dtype and exact bytes (a CRC-32 each, then SHA-256);
+    above ``FULL_HASH_BYTES``, of ``_SAMPLE_ELEMENTS`` evenly spaced elements per parameter (that catches
+    another checkpoint or a fine-tune, not an edit of a single weight)."""
+    params = list(_access(model).model.named_parameters())
     full = sum(p.numel() * p.element_size() for _, p in params) <= FULL_HASH_BYTES
     h = hashlib.sha256(b"full" if full else b"sample")
     for name, p in params:
@@ -442,11 +422,9 @@ def weights_fingerprint(model: Any) -> str:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a saved lens or checkpoint records about the model it was made with.
-
-    ``unembedding_fingerprint`` is :meth:`ModelAccess.unembedding_fingerprint`, ``weights_fingerprint``
-    :func:`weights_fingerprint`, ``mode`` :func:`model_mode`; an empty string means unknown.
-    """
+    """What a saved lens or checkpoint records about the model it was made with: the fingerprints are
+    :meth:`ModelAccess.unembedding_fingerprint` and :func:`weights_fingerprint`, ``mode`` is
+    :func:`model_mode`; an empty string means unknown."""
 
     name: str
     n_layers: int
@@ -461,7 +439,7 @@ class ModelIdentity:
     def of(cls, model: Any, *, weights: bool = True) -> "ModelIdentity":
         """The identity of ``model`` (or a :class:`ModelAccess`); ``weights=False`` skips hashing
         every parameter (``weights_fingerprint`` is then empty)."""
-        access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        access = _access(model)
         return cls(
             name=access.name, n_layers=access.n_layers, d_model=access.d_model, d_vocab=access.d_vocab,
             unembedding_fingerprint=access.unembedding_fingerprint(),
@@ -472,11 +450,9 @@ class ModelIdentity:
     def mismatches(self, other: "ModelIdentity", *, check_unembedding: bool = True) -> list[str]:
         """Differences that make a lens for ``self`` wrong for ``other``: sizes and the unembedding hash (a
         translator depends only on the residual basis and the readout, not on the name, dtype or mode)."""
-        out = []
-        for field in ("n_layers", "d_model", "d_vocab"):
-            a, b = getattr(self, field), getattr(other, field)
-            if a != b:
-                out.append(f"{field}: lens {a}, model {b}")
+        sizes = ("n_layers", "d_model", "d_vocab")
+        out = [f"{field}: lens {getattr(self, field)}, model {getattr(other, field)}"
+               for field in sizes if getattr(self, field) != getattr(other, field)]
         mine, theirs = self.unembedding_fingerprint, other.unembedding_fingerprint
         if check_unembedding and mine and theirs and mine != theirs:
             out.append(f"unembedding fingerprint (hash of W_U, b_U): lens {mine}, model {theirs}")
@@ -487,19 +463,13 @@ class ModelIdentity:
     def differences(self, other: "ModelIdentity") -> list[str]:
         """Every difference that makes a checkpoint made with ``self`` wrong to resume with ``other``, as
         ``"field: checkpoint X, this model Y"``; weights are compared only when mode, dtype and sizes agree."""
-        out = []
 
         def differ(field: str) -> bool:
             a, b = getattr(self, field), getattr(other, field)
             return a != b and a != "" and b != ""
 
-        if differ("mode"):
-            out.append(f"mode: checkpoint {self.mode}, this model {other.mode}")
-        if differ("dtype"):
-            out.append(f"dtype: checkpoint {self.dtype}, this model {other.dtype}")
-        for field in ("n_layers", "d_model", "d_vocab"):
-            if differ(field):
-                out.append(f"{field}: checkpoint {getattr(self, field)}, this model {getattr(other, field)}")
+        out = [f"{field}: checkpoint {getattr(self, field)}, this model {getattr(other, field)}"
+               for field in ("mode", "dtype", "n_layers", "d_model", "d_vocab") if differ(field)]
         if not out:
             for field, what in (("weights_fingerprint", "weights fingerprint (hash of every parameter)"),
                                 ("unembedding_fingerprint", "unembedding fingerprint (hash of W_U, b_U)")):

@@ -1,6 +1,6 @@
-"""Tokenized batches: :class:`Tokens`, :class:`TokenDecoder`, and the checks and right-padding of prompts.
+"""Tokenized batches (:class:`Tokens`, :class:`TokenDecoder`), prompt checks and right-padding.
 
-:meth:`~tl_latentspaces.model.ModelAccess.to_tokens` is the entry point; this module knows nothing of the model.
+The entry point is :meth:`~tl_latentspaces.model.ModelAccess.to_tokens`; this module knows no model.
 """
 
 from __future__ import annotations
@@ -75,10 +75,8 @@ def prompt_texts(input: Any) -> list[str]:
 
 
 def padded_batch(tok: Any, texts: list[str], bos: Optional[int], prepend_bos: bool) -> Tokens:
-    rows = []
-    for text in texts:
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        rows.append(([bos] if prepend_bos else []) + ids)
+    prefix = [bos] if prepend_bos else []
+    rows = [prefix + list(tok(text, add_special_tokens=False)["input_ids"]) for text in texts]
     length = max(len(r) for r in rows)
     pad = getattr(tok, "pad_token_id", None)
     pad = int(pad) if pad is not None else (bos if bos is not None else 0)
