@@ -1,10 +1,7 @@
 """Resumable progress on disk: one ``torch.save`` file per process, replaced atomically, read without code.
 
-A run that can be interrupted (the corpus runner, the Jacobian-lens fit) saves ``{kind}-rank{rank}.pt`` in
-its checkpoint folder: ``meta`` says which work it belongs to (the caller compares it before resuming),
-``states`` holds the statistics (tensors, numbers, strings, lists, tuples, dicts). Files are read with
-``torch.load(weights_only=True)``: tensors and plain containers, never code. A folder holding a checkpoint
-of the earlier safetensors format (``{kind}-rank{r}.safetensors``) is refused, naming the file and the fix.
+``meta`` says which work a checkpoint belongs to (the caller compares it before resuming), ``states``
+holds the statistics (tensors, numbers, strings, lists, tuples, dicts).
 
 Example:
     >>> save_checkpoint("ckpt", "runner", 0, {"done": 3}, {"align": acc.state_dict()})  # doctest: +SKIP

@@ -1,11 +1,6 @@
 """The ``tl-latentspaces`` command line: ``lens`` (the default), ``report``, ``fit-tuned-lens``, ``eval``, ``align``.
 
-Every place a command writes is checked before any work starts; errors are one line with an exit
-status (see :data:`EPILOG`).
-
-Example:
-    $ tl-latentspaces report --out report/
-    $ torchrun --nproc_per_node 2 -m tl_latentspaces.cli align --out align.json
+Every place a command writes is checked before any work starts (exit statuses: :data:`EPILOG`).
 """
 
 from __future__ import annotations
@@ -81,11 +76,18 @@ def _load(args: argparse.Namespace) -> Any:
                                     progress=not args.quiet)
 
 
-def _corpus(args: argparse.Namespace) -> Any:
+def _corpus(args: argparse.Namespace, split: str = "heldout") -> Any:
     if not getattr(args, "corpus", None):
-        return default_corpus("heldout")
+        return default_corpus(split)
     # Each file is checked up to its first text now, and read lazily later, as far as the token budget goes.
     return [check_corpus_file(path) for path in args.corpus]
+
+
+def _start(args: argparse.Namespace, split: str = "heldout") -> tuple[Any, Any, Any]:
+    """Join the process group (under torchrun), then check the corpus and load the model."""
+    ctx = init_distributed()
+    corpus = _corpus(args, split)
+    return ctx, corpus, _load(args)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -105,7 +107,7 @@ class _ResultsNotWritten(Exception):
     """The work is done but its results could not be written where asked; the message says where they are."""
 
 
-#: Suffixes that name a file, which a command that writes a folder refuses (``--out report.html``).
+#: Suffixes that name a file, which a command that writes a folder refuses.
 _FILE_SUFFIXES = (".json", ".jsonl", ".html", ".htm", ".txt", ".csv", ".safetensors", ".pt", ".png", ".gguf")
 
 
@@ -131,17 +133,16 @@ def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
                               f"{fix}") from None
 
 
-def _check_json_out(value: Optional[str], option: str = "--out") -> None:
-    """A JSON file target: a ``.json`` name, not a folder, in a folder that is writable or can be created."""
-    if value is None:
-        return
+def _check_json_out(value: str) -> None:
+    """An ``--out`` JSON file: a ``.json`` name, not a folder, in a folder that is or can be made writable."""
     p = Path(value).expanduser()
-    what = f"{option} {value!r}"
+    what = f"--out {value!r}"
     if p.suffix.lower() != ".json":
         suffix = repr(p.suffix) if p.suffix else "no suffix"
-        raise ValueError(f"{what} must name a .json file (got {suffix}), e.g. {option} results.json.")
+        raise ValueError(f"{what} must name a .json file (got {suffix}), e.g. --out results.json.")
     if p.is_dir():
-        raise ValueError(f"{what} is an existing folder; name a .json file, e.g. {option} {str(p / 'results.json')!r}.")
+        example = str(p / "results.json")
+        raise ValueError(f"{what} is an existing folder; name a .json file, e.g. --out {example!r}.")
     _check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
 
 
@@ -167,7 +168,7 @@ def _check_targets(args: argparse.Namespace) -> None:
         _check_folder_out(args.out, "--out")
     elif args.command == "fit-tuned-lens":
         _check_folder_out(args.out, "--out", marker=CONFIG_FILE)
-    elif args.command in ("eval", "align"):
+    elif args.command in ("eval", "align") and args.out is not None:
         _check_json_out(args.out)
     if getattr(args, "checkpoint_dir", None):
         _check_folder_out(args.checkpoint_dir, "--checkpoint-dir")
@@ -218,9 +219,14 @@ def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[C
                              f"{str(kept)!r} instead.")
 
 
-def _write_json(value: str, data: Any) -> Path:
-    blob = json.dumps(data, indent=1, allow_nan=False).encode("utf-8")
-    return _write_or_keep(Path(value).expanduser(), lambda p: files.write_bytes_atomic(p, blob), dump=blob.decode)
+def _print_table(out: Optional[str], result: Any, to_data: Callable[[Any], Any]) -> None:
+    """Print ``result``'s table and write ``to_data(result)`` as JSON to ``out`` when given."""
+    print(result.to_dataframe().round(3).to_string())
+    if out:
+        blob = json.dumps(to_data(result), indent=1, allow_nan=False).encode("utf-8")
+        written = _write_or_keep(Path(out).expanduser(), lambda p: files.write_bytes_atomic(p, blob),
+                                 dump=blob.decode)
+        print(f"\nwrote {written}")
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -263,9 +269,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    ctx = init_distributed()
-    corpus = _corpus(args) if args.corpus else default_corpus("train")
-    model = _load(args)
+    ctx, corpus, model = _start(args, "train")
     lens = fit_tuned_lens(model, corpus, max_tokens=args.max_tokens, checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                           progress=not args.quiet)
     if ctx.is_main:
@@ -274,37 +278,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    ctx = init_distributed()
-    corpus = _corpus(args)
-    model = _load(args)
+    ctx, corpus, model = _start(args)
     lenses: list[Any] = ["logit"]
     if args.lens:
         lenses.append(TunedLens.load(args.lens, model))
     elif not args.no_tuned:
         lenses.append(tuned_lens_for(model, cache_dir=args.cache_dir, progress=not args.quiet))
     evaluation = evaluate_lenses(model, lenses, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
-    if not ctx.is_main:
-        return 0
-    print(evaluation.to_dataframe().round(3).to_string())
-    if args.out:
-        print(f"\nwrote {_write_json(args.out, report.to_jsonable(evaluation))}")
+    if ctx.is_main:
+        _print_table(args.out, evaluation, report.to_jsonable)
     return 0
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     """The alignment suite through the corpus runner: resumable, and data-parallel under torchrun."""
-    ctx = init_distributed()
-    corpus = _corpus(args)
-    model = _load(args)
+    ctx, corpus, model = _start(args)
     runner = CorpusRunner(model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                           checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, desc="alignment suite")
     stats = runner.run({"align": AlignmentAccumulator(model).empty})["align"]
-    if not ctx.is_main:
-        return 0
-    result = stats.result(progress=not args.quiet)
-    print(result.to_dataframe().round(3).to_string())
-    if args.out:
-        print(f"\nwrote {_write_json(args.out, report.alignment_data(result))}")
+    if ctx.is_main:
+        _print_table(args.out, stats.result(progress=not args.quiet), report.alignment_data)
     return 0
 
 
@@ -327,12 +320,13 @@ def _lens_options(p: argparse.ArgumentParser) -> None:
 
 
 class _SubParser(argparse.ArgumentParser):
-    """A subcommand's parser: its help ends with the exit statuses too."""
+    """A subcommand's parser: the model options, and the exit statuses at the end of its help."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("epilog", EPILOG)
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(**kwargs)
+        _model_options(self)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,11 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_SubParser)
 
     lens = sub.add_parser("lens", help="per-layer logit-lens and embedding-lens tokens for a prompt (default)")
-    _model_options(lens)
     _lens_options(lens)
 
     rep = sub.add_parser("report", help="lens grids, logit vs tuned lens, alignment suite: report.html + report.json")
-    _model_options(rep)
     rep.add_argument("--out", default="tl_latentspaces_report", help="output folder (default ./tl_latentspaces_report)")
     rep.add_argument("--prompt", action="append", help="a prompt for the lens grids (repeatable)")
     rep.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
@@ -363,7 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "lenses (repeatable)")
 
     fit = sub.add_parser("fit-tuned-lens", help="fit a tuned lens and save it")
-    _model_options(fit)
     fit.add_argument("--out", required=True, help="folder to save the lens in")
     fit.add_argument("--corpus", action="append",
                      help="training text: .txt or .jsonl files (default: the offline corpus)")
@@ -372,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("eval", help="held-out metrics per layer: logit lens vs tuned lens")
-    _model_options(ev)
     ev.add_argument("--lens", default=None,
                     help="a saved tuned lens folder (default: the cached one, fitted if missing)")
     ev.add_argument("--no-tuned", action="store_true", help="evaluate the logit lens only")
@@ -381,7 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="also write the numbers to this .json file")
 
     al = sub.add_parser("align", help="the alignment suite over a corpus")
-    _model_options(al)
     al.add_argument("--corpus", action="append", help="text: .txt or .jsonl files")
     al.add_argument("--max-tokens", type=int, default=16384)
     al.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
@@ -398,8 +387,8 @@ _COMMANDS = {None: _cmd_lens, "lens": _cmd_lens, "report": _cmd_report, "fit-tun
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl-latentspaces`` console script; returns the exit status (see :data:`EPILOG`).
 
-    Exceptions other than a user's mistake (bad argument, missing file or model, unwritable path) are
-    bugs and keep their traceback.
+    Exceptions other than a user's mistake (bad argument, missing file or model, unwritable path) keep
+    their traceback.
     """
     args = build_parser().parse_args(argv)
     try:

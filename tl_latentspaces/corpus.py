@@ -1,8 +1,4 @@
-"""Corpora: offline default text and its tokenization into fixed-length sequences.
-
-The default corpus is the English prose that ships with Python (``pydoc_data.topics``, about 465,000
-characters), so fitting and evaluation never need a download; it is split into disjoint training and
-held-out parts.
+"""Corpora: the offline default text and the tokenization of any corpus into fixed-length sequences.
 
 Example:
     >>> seqs = tokenize_corpus(model, default_corpus("heldout"), seq_len=128)  # doctest: +SKIP
@@ -30,7 +26,10 @@ _HELDOUT_EVERY = 5  # every fifth document of the default corpus is held out
 
 
 def default_corpus(split: str = "train") -> list[str]:
-    """The offline default corpus; ``split`` is ``"train"`` (4 of every 5 documents), ``"heldout"`` or ``"all"``."""
+    """The English prose that ships with Python (``pydoc_data.topics``, about 465,000 characters).
+
+    ``split`` is ``"train"`` (4 of every 5 documents), ``"heldout"`` (the rest) or ``"all"``.
+    """
     from pydoc_data.topics import topics
 
     if split not in ("train", "heldout", "all"):
@@ -51,8 +50,7 @@ _TOKENIZE_GROUP = 64
 
 
 def read_texts(path: Union[str, Path]) -> list[str]:
-    """Texts from a UTF-8 file: ``.jsonl`` (each line's ``"text"`` field) or plain text; :func:`iter_texts`
-    reads the same documents lazily.
+    """Texts from a UTF-8 file: ``.jsonl`` (each line's ``"text"`` field) or plain text.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -137,32 +135,26 @@ def iter_texts(corpus: Any) -> Iterator[str]:
     ``"text"`` column; or an iterable of texts, ``Path`` objects and ``{"text": ...}`` rows. A corpus read twice
     (the report's) must be re-iterable: a list, a path, a dataset.
     """
-    if isinstance(corpus, Path):
-        yield from _iter_file(corpus)
-        return
-    if isinstance(corpus, str):
-        # A string naming an existing file is read; any other string is text.
-        if "\n" not in corpus and len(corpus) < 4096 and Path(corpus).is_file():
-            yield from _iter_file(Path(corpus))
-        else:
-            yield corpus
-        return
-    if getattr(corpus, "column_names", None) is not None:
+    if isinstance(corpus, str) and ("\n" in corpus or len(corpus) >= 4096 or not Path(corpus).is_file()):
+        yield corpus  # a string is text unless it names an existing file
+    elif isinstance(corpus, (str, Path)):
+        yield from _iter_file(Path(corpus))
+    elif getattr(corpus, "column_names", None) is not None:
         yield from _iter_dataset(corpus)
-        return
-    if not hasattr(corpus, "__iter__"):
+    elif not hasattr(corpus, "__iter__"):
         raise ValueError(f"a corpus must be text, a file path, a datasets object, an iterable of texts, paths or "
                          f"{{'text': ...}} rows, or a [n, seq_len] token tensor; got {type(corpus).__name__}.")
-    for item in corpus:
-        if isinstance(item, Path):
-            yield from _iter_file(item)
-        elif isinstance(item, str):
-            yield item
-        elif isinstance(item, dict) and isinstance(item.get("text"), str):
-            yield item["text"]
-        else:
-            raise ValueError(f"a corpus must be text, a list of texts or file paths, or a [n, seq_len] token "
-                             f"tensor; got an item of type {type(item).__name__}.")
+    else:
+        for item in corpus:
+            if isinstance(item, Path):
+                yield from _iter_file(item)
+            elif isinstance(item, str):
+                yield item
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                yield item["text"]
+            else:
+                raise ValueError(f"a corpus must be text, a list of texts or file paths, or a [n, seq_len] "
+                                 f"token tensor; got an item of type {type(item).__name__}.")
 
 
 def _token_stream(tok: Any, texts: Iterator[str], budget: Optional[int]) -> tuple[array, bool]:
@@ -227,13 +219,12 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
         if n == 0:
             raise ValueError(f"the corpus tokenizes to {len(stream)} tokens, fewer than one sequence of "
                              f"seq_len={seq_len}. Pass more text or a smaller seq_len.")
-        body_ids = torch.frombuffer(stream, dtype=torch.int64, count=n * body).clone().view(n, body)
+        seqs = torch.frombuffer(stream, dtype=torch.int64, count=n * body).clone().view(n, body)
         if prepend_bos:
             bos = access.bos_token_id
             if bos is None:
                 raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False.")
-            body_ids = torch.cat([torch.full((n, 1), bos, dtype=torch.long), body_ids], 1)
-        seqs = body_ids
+            seqs = torch.cat([torch.full((n, 1), bos, dtype=torch.long), seqs], 1)
     if max_tokens is not None:
         seqs = seqs[: max(1, max_tokens // seq_len)]
     if seqs.shape[0] < min_sequences:

@@ -1,20 +1,8 @@
-"""Data-parallel runs with ``torch.distributed``: sharding, reduction of statistics, rank-0 writes.
+"""Data-parallel runs with ``torch.distributed`` (launched by ``torchrun``; gloo on CPU, NCCL on GPUs).
 
-Launch any script or the command line with ``torchrun`` (gloo on CPU, NCCL on GPUs)::
-
-    torchrun --nproc_per_node 2 -m tl_latentspaces.cli report --out out/          # one machine
-    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
-             --nproc_per_node 8 -m tl_latentspaces.cli report --out out/          # node 0 of 2
-
-Each rank takes every ``world_size``-th batch of the corpus (batch-level sharding keeps the
-minibatches, and so the minibatch statistics, identical to a single-process run), accumulates its
-statistics locally, and the states are reduced across ranks; only rank 0 writes files.
-
-States travel as ``torch.save`` bytes in uint8 tensors, read back with ``weights_only=True``
-(tensors and plain containers, never code).
-
-A script of your own joins the group with :func:`init_distributed` and, once rank 0 has written
-its files, leaves it with :func:`finish_distributed`::
+Each rank takes every ``world_size``-th batch (so the minibatches match a single-process run), the
+statistics are reduced across ranks as ``torch.save`` bytes read with ``weights_only=True``, and only
+rank 0 writes files. A script of your own::
 
     ctx = init_distributed()
     ...                       # CorpusRunner(...).run(...), fit_tuned_lens(...), ...
@@ -37,19 +25,9 @@ import torch.distributed as dist
 
 from tl_latentspaces.files import torch_bytes
 
-__all__ = [
-    "encode_state",
-    "decode_state",
-    "DistContext",
-    "init_distributed",
-    "finish_distributed",
-    "current_context",
-    "shard_batches",
-    "all_reduce_sum",
-    "gather_states",
-    "reduce_accumulator",
-    "check_port_free",
-]
+__all__ = ["encode_state", "decode_state", "DistContext", "init_distributed", "finish_distributed",
+           "current_context", "shard_batches", "all_reduce_sum", "gather_states", "reduce_accumulator",
+           "check_port_free"]
 
 
 @dataclass(frozen=True)
@@ -96,13 +74,11 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
 
 
 def init_distributed(backend: Optional[str] = None) -> DistContext:
-    """Join the process group ``torchrun`` set up through the environment, if there is one.
+    """Join the process group ``torchrun`` set up in the environment (``WORLD_SIZE > 1``), if there is one.
 
-    Without ``WORLD_SIZE > 1`` in the environment this is a single-process run and nothing is
-    initialized. The backend defaults to NCCL when CUDA is available and gloo otherwise.
+    The backend defaults to NCCL when CUDA is available and gloo otherwise.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistContext()
     if dist.is_initialized():
         return current_context()
@@ -127,20 +103,17 @@ def init_distributed(backend: Optional[str] = None) -> DistContext:
 
 
 def _destroy_group() -> None:
-    """Tear the process group down, if one is up (idempotent; no collective, so it cannot hang)."""
+    """Tear the process group down, if one is up (no collective, so it cannot hang)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def finish_distributed() -> None:
-    """Leave the process group cleanly: wait for every rank, then destroy the group.
+    """Leave the process group cleanly: wait for every rank, then destroy the group (no-op without one).
 
-    Call it at the end of a successful data-parallel script, after rank 0 has written its files.
-    Ranks that simply exit while others still hold the group open can be aborted by the gloo
-    backend's background threads at interpreter exit ("terminate called without an active
-    exception"); the barrier keeps every rank alive until all are done. Without a process group
-    this does nothing. After an error, skip it: a rank that failed never reaches the barrier. The
-    group is still destroyed at exit, without the barrier.
+    Call it after rank 0 has written its files, not after an error (a failed rank never reaches the
+    barrier; the group is still destroyed at exit). Without the barrier, gloo can abort ranks that exit
+    while others still hold the group ("terminate called without an active exception").
     """
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
@@ -202,14 +175,9 @@ A = TypeVar("A", bound=_Mergeable)
 
 
 def reduce_accumulator(acc: A, fresh: Any) -> A:
-    """Merge ``acc``'s statistics from every rank, in rank order, into ``acc`` on every rank.
+    """Merge ``acc``'s statistics from every rank, in rank order, into ``acc`` on every rank; returns ``acc``.
 
-    Args:
-        acc: This rank's accumulator (``state_dict``/``load_state_dict``/``merge``).
-        fresh: A zero-argument callable returning an empty accumulator of the same settings.
-
-    Returns:
-        ``acc``, now holding the statistics of all ranks (identical on every rank).
+    ``fresh`` is a zero-argument callable returning an empty accumulator of the same settings.
     """
     if not current_context().distributed:
         return acc  # one process: nothing to merge, so no state to build (a copy of every statistic)

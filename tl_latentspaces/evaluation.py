@@ -61,11 +61,8 @@ class LensEvaluation:
 
     def to_dataframe(self) -> Any:
         """A ``pandas.DataFrame`` indexed by label with columns ``"{metric}_{lens}"`` for each metric."""
-        data = {}
-        for metric in ("kl_to_final", "cross_entropy", "top1_agreement"):
-            values = getattr(self, metric)
-            for i, lens in enumerate(self.lenses):
-                data[f"{metric}_{lens}"] = values[i]
+        metrics = ("kl_to_final", "cross_entropy", "top1_agreement")
+        data = {f"{m}_{lens}": getattr(self, m)[i] for m in metrics for i, lens in enumerate(self.lenses)}
         return label_frame(self.labels, data)
 
     def summary(self) -> Any:
@@ -80,12 +77,10 @@ class LensEvaluation:
 
 
 class LensEvalAccumulator:
-    """Streaming held-out metrics of lenses: a consumer of the corpus runner.
+    """Streaming held-out metrics of lenses: a consumer of the corpus runner; ``result()`` gives them.
 
-    ``update`` adds a batch, ``merge`` / ``state_dict`` / ``load_state_dict`` combine and checkpoint partial
-    sums, ``result()`` gives the :class:`LensEvaluation`. ``lenses`` and ``chunk_rows`` as for
-    :func:`evaluate_lenses`; ``readout_dtype`` is ``torch.float32`` or ``torch.bfloat16`` score matmuls
-    (reductions stay float32/float64).
+    Arguments as for :func:`evaluate_lenses`; with ``readout_dtype=torch.bfloat16`` only the score matmuls
+    are bfloat16 (reductions stay float32/float64).
 
     Example:
         >>> acc = CorpusRunner(model, texts, seq_len=128).run({"eval": LensEvalAccumulator(model).empty})["eval"]  # doctest: +SKIP
@@ -96,7 +91,7 @@ class LensEvalAccumulator:
                  readout_dtype: torch.dtype = torch.float32):
         access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         access.require_eval("evaluate_lenses")
-        chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
+        self.chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
         if readout_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
                 f"readout_dtype must be torch.float32 (exact) or torch.bfloat16 (fast), got {readout_dtype!r}."
@@ -109,7 +104,6 @@ class LensEvalAccumulator:
         if not self.built:
             raise ValueError("lenses is empty; pass e.g. ('logit', tuned_lens).")
         self.access = access
-        self.chunk_rows = chunk_rows
         self.lenses = [lens.name for lens in self.built]
         self.reference = next((lens for lens in self.built if isinstance(lens, LogitLens)), None) or LogitLens(access)
         self._zero()
@@ -217,8 +211,8 @@ def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any 
 
     Args:
         lenses: ``"logit"``, ``"embedding"`` and/or :class:`~tl_latentspaces.Lens` objects.
-        corpus: Texts, file paths or a ``[n, seq_len]`` token tensor; default the held-out split of the offline
-            default corpus (disjoint from the training split :func:`~tl_latentspaces.fit_tuned_lens` uses).
+        corpus: Texts, file paths or a ``[n, seq_len]`` token tensor; default the held-out split of
+            :func:`~tl_latentspaces.corpus.default_corpus` (disjoint from the one ``fit_tuned_lens`` uses).
         max_tokens: Evaluate at most this many tokens (whole sequences).
         seq_len: Tokens per sequence, BOS included (default 128, or the width of a token tensor).
         chunk_rows: Rows per block of the readout.

@@ -35,16 +35,9 @@ def _temp_file(folder: Path, name: str, data: bytes, mode: int) -> str:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)  # mkstemp makes the file owner-only
     except BaseException:
-        _unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return tmp
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _mode_for(target: Path) -> int:
@@ -64,7 +57,7 @@ def _folder_mode(target: Path) -> int:
 def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically; returns the path. ``make_parents=False``: a missing folder raises."""
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
+    folder = target.parent
     if make_parents:
         folder.mkdir(parents=True, exist_ok=True)
     elif not folder.is_dir():
@@ -73,7 +66,7 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True
     try:
         os.replace(tmp, target)
     except BaseException:
-        _unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return target
 
@@ -90,7 +83,7 @@ def write_files_atomic(folder: PathLike, payload: Mapping[str, bytes]) -> list[P
             os.replace(tmp, out / name)
     except BaseException:
         for tmp in temps.values():
-            _unlink(tmp)
+            Path(tmp).unlink(missing_ok=True)
         raise
     return [out / name for name in payload]
 
@@ -104,8 +97,7 @@ _PLAIN_SCALARS = (str, bool, int, float, type(None))
 
 
 def _plain(value: Any, path: str) -> Any:
-    """``value`` with its tensors detached (a view copied, so its whole storage is not saved along); anything
-    ``torch.load(weights_only=True)`` would refuse raises here, naming where it is."""
+    """``value`` with its tensors detached (a view copied, so its whole storage is not saved along)."""
     if isinstance(value, torch.Tensor):
         t = value.detach()
         return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
@@ -121,8 +113,7 @@ def _plain(value: Any, path: str) -> Any:
 
 def torch_bytes(obj: Any) -> bytes:
     """``obj`` (tensors, numbers, strings, None, lists, tuples, dicts) as ``torch.save`` bytes that
-    ``torch.load(weights_only=True)`` reads back; anything else raises ``TypeError`` here, naming where it is,
-    before a byte is written."""
+    ``torch.load(weights_only=True)`` reads back; anything else raises ``TypeError`` naming where it is."""
     buf = io.BytesIO()
     torch.save(_plain(obj, ""), buf)
     return buf.getvalue()
@@ -131,27 +122,26 @@ def torch_bytes(obj: Any) -> bytes:
 def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
     """A ``torch.save`` file holding a dict, read with ``weights_only=True`` (tensors and containers, never code).
 
-    ``holds`` describes the dict expected, ``fix`` is added to the refusal of a file that carries code.
-    Raises ValueError naming the file.
+    ``holds`` describes the dict expected, ``fix`` ends the message of the ValueError raised for a bad file.
     """
+    tail = f" {fix}" if fix else ""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it is not a plain tensor file (the unpickler, restricted to tensors "
             f"and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run arbitrary "
-            f"code, so nothing in it was executed.{' ' + fix if fix else ''}"
+            f"code, so nothing in it was executed.{tail}"
         ) from None
     except Exception as err:  # a damaged or foreign file can fail anywhere inside the unpickler
         raise ValueError(f"cannot read {path} as a torch.save file ({type(err).__name__}: {err}); it is damaged or "
-                         f"not such a file.{' ' + fix if fix else ''}") from err
+                         f"not such a file.{tail}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path} must hold a dict ({holds}), got {type(state).__name__}.")
     return state
 
 
 def sha256_hex(data: bytes) -> str:
-    """The SHA-256 of ``data`` as hex."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -159,8 +149,7 @@ def write_into_folder(path: PathLike, files: Sequence[tuple[str, bytes]], *, own
                       what: str = "folder this package wrote") -> Path:
     """Write ``files`` (``(name, data)`` pairs) into the folder ``path``, one atomic replace each, in order.
 
-    Other files in the folder stay. Write the content first and the file that names it last, so a
-    crash between two writes leaves a state the reader recognises; a name may come twice (interim, final).
+    Other files in the folder stay; write the file that names the content last (a name may come twice).
     An existing path must be an empty folder or one holding ``own_marker``, else FileExistsError
     (``what`` names the kind of folder). A folder created here is removed again if the first write fails.
     """

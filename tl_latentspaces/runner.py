@@ -1,13 +1,10 @@
 """The corpus runner: stream a corpus through a model once, feeding any number of statistics.
 
 A *consumer* is any object with ``update(ids, stack)``, ``state_dict()``, ``load_state_dict(state)`` and
-``merge(other)`` (the alignment suite's ``AlignmentAccumulator``, for instance). The batch order is fixed by
-``seed``; with ``checkpoint_dir`` a run resumes where the last one stopped (refusing another model, dtype or
-mode), and under ``torchrun`` each rank takes every ``world_size``-th batch and the states are merged.
+``merge(other)`` (``AlignmentAccumulator``, for instance).
 
 Example:
-    >>> runner = CorpusRunner(model, texts, seq_len=128, batch_size=8)  # doctest: +SKIP
-    >>> out = runner.run({"align": AlignmentAccumulator(model).empty})  # doctest: +SKIP
+    >>> out = CorpusRunner(model, texts).run({"align": AlignmentAccumulator(model).empty})  # doctest: +SKIP
     >>> out["align"].result().to_dataframe()  # doctest: +SKIP
 """
 
@@ -15,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -36,14 +34,16 @@ Factory = Callable[[], Any]
 class CorpusRunner:
     """Streams a corpus through a model in batches, feeding consumers; resumable and data-parallel.
 
+    Under ``torchrun`` each rank takes every ``world_size``-th batch and the states are merged.
+
     Args:
         corpus: Texts, file paths, a ``datasets`` object, or a ``[n, seq_len]`` token tensor; read lazily up
             to ``max_tokens`` (:func:`~tl_latentspaces.corpus.iter_texts`).
         seq_len: Tokens per sequence (BOS included).
         seed: Fixes the batch order when ``shuffle``.
-        checkpoint_dir: Save progress here (every ``checkpoint_every`` batches; one ``runner-rank{r}.pt`` per
-            process, :mod:`~tl_latentspaces.checkpoints`) and resume from it.
-        desc: The progress bar's label (what the pass is for).
+        checkpoint_dir: Save progress here every ``checkpoint_every`` batches (``runner-rank{r}.pt``, one per
+            process) and resume from it, refusing another model, dtype or mode.
+        desc: The progress bar's label.
     """
 
     def __init__(self, model: Any, corpus: Any, *, seq_len: int = 128, batch_size: int = 8,
@@ -52,30 +52,25 @@ class CorpusRunner:
                  desc: str = "corpus"):
         self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
         self.access.require_eval("the corpus runner")
-        batch_size = check_int(batch_size, "batch_size", minimum=1)
-        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
         sequences = tokenize_corpus(self.access, corpus, seq_len=seq_len, prepend_bos=prepend_bos,
                                     max_tokens=max_tokens)
         if shuffle:
             order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed))
             sequences = sequences[order]
         self.sequences = sequences
-        self.batch_size = batch_size
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        self.checkpoint_every = checkpoint_every
         self.progress = progress
         self.desc = desc
         digest = hashlib.sha256(sequences.numpy().tobytes())
-        digest.update(f"{batch_size}".encode())
+        digest.update(f"{self.batch_size}".encode())
         self.fingerprint = digest.hexdigest()[:16]
-        self._identity: Optional[ModelIdentity] = None
 
-    @property
+    @cached_property
     def identity(self) -> ModelIdentity:
-        """The model's identity (hashing its weights once, well under a second for 135M parameters)."""
-        if self._identity is None:
-            self._identity = ModelIdentity.of(self.access)
-        return self._identity
+        """The model's identity (its weights are hashed once)."""
+        return ModelIdentity.of(self.access)
 
     @property
     def n_batches(self) -> int:
@@ -98,7 +93,13 @@ class CorpusRunner:
             return 0
         meta, states = saved
         path = checkpoint_path(self.checkpoint_dir, "runner", rank)
-        self._check_model(path, meta)
+        try:
+            recorded = ModelIdentity(**meta["model"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
+                             "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
+                             "another checkpoint_dir, or delete it to start over.") from None
+        recorded.require_same(self.identity, f"the checkpoint {str(path)!r}")
         if meta.get("fingerprint") != self.fingerprint or meta.get("consumers") != sorted(consumers):
             raise ValueError(
                 f"the checkpoint {str(path)!r} belongs to another corpus, batch size or set of statistics; "
@@ -115,20 +116,10 @@ class CorpusRunner:
             consumer.load_state_dict(states[name])
         return int(meta["done"])
 
-    def _check_model(self, path: Path, meta: dict) -> None:
-        """Refuse a checkpoint written with another model, dtype or mode, naming the difference."""
-        try:
-            recorded = ModelIdentity(**meta["model"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"the checkpoint {str(path)!r} does not record which model wrote it (an earlier "
-                             "version of tl_latentspaces wrote it), so resuming it could mix two models. Pass "
-                             "another checkpoint_dir, or delete it to start over.") from None
-        recorded.require_same(self.identity, f"the checkpoint {str(path)!r}")
-
     def run(self, consumers: dict[str, Factory]) -> dict[str, Any]:
-        """Stream the corpus once and return ``{name: consumer}``, merged across ranks.
+        """Stream the corpus once; ``consumers`` is ``{name: factory of a fresh consumer}``.
 
-        ``consumers`` is ``{name: factory}``; each factory returns a fresh consumer.
+        Returns ``{name: consumer}``, merged across ranks.
         """
         if not consumers:
             raise ValueError("pass at least one consumer: {name: factory returning an accumulator}.")
@@ -158,8 +149,7 @@ def stream_residuals(model: Any, sequences: torch.Tensor, hook_names: dict[str, 
     """Run ``sequences`` through the model in batches and yield ``(ids, stack)`` per batch.
 
     ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured inside the model's own
-    forward pass (so the user's hooks act on it); the capture hooks are removed after every batch and on any
-    exception. When the last block's ``resid_post`` is among the sites, each pass stops right after it.
+    forward pass (so the user's hooks act on it); the capture hooks are removed after every batch.
     """
     access = model if isinstance(model, ModelAccess) else ModelAccess(model)
     access.require_eval("streaming the residual stream")
