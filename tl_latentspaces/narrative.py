@@ -1,9 +1,4 @@
-"""The report's story: sentences read off the numbers the report shows, each stating its threshold, and caveats.
-
-Example:
-    >>> story = tell_story(access, evaluation, alignment, resid_norms=norms)  # doctest: +SKIP
-    >>> print("\\n".join(story.takeaways))  # doctest: +SKIP
-"""
+"""The report's story: sentences read off the numbers the report shows, each stating its threshold, and caveats."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
 """The report: the lens grids of a few prompts, held-out lens metrics per layer and the alignment suite with its
-null baselines, as one offline HTML page (``report.html``) and every number in it (``report.json``).
-
-Example:
-    >>> report = build_report(model, prompts=["The Eiffel Tower is in the city of"])  # doctest: +SKIP
-    >>> write_report(report, "out/")  # doctest: +SKIP
+null baselines, as one offline HTML page (``report.html``) and every number in it (``report.json``):
+``write_report(build_report(model), "out/")``.
 """
 
 from __future__ import annotations

@@ -150,9 +150,9 @@ def input_tokens(result: LensResult, b: int, keep: list[int]) -> tuple[dict[str,
 
 
 def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[int]) -> int:
-    """The entry whose colours vary most across positions (``values`` is ``[entry, pos]``).
+    """The entry (row of ``values``, ``[entry, pos]``) whose colour intensity varies most by position.
 
-    The colour intensity is the components' (js/src/colors.ts ``intensity``).
+    The intensity is the components' (js/src/colors.ts ``intensity``).
     """
     cols = [p for p in range(values.shape[1]) if p not in skip] or list(range(values.shape[1]))
     squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
