@@ -1,9 +1,4 @@
-"""The report's story: sentences read off the numbers the report shows, each stating its threshold, and caveats.
-
-Example:
-    >>> story = tell_story(access, evaluation, alignment, resid_norms=norms)  # doctest: +SKIP
-    >>> print("\\n".join(story.takeaways))  # doctest: +SKIP
-"""
+"""The report's story: sentences read off the numbers the report shows, each stating its threshold, and caveats."""
 
 from __future__ import annotations
 
@@ -50,10 +45,7 @@ def readable_from(labels: Sequence[str], agreement: torch.Tensor,
                   threshold: float = READABLE_AGREEMENT) -> Optional[int]:
     """First entry from which the top-1 agreement stays at or above ``threshold``, or None."""
     ok = (agreement >= threshold).tolist()
-    for i in range(len(ok)):
-        if all(ok[i:]):
-            return i
-    return None
+    return next((i for i in range(len(ok)) if all(ok[i:])), None)
 
 
 def similarity_blocks(matrix: torch.Tensor, threshold: float = BLOCK_CKA, min_size: int = 3) -> list[tuple[int, int]]:
@@ -85,9 +77,7 @@ def massive_positions(norms: torch.Tensor, factor: float = MASSIVE_FACTOR) -> li
 def ties_embeddings(access: ModelAccess) -> bool:
     """Whether ``W_U`` is ``W_E`` transposed (tied embeddings), up to float error."""
     W_E, W_U = access.W_E.detach(), access.W_U.detach()
-    if tuple(W_E.shape) != tuple(W_U.T.shape):
-        return False
-    return bool(torch.allclose(W_E.to(torch.float32), W_U.T.to(torch.float32), rtol=1e-4, atol=1e-6))
+    return W_E.shape == W_U.T.shape and torch.allclose(W_E.float(), W_U.T.float(), rtol=1e-4, atol=1e-6)
 
 
 def tell_story(access: ModelAccess, evaluation: Any, alignment: Any, *, resid_norms: Optional[torch.Tensor] = None,
@@ -100,9 +90,8 @@ def tell_story(access: ModelAccess, evaluation: Any, alignment: Any, *, resid_no
     takeaways: list[str] = []
     caveats: list[str] = []
     thresholds = {"readable_agreement": READABLE_AGREEMENT, "block_cka": BLOCK_CKA, "massive_factor": MASSIVE_FACTOR}
-    facts: dict[str, Any] = {"thresholds": thresholds}
-
-    readable = {}
+    readable: dict[str, Optional[str]] = {}
+    facts: dict[str, Any] = {"thresholds": thresholds, "readable_from": readable}
     for i, name in enumerate(evaluation.lenses):
         at = readable_from(labels, evaluation.top1_agreement[i])
         readable[name] = None if at is None else labels[at]
@@ -116,7 +105,6 @@ def tell_story(access: ModelAccess, evaluation: Any, alignment: Any, *, resid_no
                 f"{float(evaluation.kl_to_final[i, at]):.2f} nats; mean prediction depth "
                 f"{float(evaluation.prediction_depth[i]):.1f} of {len(labels) - 1})."
             )
-    facts["readable_from"] = readable
 
     # when the stream leaves the W_E subspace, against what a random subspace holds
     v = alignment.variance
@@ -141,11 +129,10 @@ def tell_story(access: ModelAccess, evaluation: Any, alignment: Any, *, resid_no
     if blocks:
         parts = []
         for a, b in blocks:
-            inside = cka[a : b + 1, a : b + 1]
-            outside = float(cka[b, b + 1]) if b + 1 < cka.shape[0] else None
-            text = f"{alignment.labels[a]} to {alignment.labels[b]} (min CKA inside {float(inside.min()):.2f}"
-            text += f", {float(outside):.2f} to the next entry)" if outside is not None else ")"
-            parts.append(text)
+            inside = float(cka[a : b + 1, a : b + 1].min())
+            outside = f", {float(cka[b, b + 1]):.2f} to the next entry" if b + 1 < cka.shape[0] else ""
+            names = f"{alignment.labels[a]} to {alignment.labels[b]}"
+            parts.append(f"{names} (min CKA inside {inside:.2f}{outside})")
         takeaways.append(
             "Blocks of entries that represent the held-out text alike (every pair with debiased CKA >= "
             f"{BLOCK_CKA}): " + "; ".join(parts) + ". Inside a block the layers change the stream little "

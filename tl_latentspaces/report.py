@@ -1,9 +1,6 @@
 """The report: the lens grids of a few prompts, held-out lens metrics per layer and the alignment suite with its
-null baselines, as one offline HTML page (``report.html``) and every number in it (``report.json``).
-
-Example:
-    >>> report = build_report(model, prompts=["The Eiffel Tower is in the city of"])  # doctest: +SKIP
-    >>> write_report(report, "out/")  # doctest: +SKIP
+null baselines, as one offline HTML page (``report.html``) and every number in it (``report.json``):
+``write_report(build_report(model), "out/")``.
 """
 
 from __future__ import annotations
@@ -28,9 +25,14 @@ from tl_latentspaces.lenses import read_lenses
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.narrative import tell_story
 from tl_latentspaces.runner import CorpusRunner
-from tl_latentspaces.views import PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid, one_bundle_per_page
+from tl_latentspaces.views import (
+    PAGE_CSP, cka_matrix_view, drift_tokens, layer_curves_view, lens_grid, one_bundle_per_page
+)
 
-__all__ = ["Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable", "tuned_lens_for"]
+__all__ = [
+    "Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable",
+    "tuned_lens_for",
+]
 
 DEFAULT_PROMPTS = (
     "The Eiffel Tower is in the city of",
@@ -44,11 +46,8 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return to_jsonable(obj.detach().cpu().tolist())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: to_jsonable(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if not callable(getattr(obj, f.name)) or isinstance(getattr(obj, f.name), torch.Tensor)
-        }
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {k: to_jsonable(v) for k, v in values.items() if not callable(v)}
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -192,7 +191,7 @@ def build_report(model: Any, *, prompts: Sequence[str] = DEFAULT_PROMPTS, corpus
         f'<p class="meta">{evaluation.n_positions} positions of {evaluation.n_sequences} held-out sequences, '
         "BOS left out. KL = KL(final || lens) in nats. Prediction depth: the first entry from which "
         "the lens's top-1 stays equal to the final top-1.</p>",
-        _table(evaluation.summary() if hasattr(evaluation, "summary") else evaluation.to_dataframe()),
+        _table(evaluation.summary()),
         _guide("Lower is better: how far each lens's distribution is from the model's final one, layer by "
                "layer. Where a curve drops, that lens starts to read what the model will say."),
         layer_curves_view(labels, {f"KL to final, {name} lens": evaluation.kl_to_final[i]

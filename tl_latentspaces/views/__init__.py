@@ -1,9 +1,8 @@
 """Views: lens readouts and alignment results as CircuitsVis-style HTML, in a notebook or a saved page.
 
 Every function returns an :class:`HTMLView` (a CircuitsVis ``RenderedHTML``); ``view.save("grid.html")``
-writes one self-contained page. The JavaScript is always inlined: nothing is fetched from the network, and
-saved pages forbid fetching by their Content-Security-Policy. Our components are built from ``js/`` into
-``tl_latentspaces/static/views.iife.js``.
+writes one self-contained page. The JavaScript (built from ``js/`` into ``static/views.iife.js``) is inlined,
+and saved pages forbid any fetch by their Content-Security-Policy.
 
 Example:
     >>> import tl_latentspaces as tll

@@ -24,17 +24,13 @@ def num(x: float, digits: int = 5) -> Optional[float]:
 
 def nums(t: torch.Tensor, digits: int = 5) -> Any:
     """A tensor as nested lists of rounded floats (None for non-finite values)."""
-    flat = [num(v, digits) for v in t.detach().double().reshape(-1).tolist()]
-    if t.ndim == 0:
-        return flat[0]
-    return _unflatten(flat, list(t.shape))
+    return _rounded(t.detach().double().tolist(), digits)
 
 
-def _unflatten(flat: list, shape: list[int]) -> list:
-    if len(shape) == 1:
-        return flat
-    step = math.prod(shape[1:])
-    return [_unflatten(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+def _rounded(x: Any, digits: int) -> Any:
+    if isinstance(x, list):
+        return [_rounded(v, digits) for v in x]
+    return num(x, digits)
 
 
 def batch_index(batch: Any, size: int) -> int:

@@ -17,7 +17,7 @@ ArrayLike = Any  # a torch.Tensor, numpy array or nested list of numbers
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     try:
-        return torch.as_tensor(x if not isinstance(x, torch.Tensor) else x.detach().cpu(), dtype=torch.float64)
+        return torch.as_tensor(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{what} must be a tensor, array or list of numbers, got {type(x).__name__}.") from err
 
@@ -47,8 +47,8 @@ def cka_matrix_view(matrix: ArrayLike, labels: Sequence[str], title: str = "CKA 
     L = m.shape[0]
     names = _check_labels(labels, L, "matrix")
     finite = m[torch.isfinite(m)]
-    lo = float(min(0.0, finite.min().item())) if vmin is None and finite.numel() else (0.0 if vmin is None else vmin)
-    hi = float(max(1.0, finite.max().item())) if vmax is None and finite.numel() else (1.0 if vmax is None else vmax)
+    lo = (min(0.0, finite.min().item()) if finite.numel() else 0.0) if vmin is None else vmin
+    hi = (max(1.0, finite.max().item()) if finite.numel() else 1.0) if vmax is None else vmax
     if not hi > lo:
         raise ValueError(f"vmax must be greater than vmin, got vmin={lo}, vmax={hi}.")
     if not (math.isfinite(lo) and math.isfinite(hi)):

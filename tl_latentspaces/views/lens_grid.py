@@ -48,21 +48,16 @@ def _grid_runs(results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[s
                 f"{type(base).__name__} and {type(other).__name__}."
             )
     else:
-        for item in results:
-            if isinstance(item, Mapping):
-                named.extend((str(k), v) for k, v in item.items())
-            else:
-                named.append(("", item))
-        for i, (name, item) in enumerate(named):
-            if isinstance(item, LensResult):
-                named[i] = (name or item.lens, item)
-            elif isinstance(item, LensDiff):
-                named[i] = (name or item.base.lens, item)
-            else:
-                raise ValueError(
-                    f"lens_grid takes LensResults, LensDiffs or read_lenses dicts of them; got "
-                    f"{type(item).__name__}. To compare two runs pass lens_grid(clean, patched, diff=True)."
-                )
+        for group in results:
+            for name, item in group.items() if isinstance(group, Mapping) else [("", group)]:
+                if not isinstance(item, (LensResult, LensDiff)):
+                    raise ValueError(
+                        f"lens_grid takes LensResults, LensDiffs or read_lenses dicts of them; got "
+                        f"{type(item).__name__}. To compare two runs pass "
+                        "lens_grid(clean, patched, diff=True)."
+                    )
+                lens = item.base.lens if isinstance(item, LensDiff) else item.lens
+                named.append((str(name) or lens, item))
         if len({isinstance(item, LensDiff) for _, item in named}) > 1:
             raise ValueError("lens_grid cannot mix LensResults and LensDiffs: show either readouts or differences.")
     names = [name for name, _ in named]
@@ -86,7 +81,7 @@ def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
     for name, rs in zip(names, runs):
         for r in rs:
             problems = []
-            if r.tokens.shape != ref.tokens.shape or not torch.equal(r.tokens, ref.tokens):
+            if not torch.equal(r.tokens, ref.tokens):
                 problems.append("the input tokens")
             if r.positions != ref.positions:
                 problems.append(f"the read positions ({r.positions} vs {ref.positions})")
@@ -159,18 +154,16 @@ def lens_grid(*results: Union[LensResult, LensDiff, Mapping[str, Any]], labels: 
     fill_ranges(lenses, skip=(0,) if bos else (), labels=ref.labels)
 
     first = lenses[0]["metrics"]
-    if metric is None:
-        offered = {m["key"] for m in first}
-        if diff_mode:
-            metric = next(k for k in ("divergence", "target0_prob_delta", "kl_delta") if k in offered)
-        else:
-            metric = "top1_prob"
-    else:
+    keys = list(dict.fromkeys(m["key"] for m in first))
+    if metric is not None:
         metric = metric_name(metric)
+    elif diff_mode:
+        metric = next(k for k in ("divergence", "target0_prob_delta", "kl_delta") if k in keys)
+    else:
+        metric = "top1_prob"
     matches = [m for m in first if metric in (m["key"], m["name"])]
     if not matches:
-        valid = sorted({m["key"] for m in first}, key=[m["key"] for m in first].index)
-        raise ValueError(f"unknown metric {metric!r}; this grid offers {valid}.")
+        raise ValueError(f"unknown metric {metric!r}; this grid offers {keys}.")
     # In difference mode a run metric opens on the other (e.g. patched) run.
     view = -1 if any(m["view"] == -1 for m in matches) else max(m["view"] for m in matches)
 

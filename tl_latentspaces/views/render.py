@@ -28,8 +28,8 @@ class HTMLView(RenderedHTML):
     """A CircuitsVis ``RenderedHTML`` that renders offline and never probes the network.
 
     ``local_src`` (also ``str(view)``) is the HTML with its JavaScript inlined; ``cdn_src`` is CircuitsVis's CDN
-    fragment for CircuitsVis components, else the same. ``component`` names the React component drawn (None for
-    HTML put together from several views) and ``props`` its data as plain lists and numbers.
+    fragment for its own components, else the same. ``component`` names the React component (None for joined
+    views), ``props`` its data as plain lists and numbers.
     """
 
     def __init__(self, local_src: str, cdn_src: Optional[str] = None, *, title: str = "",
@@ -49,15 +49,11 @@ class HTMLView(RenderedHTML):
     def _repr_html_(self) -> str:
         return self.local_src
 
-    def __html__(self) -> str:
-        return self.local_src
-
-    def __str__(self) -> str:
-        return self.local_src
+    __html__ = __str__ = _repr_html_
 
     def __repr__(self) -> str:
-        kind = self.component or "HTML"
-        return f"<HTMLView {kind}{': ' + self.title if self.title else ''} ({len(self.local_src):,} chars)>"
+        title = f": {self.title}" if self.title else ""
+        return f"<HTMLView {self.component or 'HTML'}{title} ({len(self.local_src):,} chars)>"
 
     def to_html(self) -> str:
         """One complete, self-contained HTML page holding the view."""
@@ -74,9 +70,8 @@ class HTMLView(RenderedHTML):
 
 def bundle_source() -> str:
     """The JavaScript bundle of our components, as shipped in the package."""
-    ref = resources.files("tl_latentspaces").joinpath("static", BUNDLE)
     try:
-        text = ref.read_text(encoding="utf-8")
+        text = resources.files("tl_latentspaces").joinpath("static", BUNDLE).read_text(encoding="utf-8")
     except FileNotFoundError as err:  # pragma: no cover - a broken install
         raise RuntimeError(
             f"tl_latentspaces/static/{BUNDLE} is missing from the installed package; reinstall "
@@ -95,8 +90,8 @@ def js_json(value: Any) -> str:
 
 def circuitsvis_bundle_source() -> str:
     """CircuitsVis's own bundle, as its package ships it, with ``</script`` written ``<\\/script`` to inline it."""
-    ref = resources.files("circuitsvis").joinpath("dist", "cdn", "iife.js")
-    return ref.read_text(encoding="utf-8").replace("</script", "<\\/script")
+    text = resources.files("circuitsvis").joinpath("dist", "cdn", "iife.js").read_text(encoding="utf-8")
+    return text.replace("</script", "<\\/script")
 
 
 def bundle_script(circuitsvis: bool = False) -> str:
@@ -106,17 +101,15 @@ def bundle_script(circuitsvis: bool = False) -> str:
 
 def one_bundle_per_page(fragments: Sequence[str]) -> str:
     """Views' HTML joined into one page body, each bundle's script kept once (where it first appears)."""
+    scripts = (bundle_script(False), bundle_script(True))
     seen: set[str] = set()
     out = []
     for fragment in fragments:
-        for script in (bundle_script(False), bundle_script(True)):
+        for script in scripts:
             if script in fragment:
-                if script in seen:
-                    fragment = fragment.replace(script, "")
-                else:
-                    seen.add(script)
-                    head, _, tail = fragment.partition(script)
-                    fragment = head + script + tail.replace(script, "")
+                head, _, tail = fragment.partition(script)
+                fragment = head + ("" if script in seen else script) + tail.replace(script, "")
+                seen.add(script)
         out.append(fragment)
     return "\n".join(out)
 

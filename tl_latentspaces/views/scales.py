@@ -87,11 +87,9 @@ def run_metrics(r: LensResult, view: int, b: int, keep: list[int], targets: list
 
 def diff_metrics(d: LensDiff, b: int, keep: list[int], targets: list[str]) -> list[dict[str, Any]]:
     sel = lambda t: t[:, b][:, keep]  # noqa: E731
-    base, other = d.base, d.other
     out = []
-    divergence = getattr(d, "divergence", None)
-    if divergence is not None:
-        out.append(_metric("divergence", "divergence", -1, sel(divergence), log=True, unit="nats",
+    if d.divergence is not None:
+        out.append(_metric("divergence", "divergence", -1, sel(d.divergence), log=True, unit="nats",
                            description="KL(base lens ‖ other lens) at each cell (dark: the runs' readouts differ)",
                            ranging="size-log"))
     out += [
@@ -102,6 +100,7 @@ def diff_metrics(d: LensDiff, b: int, keep: list[int], targets: list[str]) -> li
         _metric("entropy_delta", "Δ entropy", -1, sel(d.entropy_delta), scale="diverging", unit="nats",
                 description="change in the lens's entropy", ranging="change"),
     ]
+    base, other = d.base, d.other
     if d.target_prob_delta is not None and base.target_ranks is not None and other.target_ranks is not None:
         for t, name in enumerate(targets):
             out.append(_metric(f"target{t}_prob_delta", f"Δ p({name})", -1, sel(d.target_prob_delta[..., t]),
@@ -135,7 +134,7 @@ def colour_range(values: Sequence[float], ranging: str) -> tuple[float, float]:
         size = v.abs()
         bound = _quantile(size, Q_HIGH)
         if bound <= 0:  # mostly zeros (cells a patch cannot reach): scale to what did change
-            bound = _quantile(size[size > 0], Q_HIGH) if bool((size > 0).any()) else 0.0
+            bound = _quantile(size[size > 0], Q_HIGH)
         bound = bound if bound > 0 else 1e-6
         return -bound, bound
     if ranging == "prob":
@@ -180,9 +179,8 @@ def fill_ranges(lenses: list[dict[str, Any]], skip: Sequence[int] = (), labels: 
             n_entries = len(metrics[0]["values"])
             rows = [[v for m in metrics for p, v in enumerate(m["values"][e]) if v is not None and p not in skip]
                     for e in range(n_entries)]
-            left_out: list[int] = []
-            if ranging in ("quantile", "log", "centred", "prob") and metrics[0].get("view", 0) >= 0:
-                left_out = [0] if embedding_entry_is_apart(rows, log=ranging == "log") else []
+            own = ranging in ("quantile", "log", "centred", "prob") and metrics[0].get("view", 0) >= 0
+            left_out = [0] if own and embedding_entry_is_apart(rows, log=ranging == "log") else []
             values = [v for e, row in enumerate(rows) if e not in left_out for v in row]
             lo, hi = colour_range(values, ranging)
             lo_r, hi_r = num(lo), num(hi)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -23,15 +24,10 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 def _byte_alphabet() -> dict[str, int]:
     """The printable alphabet byte-level BPE (GPT-2, Llama 3, SmolLM2) writes bytes in, inverted."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + list(range(256, 256 + len(others)))
+    return {chr(c): b for b, c in zip(printable + others, chars)}
 
 
 _BYTE_ALPHABET = _byte_alphabet()
@@ -113,21 +109,17 @@ class TokenText:
         raws = [self.token_bytes(i) for i in ids]
         texts = [self.text(i) for i in ids]
         notes = [""] * len(ids)
-        start = 0
-        while start < len(ids):
-            stop = start
-            while stop < len(ids) and raws[stop] is not None:
-                stop += 1
-            if stop > start:
-                self._decode_run(raws, start, stop, texts, notes)
-            start = stop + 1
+        for known, run in itertools.groupby(range(len(ids)), key=lambda k: raws[k] is not None):
+            if known:
+                run = list(run)
+                self._decode_run(raws, run[0], run[-1] + 1, texts, notes)
         return texts, notes
 
     def _decode_run(self, raws: list[Optional[bytes]], start: int, stop: int, texts: list[str],
                     notes: list[str]) -> None:
         """Decode tokens ``start:stop`` (all with known bytes) as one byte stream."""
-        owner = [k for k in range(start, stop) for _ in raws[k] or b""]
-        stream = b"".join(raws[k] or b"" for k in range(start, stop)).decode("utf-8", errors="surrogateescape")
+        owner = [k for k in range(start, stop) for _ in raws[k]]
+        stream = b"".join(raws[start:stop]).decode("utf-8", errors="surrogateescape")
         pieces: dict[int, list[str]] = {k: [] for k in range(start, stop)}
         split: dict[int, str] = {}  # token -> a character it shares with another token
         offset = 0
@@ -136,16 +128,13 @@ class TokenText:
             shown = _escape_bytes(raw)
             first = owner[offset]
             pieces[first].append(shown)
-            for k in {owner[b] for b in range(offset, offset + len(raw))} - {first} if len(raw) > 1 else ():
+            for k in {owner[b] for b in range(offset, offset + len(raw))} - {first}:
                 split.setdefault(k, shown)
                 split.setdefault(first, shown)
             offset += len(raw)
-        for k in range(start, stop):
-            if k not in split:
-                continue
-            texts[k] = "".join(pieces[k]) or "\u2026" + split[k]
-            hexes = " ".join(f"{b:02X}" for b in raws[k] or b"")
-            notes[k] = f"bytes {hexes}, part of \u201c{split[k]}\u201d"
+        for k, ch in split.items():
+            texts[k] = "".join(pieces[k]) or "\u2026" + ch
+            notes[k] = f"bytes {raws[k].hex(' ').upper()}, part of \u201c{ch}\u201d"
 
 
 def input_tokens(result: LensResult, b: int, keep: list[int]) -> tuple[dict[str, Any], bool]:
@@ -160,19 +149,19 @@ def input_tokens(result: LensResult, b: int, keep: list[int]) -> tuple[dict[str,
     return props, bos
 
 
-def _intensity(values: torch.Tensor, m: dict[str, Any]) -> torch.Tensor:
-    """The colour intensity the components draw (js/src/colors.ts ``intensity``)."""
+def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[int]) -> int:
+    """The entry (row of ``values``, ``[entry, pos]``) whose colour intensity varies most by position.
+
+    The intensity is the components' (js/src/colors.ts ``intensity``).
+    """
+    cols = [p for p in range(values.shape[1]) if p not in skip] or list(range(values.shape[1]))
     squash = (lambda x: x.sign() * x.abs().log1p()) if m["log"] else (lambda x: x)  # noqa: E731
+    x = squash(torch.nan_to_num(values[:, cols].double()))
     lo, hi = squash(torch.tensor(float(m["min"]))), squash(torch.tensor(float(m["max"])))
     if m["scale"] == "diverging":
-        return (squash(values) / max(abs(float(lo)), abs(float(hi)))).clamp(-1, 1)
-    return ((squash(values) - lo) / (hi - lo)).clamp(0, 1)
-
-
-def _informative_entry(values: torch.Tensor, m: dict[str, Any], skip: Sequence[int]) -> int:
-    """The entry whose colours vary most across positions (``values`` is ``[entry, pos]``)."""
-    cols = [p for p in range(values.shape[1]) if p not in skip] or list(range(values.shape[1]))
-    t = _intensity(torch.nan_to_num(values[:, cols].double()), m)
+        t = (x / max(abs(float(lo)), abs(float(hi)))).clamp(-1, 1)
+    else:
+        t = ((x - lo) / (hi - lo)).clamp(0, 1)
     spread = t.std(dim=1, correction=0) if t.shape[1] > 1 else t.abs()[:, 0]
     return int(spread.argmax())
 
@@ -245,22 +234,22 @@ def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) ->
     ids = result.tokens[b]
     top_ids = result.top_ids[e, b].tolist()
     top_probs = result.top_probs[e, b].double()
+    has_targets = result.target_probs is not None and result.target_ranks is not None
     ranks, log_probs, missing = [], [], []
-    for i in range(len(keep) - 1):
-        nxt = int(ids[pos[i + 1]])
-        row = top_ids[keep[i]]
-        if nxt in row:
-            k = row.index(nxt)
-            ranks.append(k)
-            log_probs.append(math.log(max(float(top_probs[keep[i], k]), 1e-45)))
-            continue
-        tids = None if result.target_ids is None else result.target_ids[b, keep[i]].tolist()
-        if tids is not None and nxt in tids and result.target_probs is not None and result.target_ranks is not None:
+    for i, p in zip(keep, pos[:-1]):
+        nxt = int(ids[p + 1])
+        tids = [] if result.target_ids is None else result.target_ids[b, i].tolist()
+        if nxt in top_ids[i]:
+            rank = top_ids[i].index(nxt)
+            prob = float(top_probs[i, rank])
+        elif has_targets and nxt in tids:
             t = tids.index(nxt)
-            ranks.append(int(result.target_ranks[e, b, keep[i], t]))
-            log_probs.append(math.log(max(float(result.target_probs[e, b, keep[i], t]), 1e-45)))
+            rank, prob = int(result.target_ranks[e, b, i, t]), float(result.target_probs[e, b, i, t])
+        else:
+            missing.append(p)
             continue
-        missing.append(pos[i])
+        ranks.append(rank)
+        log_probs.append(math.log(max(prob, 1e-45)))
     if missing:
         raise ValueError(
             f"the next token's probability at {result.labels[e]} is unknown at positions {missing}: it is not "
@@ -268,10 +257,9 @@ def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) ->
             "ids = model.to_tokens(text); tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))."
         )
     words = TokenText(result.decode)
-    texts, _ = words.sequence([int(i) for i in ids.tolist()])
-    prompt = [texts[p] for p in pos]
+    texts, _ = words.sequence(ids.tolist())
     props = {
-        "prompt": prompt,
+        "prompt": [texts[p] for p in pos],
         "topKLogProbs": [[num(math.log(max(p, 1e-45))) for p in top_probs[i].tolist()] for i in keep[:-1]],
         "topKTokens": [[words.text(t) for t in top_ids[i]] for i in keep[:-1]],
         "correctTokenRank": ranks,
