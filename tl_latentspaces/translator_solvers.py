@@ -82,11 +82,8 @@ class WorkingReadout:
 
     def logits(self, n: torch.Tensor, working: bool = False) -> torch.Tensor:
         W, b = (self.W_k, self.b_k) if working else (self.W_U, self.b_U)
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                z = (n @ W).float()
-        else:
-            z = n @ W
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            z = (n @ W).float()
         return z if b is None else z + b
 
     def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +181,11 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
     weight = torch.zeros(L, d, d, dtype=torch.float64, device=readout.device)
     bias = torch.zeros(L, d, dtype=torch.float64, device=readout.device)
     chosen, val_kl = [], []
+    single = len(settings.ridge) == 1  # nothing to choose: no validation KL
     for layer in range(L):
         best = None
         for alpha in settings.ridge:
             W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], alpha)
-            single = len(settings.ridge) == 1  # nothing to choose: no validation KL
             k = 0.0 if single else _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, working=True)
             if not math.isfinite(k):
                 raise TunedLensFitError(
@@ -197,9 +194,10 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
                 )
             if best is None or k < best[0]:
                 best = (k, alpha, W, b)
-        weight[layer], bias[layer] = best[2], best[3]
-        chosen.append(best[1])
-        val_kl.append(_kl(readout, check[layer, :_FULL_CHECK_TOKENS], best[2].float(), best[3].float(), targets.log_p))
+        _, alpha, W, b = best
+        weight[layer], bias[layer] = W, b
+        chosen.append(alpha)
+        val_kl.append(_kl(readout, check[layer, :_FULL_CHECK_TOKENS], W.float(), b.float(), targets.log_p))
     report = {"ridge_chosen": chosen, "val_kl_closed_form": val_kl}
     bad = [i for i, k in enumerate(val_kl) if not math.isfinite(k)]
     if bad:
