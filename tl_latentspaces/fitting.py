@@ -82,7 +82,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
         TunedLensFitError: If a loss or statistic becomes non-finite (the message names the layer and step).
 
     Example:
-        >>> lens = tll.fit_tuned_lens(model)  # default offline corpus: minutes on 2 CPU cores  # doctest: +SKIP
+        >>> lens = tll.fit_tuned_lens(model)  # default corpus: minutes on 2 CPU cores  # doctest: +SKIP
         >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
     """
     started = time.perf_counter()

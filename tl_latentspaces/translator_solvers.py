@@ -186,7 +186,8 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
         best = None
         for alpha in settings.ridge:
             W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], alpha)
-            k = 0.0 if single else _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, working=True)
+            k = 0.0 if single else _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k,
+                                       working=True)
             if not math.isfinite(k):
                 raise TunedLensFitError(
                     f"the validation KL of the closed-form translator of layer {layer} (ridge {alpha}) is "
