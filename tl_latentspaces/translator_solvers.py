@@ -164,8 +164,7 @@ def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, alpha: float) -> tuple[to
     # The floor keeps "no ridge" solvable when the residual never leaves a subspace (centred writing weights).
     lam = max(alpha, 1e-9) * XtX.diagonal()[:d].mean()
     # Solve for A = [I + W^T; b^T] with the penalty on (A - I): weight decay toward the identity.
-    eye = torch.zeros(d + 1, d, dtype=XtX.dtype, device=XtX.device)
-    eye[:d] = torch.eye(d, dtype=XtX.dtype, device=XtX.device)
+    eye = torch.eye(d + 1, d, dtype=XtX.dtype, device=XtX.device)  # [I; 0]
     A = torch.linalg.solve(_ridged(XtX, lam), XtY + lam * eye)
     return (A[:d] - eye[:d]).T.contiguous(), A[d].clone()
 
