@@ -38,7 +38,7 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def _refuse(source: str, field: str, detail: str, fix: str) -> ValueError:
+def _refuse(source: str, field: str, detail: str, fix: str = _HOOKED_FIX) -> ValueError:
     return ValueError(f"{source}: {field} {detail}; {fix}")
 
 
@@ -96,33 +96,33 @@ def check_hooked_config(raw: dict, source: str) -> float:
     params, scaling, theta = raw.get("rope_parameters"), raw.get("rope_scaling"), raw.get("rope_theta")
     if params is not None:
         if not isinstance(params, dict):
-            raise _refuse(source, "rope_parameters", f"is {params!r}, not a mapping", _HOOKED_FIX)
+            raise _refuse(source, "rope_parameters", f"is {params!r}, not a mapping")
         if "rope_theta" not in params and any(isinstance(v, dict) for v in params.values()):
-            raise _refuse(source, "rope_parameters", f"holds per-layer-type settings {sorted(params)}", _HOOKED_FIX)
+            raise _refuse(source, "rope_parameters", f"holds per-layer-type settings {sorted(params)}")
         if _rope_kind(params) not in (None, "default"):
             raise _refuse(source, "rope_parameters.rope_type",
-                          f"is {_rope_kind(params)!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
+                          f"is {_rope_kind(params)!r} (only 'default' rotary embeddings convert)")
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _refuse(source, "rope_parameters.partial_rotary_factor", f"is {params['partial_rotary_factor']}",
-                          _HOOKED_FIX)
+            raise _refuse(source, "rope_parameters.partial_rotary_factor",
+                          f"is {params['partial_rotary_factor']}")
         if "rope_theta" in params and theta is not None and float(theta) != float(params["rope_theta"]):
             raise _refuse(source, "rope_theta", f"is {theta} but rope_parameters.rope_theta is {params['rope_theta']}",
                           "fix config.json so the two agree.")
     if scaling is not None and _rope_kind(scaling) not in (None, "default"):
-        raise _refuse(source, "rope_scaling", f"is {scaling!r} (only 'default' rotary embeddings convert)", _HOOKED_FIX)
+        raise _refuse(source, "rope_scaling", f"is {scaling!r} (only 'default' rotary embeddings convert)")
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _refuse(source, "partial_rotary_factor", f"is {raw['partial_rotary_factor']}", _HOOKED_FIX)
+        raise _refuse(source, "partial_rotary_factor", f"is {raw['partial_rotary_factor']}")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
-            raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases", _HOOKED_FIX)
+            raise _refuse(source, key, "is true, but TransformerLens's Llama conversion drops biases")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
                            "vocab_size", "max_position_embeddings") if not isinstance(raw.get(k), int)]
     if missing:
         raise _refuse(source, missing[0], f"is {raw.get(missing[0])!r}, not an integer", "fix config.json.")
     d_head = raw["hidden_size"] // raw["num_attention_heads"]
     if raw.get("head_dim") not in (None, d_head):
-        raise _refuse(source, "head_dim", f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}",
-                      _HOOKED_FIX)
+        raise _refuse(source, "head_dim",
+                      f"is {raw['head_dim']}, not hidden_size / num_attention_heads = {d_head}")
     base = _rope_base(params, theta)
     return 10000.0 if base is None else base  # transformers' Llama default when neither key is present
 
@@ -167,8 +167,8 @@ def hooked_from_hf(raw: dict, name: str, source: str, hf: Any, tokenizer: Any, d
             got = fields.get(field)
             same = abs(float(got) - want) <= 1e-12 * abs(want) if isinstance(want, float) else got == want
             if not same:
-                raise _refuse(source, key, f"is {want!r} in config.json, but TransformerLens read {field}={got!r}",
-                              _HOOKED_FIX)
+                raise _refuse(source, key,
+                              f"is {want!r} in config.json, but TransformerLens read {field}={got!r}")
         fields["rotary_base"] = theta  # TransformerLens 2.x gives a local Llama folder the default 10,000
         fields["rotary_dim"] = d_head
         fields["model_name"] = name  # not the temporary folder TransformerLens read the config from

@@ -1,22 +1,13 @@
-"""Fitting a tuned lens fast: closed-form least squares, then Gauss-Newton steps on the KL.
+"""Fitting a tuned lens fast, in three phases bounded in memory:
 
-:func:`fit_tuned_lens` fits one affine translator per layer so that ``ln_final(h_l + W_l h_l + b_l) @ W_U``
-predicts the model's own next-token distribution, in three phases bounded in memory:
+1. **Collection** (a :class:`~tl_latentspaces.runner.CorpusRunner` consumer): without position 0 and
+   *massive-activation* positions, each layer's normal equations in float64; the held-out validation
+   positions and a ``refine_tokens`` subset as float32.
+2. **Closed form**: per layer, ridge least squares toward the identity, the ridge chosen by validation KL.
+3. **Refinement**: Gauss-Newton steps on KL(final || lens), Kronecker-factored curvature (Martens & Grosse
+   2015) on the ``refine_vocab`` most probable tokens; kept only where the full-vocabulary KL improves.
 
-1. **Collection**, a :class:`~tl_latentspaces.runner.CorpusRunner` consumer: leaving out position 0 and
-   *massive-activation* positions, the normal equations of each layer accumulate in float64; the held-out
-   validation positions and a ``refine_tokens`` subset are kept as float32.
-2. **Closed form.** Per layer, ridge least squares toward the identity, the ridge chosen by validation KL.
-3. **Refinement.** A few Gauss-Newton steps on KL(final || lens) with a Kronecker-factored curvature
-   (Martens & Grosse 2015) over a working vocabulary of the ``refine_vocab`` most probable tokens; a refined
-   translator is kept only if its full-vocabulary validation KL beats the closed form's.
-
-Deterministic for a seed; with ``checkpoint_dir`` an interrupted fit resumes to the same lens. On a GPU the
-vocabulary matmuls of the refinement run under bfloat16 autocast.
-
-Example:
-    >>> lens = tll.fit_tuned_lens(model)  # default offline corpus: a few minutes on 2 CPU cores  # doctest: +SKIP
-    >>> tll.tuned_lens(model, "The Eiffel Tower is in the city of", lens).summary()  # doctest: +SKIP
+On a GPU the refinement's vocabulary matmuls run under bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -60,6 +51,8 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
                    progress: bool = True) -> TunedLens:
     """Fit a tuned lens for ``model`` on ``corpus``: closed form, then Gauss-Newton on the KL.
 
+    Deterministic for a seed; with ``checkpoint_dir`` an interrupted fit resumes to the same lens.
+
     Args:
         corpus: Texts, file paths (``.txt``/``.jsonl``) or a ``[n, seq_len]`` token tensor; default the
             training split of the offline default corpus.
@@ -89,7 +82,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
         TunedLensFitError: If a loss or statistic becomes non-finite (the message names the layer and step).
 
     Example:
-        >>> lens = fit_tuned_lens(model, ["A long training text ..."] * 100, max_tokens=16384)  # doctest: +SKIP
+        >>> lens = tll.fit_tuned_lens(model)  # default corpus: minutes on 2 CPU cores  # doctest: +SKIP
         >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
     """
     started = time.perf_counter()
@@ -124,15 +117,15 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
     settings = FitSettings(max_tokens, seq_len, batch_size, validation_fraction, ridges, refine_steps, refine_tokens,
                            refine_vocab, damping, massive_factor, seed)
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, max_tokens=max_tokens)
+    min_train = 2 * (access.d_model + 1)
     if seqs.shape[0] < 2:
         raise ValueError(
             f"the corpus gives {seqs.shape[0]} sequence of seq_len={seq_len} tokens; a fit needs at "
             "least 2 (one held out for validation) and, to determine the translators, at least "
-            f"{2 * (access.d_model + 1)} training positions. Pass more text or a smaller seq_len."
+            f"{min_train} training positions. Pass more text or a smaller seq_len."
         )
     cap = max(1, math.ceil(_MAX_VALIDATION_TOKENS / (seq_len - 1)))
     n_val = max(1, min(round(validation_fraction * seqs.shape[0]), cap, seqs.shape[0] - 1))
-    min_train = 2 * (access.d_model + 1)
     if (seqs.shape[0] - n_val) * (seq_len - 1) < min_train:
         raise ValueError(
             f"the corpus gives {seqs.shape[0]} sequences of {seq_len} tokens, {n_val} of them held out: "

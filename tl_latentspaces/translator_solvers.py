@@ -1,9 +1,6 @@
-"""The numerics of the tuned-lens fit: the closed-form ridge translators and their Gauss-Newton refinement.
+"""The tuned-lens fit's numerics: closed-form ridge translators, then Gauss-Newton steps on the KL.
 
-:func:`~tl_latentspaces.fitting.fit_tuned_lens` collects :class:`FitStats` and calls :func:`choose_targets`,
-:func:`closed_form` and :func:`refine` here. The refinement scores a working vocabulary (the tokens with the most
-final probability mass) through :class:`WorkingReadout`; ``ckpt``, where given, is the fit's checkpoint
-(``lens()``, ``save_lens(...)``, ``folder``).
+``ckpt``, where given, is the fit's checkpoint (``lens()``, ``save_lens(...)``, ``folder``).
 """
 
 from __future__ import annotations
@@ -85,11 +82,8 @@ class WorkingReadout:
 
     def logits(self, n: torch.Tensor, working: bool = False) -> torch.Tensor:
         W, b = (self.W_k, self.b_k) if working else (self.W_U, self.b_U)
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                z = (n @ W).float()
-        else:
-            z = n @ W
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            z = (n @ W).float()
         return z if b is None else z + b
 
     def norm_vjp(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +121,7 @@ def _restricted_targets(readout: WorkingReadout, final: torch.Tensor, full_rows:
 
 
 def choose_targets(readout: WorkingReadout, stats: FitStats, settings: FitSettings,
-             chunk: int = 512) -> tuple[_Targets, Optional[_Targets]]:
+                   chunk: int = 512) -> tuple[_Targets, Optional[_Targets]]:
     """Choose the working vocabulary (the ``refine_vocab`` tokens with the most final probability mass) on
     ``readout``; return the targets of the check positions and of the refinement positions (or None)."""
     final = (stats.refine[-1] if stats.refine.shape[1] else stats.val[-1])[:_VOCAB_TOKENS]
@@ -170,14 +164,14 @@ def _solve_ridge(XtX: torch.Tensor, XtY: torch.Tensor, alpha: float) -> tuple[to
     # The floor keeps "no ridge" solvable when the residual never leaves a subspace (centred writing weights).
     lam = max(alpha, 1e-9) * XtX.diagonal()[:d].mean()
     # Solve for A = [I + W^T; b^T] with the penalty on (A - I): weight decay toward the identity.
-    eye = torch.zeros(d + 1, d, dtype=XtX.dtype, device=XtX.device)
-    eye[:d] = torch.eye(d, dtype=XtX.dtype, device=XtX.device)
+    eye = torch.eye(d + 1, d, dtype=XtX.dtype, device=XtX.device)  # [I; 0]
     A = torch.linalg.solve(_ridged(XtX, lam), XtY + lam * eye)
     return (A[:d] - eye[:d]).T.contiguous(), A[d].clone()
 
 
 def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, settings: FitSettings,
-                 ckpt: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                ckpt: Optional[Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per layer, the ridge translator whose working-vocabulary validation KL is lowest, and the report."""
     saved = ckpt.lens(readout.device) if ckpt is not None else None
     if saved is not None:
         return saved  # the latest phase's: a resumed refinement goes on from its layers_refined
@@ -186,14 +180,13 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
     weight = torch.zeros(L, d, d, dtype=torch.float64, device=readout.device)
     bias = torch.zeros(L, d, dtype=torch.float64, device=readout.device)
     chosen, val_kl = [], []
+    single = len(settings.ridge) == 1  # nothing to choose: no validation KL
     for layer in range(L):
         best = None
         for alpha in settings.ridge:
             W, b = _solve_ridge(stats.XtX[layer], stats.XtY[layer], alpha)
-            if len(settings.ridge) == 1:
-                best = (0.0, alpha, W, b)
-                break
-            k = _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k, working=True)
+            k = 0.0 if single else _kl(readout, check[layer], W.float(), b.float(), targets.log_p_k,
+                                       working=True)
             if not math.isfinite(k):
                 raise TunedLensFitError(
                     f"the validation KL of the closed-form translator of layer {layer} (ridge {alpha}) is "
@@ -201,12 +194,13 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
                 )
             if best is None or k < best[0]:
                 best = (k, alpha, W, b)
-        weight[layer], bias[layer] = best[2], best[3]
-        chosen.append(best[1])
-        val_kl.append(_kl(readout, check[layer, :_FULL_CHECK_TOKENS], best[2].float(), best[3].float(), targets.log_p))
+        _, alpha, W, b = best
+        weight[layer], bias[layer] = W, b
+        chosen.append(alpha)
+        val_kl.append(_kl(readout, check[layer, :_FULL_CHECK_TOKENS], W.float(), b.float(), targets.log_p))
     report = {"ridge_chosen": chosen, "val_kl_closed_form": val_kl}
-    if not all(math.isfinite(k) for k in val_kl):
-        bad = [i for i, k in enumerate(val_kl) if not math.isfinite(k)]
+    bad = [i for i, k in enumerate(val_kl) if not math.isfinite(k)]
+    if bad:
         raise TunedLensFitError(
             f"the closed-form translators of layers {bad} give a non-finite validation KL. Pass larger ridge "
             "values, e.g. ridge=(0.1, 1.0), or check the model's activations."
@@ -218,7 +212,7 @@ def closed_form(stats: FitStats, readout: WorkingReadout, targets: _Targets, set
 
 # ---------------------------------------------------------------------- phase 3: refinement
 def gauss_newton_stats(readout: WorkingReadout, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, tgt: _Targets,
-                        gain: torch.Tensor, chunk: int = 1024):
+                       gain: torch.Tensor, chunk: int = 1024):
     """``(loss, G [d, d+1], F [d, d])`` of the working-vocabulary KL at ``(W, b)``: ``G`` the gradient w.r.t.
     ``[W | b]``, ``F`` the softmax's Gauss-Newton matrix through the norm (``J ~ diag(gain) / rms``), row mean."""
     d, dev, N, W_k = x.shape[1], x.device, x.shape[0], readout.W_k
@@ -256,7 +250,8 @@ def gauss_newton_stats(readout: WorkingReadout, x: torch.Tensor, W: torch.Tensor
 
 
 def refine(stats: FitStats, readout: WorkingReadout, val_t: _Targets, ref_t: Optional[_Targets], settings: FitSettings,
-            weight: torch.Tensor, bias: torch.Tensor, report: dict, ckpt: Optional[Any], progress: bool):
+           weight: torch.Tensor, bias: torch.Tensor, report: dict, ckpt: Optional[Any], progress: bool):
+    """Gauss-Newton steps per layer from the closed form, kept where the full-vocabulary KL improves."""
     L, d = weight.shape[0], weight.shape[1]
     if ref_t is None:
         report["refined"] = [False] * L
@@ -269,9 +264,8 @@ def refine(stats: FitStats, readout: WorkingReadout, val_t: _Targets, ref_t: Opt
     report.setdefault("refined", [False] * L)
     report.setdefault("train_kl_refine", [None] * L)
     report["refine_vocab_mass"] = float(val_t.log_p[:, readout.vocab].exp().sum(-1).mean())
-    bar = tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL",
-               disable=not (progress and current_context().is_main))
-    try:
+    with tqdm(total=(L - start_layer) * settings.refine_steps, desc="tuned lens: refining on KL",
+              disable=not (progress and current_context().is_main)) as bar:
         for layer in range(start_layer, L):
             x, xv = stats.refine[layer], check[layer]
             last_good = ("" if ckpt is None else
@@ -320,6 +314,4 @@ def refine(stats: FitStats, readout: WorkingReadout, val_t: _Targets, ref_t: Opt
             bar.set_postfix(layer=layer, mean_val_kl=f"{sum(done) / len(done):.3f}")
             if ckpt is not None:
                 ckpt.save_lens("refine", weight, bias, report, layers_done=layer + 1)
-    finally:
-        bar.close()
     return weight, bias, report

@@ -1,8 +1,7 @@
-"""The tuned lens (Belrose et al. 2023): one affine translator per layer before the logit lens.
+"""The tuned lens (Belrose et al. 2023): ``"{l}_pre"`` reads as ``ln_final(h + W_l h + b_l) @ W_U + b_U``.
 
-Layer ``l``'s residual ``h`` (stack label ``"{l}_pre"``) reads as ``ln_final(h + W_l h + b_l) @ W_U + b_U``;
-``"final_post"`` has no translator. Two folder formats: ours (a JSON config naming the SHA-256 of a safetensors
-file) and the ``tuned-lens`` package's (``config.json`` + ``params.pt``).
+Two folder formats: ours (a JSON config naming the SHA-256 of a safetensors file) and the ``tuned-lens``
+package's (``config.json`` + ``params.pt``).
 """
 
 from __future__ import annotations
@@ -55,21 +54,18 @@ def translate_rows(x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "
 class TunedLens(torch.nn.Module):
     """Affine translators ``h -> h + W_l h + b_l``, one per layer, read through the logit lens.
 
-    Stored in residual form and zero at the start, so a fresh lens *is* the logit lens. It refuses a model other
-    than the one it was fitted for. It is a :class:`~tl_latentspaces.Lens` (``translate(x, label)``) and
-    TransformerLens 4.3's ``logit_lens(model, input, lens=lens)`` callable ``lens(entry, index)``.
+    Zero at the start, so a fresh lens *is* the logit lens; it refuses a model other than its own. It is a
+    :class:`~tl_latentspaces.Lens` and TransformerLens 4.3's ``logit_lens(..., lens=lens)`` callable.
 
     Args:
         identity: The model this lens is for (see :meth:`for_model`).
-        weight: ``[n_layers, d_model, d_model]`` translator matrices (``nn.Linear`` convention: the translated
-            vector is ``h + h @ W_l.T + b_l``); zeros if None. Kept as a float32 ``nn.Parameter``.
-        bias: ``[n_layers, d_model]`` translator biases; zeros if None.
+        weight: ``[n_layers, d_model, d_model]`` (``nn.Linear`` convention: ``h + h @ W_l.T + b_l``); zeros if
+            None. Kept as a float32 ``nn.Parameter``, like ``bias``.
+        bias: ``[n_layers, d_model]``; zeros if None.
         info: JSON-serialisable notes on how the lens was made (fit settings, losses); saved with the lens.
 
     Example:
         >>> lens = TunedLens.for_model(model)  # doctest: +SKIP
-        >>> lens(torch.randn(2, 5, model.cfg.d_model), 3).shape  # the TransformerLens lens callable  # doctest: +SKIP
-        torch.Size([2, 5, 64])
         >>> lens.save("smollm2-tuned")  # doctest: +SKIP
         >>> same = TunedLens.load("smollm2-tuned", model)  # doctest: +SKIP
     """
@@ -117,7 +113,7 @@ class TunedLens(torch.nn.Module):
             index = int(index.item())
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError(f"the stack index must be an int, got {index!r}.")
-        is_final = index == self.n_layers or index == -1
+        is_final = index in (self.n_layers, -1)
         if not is_final and not 0 <= index < self.n_layers:
             raise ValueError(
                 f"stack index {index} is out of range: this tuned lens has translators for entries "
@@ -194,8 +190,7 @@ class TunedLens(torch.nn.Module):
     def save(self, path: PathLike) -> Path:
         """Write the lens to the folder ``path`` (``tuned_lens.json`` + ``tuned_lens.safetensors``); returns it.
 
-        Only those two files are replaced, each atomically, so a crash leaves the old or the new lens. A non-empty
-        path that is not a lens folder is refused, and so is a lens with NaN or inf translators.
+        Each file is replaced atomically. A non-empty non-lens folder, or NaN/inf translators, are refused.
         """
         self.check_finite("save")
         return _write_folder(self, Path(path))
@@ -203,10 +198,10 @@ class TunedLens(torch.nn.Module):
     @classmethod
     def load(cls, path: PathLike, model: Any, *, check_unembedding: bool = True,
              device: Union[str, torch.device, None] = None) -> "TunedLens":
-        """Load a lens saved by :meth:`save` and check it against ``model``.
+        """Load a lens saved by :meth:`save`, refusing one fitted for another model than ``model``.
 
-        A lens fitted for another model is refused, naming the mismatch; ``check_unembedding=False`` skips the
-        unembedding hash (the same model in compatibility mode has another ``W_U``). ``device`` defaults to the model's.
+        ``check_unembedding=False`` skips the ``W_U`` hash (compatibility mode changes ``W_U``). ``device``
+        defaults to the model's.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
@@ -220,8 +215,7 @@ class TunedLens(torch.nn.Module):
     def save_tuned_lens_format(self, path: PathLike, model: Any = None) -> Path:
         """Write the ``tuned-lens`` package's folder format (``config.json`` + ``params.pt``); returns the folder.
 
-        The package loads it with ``tuned_lens.TunedLens.from_unembed_and_pretrained(Unembed(hf_model), path)``.
-        ``model``, optional, records the package's ``unembed_hash`` of ``W_U`` (the package only warns without it).
+        ``model``, optional, records the package's ``unembed_hash`` of ``W_U`` (the package warns without it).
         """
         self.check_finite("save")
         unembed_hash = _package_unembed_hash(self.check_model(model)) if model is not None else None
@@ -232,8 +226,8 @@ class TunedLens(torch.nn.Module):
                                device: Union[str, torch.device, None] = None) -> "TunedLens":
         """Import a lens folder in the ``tuned-lens`` package's format (``config.json`` + ``params.pt``).
 
-        ``params.pt`` is read with ``torch.load(weights_only=True)``: a file carrying code is refused before it runs.
-        The package's ``unembed_hash``, when present, is checked unless ``check_unembedding`` is False.
+        ``params.pt`` is read with ``weights_only=True``; the ``unembed_hash``, if any, is checked unless
+        ``check_unembedding`` is False.
 
         Raises:
             FileNotFoundError: If the folder or its files are missing.
@@ -251,8 +245,7 @@ def _write_folder(lens: TunedLens, folder: Path) -> Path:
     config = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "model": asdict(lens.identity),
               "translator": "h + h @ weight[l].T + bias[l], l = stack index of '{l}_pre'; final_post unchanged",
               "info": lens.info}
-    tensors = {"weight": lens.weight.detach().to("cpu", torch.float32).contiguous(),
-               "bias": lens.bias.detach().to("cpu", torch.float32).contiguous()}
+    tensors = {k: getattr(lens, k).detach().to("cpu", torch.float32).contiguous() for k in ("weight", "bias")}
     params = safetensors.torch.save(tensors, metadata={"format": _FORMAT})
     config["params_sha256"] = sha256_hex(params)
     files = [(PARAMS_FILE, params), (CONFIG_FILE, _config_bytes(config))]
@@ -409,10 +402,8 @@ def _read_package_folder(folder: Path, model: Any, check_unembedding: bool) -> t
             "deeper or shallower model does not transfer)."
         )
     weight = torch.stack([_tensor_entry(state, f"{layer}.weight", (d, d), params_path) for layer in range(L)])
-    if has_bias:
-        bias = torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
-    else:
-        bias = torch.zeros(L, d)
+    bias = (torch.stack([_tensor_entry(state, f"{layer}.bias", (d,), params_path) for layer in range(L)])
+            if has_bias else torch.zeros(L, d))
     return access, weight, bias, config
 
 

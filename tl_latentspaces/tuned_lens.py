@@ -1,7 +1,6 @@
-"""Reading through the tuned lens: ``tl_latentspaces.tuned_lens(model, input, lens)``.
+"""The tuned lens's public names in one place; the module is callable as :func:`tuned_lens`.
 
-The tuned lens's public names in one place. Nothing in the package imports this module (no import circle). The
-module is callable: ``tl_latentspaces.tuned_lens(...)`` calls :func:`tuned_lens`.
+Nothing in the package imports this module (no import circle).
 """
 
 from __future__ import annotations
