@@ -1,13 +1,11 @@
-"""The formats a Jacobian lens is read from and written to, for :class:`~tl_latentspaces.jacobian_lens.JacobianLens`.
+"""The formats of a :class:`~tl_latentspaces.jacobian_lens.JacobianLens`.
 
 * Our folder: ``jacobian_lens.json`` (format, model identity, labels, info) and
   ``jacobian_lens.safetensors`` (``{label: matrix}``), written atomically.
-* TransformerLens 4.3's ``JacobianLens`` object and its ``.pt`` artifact (a ``torch.save`` dict with
-  ``J``, ``n_prompts``, ``source_layers``, ``d_model``, ``metadata``; or a fit checkpoint with
-  ``jacobian_sum``), read with ``torch.load(weights_only=True)`` only, so a pickle carrying code is
-  refused. Its layer ``l`` (the output of block ``l``) is our ``"{l+1}_pre"``; our ``"0_pre"`` has no
-  layer there. It reads only raw ``TransformerBridge`` activations, so only a lens of kind
-  ``"bridge-raw"`` exports.
+* TransformerLens 4.3's ``JacobianLens`` object and its ``.pt`` artifact (``J``, ``n_prompts``,
+  ``source_layers``, ``d_model``, ``metadata``; or a fit checkpoint with ``jacobian_sum``), read with
+  ``torch.load(weights_only=True)`` only. Its layer ``l`` is our ``"{l+1}_pre"``; our ``"0_pre"`` has no
+  layer there. It reads only raw ``TransformerBridge`` activations: only a ``"bridge-raw"`` lens exports.
 """
 
 from __future__ import annotations
@@ -53,10 +51,9 @@ def write_lens_folder(lens: Any, path: Path) -> Path:
         blob = json.dumps(config, indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
-    tensors = dict(lens.matrices)
 
     def write(tmp: Path) -> None:
-        safetensors.torch.save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
+        safetensors.torch.save_file(lens.matrices, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
         (tmp / CONFIG_FILE).write_text(blob)
 
     return replace_folder_atomic(path, write, own_marker=CONFIG_FILE, what="Jacobian lens folder")
