@@ -383,10 +383,9 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
                       progress: bool = True) -> JacobianLens:
     """Fit a Jacobian lens on any supported model: ``HookedTransformer`` or ``TransformerBridge``.
 
-    Each sequence of the packed corpus contributes its Jacobian of the final residual (``final_post``)
-    with respect to every source entry, summed over valid target positions ``t' >= t`` and averaged over
-    valid source positions; sequences weigh equally. The forward pass is the model's own, with the
-    user's hooks (an ablation upstream of a source, or between source and target, changes the Jacobian).
+    Each packed sequence contributes, with equal weight, its Jacobian of ``final_post`` with respect to
+    every source entry (the module docstring's formula). The forward pass is the model's own: the user's
+    hooks (an ablation upstream of a source, or between source and target) change the Jacobian.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` (raw or compatibility mode) in eval mode.
@@ -434,8 +433,7 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
     seed = int(seed)
     sources = _resolve_sources(access, layers)
     target_name = f"blocks.{L - 1}.hook_resid_post"
-    if corpus is None:
-        corpus = default_corpus("train")
+    corpus = default_corpus("train") if corpus is None else corpus
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     ctx = current_context()
     mine = list(shard_batches(seqs.shape[0], ctx))

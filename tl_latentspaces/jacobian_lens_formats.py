@@ -117,12 +117,8 @@ def _tl_class(fix: str) -> Any:
 
 
 def matrices_from_transformer_lens(lens: Any, access: ModelAccess) -> tuple[dict[str, torch.Tensor], dict]:
-    """``({"{l+1}_pre": J_l}, info)`` of a TransformerLens lens, after its own ``validate_model``.
-
-    Raises:
-        TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``.
-        ValueError: If TransformerLens's model check fails or a layer is outside the model.
-    """
+    """``({"{l+1}_pre": J_l}, info)`` of a TransformerLens lens, after its own ``validate_model``; raises
+    TypeError for another object, ValueError for a failed model check or a layer outside the model."""
     if not is_transformer_lens_jacobian_lens(lens):
         raise TypeError(
             f"expected a transformer_lens.tools.analysis.JacobianLens, got {type(lens).__module__}."
@@ -159,8 +155,7 @@ def transformer_lens_payload(lens: Any) -> tuple[dict[int, torch.Tensor], dict]:
     jac = {int(label[:-4]) - 1: m for label, m in lens.matrices.items() if label != "0_pre"}
     if not jac:
         raise ValueError("this lens has no matrix TransformerLens can hold (only 0_pre); nothing to export.")
-    meta = {"model_name": lens.identity.name, "target_layer": lens.n_layers - 1,
-            "converted_from": _FORMAT}
+    meta = {"model_name": lens.identity.name, "target_layer": lens.n_layers - 1, "converted_from": _FORMAT}
     return jac, meta
 
 
