@@ -1,26 +1,21 @@
 """The Jacobian lens (Gurnee et al. 2026): one corpus-averaged Jacobian per layer before the logit lens.
 
-A Jacobian lens reads the residual ``h`` of stack entry ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``)
-as ``ln_final(J_l h) @ W_U + b_U``, where ``J_l`` is the ``d_model x d_model`` Jacobian of the last
+The residual ``h`` of stack entry ``"{l}_pre"`` (``blocks.{l}.hook_resid_pre``) reads as
+``ln_final(J_l h) @ W_U + b_U``, where ``J_l`` is the ``d_model x d_model`` Jacobian of the last
 block's output (``final_post``) with respect to that residual, averaged over a corpus:
     J_l = mean over prompts of  (1/|V|) sum_{t in V} sum_{t' in V, t' >= t}  d h_final[t'] / d h_l[t]
 
-``V`` is the set of valid positions: all but the first ``skip_first_positions`` (attention sinks
-with atypical residuals) and the last. The logit lens is the special case ``J_l = I``; the final
-entry, and an entry without a matrix, is read unchanged. This is TransformerLens 4.3's
-``transformer_lens.tools.analysis.JacobianLens`` in our labels (its layer ``l`` is our ``"{l+1}_pre"``;
-we also fit ``"0_pre"``): a TransformerLens lens passed in ``lenses=`` is converted on the fly, after its
-own model check and ours, and :mod:`~tl_latentspaces.jacobian_lens_formats` reads and writes its
-objects and ``.pt`` artifacts. :class:`JacobianLens` records the model's identity (sizes and an
-unembedding hash, which also tells a raw bridge from compatibility mode) and reads as a
-:class:`~tl_latentspaces.Lens`; ``save``/``load`` use a folder of JSON config and safetensors matrices.
+``V``, the valid positions, leaves out the first ``skip_first_positions`` (attention sinks with
+atypical residuals) and the last. ``J_l = I`` is the logit lens; the final entry, and an entry without
+a matrix, read unchanged. This is TransformerLens 4.3's ``transformer_lens.tools.analysis.JacobianLens``
+in our labels (its layer ``l`` is our ``"{l+1}_pre"``; we also fit ``"0_pre"``); a TransformerLens lens
+passed in ``lenses=`` is converted on the fly, and :mod:`~tl_latentspaces.jacobian_lens_formats` reads
+and writes its objects and ``.pt`` artifacts.
 
-:func:`fit_jacobian_lens` runs the model's own forward pass (any model class the package reads) with
-capture hooks in a :class:`~tl_latentspaces.hooks.HookSession`, so the user's hooks act on what is
-differentiated and stay registered, then takes vector-Jacobian products from the final residual back
-to every source entry at once. It has its own loop, not the corpus runner's (whose consumers get
-detached stacks, no autograd graph), over the same packed sequences, with the same ``torchrun``
-sharding, merge and checkpoint format (:mod:`~tl_latentspaces.checkpoints`). Two estimators:
+:func:`fit_jacobian_lens` runs the model's own forward pass with capture hooks in a
+:class:`~tl_latentspaces.hooks.HookSession` (the user's hooks act on what is differentiated), then takes
+vector-Jacobian products from the final residual back to every source entry at once, over the corpus
+runner's packed sequences, ``torchrun`` sharding and checkpoint format. Two estimators:
 
 * ``mode="exact"``: TransformerLens's. Each sequence is replicated ``dim_batch`` times in one forward
   pass that keeps the graph only from the lowest source entry up; each of ``ceil(d_model / dim_batch)``
@@ -29,14 +24,6 @@ sharding, merge and checkpoint format (:mod:`~tl_latentspaces.checkpoints`). Two
   ``R = Q^T J``; the estimate ``I + (d_model / probes) Q (R - Q^T)`` is unbiased and uses the identity
   (the skip path) as a control variate, so only ``J - I`` carries sketch noise. It costs
   ``probes / d_model`` of the exact work per sequence; see ``benchmarks/results/jacobian_lens.md``.
-
-Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> lens = tll.fit_jacobian_lens(model, max_tokens=8 * 128)  # doctest: +SKIP
-    >>> r = tll.read_lenses(model, "The Eiffel Tower is in the city of", lenses=("logit", lens))  # doctest: +SKIP
-    >>> lens.save("smollm2-jlens")  # doctest: +SKIP
-    >>> same = tll.JacobianLens.load("smollm2-jlens", model)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -63,14 +50,8 @@ from tl_latentspaces.jacobian_lens_formats import (CONFIG_FILE, PARAMS_FILE, is_
                                                    to_transformer_lens, write_lens_folder)
 from tl_latentspaces.model import ModelAccess, ModelIdentity, pre_layer
 
-__all__ = [
-    "JacobianLens",
-    "fit_jacobian_lens",
-    "is_transformer_lens_jacobian_lens",
-    "CONFIG_FILE",
-    "PARAMS_FILE",
-    "DEFAULT_SKIP_FIRST_POSITIONS",
-]
+__all__ = ["JacobianLens", "fit_jacobian_lens", "is_transformer_lens_jacobian_lens", "CONFIG_FILE",
+           "PARAMS_FILE", "DEFAULT_SKIP_FIRST_POSITIONS"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -97,21 +78,21 @@ def _check_key(access: ModelAccess) -> tuple:
     return (id(access.model), access.W_U.data_ptr(), access.W_U._version)
 
 
+def _in_stack_order(labels: Any) -> list[str]:
+    """``"{l}_pre"`` labels sorted by layer."""
+    return sorted(labels, key=lambda s: int(s[:-4]))
+
+
 class JacobianLens:
     """Per-entry ``d_model x d_model`` Jacobians, read as ``ln_final(J h) @ W_U + b_U``.
 
     Args:
         identity: The model the lens is for (sizes and unembedding hash).
         matrices: ``{label: [d_model, d_model]}`` for ``"{l}_pre"`` labels; entries left out read
-            with the identity (the logit lens).
+            with the identity (the logit lens). Stored as float32 on the CPU, in stack order.
         info: JSON-serialisable notes (fit settings, provenance); saved with the lens.
-        name: The lens's name in results and evaluations (two J-lenses read side by side need two
-            names; see :meth:`renamed`).
-
-    Attributes:
-        matrices: ``{label: float32 [d_model, d_model]}`` on the CPU, in stack order.
-        identity: :class:`~tl_latentspaces.model.ModelIdentity`.
-        info: dict.
+        name: The lens's name in results (two J-lenses read side by side need two names; see
+            :meth:`renamed`).
     """
 
     def __init__(self, identity: ModelIdentity, matrices: dict[str, Float[torch.Tensor, "d_model d_model"]], *,
@@ -127,7 +108,6 @@ class JacobianLens:
         L, d = identity.n_layers, identity.d_model
         if not isinstance(matrices, dict) or not matrices:
             raise ValueError("matrices must be a non-empty {label: [d_model, d_model] tensor} dict.")
-        clean: dict[str, torch.Tensor] = {}
         for label, m in matrices.items():
             if pre_layer(label, L) is None:
                 raise ValueError(
@@ -139,14 +119,13 @@ class JacobianLens:
                 raise ValueError(f"matrices[{label!r}] must be a float tensor of shape [{d}, {d}], got {got}.")
             if not torch.isfinite(m).all():
                 raise ValueError(f"matrices[{label!r}] holds NaN or inf values; a lens needs finite matrices.")
-            clean[label] = m.detach().to("cpu", torch.float32).contiguous()
         self.identity = identity
-        self.matrices = {label: clean[label] for label in sorted(clean, key=lambda s: int(s[:-4]))}
+        self.matrices = {label: matrices[label].detach().to("cpu", torch.float32).contiguous()
+                         for label in _in_stack_order(matrices)}
         self.info = dict(info or {})
         self.name = name
         self._checked: Optional[tuple] = None
 
-    # ------------------------------------------------------------------ basics
     @property
     def n_layers(self) -> int:
         return self.identity.n_layers
@@ -190,14 +169,9 @@ class JacobianLens:
             )
         return self.transform_hidden(x, label)
 
-    # ------------------------------------------------------------------ model check and readout
     def check_model(self, model: Any) -> ModelAccess:
-        """Raise ``ValueError`` naming every mismatch between this lens and ``model``.
-
-        Sizes and the unembedding hash must match the model the lens was fitted for; the hash
-        also refuses the same weights in another residual basis (compatibility mode, a
-        ``HookedTransformer`` with processed weights).
-        """
+        """Raise ``ValueError`` naming every mismatch (sizes, unembedding hash) with ``model``; the hash also
+        refuses the same weights in another residual basis (compatibility mode, processed weights)."""
         access = _access(model)
         key = _check_key(access)
         if key == self._checked:
@@ -215,12 +189,10 @@ class JacobianLens:
         self._checked = key
         return access
 
-    # ------------------------------------------------------------------ save / load
     def save(self, path: PathLike) -> Path:
-        """Write the lens to the folder ``path``: ``jacobian_lens.json`` + ``jacobian_lens.safetensors``.
+        """Write the lens to the folder ``path`` (``jacobian_lens.json`` + ``jacobian_lens.safetensors``).
 
-        Written under a temporary name and renamed into place; an existing lens folder is
-        replaced, any other existing file or folder refused.
+        Atomic; an existing lens folder is replaced, any other existing file or folder refused.
         """
         return write_lens_folder(self, Path(path))
 
@@ -232,15 +204,14 @@ class JacobianLens:
         lens.check_model(model)
         return lens
 
-    # ------------------------------------------------------------------ TransformerLens interop
     @classmethod
     def from_transformer_lens(cls, lens: Any, model: Any, *, name: str = "jacobian") -> "JacobianLens":
         """Convert a TransformerLens ``JacobianLens`` (fitted or loaded) for reading ``model``.
 
-        TransformerLens's own ``lens.validate_model(model)`` runs first (a raw ``TransformerBridge``; the
-        recorded model name and revision; ``d_model``; the layer range; the final-block target); the result
-        records ``model``'s identity, so every later read checks sizes and the unembedding hash too. Its
-        layer ``l`` becomes ``"{l+1}_pre"``.
+        TransformerLens's own ``lens.validate_model(model)`` runs first (a raw ``TransformerBridge``, the
+        recorded model name and revision, ``d_model``, the layer range, the final-block target); the result
+        records ``model``'s identity, so later reads check sizes and the unembedding hash too. Its layer
+        ``l`` becomes ``"{l+1}_pre"``.
 
         Raises:
             TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``.
@@ -278,7 +249,6 @@ class JacobianLens:
         return cls.from_transformer_lens(read_transformer_lens_file(path), model, name=name)
 
 
-# ---------------------------------------------------------------------- fitting
 class _JacobianSums:
     """Running float64 sums of per-sequence Jacobian estimates: mergeable across processes."""
 
@@ -321,9 +291,8 @@ def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
     L = access.n_layers
     if layers is None:
         return [f"{layer}_pre" for layer in range(L)]
-    items = [layers] if isinstance(layers, (int, str)) else list(layers)
     out = set()
-    for item in items:
+    for item in [layers] if isinstance(layers, (int, str)) else list(layers):
         if pre_layer(item, L) is not None:
             out.add(item)
         elif isinstance(item, int) and not isinstance(item, bool) and -L <= item < L:
@@ -335,7 +304,7 @@ def _resolve_sources(access: ModelAccess, layers: Any) -> list[str]:
             )
     if not out:
         raise ValueError("layers is empty; pass None for every '{l}_pre' entry.")
-    return sorted(out, key=lambda s: int(s[:-4]))
+    return _in_stack_order(out)
 
 
 def _forward_with_graph(access: ModelAccess, ids: torch.Tensor, sources: list[str],
@@ -343,33 +312,29 @@ def _forward_with_graph(access: ModelAccess, ids: torch.Tensor, sources: list[st
     """One forward pass of the model's own, keeping the graph from the lowest source entry up.
 
     The lowest source's hook returns a detached copy that requires grad and switches autograd on
-    for the rest of the pass, so the layers below it build no graph and the model's parameters
-    are left as they are (no ``requires_grad`` flag is changed). Every source and the target are
-    captured after the user's hooks on those points.
+    for the rest of the pass, so the layers below it build no graph and no parameter's
+    ``requires_grad`` changes. Sources and target are captured after the user's hooks there.
     """
     captured: dict[str, torch.Tensor] = {}
     names = {label: f"blocks.{int(label[:-4])}.hook_resid_pre" for label in sources}
+    names["__target__"] = target_name
 
     def make(key: str, root: bool) -> Any:
         def hook(activation: torch.Tensor, hook: Any = None) -> Optional[torch.Tensor]:
             if root:
                 activation = activation.detach().requires_grad_(True)
-                # Restored by the torch.no_grad() block around the forward pass.
-                torch.set_grad_enabled(True)
-                captured[key] = activation
-                return activation
+                torch.set_grad_enabled(True)  # restored by the torch.no_grad() block around the pass
             captured[key] = activation
-            return None
+            return activation if root else None
 
         return hook
 
     with HookSession(access) as session:
-        for i, label in enumerate(sources):
-            session.add(names[label], make(label, i == 0))
-        session.add(target_name, make("__target__", False))
+        for i, (key, point) in enumerate(names.items()):
+            session.add(point, make(key, i == 0))
         with torch.no_grad():
             access.model(ids.to(access.device), return_type=None)
-    missing = [names[s] for s in sources if s not in captured] + ([target_name] if "__target__" not in captured else [])
+    missing = [point for key, point in names.items() if key not in captured]
     if missing:
         raise RuntimeError(
             f"no activation was captured at {missing}: the forward pass did not reach these hook points "
@@ -386,24 +351,23 @@ def _forward_with_graph(access: ModelAccess, ids: torch.Tensor, sources: list[st
 
 def _sequence_rows(access: ModelAccess, ids: torch.Tensor, directions: torch.Tensor, dim_batch: int,
                    sources: list[str], target_name: str, valid: torch.Tensor, bar: Any) -> list[torch.Tensor]:
-    """``directions @ J`` (``[n, d]``) of the one sequence ``ids`` (``[1, seq]``), for every source entry.
+    """``directions @ J`` (``[n, d]`` float64) of the one sequence ``ids`` (``[1, seq]``), per source entry.
 
     The sequence is replicated ``K = min(dim_batch, n)`` times in one forward pass; each of the
-    ``ceil(n / K)`` backward passes through that graph plants direction ``a + k`` as the cotangent
-    at every valid target position of copy ``k``, so copy ``k``'s gradient at source position ``t``
-    is ``direction^T sum_{t' >= t} d h_final[t'] / d h[t]``. Rows are averaged over the valid
-    source positions. Returns one ``[n, d]`` float64 tensor per source entry.
+    ``ceil(n / K)`` backward passes plants direction ``a + k`` as the cotangent at every valid target
+    position of copy ``k``, so copy ``k``'s gradient at source position ``t`` is
+    ``direction^T sum_{t' >= t} d h_final[t'] / d h[t]``. Rows are averaged over valid source positions.
     """
     n, d = directions.shape
     K = min(dim_batch, n)
     target, srcs = _forward_with_graph(access, ids.expand(K, -1), sources, target_name)
     rows = [torch.zeros(n, d, dtype=torch.float64) for _ in sources]
     cot = torch.zeros_like(target)
-    chunks = [(a, min(a + K, n)) for a in range(0, n, K)]
-    for ci, (a, z) in enumerate(chunks):
+    for a in range(0, n, K):
+        z = min(a + K, n)
         cot.zero_()
         cot[: z - a, valid, :] = directions[a:z].to(target.device, target.dtype)[:, None, :]
-        grads = torch.autograd.grad(target, srcs, cot, retain_graph=ci < len(chunks) - 1)
+        grads = torch.autograd.grad(target, srcs, cot, retain_graph=z < n)
         for si, g in enumerate(grads):
             rows[si][a:z] = g[: z - a, valid, :].to(torch.float64).mean(1).cpu()
         del grads
@@ -419,17 +383,14 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
                       progress: bool = True) -> JacobianLens:
     """Fit a Jacobian lens on any supported model: ``HookedTransformer`` or ``TransformerBridge``.
 
-    Each sequence of the packed corpus contributes its Jacobian of the final residual
-    (``final_post``) with respect to every source entry, summed over valid target positions
-    ``t' >= t`` and averaged over valid source positions; sequences are averaged with equal
-    weight. The forward pass is the model's own, with the user's hooks (an ablation upstream of a
-    source changes what is differentiated; one between source and target changes the Jacobian).
+    Each packed sequence contributes, with equal weight, its Jacobian of ``final_post`` with respect to
+    every source entry (the module docstring's formula). The forward pass is the model's own: the user's
+    hooks (an ablation upstream of a source, or between source and target) change the Jacobian.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` (raw or compatibility mode) in eval mode.
-        corpus: As for :func:`~tl_latentspaces.corpus.tokenize_corpus` (texts, files, a
-            ``[n, seq_len]`` token tensor); default the training split of the offline corpus. For
-            the same prompts as TransformerLens's ``JacobianLens.fit``, pass
+        corpus: As for :func:`~tl_latentspaces.corpus.tokenize_corpus`; default the training split of the
+            offline corpus. For TransformerLens's ``JacobianLens.fit`` prompts, pass
             ``model.to_tokens(prompt)[:, :max_seq_len]`` rows as a token tensor.
         mode: ``"exact"`` (TransformerLens's estimator) or ``"sketch"`` (randomized; see the module
             docstring).
@@ -437,26 +398,21 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
         max_tokens: Use at most this many tokens (whole sequences); None for the whole corpus.
         layers: Entries to fit: ``"{l}_pre"`` labels or layer indices; default every ``"{l}_pre"``.
         skip_first_positions: Leading positions left out as sources and targets (16 as TransformerLens).
-        dim_batch: Directions per backward pass: each sequence is replicated this many times in
-            the forward pass (memory grows with it, total work barely), as TransformerLens's
-            ``dim_batch``.
+        dim_batch: Directions per backward pass, as TransformerLens's: each sequence is replicated this
+            many times in the forward pass (memory grows with it, total work barely).
         probes: Random directions per sequence in ``"sketch"`` mode (``<= d_model``).
         prepend_bos: Start each sequence with BOS (when tokenizing text).
         seed: Seeds the sketch's random directions.
         name: The lens's name (default ``"jacobian"``, or ``"jacobian_sketch"`` in sketch mode).
         checkpoint_dir: Save the running sums here every ``checkpoint_every`` sequences (one
-            ``jacobian-lens-rank{r}.pt`` per process, :mod:`~tl_latentspaces.checkpoints`) and resume
-            from them: a resumed run ends with the same lens as an uninterrupted one.
+            ``jacobian-lens-rank{r}.pt`` per process) and resume from them: a resumed run ends with the
+            same lens as an uninterrupted one.
         checkpoint_every: Sequences between checkpoints.
         progress: Show a progress bar (directions done).
 
     Returns:
         A :class:`JacobianLens` whose ``info`` records the settings, sequences and seconds.
-
-    Example:
-        >>> lens = fit_jacobian_lens(model, texts, max_tokens=4 * 64, seq_len=64)  # doctest: +SKIP
     """
-
     access = _access(model)
     access.require_eval("fit_jacobian_lens")
     if mode not in MODES:
@@ -474,39 +430,37 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
     probes = check_int(probes, "probes", minimum=1, maximum=d, why=" (d_model)")
     if max_tokens is not None:
         max_tokens = check_int(max_tokens, "max_tokens", minimum=seq_len, why=" (seq_len: one sequence)")
+    seed = int(seed)
     sources = _resolve_sources(access, layers)
     target_name = f"blocks.{L - 1}.hook_resid_post"
-    if corpus is None:
-        corpus = default_corpus("train")
+    corpus = default_corpus("train") if corpus is None else corpus
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, prepend_bos=prepend_bos, max_tokens=max_tokens)
     ctx = current_context()
     mine = list(shard_batches(seqs.shape[0], ctx))
     # The last position is neither a source nor a target, and by causality nothing before it
     # depends on it: it is left out of the forward pass.
     valid = torch.arange(skip, seq_len - 1, device=access.device)
-    n_dirs = d if mode == "exact" else probes
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     eye = torch.eye(d, dtype=torch.float64)
     sums = _JacobianSums(sources, d)
-    settings = {"mode": mode, "skip": skip, "probes": probes, "seed": int(seed), "sources": sources,
+    settings = {"mode": mode, "skip": skip, "probes": probes, "seed": seed, "sources": sources,
                 "world_size": ctx.world_size}
     digest = hashlib.sha256(seqs.numpy().tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     fingerprint = digest.hexdigest()[:16]
     done = 0 if checkpoint_dir is None else _resume(checkpoint_dir, ctx.rank, fingerprint, sums)
     start_time = time.perf_counter()
-    bar = tqdm(total=(len(mine) - done) * n_dirs, desc=f"Jacobian lens ({mode})", unit="dir",
-               disable=not (progress and ctx.is_main))
+    bar = tqdm(total=(len(mine) - done) * (d if mode == "exact" else probes), desc=f"Jacobian lens ({mode})",
+               unit="dir", disable=not (progress and ctx.is_main))
     try:
         k = 0  # sequences of this rank seen so far
         for i in range(seqs.shape[0]):
+            dirs = eye
             if mode == "sketch":
                 # Every rank draws every sequence's directions (a resumed run too), so the estimate
                 # does not depend on the number of processes or interruptions.
                 Q = torch.linalg.qr(torch.randn(d, probes, generator=gen, dtype=torch.float64))[0]
                 dirs = Q.T  # rows: random orthonormal directions
-            else:
-                dirs = torch.eye(d, dtype=torch.float64)
             if i not in mine:
                 continue
             k += 1
@@ -514,11 +468,9 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
                 continue
             ids = seqs[i : i + 1, : seq_len - 1]
             rows = _sequence_rows(access, ids, dirs, dim_batch, sources, target_name, valid, bar)
-            for si in range(len(sources)):
-                if mode == "exact":
-                    sums.sums[si] += rows[si]
-                else:  # I + (d/m) Q (Q^T J - Q^T): unbiased, identity as control variate
-                    sums.sums[si] += eye + (d / probes) * Q @ (rows[si] - Q.T)
+            for si, r in enumerate(rows):
+                # sketch: I + (d/m) Q (Q^T J - Q^T), unbiased with the identity as control variate
+                sums.sums[si] += r if mode == "exact" else eye + (d / probes) * Q @ (r - Q.T)
             sums.n += 1
             if checkpoint_dir is not None and (k % checkpoint_every == 0 or k == len(mine)):
                 save_checkpoint(checkpoint_dir, _CHECKPOINT, ctx.rank, {"fingerprint": fingerprint, "done": k},
@@ -531,7 +483,7 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
     seconds = time.perf_counter() - start_time
     matrices = {label: (sums.sums[i] / sums.n).to(torch.float32) for i, label in enumerate(sources)}
     fit = {"mode": mode, "seq_len": seq_len, "skip_first_positions": skip,
-           "probes": probes if mode == "sketch" else None, "dim_batch": dim_batch, "seed": int(seed),
+           "probes": probes if mode == "sketch" else None, "dim_batch": dim_batch, "seed": seed,
            "seconds": round(seconds, 3), "world_size": ctx.world_size, "target": target_name}
     info = {"model_kind": _model_kind(access), "n_prompts": sums.n, "fit": fit}
     default_name = "jacobian" if mode == "exact" else "jacobian_sketch"

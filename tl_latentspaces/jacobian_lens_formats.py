@@ -1,13 +1,11 @@
-"""The formats a Jacobian lens is read from and written to, for :class:`~tl_latentspaces.jacobian_lens.JacobianLens`.
+"""The formats of a :class:`~tl_latentspaces.jacobian_lens.JacobianLens`.
 
 * Our folder: ``jacobian_lens.json`` (format, model identity, labels, info) and
   ``jacobian_lens.safetensors`` (``{label: matrix}``), written atomically.
-* TransformerLens 4.3's ``JacobianLens`` object and its ``.pt`` artifact (a ``torch.save`` dict with
-  ``J``, ``n_prompts``, ``source_layers``, ``d_model``, ``metadata``; or a fit checkpoint with
-  ``jacobian_sum``), read with ``torch.load(weights_only=True)`` only, so a pickle carrying code is
-  refused. Its layer ``l`` (the output of block ``l``) is our ``"{l+1}_pre"``; our ``"0_pre"`` has no
-  layer there. It reads only raw ``TransformerBridge`` activations, so only a lens of kind
-  ``"bridge-raw"`` exports.
+* TransformerLens 4.3's ``JacobianLens`` object and its ``.pt`` artifact (``J``, ``n_prompts``,
+  ``source_layers``, ``d_model``, ``metadata``; or a fit checkpoint with ``jacobian_sum``), read with
+  ``torch.load(weights_only=True)`` only. Its layer ``l`` is our ``"{l+1}_pre"``; our ``"0_pre"`` has no
+  layer there. It reads only raw ``TransformerBridge`` activations: only a ``"bridge-raw"`` lens exports.
 """
 
 from __future__ import annotations
@@ -53,10 +51,9 @@ def write_lens_folder(lens: Any, path: Path) -> Path:
         blob = json.dumps(config, indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lens.info must be JSON-serialisable with finite numbers: {err}") from err
-    tensors = dict(lens.matrices)
 
     def write(tmp: Path) -> None:
-        safetensors.torch.save_file(tensors, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
+        safetensors.torch.save_file(lens.matrices, str(tmp / PARAMS_FILE), metadata={"format": _FORMAT})
         (tmp / CONFIG_FILE).write_text(blob)
 
     return replace_folder_atomic(path, write, own_marker=CONFIG_FILE, what="Jacobian lens folder")
@@ -120,12 +117,8 @@ def _tl_class(fix: str) -> Any:
 
 
 def matrices_from_transformer_lens(lens: Any, access: ModelAccess) -> tuple[dict[str, torch.Tensor], dict]:
-    """``({"{l+1}_pre": J_l}, info)`` of a TransformerLens lens, after its own ``validate_model``.
-
-    Raises:
-        TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``.
-        ValueError: If TransformerLens's model check fails or a layer is outside the model.
-    """
+    """``({"{l+1}_pre": J_l}, info)`` of a TransformerLens lens, after its own ``validate_model``; raises
+    TypeError for another object, ValueError for a failed model check or a layer outside the model."""
     if not is_transformer_lens_jacobian_lens(lens):
         raise TypeError(
             f"expected a transformer_lens.tools.analysis.JacobianLens, got {type(lens).__module__}."
@@ -162,8 +155,7 @@ def transformer_lens_payload(lens: Any) -> tuple[dict[int, torch.Tensor], dict]:
     jac = {int(label[:-4]) - 1: m for label, m in lens.matrices.items() if label != "0_pre"}
     if not jac:
         raise ValueError("this lens has no matrix TransformerLens can hold (only 0_pre); nothing to export.")
-    meta = {"model_name": lens.identity.name, "target_layer": lens.n_layers - 1,
-            "converted_from": _FORMAT}
+    meta = {"model_name": lens.identity.name, "target_layer": lens.n_layers - 1, "converted_from": _FORMAT}
     return jac, meta
 
 
