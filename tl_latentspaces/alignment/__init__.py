@@ -4,12 +4,6 @@ At every residual-stack entry: principal angles and variance fractions of the to
 against ``W_E`` / ``W_U`` and random-subspace nulls, linear CKA (biased and debiased), Procrustes
 errors, and each position's cosine and embedding-lens rank to its own token (``docs/alignment.md``).
 :func:`alignment_suite` runs over a corpus, :func:`alignment_from_cache` over an ``ActivationCache``.
-
-Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> result = tll.alignment_suite(model, max_tokens=4096)  # doctest: +SKIP
-    >>> result.to_dataframe()[["cka_embed", "var_embed", "var_null_mean", "cos_mean"]]  # doctest: +SKIP
 """
 
 from tl_latentspaces.alignment.accumulator import DEFAULT_QUANTILES, AlignmentAccumulator

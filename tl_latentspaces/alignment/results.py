@@ -42,22 +42,17 @@ class SubspaceAngles:
 
     def to_dataframe(self) -> Any:
         """Per-entry mean and smallest angle (degrees), projection kernel, and the null."""
-        deg = 180.0 / math.pi
-        return label_frame(
-            self.labels,
-            {
-                "angle_embed_mean_deg": self.embed.mean(-1) * deg,
-                "angle_embed_min_deg": self.embed[:, 0] * deg,
-                "pk_embed": self.pk_embed,
-                "angle_unembed_mean_deg": self.unembed.mean(-1) * deg,
-                "angle_unembed_min_deg": self.unembed[:, 0] * deg,
-                "pk_unembed": self.pk_unembed,
-                "angle_null_mean_deg": float(self.null_mean.mean() * deg),
-                "angle_null_min_deg": float(self.null_mean[0] * deg),
-                "pk_null_mean": float(self.null_pk_mean),
-                "pk_null_std": float(self.null_pk_std),
-            },
-        )
+        deg, columns = 180.0 / math.pi, {}
+        for t in ("embed", "unembed"):
+            angles = getattr(self, t)
+            columns[f"angle_{t}_mean_deg"] = angles.mean(-1) * deg
+            columns[f"angle_{t}_min_deg"] = angles[:, 0] * deg
+            columns[f"pk_{t}"] = getattr(self, f"pk_{t}")
+        return label_frame(self.labels, {
+            **columns, "angle_null_mean_deg": float(self.null_mean.mean() * deg),
+            "angle_null_min_deg": float(self.null_mean[0] * deg), "pk_null_mean": float(self.null_pk_mean),
+            "pk_null_std": float(self.null_pk_std),
+        })
 
 
 @dataclass(frozen=True, eq=False)
