@@ -331,8 +331,7 @@ class AlignmentAccumulator:
             self.cos.load_state_dict(state["cos"])
         except ValueError as err:
             raise ValueError(f"state does not match this accumulator's stack and layer_cka_biased: {err}") from err
-        pending = state["pending"]
-        self._pending = [] if pending is None else [pending.clone()]
+        self._pending = [] if state["pending"] is None else [state["pending"].clone()]
         self._pending_sequences = int(state["pending_sequences"])
         self.hsic_sum = state["hsic_sum"].to(_F64).clone()
         self.cos_hist = state["cos_hist"].clone()

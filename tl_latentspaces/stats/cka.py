@@ -118,8 +118,7 @@ def linear_cka(
     """
     X = as_float64(X, "X", ndim=2, shape_hint="[n, d1]")
     Y = as_float64(Y, "Y", ndim=2, shape_hint="[n, d2]")
-    if method not in ("auto", "gram", "features"):
-        raise ValueError(f"method must be one of 'auto', 'gram', 'features', got {method!r}.")
+    chosen = _choose_method(method, X.shape[0], [X.shape[1], Y.shape[1]])
     if X.shape[0] != Y.shape[0]:
         raise ValueError(
             f"X and Y must have the same number of rows (samples), got X with n={X.shape[0]} and "
@@ -134,7 +133,6 @@ def linear_cka(
     Xc, Yc = _centre(X), _centre(Y)
     _check_not_constant(Xc, X, "X")
     _check_not_constant(Yc, Y, "Y")
-    chosen = _choose_method(method, n, [X.shape[1], Y.shape[1]])
     # HSIC_u is translation invariant; centring first avoids cancellation under a large mean
     h = (_hsic_unbiased_matrix if debiased else _hsic_biased_matrix)([Xc, Yc], chosen)
     return cka_from_hsic(h, "the unbiased HSIC" if debiased else "HSIC", ["X", "Y"])[0, 1]
