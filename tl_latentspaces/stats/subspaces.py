@@ -118,8 +118,8 @@ def _angles_from_orthonormal(qa: Tensor, qb: Tensor) -> Tensor:
 def principal_angles(A: Float[Tensor, "d k1"], B: Float[Tensor, "d k2"]) -> Float[Tensor, " k"]:
     """Principal angles between the column spaces of ``A`` ``[d, k1]`` and ``B`` ``[d, k2]``.
 
-    Returns ``[min(k1, k2)]`` float64 radians, ascending; ``scipy.linalg.subspace_angles`` (sorted
-    descending) to ~1e-8, tiny angles included. Raises ``ValueError`` for empty, non-finite or
+    Returns ``[min(k1, k2)]`` float64 radians in ``[0, pi/2]``, ascending; ``scipy.linalg.subspace_angles``
+    (sorted descending) to ~1e-8, tiny angles included. Raises ``ValueError`` for empty, non-finite or
     rank-deficient input or different ``d``.
 
     Example:
