@@ -188,9 +188,9 @@ def alignment_from_cache(
 ) -> AlignmentResult:
     """Run the alignment suite on an ``ActivationCache`` the user already has (no forward pass).
 
-    The cache must hold the residual stream at every ``stack_sites()`` entry for ``tokens``
-    (unpadded: every position after ``skip_positions`` is used). Options as in
-    :func:`alignment_suite`; a cache of other tokens is refused unless ``verify_cache=False``.
+    The cache must hold the residual stream at every ``stack_sites()`` entry (every ``resid_pre`` and
+    the last ``resid_post``) for ``tokens``, unpadded: every position after ``skip_positions`` is used.
+    Options as in :func:`alignment_suite`; a cache of other tokens is refused unless ``verify_cache=False``.
 
     Example:
         >>> _, cache = model.run_with_cache(tokens)  # doctest: +SKIP
