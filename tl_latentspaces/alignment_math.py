@@ -1,7 +1,6 @@
 """Deprecated module: the subspace maths lives in :mod:`tl_latentspaces.stats`, re-exported here unchanged.
 
-The four old accumulators warn with ``DeprecationWarning`` and wrap one
-:class:`~tl_latentspaces.stats.Moments` store; new code uses ``Moments`` and the plain functions.
+The four old accumulators warn with ``DeprecationWarning`` and wrap a :class:`~tl_latentspaces.stats.Moments`.
 """
 
 from typing import Any, Dict, Optional, Sequence

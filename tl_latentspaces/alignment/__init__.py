@@ -1,17 +1,9 @@
 """Subspace alignment of the residual stream with the embedding space, streamed over a corpus.
 
-At every entry of the residual stack (``"0_pre"`` ... ``"final_post"``) the suite measures how far
-the stream has moved from the embedding space ``W_E`` and towards the unembedding ``W_U``: principal
-angles and variance fractions of the top-``k`` subspaces against random-subspace nulls, linear CKA
-(biased and minibatch-debiased), orthogonal Procrustes errors, and each position's cosine and
-embedding-lens rank to its own token. :class:`AlignmentAccumulator` streams and merges;
-:func:`alignment_suite` runs it over a corpus, :func:`alignment_from_cache` over an ``ActivationCache``.
-
-Example:
-    >>> import tl_latentspaces as tll
-    >>> model = tll.load_default_model()  # doctest: +SKIP
-    >>> result = tll.alignment_suite(model, max_tokens=4096)  # doctest: +SKIP
-    >>> result.to_dataframe()[["cka_embed", "var_embed", "var_null_mean", "cos_mean"]]  # doctest: +SKIP
+At every residual-stack entry: principal angles and variance fractions of the top-``k`` subspaces
+against ``W_E`` / ``W_U`` and random-subspace nulls, linear CKA (biased and debiased), Procrustes
+errors, and each position's cosine and embedding-lens rank to its own token (``docs/alignment.md``).
+:func:`alignment_suite` runs over a corpus, :func:`alignment_from_cache` over an ``ActivationCache``.
 """
 
 from tl_latentspaces.alignment.accumulator import DEFAULT_QUANTILES, AlignmentAccumulator

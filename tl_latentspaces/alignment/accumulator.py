@@ -1,14 +1,10 @@
 """The alignment suite's streaming fitter: :class:`AlignmentAccumulator`, fed one batch at a time.
 
-Its float64 statistics do not grow with the number of tokens (``E`` entries, ``d = d_model``; index
-``E`` stands for the embeddings ``W_E[token]``): one :class:`~tl_latentspaces.stats.Moments` store
-of the ``E + 1`` means, covariances and the cross-moments with the embeddings, the next and the
-final entry (``~4E d^2`` doubles, 330 MB for the default model; every pair, 1.4 GB, with
-``layer_cka_biased=True``); the summed ``(E + 1)^2`` unbiased HSIC of blocks of sequences; and the
-own-token cosine's moments and histograms of the cosine and of the embedding-lens rank.
-``docs/alignment.md`` gives the measurements behind ``skip_positions``, ``center`` and
-``standardize_scale`` (which z-scores CKA and Procrustes only; angles and variance fractions stay in
-the model's coordinates, where ``W_E`` and ``W_U`` are defined).
+Its float64 statistics do not grow with the tokens (``E`` entries; index ``E`` is ``W_E[token]``):
+one :class:`~tl_latentspaces.stats.Moments` store of the ``E + 1`` means, covariances and the
+cross-moments with the embeddings, the next and the final entry (``~4E d_model^2`` doubles, 330 MB
+for the default model; 1.4 GB with ``layer_cka_biased=True``); the summed unbiased HSIC of blocks of
+sequences; the own-token cosine's moments and histograms of the cosine and the embedding-lens rank.
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -34,6 +30,8 @@ _F64 = torch.float64
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 COS_BINS = 2000  # histogram of cosines in [-1, 1]: quantiles resolved to 0.001
 _RANK_CHUNK_ROWS = 512  # rows per block of the tiled rank count (the readout's default chunk)
+# Sums over disjoint data: merge adds them.
+_SUMMED = ("hsic_sum", "n_blocks", "cos_hist", "rank_hist", "n_rank", "_n_sequences")
 
 
 def _check_scale(scale: Any, shape: Tuple[int, int]) -> Tensor:
@@ -53,12 +51,15 @@ def _check_scale(scale: Any, shape: Tuple[int, int]) -> Tensor:
     return scale
 
 
+def _described(x: Any) -> str:
+    return f"dtype {x.dtype} and shape {tuple(x.shape)}" if isinstance(x, Tensor) else type_name(x)
+
+
 def _check_batch(acc: "AlignmentAccumulator", ids: Any, stack: Any) -> None:
     if not isinstance(ids, Tensor) or ids.dtype not in INT_DTYPES or ids.ndim != 2:
-        got = f"dtype {ids.dtype} and shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type_name(ids)
-        raise TypeError(f"ids must be an integer tensor [batch, seq], got {got}.")
+        raise TypeError(f"ids must be an integer tensor [batch, seq], got {_described(ids)}.")
     if not isinstance(stack, Tensor) or not stack.dtype.is_floating_point or stack.ndim != 4:
-        got = f"dtype {stack.dtype} and shape {tuple(stack.shape)}" if isinstance(stack, Tensor) else type_name(stack)
+        got = _described(stack)
         raise TypeError(f"stack must be a float tensor [entry, batch, seq, d_model], got {got}.")
     expected = (acc.n_entries, ids.shape[0], ids.shape[1], acc.d_model)
     if tuple(stack.shape) != expected:
@@ -129,36 +130,12 @@ def _own_token_rank_hist(
     return hist
 
 
-def _check_mergeable(acc: "AlignmentAccumulator", other: Any) -> None:
-    if not isinstance(other, AlignmentAccumulator):
-        raise TypeError(f"can only merge an AlignmentAccumulator, got {type_name(other)}.")
-    mine = (acc.labels, acc.d_model, acc.d_vocab, acc.settings)
-    theirs = (other.labels, other.d_model, other.d_vocab, other.settings)
-    if mine != theirs:
-        raise ValueError(f"cannot merge accumulators with different settings: {mine} vs {theirs}.")
-    scales = (acc.scale, other.scale)
-    if (scales[0] is None) != (scales[1] is None) or (scales[0] is not None and not torch.equal(*scales)):
-        raise ValueError("cannot merge accumulators with different standardize_scale.")
-
-
-def _check_state_shapes(state: Dict[str, Any], E: int, d_vocab: int) -> None:
-    shapes = {"hsic_sum": (E + 1, E + 1), "cos_hist": (E, COS_BINS), "rank_hist": (E, d_vocab)}
-    for key, shape in shapes.items():
-        if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
-            got = tuple(state[key].shape) if isinstance(state[key], Tensor) else type_name(state[key])
-            raise ValueError(
-                f"state[{key!r}] is {got}, expected shape {shape}: the state is for a different stack or "
-                f"vocabulary (this accumulator has {E} entries, d_vocab={d_vocab})."
-            )
-
-
 class AlignmentAccumulator:
     """Streaming statistics of the alignment suite, fed one batch of residuals at a time.
 
-    ``update(ids, stack)`` takes the token ids ``[batch, seq]`` and the residual stack
-    ``[entry, batch, seq, d_model]`` (what :func:`~tl_latentspaces.runner.stream_residuals`
-    yields); ``result()`` computes every analysis. Accumulators over disjoint parts of a corpus
-    merge into the accumulator of the whole (``merge``); ``state_dict`` gives plain tensors and ints.
+    ``update(ids, stack)`` takes what :func:`~tl_latentspaces.runner.stream_residuals` yields;
+    ``result()`` computes every analysis. Accumulators over disjoint parts of a corpus ``merge``
+    into the accumulator of the whole; ``state_dict`` gives plain tensors and ints.
 
     Args:
         model: A ``HookedTransformer`` / ``TransformerBridge`` (or a :class:`ModelAccess`).
@@ -166,9 +143,8 @@ class AlignmentAccumulator:
             :func:`~tl_latentspaces.alignment.alignment_suite`.
         standardize_scale: ``[entry + 1, d_model]`` positive per-dimension scales (the last row for
             ``W_E[token]``), or None.
-        rank_every: Compute the embedding-lens rank (a ``[rows, d_vocab]`` score matrix per entry,
-            the bulk of the time on a large vocabulary) at every ``rank_every``-th kept position;
-            cosines are computed at every position.
+        rank_every: Compute the embedding-lens rank (the bulk of the time on a large vocabulary) at
+            every ``rank_every``-th kept position; cosines are computed at every position.
 
     Example:
         >>> acc = AlignmentAccumulator(model, k=8)  # doctest: +SKIP
@@ -301,18 +277,22 @@ class AlignmentAccumulator:
         Each side's unfinished debiased-CKA block is closed as a block of its own, so streams that
         end on a block boundary merge into exactly the statistics of the concatenated stream.
         """
-        _check_mergeable(self, other)
+        if not isinstance(other, AlignmentAccumulator):
+            raise TypeError(f"can only merge an AlignmentAccumulator, got {type_name(other)}.")
+        mine = (self.labels, self.d_model, self.d_vocab, self.settings)
+        theirs = (other.labels, other.d_model, other.d_vocab, other.settings)
+        if mine != theirs:
+            raise ValueError(f"cannot merge accumulators with different settings: {mine} vs {theirs}.")
+        scales = (self.scale, other.scale)
+        if (scales[0] is None) != (scales[1] is None) or (scales[0] is not None and not torch.equal(*scales)):
+            raise ValueError("cannot merge accumulators with different standardize_scale.")
         self.close_block()
         self._pending = list(other._pending)
         self.close_block()
         self.moments.merge(other.moments)
         self.cos.merge(other.cos)
-        self.hsic_sum += other.hsic_sum
-        self.n_blocks += other.n_blocks
-        self.cos_hist += other.cos_hist
-        self.rank_hist += other.rank_hist
-        self.n_rank += other.n_rank
-        self._n_sequences += other._n_sequences
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
     def state_dict(self) -> Dict[str, Any]:
@@ -337,14 +317,21 @@ class AlignmentAccumulator:
         missing = [key for key in self.state_dict() if key not in state]
         if missing:
             raise ValueError(f"state is missing keys {missing}. Fix: pass AlignmentAccumulator.state_dict().")
-        _check_state_shapes(state, self.n_entries, self.d_vocab)
+        E, V = self.n_entries, self.d_vocab
+        shapes = {"hsic_sum": (E + 1, E + 1), "cos_hist": (E, COS_BINS), "rank_hist": (E, V)}
+        for key, shape in shapes.items():
+            if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
+                got = tuple(state[key].shape) if isinstance(state[key], Tensor) else type_name(state[key])
+                raise ValueError(
+                    f"state[{key!r}] is {got}, expected shape {shape}: the state is for a different stack or "
+                    f"vocabulary (this accumulator has {E} entries, d_vocab={V})."
+                )
         try:
             self.moments.load_state_dict(state["moments"])
             self.cos.load_state_dict(state["cos"])
         except ValueError as err:
             raise ValueError(f"state does not match this accumulator's stack and layer_cka_biased: {err}") from err
-        pending = state["pending"]
-        self._pending = [] if pending is None else [pending.clone()]
+        self._pending = [] if state["pending"] is None else [state["pending"].clone()]
         self._pending_sequences = int(state["pending_sequences"])
         self.hsic_sum = state["hsic_sum"].to(_F64).clone()
         self.cos_hist = state["cos_hist"].clone()

@@ -126,8 +126,7 @@ def _cka(acc: Any, blocks: _Blocks) -> CKAResult:
                 "Fix: check that the activations vary across tokens (not padding or BOS only)."
             )
 
-    def biased(i: int, j: int) -> float:
-        i, j = min(i, j), max(i, j)
+    def biased(i: int, j: int) -> float:  # i <= j
         return float(linear_cka_from_moments(blocks.scaled(i, j), blocks.scaled(i, i), blocks.scaled(j, j)))
 
     hsic_sum, n_blocks = acc.blocks_so_far()

@@ -31,12 +31,10 @@ class Settings:
         cls, access: ModelAccess, *, k: Optional[int], skip_positions: int, center: bool, cka_block_sequences: int,
         layer_cka_biased: bool, rank_every: int,
 ) -> "Settings":
-        d = access.d_model
-        if k is None:
-            k = max(1, d // 8)
-        why = f" (the subspace dimension cannot exceed d_model={d}; fix: pass k <= {d}, e.g. k={max(1, d // 8)})"
+        d, default_k = access.d_model, max(1, access.d_model // 8)
+        why = f" (the subspace dimension cannot exceed d_model={d}; fix: pass k <= {d}, e.g. k={default_k})"
         return cls(
-            k=check_int(k, "k", minimum=1, maximum=d, why=why),
+            k=check_int(default_k if k is None else k, "k", minimum=1, maximum=d, why=why),
             skip_positions=check_int(skip_positions, "skip_positions", minimum=0),
             center=check_bool(center, "center"),
             cka_block_sequences=check_int(cka_block_sequences, "cka_block_sequences", minimum=1),

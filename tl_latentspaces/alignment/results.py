@@ -19,12 +19,10 @@ class SubspaceAngles:
     """Principal angles between each entry's top-``k`` principal subspace and ``W_E`` / ``W_U``.
 
     Attributes:
-        embed, unembed: ``[entry, k]`` ascending angles (radians) to the top-``k`` singular
-            subspace of ``W_E`` / ``W_U``.
-        pk_embed, pk_unembed: ``[entry]`` normalized projection kernel ``||Q^T B||_F^2 / k`` (mean
-            squared cosine; 1 = same subspace, 0 = orthogonal).
-        null_mean, null_std: ``[k]`` mean and spread of each angle between two independent
-            Haar-random ``k``-dim subspaces (Monte Carlo); ``null_pk_*`` the same for the kernel (mean ``k / d``).
+        embed, unembed: ``[entry, k]`` ascending angles (radians) to the top-``k`` subspace of W_E / W_U.
+        pk_embed, pk_unembed: ``[entry]`` projection kernel ``||Q^T B||_F^2 / k`` (mean squared cosine).
+        null_mean, null_std: ``[k]`` mean and spread of each angle between two Haar-random ``k``-dim
+            subspaces (Monte Carlo); ``null_pk_*`` the same for the kernel (mean ``k / d``).
         centered: Whether the subspaces are of the centred covariance (else the second moment).
     """
 
@@ -44,22 +42,17 @@ class SubspaceAngles:
 
     def to_dataframe(self) -> Any:
         """Per-entry mean and smallest angle (degrees), projection kernel, and the null."""
-        deg = 180.0 / math.pi
-        return label_frame(
-            self.labels,
-            {
-                "angle_embed_mean_deg": self.embed.mean(-1) * deg,
-                "angle_embed_min_deg": self.embed[:, 0] * deg,
-                "pk_embed": self.pk_embed,
-                "angle_unembed_mean_deg": self.unembed.mean(-1) * deg,
-                "angle_unembed_min_deg": self.unembed[:, 0] * deg,
-                "pk_unembed": self.pk_unembed,
-                "angle_null_mean_deg": float(self.null_mean.mean() * deg),
-                "angle_null_min_deg": float(self.null_mean[0] * deg),
-                "pk_null_mean": float(self.null_pk_mean),
-                "pk_null_std": float(self.null_pk_std),
-            },
-        )
+        deg, columns = 180.0 / math.pi, {}
+        for t in ("embed", "unembed"):
+            angles = getattr(self, t)
+            columns[f"angle_{t}_mean_deg"] = angles.mean(-1) * deg
+            columns[f"angle_{t}_min_deg"] = angles[:, 0] * deg
+            columns[f"pk_{t}"] = getattr(self, f"pk_{t}")
+        return label_frame(self.labels, {
+            **columns, "angle_null_mean_deg": float(self.null_mean.mean() * deg),
+            "angle_null_min_deg": float(self.null_mean[0] * deg), "pk_null_mean": float(self.null_pk_mean),
+            "pk_null_std": float(self.null_pk_std),
+        })
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,8 +62,7 @@ class VarianceFractions:
     Attributes:
         embed, unembed: ``[entry]`` ``tr(P C P) / tr(C)``, ``P`` the projector onto the subspace.
         null_mean: 0-d what a uniformly random ``k``-dim subspace holds on average: exactly ``k / d``.
-        null_std: ``[entry]`` the spread of that fraction over random subspaces for this entry's
-            covariance (large for a spiky spectrum, ~0 for an isotropic one).
+        null_std: ``[entry]`` the spread of that fraction over random subspaces for this entry's covariance.
         centered: Whether ``C`` is the centred covariance (else the second moment).
     """
 
@@ -104,10 +96,8 @@ class VarianceFractions:
 class CKAResult:
     """Linear CKA of each entry with the input embeddings and with the other entries.
 
-    Biased values are exact over the whole stream (Kornblith et al. 2019). Debiased values are
-    minibatch CKA (Nguyen et al. 2021): the unbiased HSIC of each block of ``block_sequences``
-    consecutive sequences, averaged over the ``n_blocks`` blocks (so independent of ``batch_size``);
-    ~0 for unrelated representations even when ``d`` is large against the block size.
+    Biased values are exact over the whole stream. Debiased values are minibatch CKA: the unbiased
+    HSIC of each block of ``block_sequences`` consecutive sequences, averaged over the ``n_blocks`` blocks.
 
     Attributes:
         embed, embed_debiased: ``[entry]`` CKA with ``W_E[token]`` of the same positions.
@@ -191,8 +181,7 @@ class TokenDrift:
     """How far each position's residual has drifted from its own token's input embedding.
 
     The cosine is between the raw residual and ``W_E[token]``; the rank is that token's rank among
-    all ``W_E`` rows by cosine (0 = nearest), as the embedding lens reads it. Neither is centred or
-    standardized.
+    all ``W_E`` rows by cosine (0 = nearest), as the embedding lens reads it.
 
     Attributes:
         quantile_levels: The levels of the ``*_quantiles`` columns.

@@ -1,8 +1,6 @@
 """The alignment suite's entry points: :func:`alignment_suite` on a corpus, :func:`alignment_from_cache`.
 
-Both check every argument before the first forward pass and feed an
-:class:`~tl_latentspaces.alignment.accumulator.AlignmentAccumulator`; with ``standardize=True`` a
-first pass streams each representation's per-dimension spread.
+Both check every argument before the first forward pass; ``standardize=True`` adds a pass for the spreads.
 """
 
 import dataclasses
@@ -119,9 +117,8 @@ def alignment_suite(
 ) -> AlignmentResult:
     """Run the whole alignment suite on a model over a corpus, streaming the residual stream.
 
-    The corpus is packed into sequences (:func:`~tl_latentspaces.corpus.tokenize_corpus`) and run
-    through the model's own forward pass by a :class:`~tl_latentspaces.runner.CorpusRunner`, so the
-    user's hooks fire as usual; no activations are kept beyond one batch.
+    The corpus runs through the model's own forward pass (the user's hooks fire as usual); no
+    activation outlives its batch. ``docs/alignment.md`` gives the measurements behind the defaults.
 
     Args:
         model: A ``HookedTransformer`` or ``TransformerBridge`` in eval mode.
@@ -135,11 +132,10 @@ def alignment_suite(
         skip_positions: Leading positions of every sequence left out of every statistic (default 2:
             BOS and the next token, whose massive activations would dominate every covariance).
         center: Centre before principal subspaces, variance fractions and Procrustes.
-        standardize: z-score every representation per dimension (spread streamed in a first pass,
-            which doubles the forward passes) before CKA and Procrustes, against rogue dimensions.
+        standardize: z-score every representation per dimension before CKA and Procrustes (a
+            first pass for the spreads doubles the forward passes).
         cka_block_sequences: Sequences per block of the debiased CKA estimator.
-        layer_cka_biased: Also compute the full biased layer-by-layer CKA (1.4 GB and ~23 s per
-            1,000 tokens extra on two CPU cores for the default model).
+        layer_cka_biased: Also compute the full biased layer-by-layer CKA (1.4 GB for the default model).
         rank_every: Compute the embedding-lens rank at every ``rank_every``-th kept position.
         n_null_samples: Haar-random subspaces in the null baselines.
         seed: Seed of the null baselines.
@@ -192,10 +188,9 @@ def alignment_from_cache(
 ) -> AlignmentResult:
     """Run the alignment suite on an ``ActivationCache`` the user already has (no forward pass).
 
-    The cache must hold the residual stream at every ``stack_sites()`` entry (``resid_pre`` of
-    every layer and the last ``resid_post``) for ``tokens``. Every position is used after
-    ``skip_positions``: pass unpadded sequences. Options as in :func:`alignment_suite`; a cache
-    of other tokens is refused (by its token embedding) unless ``verify_cache=False``.
+    The cache must hold the residual stream at every ``stack_sites()`` entry (every ``resid_pre`` and
+    the last ``resid_post``) for ``tokens``, unpadded: every position after ``skip_positions`` is used.
+    Options as in :func:`alignment_suite`; a cache of other tokens is refused unless ``verify_cache=False``.
 
     Example:
         >>> _, cache = model.run_with_cache(tokens)  # doctest: +SKIP

@@ -5,8 +5,6 @@ Biased CKA (Kornblith et al. 2019) is a function of centred cross-moments
 (Nguyen et al. 2021) averages :func:`unbiased_hsic_matrix` over blocks (:func:`cka_from_hsic`).
 """
 
-from __future__ import annotations
-
 from typing import Any, Literal, Sequence
 
 import torch
@@ -23,17 +21,14 @@ _EPS = torch.finfo(_F64).eps
 Method = Literal["auto", "gram", "features"]
 
 
-def _check_method(method: Any) -> str:
-    if method not in ("auto", "gram", "features"):
-        raise ValueError(f"method must be one of 'auto', 'gram', 'features', got {method!r}.")
-    return method
-
-
 def _centre(x: Tensor) -> Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
 
-def _choose_method(method: str, n: int, dims: Sequence[int]) -> str:
+def _choose_method(method: Any, n: int, dims: Sequence[int]) -> str:
+    """``method`` checked, with ``"auto"`` resolved to the cheaper of the two paths."""
+    if method not in ("auto", "gram", "features"):
+        raise ValueError(f"method must be one of 'auto', 'gram', 'features', got {method!r}.")
     if method != "auto":
         return method
     n_layers = len(dims)
@@ -62,12 +57,8 @@ def _hsic_unbiased_matrix(xs: Sequence[Tensor], method: str) -> Tensor:
     """
     n = xs[0].shape[0]
     if method == "gram":
-        grams = []
-        for x in xs:
-            g = x @ x.mT
-            g.diagonal().zero_()
-            grams.append(g)
-        stacked = torch.stack(grams)
+        stacked = torch.stack([x @ x.mT for x in xs])
+        stacked.diagonal(dim1=-2, dim2=-1).zero_()
         flat = stacked.flatten(1)
         trace = flat @ flat.mT
         row_sums = stacked.sum(-1)  # K~ 1, [L, n]
@@ -83,18 +74,16 @@ def _hsic_unbiased_matrix(xs: Sequence[Tensor], method: str) -> Tensor:
 def cka_from_hsic(h: Float[Tensor, "L L"], what: str, names: Sequence[str]) -> Float[Tensor, "L L"]:
     """CKA matrix ``h_ij / sqrt(h_ii h_jj)`` from (mean) HSIC; a diagonal <= 0 raises, naming ``what`` and the name."""
     diag = torch.diagonal(h)
+    small, fix = "", "."
+    if "unbiased" in what:
+        small = ", or the minibatches are too small for the unbiased estimator to be positive"
+        fix = " or use larger minibatches."
     for i, v in enumerate(diag.tolist()):
         if not v > 0:
             raise ValueError(
-                f"{what} of {names[i]} with itself is {v:.3g} (must be > 0), so CKA is undefined. "
-                f"This means {names[i]} has (near-)zero variance across samples"
-                + (
-                    ", or the minibatches are too small for the unbiased estimator to be positive"
-                    if "unbiased" in what
-                    else ""
-                )
-                + ". Fix: check that the activations vary across rows (not padding/BOS only)"
-                + (" or use larger minibatches." if "unbiased" in what else ".")
+                f"{what} of {names[i]} with itself is {v:.3g} (must be > 0), so CKA is undefined. This means "
+                f"{names[i]} has (near-)zero variance across samples{small}. Fix: check that the activations "
+                f"vary across rows (not padding/BOS only){fix}"
             )
     return h / torch.sqrt(torch.outer(diag, diag))
 
@@ -129,14 +118,13 @@ def linear_cka(
     """
     X = as_float64(X, "X", ndim=2, shape_hint="[n, d1]")
     Y = as_float64(Y, "Y", ndim=2, shape_hint="[n, d2]")
-    method = _check_method(method)
+    chosen = _choose_method(method, X.shape[0], [X.shape[1], Y.shape[1]])
     if X.shape[0] != Y.shape[0]:
         raise ValueError(
             f"X and Y must have the same number of rows (samples), got X with n={X.shape[0]} and "
             f"Y with n={Y.shape[0]}. Fix: pass activations of the same tokens, one row each."
         )
-    n = X.shape[0]
-    minimum = 4 if debiased else 2
+    n, minimum = X.shape[0], 4 if debiased else 2
     if n < minimum:
         kind = "debiased" if debiased else "biased"
         raise ValueError(f"{kind} linear CKA needs at least {minimum} rows (samples), got n={n}.")
@@ -145,13 +133,9 @@ def linear_cka(
     Xc, Yc = _centre(X), _centre(Y)
     _check_not_constant(Xc, X, "X")
     _check_not_constant(Yc, Y, "Y")
-    chosen = _choose_method(method, n, [X.shape[1], Y.shape[1]])
     # HSIC_u is translation invariant; centring first avoids cancellation under a large mean
-    if debiased:
-        h = _hsic_unbiased_matrix([Xc, Yc], chosen)
-        return cka_from_hsic(h, "the unbiased HSIC", ["X", "Y"])[0, 1]
-    h = _hsic_biased_matrix([Xc, Yc], chosen)
-    return cka_from_hsic(h, "HSIC", ["X", "Y"])[0, 1]
+    h = (_hsic_unbiased_matrix if debiased else _hsic_biased_matrix)([Xc, Yc], chosen)
+    return cka_from_hsic(h, "the unbiased HSIC" if debiased else "HSIC", ["X", "Y"])[0, 1]
 
 
 def linear_cka_from_moments(
@@ -185,5 +169,4 @@ def unbiased_hsic_matrix(xs: Sequence[Float[Tensor, "n d"]], *, method: Method =
             f"this minibatch has n={rows[0]} rows; the unbiased HSIC estimator for minibatch-debiased CKA "
             "needs at least 4 rows per minibatch. Fix: use larger minibatches."
         )
-    method = _check_method(method)
     return _hsic_unbiased_matrix([_centre(x) for x in xs], _choose_method(method, rows[0], [x.shape[1] for x in xs]))

@@ -3,8 +3,6 @@
 Histograms merge by addition, so streamed quantiles need no sample store.
 """
 
-from __future__ import annotations
-
 from typing import Sequence
 
 import torch

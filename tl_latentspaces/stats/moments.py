@@ -13,8 +13,6 @@ Example:
     (3, [2.0, 0.0], [[4.0, -2.0], [-2.0, 4.0]], [[-4.0, 2.0], [2.0, -4.0]])
 """
 
-from __future__ import annotations
-
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch

@@ -4,8 +4,6 @@
 ``||Y||_F^2`` alone, which a :class:`~tl_latentspaces.stats.Moments` store keeps for a whole corpus.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -34,34 +32,17 @@ class ProcrustesResult:
     scaled_error: Tensor
 
 
-def _check_pair_same_width(X: Tensor, Y: Tensor) -> None:
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(
-            f"X and Y must have the same number of rows (paired samples), got X with n={X.shape[0]} "
-            f"and Y with n={Y.shape[0]}."
-        )
-    if X.shape[1] != Y.shape[1]:
-        raise ValueError(
-            f"orthogonal Procrustes needs X and Y of the same width d, got X with d={X.shape[1]} and Y with "
-            f"d={Y.shape[1]}. Fix: project both onto a common k-dim space first, e.g. their top-k principal subspaces "
-            "(stats.principal_subspace(cov, k)), or use linear_cka, which allows different widths."
-        )
-    if X.shape[1] == 0:
-        raise ValueError(f"X and Y need at least one column, got shapes {tuple(X.shape)} and {tuple(Y.shape)}.")
-
-
-def _procrustes_core(xty: Tensor, sx2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Rotation ``U V^T`` (as scipy), optimal scale and ``tr(S)`` from ``X^T Y = U S V^T`` and ``||X||_F^2``."""
+def _procrustes_core(xty: Tensor, sx2: Tensor, sy2: Tensor, n: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rotation ``U V^T`` (as scipy), scale and ``tr(S)`` from ``X^T Y = U S V^T``; zero norms raise."""
+    for name, sq in (("X", float(sx2)), ("Y", float(sy2))):
+        if not sq > 0:
+            raise ValueError(
+                f"{name} is all zeros (||{name}||_F^2 = {sq} over n={n} rows; after centring if "
+                f"center=True), so the Procrustes fit and its normalised error are undefined. Fix: check "
+                f"{name} is not constant/empty."
+            )
     u, s, vh = torch.linalg.svd(xty)
     return u @ vh, s.sum() / sx2, s.sum()
-
-
-def _check_nonzero_norm(sq: float, name: str, n: int) -> None:
-    if not sq > 0:
-        raise ValueError(
-            f"{name} is all zeros (||{name}||_F^2 = {sq} over n={n} rows; after centring if center=True), so the "
-            f"Procrustes fit and its normalised error are undefined. Fix: check {name} is not constant/empty."
-        )
 
 
 def procrustes(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], *, center: bool = False) -> ProcrustesResult:
@@ -80,13 +61,26 @@ def procrustes(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], *, center: bool
     """
     X = as_float64(X, "X", ndim=2, shape_hint="[n, d]")
     Y = as_float64(Y, "Y", ndim=2, shape_hint="[n, d]")
-    _check_pair_same_width(X, Y)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X and Y must have the same number of rows (paired samples), got X with n={X.shape[0]} "
+            f"and Y with n={Y.shape[0]}."
+        )
+    if X.shape[1] != Y.shape[1]:
+        raise ValueError(
+            f"orthogonal Procrustes needs X and Y of the same width d, got X with d={X.shape[1]} and Y "
+            f"with d={Y.shape[1]}. Fix: project both onto a common k-dim space first, e.g. their top-k "
+            "principal subspaces (stats.principal_subspace(cov, k)), or use linear_cka, which allows "
+            "different widths."
+        )
+    if X.shape[1] == 0:
+        raise ValueError(
+            f"X and Y need at least one column, got shapes {tuple(X.shape)} and {tuple(Y.shape)}."
+        )
     if center:
         X, Y = X - X.mean(0), Y - Y.mean(0)
     sx2, sy2 = X.square().sum(), Y.square().sum()
-    _check_nonzero_norm(float(sx2), "X", X.shape[0])
-    _check_nonzero_norm(float(sy2), "Y", Y.shape[0])
-    rotation, scale, _ = _procrustes_core(X.mT @ Y, sx2)
+    rotation, scale, _ = _procrustes_core(X.mT @ Y, sx2, sy2, X.shape[0])
     # Residuals computed directly (not via the expanded norm) stay accurate for near-perfect fits.
     xr = X @ rotation
     ny = torch.sqrt(sy2)
@@ -110,9 +104,7 @@ def procrustes_from_moments(
         >>> bool(torch.allclose(fit.rotation, -torch.eye(2, dtype=torch.float64))), round(float(fit.error), 6)
         (True, 0.0)
     """
-    _check_nonzero_norm(float(x_sq), "X", n)
-    _check_nonzero_norm(float(y_sq), "Y", n)
-    rotation, scale, tr_s = _procrustes_core(xty, x_sq)
+    rotation, scale, tr_s = _procrustes_core(xty, x_sq, y_sq, n)
     err2 = (x_sq + y_sq - 2 * tr_s).clamp_min(0.0)
     scaled2 = (y_sq - tr_s.square() / x_sq).clamp_min(0.0)
     return ProcrustesResult(

@@ -4,11 +4,9 @@ Every function takes float32 or float64 tensors and computes and returns float64
 ``TypeError``/``ValueError`` naming what was received and the fix.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from jaxtyping import Float
@@ -28,13 +26,14 @@ _EPS = torch.finfo(_F64).eps
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _check_generator(generator: Any) -> Optional[torch.Generator]:
+def _check_null(n_samples: Any, generator: Any) -> Tuple[int, Optional[torch.Generator]]:
+    n_samples = check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type_name(generator)}. "
             "Fix: pass torch.Generator().manual_seed(0)."
         )
-    return generator
+    return n_samples, generator
 
 
 def _check_cov(cov: Any, name: str = "cov") -> Tensor:
@@ -67,15 +66,15 @@ def _check_cov(cov: Any, name: str = "cov") -> Tensor:
     return cov
 
 
-def _numerical_rank(s: Tensor, shape: Tuple[int, ...]) -> Tuple[int, float]:
-    # Same threshold as scipy.linalg.orth / numpy.linalg.matrix_rank.
-    tol = float(s.max()) * max(shape) * _EPS if s.numel() else 0.0
-    return int((s > tol).sum()), tol
+def _svd_rank(a: Tensor) -> Tuple[Tensor, int, float]:
+    """Left singular vectors and numerical rank of ``a`` (the threshold of ``numpy.linalg.matrix_rank``)."""
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    tol = float(s.max()) * max(a.shape) * _EPS
+    return u, int((s > tol).sum()), tol
 
 
 def _orthonormalize(a: Tensor, name: str) -> Tensor:
-    u, s, _ = torch.linalg.svd(a, full_matrices=False)
-    rank, tol = _numerical_rank(s, tuple(a.shape))
+    u, rank, tol = _svd_rank(a)
     k = a.shape[1]
     if rank < k:
         raise ValueError(
@@ -84,6 +83,12 @@ def _orthonormalize(a: Tensor, name: str) -> Tensor:
             f"dependent columns or pass orthonormal_basis({name}, k={max(rank, 1)})."
         )
     return u[:, :k]
+
+
+def _haar_chunks(n: int, d: int, k: int, chunk: int, generator: Any) -> Iterator[Tensor]:
+    """:func:`haar_bases` drawn ``chunk`` at a time, ``n`` in all, bounding the buffers."""
+    for start in range(0, n, chunk):
+        yield haar_bases(min(chunk, n - start), d, k, generator)
 
 
 def haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -99,8 +104,7 @@ def haar_bases(n: int, d: int, k: int, generator: Optional[torch.Generator]) -> 
 
 def _angles_from_orthonormal(qa: Tensor, qb: Tensor) -> Tensor:
     """Ascending principal angles between orthonormal bases ``[..., d, ka]``, ``[..., d, kb]``."""
-    if qa.shape[-1] < qb.shape[-1]:
-        # the sine formula needs the residual of the thinner basis
+    if qa.shape[-1] < qb.shape[-1]:  # the sine formula needs the residual of the thinner basis
         qa, qb = qb, qa
     m = qa.mT @ qb
     cos = torch.linalg.svdvals(m)  # descending -> angles ascending
@@ -114,9 +118,8 @@ def _angles_from_orthonormal(qa: Tensor, qb: Tensor) -> Tensor:
 def principal_angles(A: Float[Tensor, "d k1"], B: Float[Tensor, "d k2"]) -> Float[Tensor, " k"]:
     """Principal angles between the column spaces of ``A`` ``[d, k1]`` and ``B`` ``[d, k2]``.
 
-    Returns ``[min(k1, k2)]`` float64 radians, ascending, in ``[0, pi/2]``; matches
-    ``scipy.linalg.subspace_angles`` (which sorts them descending) to ~1e-8, tiny angles included
-    (those below pi/4 come from the sines). Raises ``ValueError`` for empty, non-finite or
+    Returns ``[min(k1, k2)]`` float64 radians in ``[0, pi/2]``, ascending; ``scipy.linalg.subspace_angles``
+    (sorted descending) to ~1e-8, tiny angles included. Raises ``ValueError`` for empty, non-finite or
     rank-deficient input or different ``d``.
 
     Example:
@@ -156,8 +159,7 @@ def orthonormal_basis(M: Float[Tensor, "d n"], k: Optional[int] = None) -> Float
     M = as_float64(M, "M", ndim=2, shape_hint="[d, n]")
     if M.shape[0] == 0 or M.shape[1] == 0:
         raise ValueError(f"M has shape {tuple(M.shape)}; it needs at least one row and one column.")
-    u, s, _ = torch.linalg.svd(M, full_matrices=False)
-    rank, tol = _numerical_rank(s, tuple(M.shape))
+    u, rank, tol = _svd_rank(M)
     bound = min(M.shape)
     if k is None:
         if rank == 0:
@@ -260,24 +262,15 @@ def random_subspace_angles(
     d = check_int(d, "d", minimum=1)
     k1 = check_int(k1, "k1", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
     k2 = check_int(k2, "k2", minimum=1, maximum=d, why=f" (a subspace of R^{d})")
-    n_samples = check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-    generator = _check_generator(generator)
-    device = generator.device if generator is not None else torch.device("cpu")
-    fixed = torch.eye(d, k1, dtype=_F64, device=device)
-    chunk = max(1, CHUNK_ELEMENTS // (d * max(k1, k2)))
-    out = []
-    for start in range(0, n_samples, chunk):
-        b = min(chunk, n_samples - start)
-        qb = haar_bases(b, d, k2, generator)
-        out.append(_angles_from_orthonormal(fixed.expand(b, d, k1), qb))
-    samples = torch.cat(out)
+    n_samples, generator = _check_null(n_samples, generator)
+    fixed = torch.eye(d, k1, dtype=_F64, device=generator.device if generator is not None else "cpu")
+    chunks = _haar_chunks(n_samples, d, k2, max(1, CHUNK_ELEMENTS // (d * max(k1, k2))), generator)
+    samples = torch.cat([_angles_from_orthonormal(fixed.expand(len(qb), d, k1), qb) for qb in chunks])
     return NullAngles(mean=samples.mean(0), std=samples.std(0), samples=samples)
 
 
 def random_subspace_variance_fraction(d: int, k: int) -> Float[Tensor, ""]:
     """Expected variance fraction of a Haar-random ``k``-dim subspace of ``R^d``: exactly ``k / d`` for any covariance.
-
-    The spread does depend on the covariance (:func:`variance_fraction_null`).
 
     Example:
         >>> float(random_subspace_variance_fraction(768, 64))
@@ -293,10 +286,10 @@ def variance_fraction_null(
 ) -> NullVarianceFraction:
     """Distribution of the variance fraction of ``cov`` (``[d, d]`` or a batch ``[b, d, d]``) in Haar-random subspaces.
 
-    The spread is the useful part: ~0 for an isotropic ``cov``, large for a spiky spectrum. By
-    rotation invariance a sample is ``w . lambda / sum(lambda)`` (``lambda`` the eigenvalues, ``w_i``
-    the squared norm of row ``i`` of the random basis), and one set of bases serves the whole batch.
-    ``mean``/``std`` are ``[]`` (``[b]``), ``samples`` ``[n_samples]`` (``[n_samples, b]``).
+    The spread is the useful part: ~0 for an isotropic ``cov``, large for a spiky spectrum. A sample
+    is ``w . lambda / sum(lambda)`` (``lambda`` the eigenvalues, ``w_i`` the squared norm of row ``i``
+    of the random basis); one set of bases serves the whole batch. ``mean``/``std`` are ``[]``
+    (``[b]``), ``samples`` ``[n_samples]`` (``[n_samples, b]``).
 
     Example:
         >>> import torch
@@ -308,13 +301,9 @@ def variance_fraction_null(
     covs = [_check_cov(c, f"cov[{i}]") for i, c in enumerate(cov)] if batched else [_check_cov(cov)]
     d = covs[0].shape[0]
     k = check_int(k, "k", minimum=1, maximum=d, why=f" (cov is {d}x{d})")
-    n_samples = check_int(n_samples, "n_samples", minimum=2, why=" (a standard deviation needs 2 samples)")
-    generator = _check_generator(generator)
-    chunk = max(1, CHUNK_ELEMENTS // (d * k))
-    w = torch.cat([
-        haar_bases(min(chunk, n_samples - start), d, k, generator).square().sum(-1)
-        for start in range(0, n_samples, chunk)
-    ])  # [n_samples, d]
+    n_samples, generator = _check_null(n_samples, generator)
+    chunks = _haar_chunks(n_samples, d, k, max(1, CHUNK_ELEMENTS // (d * k)), generator)
+    w = torch.cat([q.square().sum(-1) for q in chunks])  # [n_samples, d]
     spectra = torch.linalg.eigvalsh(torch.stack(covs)).to(w.device)  # [b, d]
     samples = (w @ spectra.mT) / spectra.sum(-1)  # [n_samples, b]
     if not batched:
