@@ -353,28 +353,8 @@ class ModelAccess:
         return bool(((cos > 0.999) | both_zero).all())
 
     def check_cache_tokens(self, cache: Any, ids: torch.Tensor) -> None:
-        """``ValueError`` unless the cache's ``hook_embed`` (or ``blocks.0.hook_resid_pre`` less ``W_pos``) is
-        the token embedding of ``ids`` (``[batch, pos]``); a cache of another shape is left to the caller."""
-        first = self.site_name(0, "resid_pre")
-        for name, has_pos in (("hook_embed", False), (first, True)):
-            try:
-                act = cache[name]
-            except (KeyError, ValueError, TypeError):
-                continue
-            if act.ndim != 3 or tuple(act.shape[:2]) != tuple(ids.shape):
-                return
-            act = act.detach()
-            if has_pos and self.W_pos is not None:
-                act = act - self.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
-            if not self.embeds_tokens(act, ids):
-                raise ValueError(f"the cache does not belong to this input: its {name!r} is not the token "
-                                 f"embedding of the input's {tuple(ids.shape)} tokens (compared by cosine "
-                                 "with W_E at every position). Pass the input the cache was made from (mind "
-                                 "prepend_bos); if you edited the embeddings in that run, pass "
-                                 "verify_cache=False.")
-            return
-        raise ValueError(f"cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
-                         f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked.")
+        """Refuse an ``ActivationCache`` made from other tokens than ``ids`` (:func:`check_cache_tokens`)."""
+        check_cache_tokens(self, cache, ids)
 
     def decoder(self) -> TokenDecoder:
         """An id -> string function that caches what it decoded (``"<id>"`` without a tokenizer)."""
@@ -384,6 +364,31 @@ class ModelAccess:
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the model's own forward pass on token ids (the user's hooks fire as usual)."""
         return self.model(ids.to(self.device))
+
+
+def check_cache_tokens(access: ModelAccess, cache: Any, ids: torch.Tensor) -> None:
+    """``ValueError`` unless the cache's ``hook_embed`` (or ``blocks.0.hook_resid_pre`` less ``W_pos``) is
+    the token embedding of ``ids`` (``[batch, pos]``); a cache of another shape is left to the caller."""
+    first = access.site_name(0, "resid_pre")
+    for name, has_pos in (("hook_embed", False), (first, True)):
+        try:
+            act = cache[name]
+        except (KeyError, ValueError, TypeError):
+            continue
+        if act.ndim != 3 or tuple(act.shape[:2]) != tuple(ids.shape):
+            return
+        act = act.detach()
+        if has_pos and access.W_pos is not None:
+            act = act - access.W_pos[: act.shape[1]].detach().to(act.device, act.dtype)
+        if not access.embeds_tokens(act, ids):
+            raise ValueError(f"the cache does not belong to this input: its {name!r} is not the token "
+                             f"embedding of the input's {tuple(ids.shape)} tokens (compared by cosine "
+                             "with W_E at every position). Pass the input the cache was made from (mind "
+                             "prepend_bos); if you edited the embeddings in that run, pass "
+                             "verify_cache=False.")
+        return
+    raise ValueError(f"cannot tell which input the cache belongs to: it holds neither 'hook_embed' nor "
+                     f"{first!r}. Cache them too, or pass verify_cache=False to read it unchecked.")
 
 
 #: Parameters up to this many bytes are hashed in full; larger models hash this many elements of each.
