@@ -97,7 +97,8 @@ _PLAIN_SCALARS = (str, bool, int, float, type(None))
 
 
 def _plain(value: Any, path: str) -> Any:
-    """``value`` with its tensors detached (a view copied, so its whole storage is not saved along)."""
+    """``value`` with its tensors detached (a view copied, so its whole storage is not saved along); anything
+    ``torch.load(weights_only=True)`` would refuse raises here, naming where it is."""
     if isinstance(value, torch.Tensor):
         t = value.detach()
         return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
@@ -149,7 +150,8 @@ def write_into_folder(path: PathLike, files: Sequence[tuple[str, bytes]], *, own
                       what: str = "folder this package wrote") -> Path:
     """Write ``files`` (``(name, data)`` pairs) into the folder ``path``, one atomic replace each, in order.
 
-    Other files in the folder stay; write the file that names the content last (a name may come twice).
+    Other files in the folder stay. Write the content first and the file that names it last, so a
+    crash between two writes leaves a state the reader recognises; a name may come twice (interim, final).
     An existing path must be an empty folder or one holding ``own_marker``, else FileExistsError
     (``what`` names the kind of folder). A folder created here is removed again if the first write fails.
     """
