@@ -38,6 +38,14 @@ def test_unknown_layer_or_site(tiny, tokens):
         tll.ModelAccess(tiny).site_name(0, "resid_middle")
 
 
+def test_model_access_of_reuses_a_view_and_refuses_other_objects(tiny):
+    access = tll.ModelAccess.of(tiny)
+    assert tll.ModelAccess.of(access) is access and access.model is tiny
+    assert torch.equal(access.W_U, tll.ModelAccess(tiny).W_U)
+    with pytest.raises(TypeError, match="expected a TransformerLens model.*got builtins.int"):
+        tll.ModelAccess.of(3)
+
+
 def test_position_out_of_range(tiny, tokens):
     with pytest.raises(ValueError, match="position 9 is out of range.*9 tokens"):
         tll.logit_lens(tiny, tokens, pos=[0, 9])

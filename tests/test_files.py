@@ -154,6 +154,6 @@ def test_torch_bytes_reads_back_and_refuses_what_a_safe_load_would_refuse(tmp_pa
     assert len(files.torch_bytes({"view": big[10:13]})) < 4096
     # a checkpoint holding something a weights_only load refuses fails when written, naming where, and leaves
     # no file behind (it used to be written, and the run could not resume from it)
-    with pytest.raises(TypeError, match=r"state entry \['states'\]\['align'\]\['bad'\] is a object"):
+    with pytest.raises(TypeError, match=r"state entry \['states'\]\['align'\]\['bad'\] has type object"):
         save_checkpoint(tmp_path, "runner", 0, {"done": 1}, {"align": {"bad": object()}})
     assert list(tmp_path.iterdir()) == [] and load_checkpoint(tmp_path, "runner", 0) is None

@@ -239,6 +239,11 @@ def test_save_load_round_trip_and_refusals(tmp_path, tiny):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(FileNotFoundError, match="not a Jacobian lens folder"):
         JacobianLens.load(tmp_path / "mine", tiny)
+    for damaged, match in (("[1, 2]", "holds a JSON list, not the object"), ("{", "not valid JSON"),
+                           ('{"format": "other"}', "is not a")):
+        (path / "jacobian_lens.json").write_text(damaged)
+        with pytest.raises(ValueError, match=match):
+            JacobianLens.load(path, tiny)
 
 
 # ---------------------------------------------------------------------- TransformerLens 4.3

@@ -42,7 +42,7 @@ def default_tuned_lens(model: Any = None, *, cache_dir: Union[str, Path, None] =
     """
     if model is None:
         model = load_default_model(cache_dir=cache_dir, progress=progress)
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     if access.n_layers != 30 or access.d_model != 576 or access.d_vocab != 49152:
         raise ValueError(f"default_tuned_lens is the lens of the default model ({DEFAULT_MODEL_NAME}: 30 layers, "
                          f"d_model 576, d_vocab 49152); got {access.name!r} with {access.n_layers} layers, "
@@ -58,7 +58,7 @@ def tuned_lens_for(model: Any, *, cache_dir: Union[str, Path, None] = None, prog
     (sequences no longer than its context), cached under
     ``default_cache_dir()/tuned-lenses/<name>-<unembedding fingerprint>``.
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     if access.name == DEFAULT_MODEL_NAME:
         return default_tuned_lens(access, cache_dir=cache_dir, progress=progress)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in access.name)

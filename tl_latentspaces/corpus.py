@@ -201,7 +201,7 @@ def tokenize_corpus(model: Any, corpus: Corpus, *, seq_len: int = 128, prepend_b
     checks. Texts are read lazily (:func:`iter_texts`) until ``max_tokens`` (whole sequences) are in hand;
     fewer than ``min_sequences`` sequences is an error.
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     seq_len = check_int(seq_len, "seq_len", minimum=2, maximum=access.n_ctx, why=f" (the model's n_ctx={access.n_ctx})")
     if isinstance(corpus, torch.Tensor):
         if corpus.ndim != 2 or corpus.dtype not in (torch.int64, torch.int32) or corpus.shape[1] != seq_len:

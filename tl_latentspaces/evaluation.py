@@ -89,7 +89,7 @@ class LensEvalAccumulator:
 
     def __init__(self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
                  readout_dtype: torch.dtype = torch.float32):
-        access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        access = ModelAccess.of(model)
         access.require_eval("evaluate_lenses")
         self.chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
         if readout_dtype not in (torch.float32, torch.bfloat16):
@@ -226,7 +226,7 @@ def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any 
         >>> ev.mean_kl("tuned") < ev.mean_kl("logit")  # doctest: +SKIP
         True
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     max_tokens = check_int(max_tokens, "max_tokens", minimum=3)
     if corpus is None:

@@ -108,7 +108,7 @@ def _plain(value: Any, path: str) -> Any:
         return type(value)(_plain(item, f"{path}[{i}]") for i, item in enumerate(value))
     if isinstance(value, _PLAIN_SCALARS):
         return value
-    raise TypeError(f"state entry {path or 'state'} is a {type(value).__name__}; states hold tensors, numbers, "
+    raise TypeError(f"state entry {path or 'state'} has type {type(value).__name__}; states hold tensors, numbers, "
                     "strings, None, lists, tuples and dicts.")
 
 

@@ -86,7 +86,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
         >>> lens.info["fit"]["val_kl_refined"][:3]  # doctest: +SKIP
     """
     started = time.perf_counter()
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval("fit_tuned_lens")
     max_tokens = check_int(max_tokens, "max_tokens", minimum=2)
     batch_size = check_int(batch_size, "batch_size", minimum=1)

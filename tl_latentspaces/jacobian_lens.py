@@ -62,10 +62,6 @@ MODES = ("exact", "sketch")
 _CHECKPOINT = "jacobian-lens"  # files jacobian-lens-rank{r}.pt
 
 
-def _access(model: Any) -> ModelAccess:
-    return model if isinstance(model, ModelAccess) else ModelAccess(model)
-
-
 def _model_kind(access: ModelAccess) -> str:
     """The residual basis a lens is fitted in: ``"bridge-raw"``, ``"bridge-compat"`` or ``"hooked"``."""
     if access.kind == "hooked":
@@ -172,7 +168,7 @@ class JacobianLens:
     def check_model(self, model: Any) -> ModelAccess:
         """Raise ``ValueError`` naming every mismatch (sizes, unembedding hash) with ``model``; the hash also
         refuses the same weights in another residual basis (compatibility mode, processed weights)."""
-        access = _access(model)
+        access = ModelAccess.of(model)
         key = _check_key(access)
         if key == self._checked:
             return access
@@ -217,7 +213,7 @@ class JacobianLens:
             TypeError: If ``lens`` is not a TransformerLens ``JacobianLens``.
             ValueError: If TransformerLens's model check or ours fails.
         """
-        access = _access(model)
+        access = ModelAccess.of(model)
         matrices, info = matrices_from_transformer_lens(lens, access)
         converted = cls(ModelIdentity.of(access), matrices, info=info, name=name)
         converted._checked = _check_key(access)  # its identity is this model's: no second hash
@@ -413,7 +409,7 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
     Returns:
         A :class:`JacobianLens` whose ``info`` records the settings, sequences and seconds.
     """
-    access = _access(model)
+    access = ModelAccess.of(model)
     access.require_eval("fit_jacobian_lens")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")

@@ -72,7 +72,10 @@ def read_lens_folder(folder: Path) -> tuple[ModelIdentity, dict[str, torch.Tenso
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_path} is not valid JSON ({err}); the folder is damaged.") from err
-    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(config).__name__}, not the object a {_FORMAT} config "
+                         "is; the folder is damaged: save the lens again.")
+    if config.get("format") != _FORMAT:
         raise ValueError(f"{cfg_path} is not a {_FORMAT} config (format {config.get('format')!r}).")
     if config.get("format_version") != _FORMAT_VERSION:
         raise ValueError(

@@ -135,6 +135,11 @@ class ModelAccess:
         self.d_model = int(self.cfg.d_model)
         self.n_ctx = int(self.cfg.n_ctx)
 
+    @classmethod
+    def of(cls, model: Any) -> "ModelAccess":
+        """``model`` itself when it is already a :class:`ModelAccess`, else a new view of it."""
+        return model if isinstance(model, ModelAccess) else cls(model)
+
     @property
     def d_vocab(self) -> int:
         """Vocabulary size, as the unembedding has it (columns of ``W_U``)."""
@@ -396,14 +401,10 @@ FULL_HASH_BYTES = 1 << 30
 _SAMPLE_ELEMENTS = 65536
 
 
-def _access(model: Any) -> ModelAccess:
-    return model if isinstance(model, ModelAccess) else ModelAccess(model)
-
-
 def model_mode(model: Any) -> str:
     """``"HookedTransformer"``, ``"TransformerBridge (raw)"`` or ``"TransformerBridge (compatibility mode)"``
     (which rewrites the weights: one checkpoint read in two modes describes other activations)."""
-    access = _access(model)
+    access = ModelAccess.of(model)
     if access.kind == "hooked":
         return "HookedTransformer"
     return "TransformerBridge (compatibility mode)" if access.compatibility_mode else "TransformerBridge (raw)"
@@ -413,7 +414,7 @@ def weights_fingerprint(model: Any) -> str:
     """A short hash of every parameter's name, shape, dtype and exact bytes (a CRC-32 each, then SHA-256);
     above ``FULL_HASH_BYTES``, of ``_SAMPLE_ELEMENTS`` evenly spaced elements per parameter (that catches
     another checkpoint or a fine-tune, not an edit of a single weight)."""
-    params = list(_access(model).model.named_parameters())
+    params = list(ModelAccess.of(model).model.named_parameters())
     full = sum(p.numel() * p.element_size() for _, p in params) <= FULL_HASH_BYTES
     h = hashlib.sha256(b"full" if full else b"sample")
     for name, p in params:
@@ -444,7 +445,7 @@ class ModelIdentity:
     def of(cls, model: Any, *, weights: bool = True) -> "ModelIdentity":
         """The identity of ``model`` (or a :class:`ModelAccess`); ``weights=False`` skips hashing
         every parameter (``weights_fingerprint`` is then empty)."""
-        access = _access(model)
+        access = ModelAccess.of(model)
         return cls(
             name=access.name, n_layers=access.n_layers, d_model=access.d_model, d_vocab=access.d_vocab,
             unembedding_fingerprint=access.unembedding_fingerprint(),

@@ -140,7 +140,7 @@ def build_report(model: Any, *, prompts: Sequence[str] = DEFAULT_PROMPTS, corpus
         eval_tokens, align_tokens: Tokens of ``corpus`` for the lens metrics and for the alignment suite.
         cache_dir: Cache folder for the tuned lens.
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval("the report")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):

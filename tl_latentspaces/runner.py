@@ -50,7 +50,7 @@ class CorpusRunner:
                  max_tokens: Optional[int] = None, prepend_bos: bool = True, seed: int = 0, shuffle: bool = False,
                  checkpoint_dir: Union[str, Path, None] = None, checkpoint_every: int = 10, progress: bool = True,
                  desc: str = "corpus"):
-        self.access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        self.access = ModelAccess.of(model)
         self.access.require_eval("the corpus runner")
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
@@ -151,7 +151,7 @@ def stream_residuals(model: Any, sequences: torch.Tensor, hook_names: dict[str, 
     ``stack`` is ``[entry, batch, seq_len, d_model]`` in ``hook_names`` order, captured inside the model's own
     forward pass (so the user's hooks act on it); the capture hooks are removed after every batch.
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval("streaming the residual stream")
     labels = list(hook_names)
     final = access.site_name(access.n_layers - 1, "resid_post")

@@ -1,6 +1,8 @@
 """The tuned-lens fit's numerics: closed-form ridge translators, then Gauss-Newton steps on the KL.
 
-``ckpt``, where given, is the fit's checkpoint (``lens()``, ``save_lens(...)``, ``folder``).
+:func:`~tl_latentspaces.fitting.fit_tuned_lens` collects :class:`FitStats`, then calls :func:`choose_targets`,
+:func:`closed_form` and :func:`refine`; the refinement scores a working vocabulary (the tokens with the most
+final probability mass) through :class:`WorkingReadout`. ``ckpt``, where given, is the fit's checkpoint (``lens()``, ``save_lens(...)``, ``folder``).
 """
 
 from __future__ import annotations

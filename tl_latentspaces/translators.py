@@ -41,10 +41,6 @@ PKG_PARAMS_FILE = "params.pt"
 _PKG_LENS_TYPE = "linear_tuned_lens"
 
 
-def _access(model: Any) -> ModelAccess:
-    return model if isinstance(model, ModelAccess) else ModelAccess(model)
-
-
 def translate_rows(x: Float[torch.Tensor, "n d_model"], W: Float[torch.Tensor, "d_model d_model"],
                    b: Float[torch.Tensor, " d_model"]) -> Float[torch.Tensor, "n d_model"]:
     """One translator applied to rows: ``x + x @ W.T + b`` (the fit and the lens share this formula)."""
@@ -154,7 +150,7 @@ class TunedLens(torch.nn.Module):
 
     def check_model(self, model: Any, *, check_unembedding: bool = True, what: str = "this tuned lens") -> ModelAccess:
         """Raise ``ValueError`` naming every mismatch between this lens and ``model``."""
-        access = _access(model)
+        access = ModelAccess.of(model)
         # Hashing W_U takes a fraction of a second; skip it when this very tensor was checked before.
         b_U = getattr(access.model, "b_U", None)
         key = (id(access.model), tensor_key(access.W_U), tensor_key(b_U) if isinstance(b_U, torch.Tensor) else None,
@@ -357,7 +353,7 @@ def _read_package_folder(folder: Path, model: Any, check_unembedding: bool) -> t
         if not p.is_file():
             raise FileNotFoundError(f"{str(folder)!r} is not a tuned-lens package folder: {p.name} is missing "
                                     f"(it needs {PKG_CONFIG_FILE} and {PKG_PARAMS_FILE}).")
-    access = _access(model)
+    access = ModelAccess.of(model)
     try:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as err:

@@ -158,7 +158,7 @@ class AlignmentAccumulator:
         standardize_scale: Optional[Tensor] = None, cka_block_sequences: int = 4, layer_cka_biased: bool = False,
         rank_every: int = 4,
     ):
-        access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+        access = ModelAccess.of(model)
         self.access = access
         self.settings = Settings.check(
             access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,

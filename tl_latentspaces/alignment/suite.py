@@ -151,7 +151,7 @@ def alignment_suite(
         >>> result = tll.alignment_suite(model, max_tokens=4096)  # doctest: +SKIP
         >>> result.to_dataframe().loc["0_pre", ["cka_embed", "cos_mean", "rank_q50"]]  # doctest: +SKIP
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval("alignment_suite")
     settings = Settings.check(
         access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,
@@ -196,7 +196,7 @@ def alignment_from_cache(
         >>> _, cache = model.run_with_cache(tokens)  # doctest: +SKIP
         >>> tll.alignment_from_cache(model, cache, tokens, k=8).to_dataframe()  # doctest: +SKIP
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     settings = Settings.check(
         access, k=k, skip_positions=skip_positions, center=center, cka_block_sequences=cka_block_sequences,
         layer_cka_biased=layer_cka_biased, rank_every=rank_every,

@@ -178,7 +178,7 @@ def centered_embedding_lens(model: Any, corpus: Any = None, *, max_tokens: int =
         >>> r = tll.read_lenses(model, "The Eiffel Tower", lenses=("embedding", lens))  # doctest: +SKIP
         >>> r["embedding_centered"].own_ranks.float().mean()  # doctest: +SKIP
     """
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval("estimating the residual mean")
     max_tokens = check_int(max_tokens, "max_tokens", minimum=1)
     seq_len = check_int(seq_len, "seq_len", minimum=2)

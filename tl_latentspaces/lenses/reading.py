@@ -157,7 +157,7 @@ class _Plan:
 
 def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targets, prepend_bos: Optional[bool],
           layers: LayerSel, incl_mid: bool, pos: Positions, chunk_rows: int) -> _Plan:
-    access = model if isinstance(model, ModelAccess) else ModelAccess(model)
+    access = ModelAccess.of(model)
     access.require_eval(operation)
     chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     if input is None:
