@@ -17,7 +17,7 @@ from tl_latentspaces.checks import check_int
 from tl_latentspaces.corpus import default_corpus
 from tl_latentspaces.lenses import LogitLens, build_lenses
 from tl_latentspaces.model import ModelAccess
-from tl_latentspaces.readout import read_stack
+from tl_latentspaces.readout import DEFAULT_CHUNK_ROWS, read_stack
 from tl_latentspaces.results import label_frame
 from tl_latentspaces.runner import CorpusRunner
 
@@ -87,7 +87,7 @@ class LensEvalAccumulator:
         >>> acc.result().summary()  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = 512,
+    def __init__(self, model: Any, lenses: Sequence[Any] = ("logit",), *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  readout_dtype: torch.dtype = torch.float32):
         access = ModelAccess.of(model)
         access.require_eval("evaluate_lenses")
@@ -205,8 +205,8 @@ class LensEvalAccumulator:
 
 
 def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any = None, *, max_tokens: int = 8192,
-                    seq_len: Optional[int] = None, batch_size: int = 8, chunk_rows: int = 512, progress: bool = True,
-                    readout_dtype: torch.dtype = torch.float32) -> LensEvaluation:
+                    seq_len: Optional[int] = None, batch_size: int = 8, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                    progress: bool = True, readout_dtype: torch.dtype = torch.float32) -> LensEvaluation:
     """Evaluate lenses on held-out text at every stack entry, streaming over the corpus (merged under ``torchrun``).
 
     Args:

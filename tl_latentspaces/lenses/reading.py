@@ -17,7 +17,7 @@ from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jaco
 from tl_latentspaces.lenses.embedding import CenteredEmbeddingLens, EmbeddingLens
 from tl_latentspaces.lenses.protocol import Lens, LogitLens, TranslatedLens
 from tl_latentspaces.model import ModelAccess, Tokens
-from tl_latentspaces.readout import Readout, read_stack
+from tl_latentspaces.readout import DEFAULT_CHUNK_ROWS, Readout, read_stack
 from tl_latentspaces.results import LensInputs, LensResult
 from tl_latentspaces.translators import TunedLens
 
@@ -27,8 +27,6 @@ Input = Union[str, Sequence[str], torch.Tensor]
 Targets = Union[str, int, Sequence[Union[str, int]], torch.Tensor, None]
 Positions = Union[int, slice, Sequence[int], None]
 LayerSel = Union[Sequence[Union[int, str]], None]
-
-DEFAULT_CHUNK_ROWS = 512
 
 
 def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
