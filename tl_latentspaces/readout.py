@@ -74,8 +74,8 @@ class StackReadout:
 
 #: Vocabulary columns per score tile.
 TILE_COLS = 2048
-#: Rows per block of a read (each block sweeps all of ``W_U`` once): 2048 rows took 0.91x the time of 512 on
-#: 512 held-out tokens (2 CPU cores), for 16 MiB per float32 score tile.
+#: Rows per block of a read (each block sweeps all of ``W_U`` once): 2048 rows took 0.94x the time of 512 on
+#: 512 held-out tokens (``benchmarks/results/readout.md``), for 16 MiB per float32 score tile.
 DEFAULT_CHUNK_ROWS = 2048
 #: Matmuls get at least this many rows (zero rows pad a smaller block): below that the CPU BLAS switches
 #: kernels and a row's scores would depend on how many rows were read with it.

@@ -2,7 +2,9 @@
 
 :func:`~tl_latentspaces.fitting.fit_tuned_lens` collects :class:`FitStats`, then calls :func:`choose_targets`,
 :func:`closed_form` and :func:`refine`; the refinement scores a working vocabulary (the tokens with the most
-final probability mass) through :class:`WorkingReadout`. ``ckpt``, where given, is the fit's checkpoint (``lens()``, ``save_lens(...)``, ``folder``).
+final probability mass) through :class:`WorkingReadout`.
+
+``ckpt``, where given, is the fit's checkpoint (``lens()``, ``save_lens(...)``, ``folder``).
 """
 
 from __future__ import annotations
