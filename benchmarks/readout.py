@@ -16,8 +16,10 @@ Two tables, each measured in one run (interleaved rounds, medians), on the defau
    first call, compilation included, is timed apart), ``ours_512_rows`` (the same with ``chunk_rows=512``,
    the earlier default: blocks of 496 rows instead of 2,046), ``ours_eager`` (the same with
    ``TL_LATENTSPACES_COMPILE=0``), ``floor_tiled_bf16`` and ``ours_bf16`` (the bfloat16 readout,
-   ``read_stack(readout_dtype=torch.bfloat16)``), optionally ``transformer_lens`` (two calls: top-5,
-   and full log-probs for KL).
+   ``read_stack(readout_dtype=torch.bfloat16)``: bfloat16 products, float32 accumulation),
+   ``floor_tiled_bf16_out`` (bfloat16 matmuls, whose output is rounded to bfloat16: what the bfloat16
+   readout's products cost beside them), optionally ``transformer_lens`` (two calls: top-5, and full
+   log-probs for KL).
 
 Precision, on the 512 tokens: every cell's KL to final against float64 (float32 readout), and
 the bfloat16 readout against the float32 one (top-1 agreement, KL error).
@@ -156,6 +158,17 @@ def floor_tiled(y_all, w, rows):
             torch.mm(y, w[a : min(a + TILE_COLS, w.shape[0])].T)
 
 
+def floor_tiled_bf16(y_all, w, rows):
+    """:func:`floor_tiled` with bfloat16 products accumulated in float32, as the bfloat16 readout multiplies on the
+    CPU (float32 operands in oneDNN's bfloat16 mode, ``torch.backends.mkldnn.matmul.fp32_precision``)."""
+    setting = torch.backends.mkldnn.matmul
+    before, setting.fp32_precision = setting.fp32_precision, "bf16"
+    try:
+        floor_tiled(y_all, w, rows)
+    finally:
+        setting.fp32_precision = before
+
+
 def short_floor_lines(sp):
     """The least an exact full-vocabulary readout of the prompt can take: its forward pass plus the bare products."""
     floor = sp["forward"][0] + sp["matmul"][0]
@@ -244,10 +257,9 @@ def main() -> int:
     E = len(names)
     normed = torch.cat([access.final_norm(cache[n][0]) for n in names])  # for the floors only
     W_U = access.W_U.detach().contiguous()
-    wt_bf16 = wt.to(torch.bfloat16)
-    normed_bf16 = normed.to(torch.bfloat16)
     stack = torch.stack([cache[n][0] for n in names])
     lens = tll.LogitLens(access)
+    normed_bf16, wt_bf16 = normed.to(torch.bfloat16), wt.to(torch.bfloat16)
 
     def read(dtype):
         return read_stack(stack, list(range(E)), [lens], final=stack[-1], final_entry=E - 1, reference=lens,
@@ -270,8 +282,9 @@ def main() -> int:
         ("ours", ours),
         ("ours_512_rows", lambda: tll.logit_lens(model, tokens, cache=cache, top_k=5, chunk_rows=512)),
         ("ours_eager", ours_eager),
-        ("floor_tiled_bf16", lambda: floor_tiled(normed_bf16, wt_bf16, block_rows(E))),
+        ("floor_tiled_bf16", lambda: floor_tiled_bf16(normed, wt, block_rows(E))),
         ("ours_bf16", lambda: read(torch.bfloat16)),
+        ("floor_tiled_bf16_out", lambda: floor_tiled(normed_bf16, wt_bf16, block_rows(E))),
     ]
     if args.transformer_lens_512:
 
@@ -331,7 +344,8 @@ def main() -> int:
         "",
         f"- ours / fp32 floor: **{lp['ours'][0] / floor_t:.2f}x** (target <= 1.1x); ours_bf16 / fp32 floor: "
         f"**{lp['ours_bf16'][0] / floor_t:.2f}x**; ours_bf16 / bf16 tiled floor: "
-        f"{lp['ours_bf16'][0] / lp['floor_tiled_bf16'][0]:.2f}x.",
+        f"{lp['ours_bf16'][0] / lp['floor_tiled_bf16'][0]:.2f}x; bfloat16-mode products / bfloat16 matmuls "
+        f"rounding their output: {lp['floor_tiled_bf16'][0] / lp['floor_tiled_bf16_out'][0]:.2f}x.",
         f"- ours / ours_512_rows: **{lp['ours'][0] / lp['ours_512_rows'][0]:.2f}** (blocks of "
         f"{block_rows(E)} rows against 496: each block sweeps all of W_U once).",
         f"- ours / ours_eager: **{lp['ours'][0] / lp['ours_eager'][0]:.2f}** (the compiled reductions). Its first "
@@ -349,8 +363,11 @@ def main() -> int:
         "floor: the one-shot float32 matmul of the already-normalized stack with W_U (its output alone is "
         f"{E * tokens.shape[1] * W_U.shape[1] * 4 / 2**30:.1f} GiB). floor_tiled(_bf16): the same products as "
         f"{block_rows(E)}-row x {TILE_COLS}-column tiles, the matmuls the readout itself does, with nothing else. "
-        "`x floor` divides by the faster float32 floor. On the CPU torch's bfloat16 matmul rounds its float32 "
-        "accumulator to bfloat16 on output; the readout's reductions run in float32 with float64 sums either way.",
+        "`x floor` divides by the faster float32 floor. floor_tiled_bf16 and ours_bf16 multiply float32 operands in "
+        "oneDNN's bfloat16 mode (`torch.backends.mkldnn.matmul.fp32_precision = \"bf16\"`): bfloat16 products, float32 "
+        "accumulation and output; floor_tiled_bf16_out multiplies bfloat16 tensors, which rounds every output to "
+        "bfloat16. Where oneDNN has no bfloat16 path (AVX2-only CPUs) the bfloat16 mode's products stay float32. "
+        "The readout's reductions run in float32 with float64 sums either way.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

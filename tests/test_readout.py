@@ -245,11 +245,94 @@ def test_bfloat16_readout_is_close_and_checked(tiny, tokens):
     agree = (fast.top_ids == exact.top_ids).double().mean()
     assert float(agree) > 0.9
     assert float((fast.kl_to_final - exact.kl_to_final).abs().mean()) < 0.05
-    assert not torch.equal(fast.kl_to_final, exact.kl_to_final)  # it did multiply in bfloat16
     with pytest.raises(ValueError, match="readout_dtype must be torch.float32"):
         read_stack(flat, list(range(E)), [lens], readout_dtype=torch.float16, **kw)
     with pytest.raises(ValueError, match=r"readout_dtype must be torch.float32 \(exact\)"):
         tll.LensEvalAccumulator(tiny, readout_dtype=torch.float16)
+
+
+def _cpu_bf16_products_active() -> bool:
+    """Whether torch's own oneDNN bfloat16 mode changes a float32 product on this CPU (not on AVX2 CPUs)."""
+    setting = getattr(torch.backends.mkldnn, "matmul", None)
+    if getattr(setting, "fp32_precision", None) is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
+    before, setting.fp32_precision = setting.fp32_precision, "bf16"
+    try:
+        rounded = a @ b
+    finally:
+        setting.fp32_precision = before
+    return not torch.equal(rounded, a @ b)
+
+
+def test_bfloat16_readout_accumulates_bfloat16_products_in_float32(tiny, tokens):
+    """On the CPU the bfloat16 read's scores are float32 sums of products of bfloat16-rounded operands (not
+    rounded to bfloat16 after): its top scores equal float64 products of the rounded operands to 1e-4, where
+    float32 products, and bfloat16 outputs, are farther off. Torch's setting is the user's again after."""
+    stack = _stack(tiny, tokens)
+    E = stack.shape[0]
+    flat = stack.reshape(E, -1, stack.shape[-1])
+    access = ModelAccess(tiny)
+    lens = tll.LogitLens(access)
+    kw = dict(final=flat[-1], final_entry=E - 1, reference=lens, top_k=5)
+    setting = getattr(torch.backends.mkldnn, "matmul", None)
+    before = getattr(setting, "fp32_precision", None)
+    fast = read_stack(flat, list(range(E)), [lens], readout_dtype=torch.bfloat16, **kw).lenses[0]
+    exact = read_stack(flat, list(range(E)), [lens], **kw).lenses[0]
+    assert getattr(setting, "fp32_precision", None) == before
+    y = torch.stack([lens.project(flat[e].float(), e) for e in range(E)])  # the normalized rows, float32
+    W, b = access.W_U.detach(), access.b_U
+    z_rounded = y.bfloat16().double() @ W.bfloat16().double() + (0 if b is None else b.double())
+    z_float = y.double() @ W.double() + (0 if b is None else b.double())
+    of = lambda z, r: torch.gather(z, -1, r.top_ids)  # noqa: E731
+    if _cpu_bf16_products_active():
+        torch.testing.assert_close(fast.top_scores.double(), of(z_rounded, fast), atol=1e-4, rtol=0)
+        assert (of(z_rounded, fast) - of(z_float, fast)).abs().max() > 1e-3  # the reference tells them apart
+        as_bf16 = of(z_rounded, fast).bfloat16().double()  # what a bfloat16 output would have held
+        assert (as_bf16 - of(z_rounded, fast)).abs().max() > 1e-3
+    else:  # no bfloat16 products on this CPU: the float32 read's products
+        assert torch.equal(fast.top_ids, exact.top_ids)
+        torch.testing.assert_close(fast.top_scores.double(), of(z_float, fast), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_readout_leaves_the_lens_projection_and_torch_setting_alone(tiny, tokens):
+    """Only the score products run in the bfloat16 mode: a lens's own matmuls in ``project`` see the user's
+    setting, and the setting is restored when the read fails."""
+    setting = getattr(torch.backends.mkldnn, "matmul", None)
+    if getattr(setting, "fp32_precision", None) is None:
+        pytest.skip("this torch has no oneDNN float32 precision setting")
+    stack = _stack(tiny, tokens)
+    E = stack.shape[0]
+    flat = stack.reshape(E, -1, stack.shape[-1])
+    access = ModelAccess(tiny)
+    seen = []
+
+    class Rotating(_Linear):
+        def project(self, x, entry):
+            seen.append(setting.fp32_precision)
+            return x @ torch.eye(x.shape[-1])
+
+    lens = Rotating(access.W_U.detach())
+    before = setting.fp32_precision
+    read_stack(flat, list(range(E)), [lens], final=flat[-1], final_entry=E - 1, reference=lens, top_k=1,
+               readout_dtype=torch.bfloat16)
+    assert seen and set(seen) == {before}
+
+    class Failing(_Linear):
+        calls = 0
+
+        def project(self, x, entry):
+            Failing.calls += 1
+            if Failing.calls > E + 1:  # after the first block's tiles began
+                raise RuntimeError("user lens failed")
+            return x
+
+    bad = Failing(access.W_U.detach())
+    with pytest.raises(RuntimeError, match="user lens failed"):
+        read_stack(flat, list(range(E)), [bad], final=flat[-1], final_entry=E - 1, reference=bad, top_k=1,
+                   readout_dtype=torch.bfloat16, chunk_rows=E + 1)
+    assert setting.fp32_precision == before
 
 
 def test_bfloat16_evaluation_accumulator_is_close(tiny):

@@ -79,8 +79,8 @@ class LensEvaluation:
 class LensEvalAccumulator:
     """Streaming held-out metrics of lenses: a consumer of the corpus runner; ``result()`` gives them.
 
-    Arguments as for :func:`evaluate_lenses`; with ``readout_dtype=torch.bfloat16`` only the score matmuls
-    are bfloat16 (reductions stay float32/float64).
+    Arguments as for :func:`evaluate_lenses`; with ``readout_dtype=torch.bfloat16`` only the score products
+    are bfloat16, accumulated in float32 (reductions stay float32/float64).
 
     Example:
         >>> acc = CorpusRunner(model, texts, seq_len=128).run({"eval": LensEvalAccumulator(model).empty})["eval"]  # doctest: +SKIP
@@ -216,7 +216,7 @@ def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any 
         max_tokens: Evaluate at most this many tokens (whole sequences).
         seq_len: Tokens per sequence, BOS included (default 128, or the width of a token tensor).
         chunk_rows: Rows per block of the readout.
-        readout_dtype: ``torch.float32`` or ``torch.bfloat16`` score matmuls.
+        readout_dtype: ``torch.float32`` or ``torch.bfloat16`` score products (accumulated in float32).
 
     Raises:
         ValueError: On an empty or too-short corpus, a bad setting, or a lens made for another model.

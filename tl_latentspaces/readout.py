@@ -15,6 +15,7 @@ row gets exactly 0; float32 reads also correct the matmul's rounding to first or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -74,7 +75,7 @@ class StackReadout:
 
 #: Vocabulary columns per score tile.
 TILE_COLS = 2048
-#: Rows per block of a read (each block sweeps all of ``W_U`` once): 2048 rows took 0.94x the time of 512 on
+#: Rows per block of a read (each block sweeps all of ``W_U`` once): 2048 rows took 0.95x the time of 512 on
 #: 512 held-out tokens (``benchmarks/results/readout.md``), for 16 MiB per float32 score tile.
 DEFAULT_CHUNK_ROWS = 2048
 #: Matmuls get at least this many rows (zero rows pad a smaller block): below that the CPU BLAS switches
@@ -115,6 +116,29 @@ def _low_precision(wt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             _LOW_PRECISION.pop(next(iter(_LOW_PRECISION)))
         _LOW_PRECISION[key] = wt.to(dtype).contiguous()
     return _LOW_PRECISION[key]
+
+
+def _fp32_math_setting() -> Optional[object]:
+    """torch's float32 matmul precision setting for oneDNN (torch >= 2.4), or None where it has none."""
+    setting = getattr(torch.backends.mkldnn, "matmul", None)
+    return setting if getattr(setting, "fp32_precision", None) is not None else None
+
+
+@contextlib.contextmanager
+def _bf16_products(on: bool):
+    """Float32 CPU matmuls inside take bfloat16 products with float32 accumulation and output where ``on``
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, restored on exit; the setting is process-wide
+    while it lasts). Where oneDNN has no bfloat16 path (AVX2-only CPUs) the products stay float32."""
+    setting = _fp32_math_setting() if on else None
+    if setting is None:
+        yield
+        return
+    before = setting.fp32_precision
+    setting.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
 
 
 def _tiles(d_vocab: int) -> list[tuple[int, int]]:
@@ -321,7 +345,8 @@ class _Group:
 
     wt: torch.Tensor  # [d_vocab, d_in], vocabulary-major
     bias: Optional[torch.Tensor]
-    wt_mm: torch.Tensor  # wt in the readout dtype
+    wt_mm: torch.Tensor  # wt in the dtype of the products
+    bf16_math: bool = False  # float32 operands, bfloat16 products (:func:`_bf16_products`)
     slots: list[_Slot] = field(default_factory=list)
     own: bool = False  # some lens of the group reports own-token scores and ranks
 
@@ -333,7 +358,7 @@ class _GroupBlock:
         self.group = group
         self.n, self.L = n, len(group.slots)
         self.rows = n * self.L
-        self.y = y  # [R, d_in] padded, in the readout dtype
+        self.y = y  # [R, d_in] padded, in the products' dtype
         self.ids = ids  # [R, T (+1)] or None
         self.bufs = bufs
         R = y.shape[0]
@@ -342,13 +367,15 @@ class _GroupBlock:
         self.cand_i: list[torch.Tensor] = []
         self.x = torch.zeros(n, self.L, dtype=torch.float64, device=y.device)  # the KL's cross term
         if ids is not None:
-            self.exact = _exact_scores(group.bias, y, group.wt_mm, ids)
+            with _bf16_products(group.bf16_math):
+                self.exact = _exact_scores(group.bias, y, group.wt_mm, ids)
             self.counts = torch.zeros(R, ids.shape[1], dtype=torch.int32, device=y.device)
 
     def tile(self, a: int, b: int, top_k: int) -> None:
         """Scores of columns ``a:b``; fold them into ranks and candidates, and take in their row maxima."""
         R, width = self.y.shape[0], b - a
-        z = _tile_scores(self.group.bias, self.y, self.group.wt_mm, a, b, self.bufs.z[: R * width].view(R, width))
+        with _bf16_products(self.group.bf16_math):
+            z = _tile_scores(self.group.bias, self.y, self.group.wt_mm, a, b, self.bufs.z[: R * width].view(R, width))
         if self.ids is not None:
             _count_above(z, a, self.ids, self.exact, self.counts, self.bufs.b[: R * width].view(R, width))
         v, i, tile_max = _tile_candidates(z, top_k)
@@ -413,7 +440,8 @@ def read_stack(
         own_ids: Per-row ids (each position's input token) whose score and rank are reported for the
             lenses flagged in ``own`` (one flag per lens).
         chunk_rows: Rows per matmul: a block holds ``chunk_rows // rows-per-position`` positions (at least one).
-        readout_dtype: ``torch.float32`` or ``torch.bfloat16`` for the score matmuls (reductions stay float32/64).
+        readout_dtype: ``torch.float32`` or ``torch.bfloat16`` for the score matmuls (reductions stay float32/64);
+            bfloat16 products accumulate in float32 (on the CPU: float32 operands in oneDNN's bfloat16 mode).
 
     Returns:
         A :class:`StackReadout`, on the stack's device.
@@ -422,6 +450,10 @@ def read_stack(
         raise ValueError(f"readout_dtype must be torch.float32 or torch.bfloat16, got {readout_dtype!r}.")
     E, N, _ = stack.shape
     dev = stack.device
+    # on the CPU a bfloat16 read multiplies float32 operands in oneDNN's bfloat16 mode: float32 accumulation
+    # and output (a bfloat16 matmul would round its output to bfloat16)
+    bf16_math = readout_dtype == torch.bfloat16 and dev.type == "cpu" and _fp32_math_setting() is not None
+    mm_dtype = torch.float32 if bf16_math else readout_dtype
     own = list(own) if own is not None else [False] * len(lenses)
     if any(own) and own_ids is None:
         raise ValueError("own-token ranks were asked for without own_ids.")
@@ -435,7 +467,7 @@ def read_stack(
         b = None if bias is None else (bias.data_ptr(), tuple(bias.shape), bias.stride(), bias.dtype)
         key = (wt.data_ptr(), tuple(wt.shape), wt.stride(), wt.dtype, str(wt.device), b)
         if key not in by_key:
-            by_key[key] = _Group(wt, bias, _low_precision(wt, readout_dtype))
+            by_key[key] = _Group(wt, bias, _low_precision(wt, mm_dtype), bf16_math=bf16_math)
         return by_key[key]
 
     ref_group = group_of(reference)  # first: its final rows feed every group's KL term
@@ -469,7 +501,7 @@ def read_stack(
                 lens = reference if slot.lens < 0 else lenses[slot.lens]
                 x = final[start:stop] if slot.lens < 0 else stack[slot.e_pos, start:stop]
                 y[:, j] = lens.project(x.to(torch.float32), slot.entry)
-            y = _pad_rows(y.view(n * L, -1)).to(readout_dtype)
+            y = _pad_rows(y.view(n * L, -1)).to(mm_dtype)
             ranked = [] if targets is None else [targets[start:stop]]
             if g.own:
                 ranked.append(own_ids[start:stop, None])
