@@ -315,3 +315,28 @@ def test_full_disk_keeps_the_report(tmp_path, monkeypatch, capsys):
     assert (kept / "report.html").read_text() == "<html>a report</html>"
     assert json.loads((kept / "report.json").read_text())["prompts"] == seen["prompts"]
     assert not (full / "report").exists()
+
+
+def test_eval_reads_in_bfloat16_on_request(char_model, corpus_file, tmp_path, monkeypatch, capsys):
+    """``eval --readout-dtype bfloat16`` hands the bfloat16 readout to the evaluation, and its KLs stay within
+    the bfloat16 mode's error of the float32 ones; float32 is the default."""
+    from tl_latentspaces import evaluation
+
+    seen = []
+    evaluate = evaluation.evaluate_lenses
+    monkeypatch.setattr(cli, "evaluate_lenses", lambda *a, **k: seen.append(k["readout_dtype"]) or evaluate(*a, **k))
+    argv = ["eval", "--corpus", str(corpus_file), "--no-tuned", "--max-tokens", "512", "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        extra = [] if dtype == "float32" else ["--readout-dtype", dtype]
+        assert cli.main([*argv, *extra, "--out", str(tmp_path / f"{dtype}.json")]) == 0
+        results[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert seen == [torch.float32, torch.bfloat16]
+    kl32, kl16 = (torch.tensor(results[d]["kl_to_final"]) for d in ("float32", "bfloat16"))  # [lens, label]
+    assert results["float32"]["lenses"] == ["logit"] and kl32.shape == kl16.shape
+    torch.testing.assert_close(kl16, kl32, atol=0.05, rtol=0.05)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--readout-dtype", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err

@@ -284,7 +284,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         lenses.append(TunedLens.load(args.lens, model))
     elif not args.no_tuned:
         lenses.append(tuned_lens_for(model, cache_dir=args.cache_dir, progress=not args.quiet))
-    evaluation = evaluate_lenses(model, lenses, corpus, max_tokens=args.max_tokens, progress=not args.quiet)
+    evaluation = evaluate_lenses(model, lenses, corpus, max_tokens=args.max_tokens, progress=not args.quiet,
+                                 readout_dtype=getattr(torch, args.readout_dtype))
     if ctx.is_main:
         _print_table(args.out, evaluation, report.to_jsonable)
     return 0
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-tuned", action="store_true", help="evaluate the logit lens only")
     ev.add_argument("--corpus", action="append", help="held-out text: .txt or .jsonl files")
     ev.add_argument("--max-tokens", type=int, default=8192)
+    ev.add_argument("--readout-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="score products: float32 (default, exact) or bfloat16 (faster on CPUs with bfloat16 "
+                         "units; float32 accumulation)")
     ev.add_argument("--out", default=None, help="also write the numbers to this .json file")
 
     al = sub.add_parser("align", help="the alignment suite over a corpus")
