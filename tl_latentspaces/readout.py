@@ -130,15 +130,14 @@ def _bf16_products(on: bool):
     (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, restored on exit; the setting is process-wide
     while it lasts). Where oneDNN has no bfloat16 path (AVX2-only CPUs) the products stay float32."""
     setting = _fp32_math_setting() if on else None
-    if setting is None:
-        yield
-        return
-    before = setting.fp32_precision
-    setting.fp32_precision = "bf16"
+    before = setting.fp32_precision if setting is not None else None
+    if setting is not None:
+        setting.fp32_precision = "bf16"
     try:
         yield
     finally:
-        setting.fp32_precision = before
+        if setting is not None:
+            setting.fp32_precision = before
 
 
 def _tiles(d_vocab: int) -> list[tuple[int, int]]:
@@ -404,20 +403,15 @@ class _GroupBlock:
 
 def _empty_output(E: int, N: int, top_k: int, T: Optional[int], own: bool,
                   device: torch.device) -> ReadoutTensors:
-    """One lens's per-(entry, row) output tensors, filled block by block."""
-    f32 = dict(dtype=torch.float32, device=device)
-    i64 = dict(dtype=torch.long, device=device)
+    """One lens's per-(entry, row) output tensors, filled block by block; ``None`` where not asked for."""
+    def new(*shape: int, dtype: torch.dtype = torch.float32, when: bool = True) -> Optional[torch.Tensor]:
+        return torch.empty(E, N, *shape, dtype=dtype, device=device) if when else None
+
+    per_target = dict(when=T is not None)
     return ReadoutTensors(
-        top_ids=torch.empty(E, N, top_k, **i64),
-        top_probs=torch.empty(E, N, top_k, **f32),
-        top_scores=torch.empty(E, N, top_k, **f32),
-        entropy=torch.empty(E, N, **f32),
-        kl_to_final=torch.empty(E, N, **f32),
-        target_probs=torch.empty(E, N, T, **f32) if T is not None else None,
-        target_ranks=torch.empty(E, N, T, **i64) if T is not None else None,
-        own_scores=torch.empty(E, N, **f32) if own else None,
-        own_ranks=torch.empty(E, N, **i64) if own else None,
-        target_log_probs=torch.empty(E, N, T, **f32) if T is not None else None,
+        top_ids=new(top_k, dtype=torch.long), top_probs=new(top_k), top_scores=new(top_k), entropy=new(),
+        kl_to_final=new(), target_probs=new(T, **per_target), target_ranks=new(T, dtype=torch.long, **per_target),
+        own_scores=new(when=own), own_ranks=new(dtype=torch.long, when=own), target_log_probs=new(T, **per_target),
     )
 
 
