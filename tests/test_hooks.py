@@ -302,6 +302,42 @@ def test_a_pass_that_stops_early_is_not_read_as_complete(tiny, tokens):
                 tiny.reset_hooks()
 
 
+def test_a_pass_run_inside_a_users_hook_keeps_apart_from_the_outer_pass(tiny, tokens):
+    """A clean pass fetched from inside a hook of a patched pass is its own pass: the read is the outer one."""
+    inner = []
+
+    def fetch_clean(act, hook=None):
+        if not inner:
+            inner.append(True)
+            tiny(tokens)
+
+    last_pre = f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_pre"
+    with torch.no_grad():
+        with tll.lens_session(tiny, tokens, lenses=("logit",)) as patched:
+            tiny.run_with_hooks(patched.tokens, fwd_hooks=[(READ_POINT, lambda a, hook=None: None if inner else _patch(a)),
+                                                           (last_pre, fetch_clean)])
+        with tll.lens_session(tiny, tokens, lenses=("logit",)) as want:
+            tiny.run_with_hooks(want.tokens, fwd_hooks=[(READ_POINT, _patch)])
+    assert inner  # the inner pass ran
+    got = patched.results["logit"]
+    torch.testing.assert_close(got.entropy, want.results["logit"].entropy, atol=1e-6, rtol=0)
+    assert not torch.allclose(got.entropy[1:], tll.logit_lens(tiny, tokens).entropy[1:], atol=1e-3)
+
+
+def test_a_pass_that_skips_the_embedding_is_not_read_as_the_sessions(tiny, tokens):
+    """start_at_layer on another input's residual, after a complete pass, changes nothing in the read."""
+    other = (tokens * 7 + 3) % 100
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(other, names_filter="blocks.1.hook_resid_pre")
+        with tll.lens_session(tiny, tokens, lenses=("logit",)) as s:
+            tiny(s.tokens)
+            tiny(cache["blocks.1.hook_resid_pre"], start_at_layer=1)
+    torch.testing.assert_close(s.results["logit"].entropy, tll.logit_lens(tiny, tokens).entropy, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="no forward pass ran on the session's tokens"):
+        with torch.no_grad(), tll.lens_session(tiny, tokens, lenses=("logit",)):
+            tiny(cache["blocks.1.hook_resid_pre"], start_at_layer=1)
+
+
 def test_alignment_from_a_cache_of_other_tokens_is_refused(tiny):
     ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

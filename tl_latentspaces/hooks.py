@@ -114,20 +114,32 @@ class HookSession:
         self.remove()
 
 
+class _Pass:
+    """One forward pass as a collector sees it: begun at the token embedding, complete once every site fired."""
+
+    def __init__(self, seq: int, expected: bool):
+        self.seq = seq  # passes in the order they began
+        self.expected = expected  # on the expected tokens: its activations are kept
+        self.acts: dict[str, Optional[torch.Tensor]] = {}
+
+
 class ResidualCollector:
     """Captures, through ``session``, a detached copy of the activation at each hook point of ``names``
-    (``{label: hook_name}``) after every hook there. A pass starts when the token embedding is computed,
-    so :meth:`stack` returns the last complete pass; with ``expect`` (``[batch, pos]`` token ids), passes
-    on other tokens (a nested session's, say) are ignored."""
+    (``{label: hook_name}``) after every hook there, and :meth:`stack` returns the last complete pass.
+
+    A pass begins when the token embedding is computed and is complete once every site has fired. Passes
+    nest: one run inside a hook of another (a clean run fetched mid-pass, say) keeps its own activations,
+    and the outer pass goes on where it was. With ``expect`` (``[batch, pos]`` token ids), passes on other
+    tokens (a nested session's) are ignored, and so is whatever runs outside a pass begun at the embedding
+    (``start_at_layer``, or TransformerLens 2's ``generate``, which skips ``hook_embed``)."""
 
     def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
         self.names = dict(names)
-        self.captured: dict[str, torch.Tensor] = {}
         self._access = session.access
         self._expect = expect
-        self._pass = 0  # passes on the expected tokens seen so far
-        self._in_pass: dict[str, int] = {}  # label -> pass it was captured in
-        self._recording = True
+        self._open: list[_Pass] = []  # passes begun and not complete, innermost last
+        self._done: Optional[_Pass] = None  # the last complete pass on the expected tokens
+        self._seq = 0
         self._foreign: list[tuple[int, ...]] = []  # shapes of passes on other tokens
         self._tracks_passes = EMBED_HOOK in session.access.hook_dict
         if self._tracks_passes:
@@ -135,46 +147,54 @@ class ResidualCollector:
         for label, hook_name in self.names.items():
             session.capture(hook_name, self._make_capture(label))
 
-    def _new_pass(self, embedding: torch.Tensor) -> None:
-        if self._expect is not None and not self._access.embeds_tokens(embedding, self._expect):
-            self._recording = False
+    def _new_pass(self, embedding: Optional[torch.Tensor]) -> None:
+        expected = embedding is None or self._expect is None or self._access.embeds_tokens(embedding, self._expect)
+        if not expected:
             self._foreign.append(tuple(embedding.shape[:2]))
-            return
-        self._recording = True
-        self._pass += 1
+        self._seq += 1
+        self._open.append(_Pass(self._seq, expected))
 
     def _make_capture(self, label: str) -> Callable[[torch.Tensor], None]:
         def capture(activation: torch.Tensor) -> None:
-            if self._recording:
-                self.captured[label] = activation.detach().clone()
-                self._in_pass[label] = self._pass
+            if not self._open:
+                if self._tracks_passes:
+                    return  # no pass began at the embedding
+                self._new_pass(None)  # a model without hook_embed: passes are told apart by their sites only
+            current = self._open[-1]
+            current.acts[label] = activation.detach().clone() if current.expected else None
+            if len(current.acts) == len(self.names):
+                self._open.pop()
+                if current.expected:
+                    self._done = current
 
         return capture
 
     def stack(self, labels: list[str]) -> torch.Tensor:
-        """The captured activations as ``[entry, batch, pos, d_model]``, in ``labels`` order.
+        """The last complete pass's activations as ``[entry, batch, pos, d_model]``, in ``labels`` order.
 
         Raises:
-            RuntimeError: If no forward pass ran on the expected tokens, or the last one did not reach
-                every site.
+            RuntimeError: If no forward pass ran on the expected tokens, or one that began after the last
+                complete pass (and not inside it) did not reach every site.
             ValueError: If an activation holds NaN or inf.
         """
-        if self._expect is not None and self._tracks_passes and self._pass == 0:
+        expected = [p for p in self._open if p.expected]
+        if self._expect is not None and self._tracks_passes and self._done is None and not expected:
             other = f" (the forward passes seen ran on inputs of shape {self._foreign})" if self._foreign else ""
             raise RuntimeError(f"no forward pass ran on the session's tokens{other}: run the model on session.tokens "
                                f"(shape {tuple(self._expect.shape)}) inside the with block.")
-        missing = [label for label in labels if label not in self.captured]
-        stale = [label for label in labels if label in self.captured and self._in_pass[label] != self._pass]
-        if missing or stale:
-            names = [self.names[m] for m in missing + stale]
+        broken = [p for p in expected if self._done is None or p.seq > self._done.seq]
+        if self._done is None or broken:
+            seen = broken[-1].acts if broken else {}
+            names = [self.names[label] for label in labels if label not in seen]
             raise RuntimeError(f"no activation was captured at {names} in the last forward pass: it did not reach "
                                "these hook points (stop_at_layer, or an exception inside the pass). Run a complete "
                                "forward pass.")
+        captured = self._done.acts
         for label in labels:
-            act = self.captured[label]
+            act = captured[label]
             if not torch.isfinite(act).all():
                 bad = (~torch.isfinite(act)).nonzero()[0].tolist()
                 raise ValueError(f"the residual stream holds NaN or inf at {label} ({self.names[label]}), first at "
                                  f"index {bad}. Check the model's weights and any hook that edits the stream before "
                                  "this layer.")
-        return torch.stack([self.captured[label] for label in labels], dim=0)
+        return torch.stack([captured[label] for label in labels], dim=0)
