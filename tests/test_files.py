@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,8 +135,15 @@ def test_write_into_folder_stops_at_a_failure_in_order(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_into_folder(folder, [("a", b"new a"), ("marker", b"new")], own_marker="marker")
     with pytest.raises(OSError, match="disk full"):
-        write_into_folder(tmp_path / "fresh", [("marker", b"new")], own_marker="marker")
+        write_into_folder(tmp_path / "fresh", [("data.bin", b"new"), ("marker", b"new")], own_marker="marker")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        write_into_folder(tmp_path / "empty", [("data.bin", b"new"), ("marker", b"new")], own_marker="marker")
     monkeypatch.undo()
+    # into a new or empty folder, the files written before the failure are taken back: a retry works
+    assert list((tmp_path / "empty").iterdir()) == []
+    write_into_folder(tmp_path / "empty", [("data.bin", b"new"), ("marker", b"new")], own_marker="marker")
+    shutil.rmtree(tmp_path / "empty")
     # What came before the failure is written, what came after is not, no temporary is left,
     # and a folder the failed call created is gone again.
     assert (folder / "a").read_bytes() == b"new a" and (folder / "marker").read_bytes() == b"old"

@@ -132,8 +132,26 @@ def test_bad_user_lenses_get_clear_errors(tiny, tokens):
         def translate(self, x, label):
             return x[:, :-1]
 
-    with pytest.raises(ValueError, match=r"lens 'wrong': translate\(x, '0_pre'\) must return a tensor of the shape of x"):
+    with pytest.raises(ValueError, match=r"lens 'wrong': translate\(x, '0_pre'\) must return a real floating-point tensor"):
         tll.read_lenses(tiny, tokens, lenses=(Wrong(),))
+
+    class NotFinite(Identity):
+        name = "not_finite"
+
+        def translate(self, x, label):
+            return x / x.norm(dim=-1, keepdim=True) * 0.0 / 0.0 if x.shape[0] else x  # NaN on real rows only
+
+    with pytest.raises(ValueError, match=r"lens 'not_finite': translate\(x, '0_pre'\) returned \d+ NaN or inf"):
+        tll.read_lenses(tiny, tokens, lenses=(NotFinite(),))
+
+    class Complex(Identity):
+        name = "complex"
+
+        def translate(self, x, label):
+            return x.to(torch.complex64)
+
+    with pytest.raises(ValueError, match=r"real floating-point tensor .* torch.complex64"):
+        tll.read_lenses(tiny, tokens, lenses=(Complex(),))
 
     class Nameless:
         name = ""
@@ -145,6 +163,20 @@ def test_bad_user_lenses_get_clear_errors(tiny, tokens):
         tll.read_lenses(tiny, tokens, lenses=(Nameless(),))
     with pytest.raises(ValueError, match="once per call"):
         tll.read_lenses(tiny, tokens, lenses=(Identity(), Identity()))
+
+
+def test_a_lens_that_edits_its_input_in_place_changes_no_other_lens(tiny, tokens):
+    class Zeroing(Identity):
+        name = "zeroing"
+
+        def translate(self, x, label):
+            return x.mul_(0.5)
+
+    alone = tll.read_lenses(tiny, tokens, lenses=("logit", "embedding"))
+    mixed = tll.read_lenses(tiny, tokens, lenses=(Zeroing(), "logit", "embedding"))
+    for name in ("logit", "embedding"):
+        torch.testing.assert_close(mixed[name].entropy, alone[name].entropy, atol=0, rtol=0)
+        torch.testing.assert_close(mixed[name].top_ids, alone[name].top_ids, atol=0, rtol=0)
 
 
 def test_stack_labels_map_to_layers():

@@ -153,18 +153,23 @@ def write_into_folder(path: PathLike, files: Sequence[tuple[str, bytes]], *, own
     Other files in the folder stay. Write the content first and the file that names it last, so a
     crash between two writes leaves a state the reader recognises; a name may come twice (interim, final).
     An existing path must be an empty folder or one holding ``own_marker``, else FileExistsError
-    (``what`` names the kind of folder). A folder created here is removed again if the first write fails.
+    (``what`` names the kind of folder). Into a new or empty folder, a failed write takes back the files it
+    wrote (and the folder it made), so that a retry finds the folder as it was.
     """
     folder = Path(path)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / own_marker).is_file())):
         raise FileExistsError(f"{str(folder)!r} already exists and is not a {what} (no {own_marker}); "
                               "refusing to write into it. Choose another path, or an empty folder.")
     created = not folder.exists()
+    fresh = created or not any(folder.iterdir())
     folder.mkdir(parents=True, exist_ok=True)
     try:
         for name, data in files:
             write_bytes_atomic(folder / name, data, make_parents=False)
     except BaseException:
+        if fresh:
+            for name, _ in files:
+                (folder / name).unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()
         raise

@@ -92,14 +92,19 @@ class TranslatedLens:
             self.translate(empty, label)
 
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
-        x = x.to(torch.float32)
+        x = x.to(torch.float32, copy=True)  # the lens's own copy: an in-place edit reaches no other lens
         with torch.no_grad():
             y = self.lens.translate(x, label)
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape):
-            got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(x.shape) or not y.is_floating_point():
+            got = f"{list(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(
-                f"lens {self.name!r}: translate(x, {label!r}) must return a tensor of the shape of x, "
-                f"{list(x.shape)}; it returned {got}."
+                f"lens {self.name!r}: translate(x, {label!r}) must return a real floating-point tensor of the "
+                f"shape of x, {list(x.shape)}; it returned {got}."
+            )
+        if not torch.isfinite(y).all():
+            raise ValueError(
+                f"lens {self.name!r}: translate(x, {label!r}) returned {int((~torch.isfinite(y)).sum())} NaN or "
+                "inf values for finite residuals. Fix the lens (a division by a zero norm, say)."
             )
         return y
 
