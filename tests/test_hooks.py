@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces import hook_counts
+from tl_latentspaces.model import ModelAccess
 
 
 class Counter:
@@ -336,6 +339,25 @@ def test_a_pass_that_skips_the_embedding_is_not_read_as_the_sessions(tiny, token
     with pytest.raises(RuntimeError, match="no forward pass ran on the session's tokens"):
         with torch.no_grad(), tll.lens_session(tiny, tokens, lenses=("logit",)):
             tiny(cache["blocks.1.hook_resid_pre"], start_at_layer=1)
+
+
+def test_a_hook_that_changes_the_final_norm_is_named_in_a_warning(tiny, tokens):
+    """Lenses apply the model's own final norm and W_U: a change made after the last residual is not in them,
+    and the read says so, while a hook there that only looks changes nothing and warns of nothing."""
+    names = ModelAccess.of(tiny).readout_hook_names()
+    assert "ln_final.hook_normalized" in names
+    clean = tll.logit_lens(tiny, tokens)
+    looked = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hook that only looks: no warning
+        with torch.no_grad(), tll.lens_session(tiny, tokens, lenses=("logit",)) as s:
+            tiny.run_with_hooks(s.tokens, fwd_hooks=[("ln_final.hook_normalized", lambda a, hook=None: looked.append(1))])
+    assert looked and torch.equal(s.results["logit"].entropy, clean.entropy)
+    with pytest.warns(UserWarning, match=r"a hook changed \['ln_final.hook_normalized'\] in this pass"):
+        with torch.no_grad(), tll.lens_session(tiny, tokens, lenses=("logit",)) as s:
+            logits = tiny.run_with_hooks(s.tokens, fwd_hooks=[("ln_final.hook_normalized", lambda a, hook=None: -a)])
+    assert not torch.equal(logits.argmax(-1), s.results["logit"].final_top1)  # the model's logits did change
+    torch.testing.assert_close(s.results["logit"].entropy, clean.entropy, atol=1e-6, rtol=0)
 
 
 def test_alignment_from_a_cache_of_other_tokens_is_refused(tiny):

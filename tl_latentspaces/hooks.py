@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from tl_latentspaces.checks import warn_user
 from tl_latentspaces.model import ModelAccess
 
 __all__ = ["HookSession", "ResidualCollector", "hook_counts"]
@@ -121,6 +122,7 @@ class _Pass:
         self.seq = seq  # passes in the order they began
         self.expected = expected  # on the expected tokens: its activations are kept
         self.acts: dict[str, Optional[torch.Tensor]] = {}
+        self.changed_readout: list[str] = []  # hook points after the last residual that a hook changed
 
 
 class ResidualCollector:
@@ -131,7 +133,9 @@ class ResidualCollector:
     nest: one run inside a hook of another (a clean run fetched mid-pass, say) keeps its own activations,
     and the outer pass goes on where it was. With ``expect`` (``[batch, pos]`` token ids), passes on other
     tokens (a nested session's) are ignored, and so is whatever runs outside a pass begun at the embedding
-    (``start_at_layer``, or TransformerLens 2's ``generate``, which skips ``hook_embed``)."""
+    (``start_at_layer``, or TransformerLens 2's ``generate``, which skips ``hook_embed``). With ``expect``,
+    :meth:`stack` also warns when a hook changed the final norm or the unembedding in the pass it returns:
+    lenses apply the model's own final norm and ``W_U`` to the residuals, so such a change is not in them."""
 
     def __init__(self, session: HookSession, names: dict[str, str], *, expect: Optional[torch.Tensor] = None):
         self.names = dict(names)
@@ -146,6 +150,26 @@ class ResidualCollector:
             session.watch_input(EMBED_HOOK, self._new_pass)
         for label, hook_name in self.names.items():
             session.capture(hook_name, self._make_capture(label))
+        self._last: Optional[_Pass] = None  # the pass completed last, on any tokens
+        if expect is not None:
+            for name in session.access.readout_hook_names():
+                self._watch_readout(session, name)
+
+    def _watch_readout(self, session: HookSession, name: str) -> None:
+        """Note in the pass just completed whether the hooks on ``name`` changed its activation (compared
+        only where a hook other than ours is registered, so that the logits are copied only then)."""
+        hp = session.access.hook_point(name)
+        held: list[torch.Tensor] = []
+
+        def before(x: torch.Tensor) -> None:
+            held[:] = [x.detach().clone()] if len(hp._forward_hooks) > 1 else []
+
+        def after(y: torch.Tensor) -> None:
+            if held and self._last is not None and not torch.equal(held.pop(), y):
+                self._last.changed_readout.append(name)
+
+        session.watch_input(name, before)
+        session.capture(name, after)
 
     def _new_pass(self, embedding: Optional[torch.Tensor]) -> None:
         expected = embedding is None or self._expect is None or self._access.embeds_tokens(embedding, self._expect)
@@ -164,6 +188,7 @@ class ResidualCollector:
             current.acts[label] = activation.detach().clone() if current.expected else None
             if len(current.acts) == len(self.names):
                 self._open.pop()
+                self._last = current
                 if current.expected:
                     self._done = current
 
@@ -190,6 +215,12 @@ class ResidualCollector:
                                "these hook points (stop_at_layer, or an exception inside the pass). Run a complete "
                                "forward pass.")
         captured = self._done.acts
+        if self._done.changed_readout:
+            final = self.names[list(self.names)[-1]]
+            warn_user(f"a hook changed {sorted(set(self._done.changed_readout))} in this pass, after the last residual "
+                      "the lenses read: each lens applies the model's own final norm and unembedding to the residual "
+                      "stream, so final_post and the KLs to final describe the unhooked readout, not this pass's "
+                      f"logits. Fix: make the change on the residual stream ({final}) if the lenses should see it.")
         for label in labels:
             act = captured[label]
             if not torch.isfinite(act).all():
