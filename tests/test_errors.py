@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,40 @@ def test_bad_targets(tiny, tokens):
         tll.logit_lens(tiny, tokens, targets=torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="tokenizer"):
         tll.logit_lens(tiny, tokens, targets=" Paris")  # tiny models have no tokenizer
+
+
+def test_integer_scalars_of_any_kind_and_clear_errors_for_the_rest(tiny, tokens):
+    """numpy and 0-d tensor integers select like ints; floats and non-sequences get a message, not a TypeError."""
+    want = tll.logit_lens(tiny, tokens, targets=[5], pos=1, layers=[2])
+    for i in (np.int64(1), torch.tensor(1)):
+        got = tll.logit_lens(tiny, tokens, targets=[np.int64(5)], pos=i, layers=[np.int64(2)])
+        assert torch.equal(got.target_ranks, want.target_ranks) and got.positions == want.positions == [1]
+    assert torch.equal(tll.logit_lens(tiny, tokens, targets=np.int64(5)).target_ranks,
+                       tll.logit_lens(tiny, tokens, targets=5).target_ranks)
+    assert torch.equal(tll.logit_lens(tiny, tokens.to(torch.int8)).top_ids, tll.logit_lens(tiny, tokens).top_ids)
+    with pytest.raises(ValueError, match=r"pos must be an int, a slice or a list of ints, got float \(1.0\)"):
+        tll.logit_lens(tiny, tokens, pos=1.0)
+    with pytest.raises(ValueError, match=r"targets must be a token string, a token id, .* got float \(3.5\)"):
+        tll.logit_lens(tiny, tokens, targets=3.5)
+    with pytest.raises(ValueError, match="the target tensor has no targets"):
+        tll.logit_lens(tiny, tokens, targets=torch.zeros(*tokens.shape, 0, dtype=torch.long))
+    r = tll.logit_lens(tiny, tokens, top_k=3)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\] \(this readout kept the top 3\), got 3"):
+        r.top_tokens(3)
+    with pytest.raises(TypeError, match="between two LensResults, got int"):
+        r.diff(5)
+
+
+def test_a_cache_that_is_not_a_cache_or_of_another_model(tiny, tokens):
+    for bad in (torch.zeros(3), [1, 2]):
+        with pytest.raises(TypeError, match="cache must be an ActivationCache"):
+            tll.logit_lens(tiny, tokens, cache=bad)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tokens)
+    wide = {name: torch.cat([act, act], -1) if "resid" in name else act for name, act in cache.items()}
+    with pytest.raises(ValueError, match=r"has 128 features, but this model's d_model is 64: the cache comes from "
+                                         "another model"):
+        tll.logit_lens(tiny, tokens, cache=wide)
 
 
 def test_training_mode_is_refused(tiny, tokens):

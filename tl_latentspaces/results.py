@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 import torch
 from jaxtyping import Bool, Float, Int
 
+from tl_latentspaces.checks import check_int
+
 __all__ = ["LensResult", "LensDiff", "LensInputs", "lens_divergence"]
 
 
@@ -127,6 +129,8 @@ class LensResult:
 
     def top_tokens(self, rank: int = 0) -> list[list[list[str]]]:
         """Decoded top-``rank`` tokens, ``[entry][batch][pos]``."""
+        k = self.top_ids.shape[-1]
+        rank = check_int(rank, "rank", minimum=0, maximum=k - 1, why=f" (this readout kept the top {k})")
         ids = self.top_ids[..., rank]
         return [[[self.decode(int(i)) for i in row] for row in entry] for entry in ids]
 
@@ -213,6 +217,9 @@ class LensDiff:
     @classmethod
     def between(cls, base: LensResult, other: LensResult) -> "LensDiff":
         """``other - base``; raises ValueError if the lens, the entries, the positions or the input tokens differ."""
+        if not isinstance(other, LensResult):
+            raise TypeError(f"a difference is taken between two LensResults, got {type(other).__name__}. "
+                            "Fix: read the patched run with the same call and pass its result.")
         problems = []
         if base.lens != other.lens:
             problems.append(f"lens {base.lens!r} vs {other.lens!r}")

@@ -43,9 +43,10 @@ class TokenDecoder:
 
 def token_tensor(input: torch.Tensor, d_vocab: int) -> Tokens:
     ids = input.unsqueeze(0) if input.ndim == 1 else input
-    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"token input must be an integer tensor of shape [batch, pos], got dtype "
-                         f"{ids.dtype} and shape {tuple(input.shape)}.")
+                         f"{ids.dtype} and shape {tuple(input.shape)}. Fix: pass token ids, e.g. "
+                         "model.to_tokens(text), as a [batch, pos] (or [pos]) int64 tensor.")
     if ids.numel() == 0:
         raise ValueError(f"token input is empty (shape {tuple(input.shape)}); pass at least one token.")
     lo, hi = int(ids.min()), int(ids.max())

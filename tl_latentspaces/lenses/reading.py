@@ -6,6 +6,7 @@ residual stack from hooks or a cache, and reads it with :func:`~tl_latentspaces.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -29,10 +30,20 @@ Positions = Union[int, slice, Sequence[int], None]
 LayerSel = Union[Sequence[Union[int, str]], None]
 
 
+def _index(x: Any) -> Optional[int]:
+    """``x`` as an int if it is an integer scalar (a Python, numpy or 0-d tensor integer; not a bool), else None."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.ndim != 0):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
     if layers is None:
         return list(range(len(all_labels)))
-    if isinstance(layers, (int, str)):
+    if isinstance(layers, str) or _index(layers) is not None:
         layers = [layers]
     if not isinstance(layers, (list, tuple, range)):
         raise ValueError(
@@ -46,7 +57,8 @@ def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
             if item not in all_labels:
                 raise ValueError(f"unknown stack entry {item!r}; valid labels are {all_labels}.")
             out.append(all_labels.index(item))
-        elif isinstance(item, int) and not isinstance(item, bool):
+        elif _index(item) is not None:
+            item = _index(item)
             idx = item + len(all_labels) if item < 0 else item
             if not 0 <= idx < len(all_labels):
                 raise ValueError(
@@ -67,11 +79,17 @@ def _select_positions(pos: Positions, seq_len: int) -> list[int]:
         if not out:
             raise ValueError(f"position slice {pos} selects nothing from a sequence of {seq_len} tokens.")
         return out
-    items = [pos] if isinstance(pos, int) else list(pos)
+    if _index(pos) is not None:
+        items = [pos]
+    elif isinstance(pos, (list, tuple, range)) or (isinstance(pos, torch.Tensor) and pos.ndim == 1):
+        items = list(pos)
+    else:
+        raise ValueError(f"pos must be an int, a slice or a list of ints, got {type(pos).__name__} ({pos!r:.80}).")
     out = []
     for p in items:
-        if isinstance(p, bool) or not isinstance(p, int):
+        if _index(p) is None:
             raise ValueError(f"positions must be ints, got {p!r}.")
+        p = _index(p)
         idx = p + seq_len if p < 0 else p
         if not 0 <= idx < seq_len:
             raise ValueError(
@@ -103,18 +121,29 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
                 f"a target tensor must be [batch, pos] or [batch, pos, T] matching the read "
                 f"positions {(B, P)}, got shape {tuple(targets.shape)}."
             )
+        if t.shape[2] == 0:
+            raise ValueError(f"the target tensor has no targets (shape {tuple(targets.shape)}); pass None for none.")
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= access.d_vocab:
             raise ValueError(f"target ids must lie in [0, {access.d_vocab}), got values in [{lo}, {hi}].")
         return t
-    items = [targets] if isinstance(targets, (str, int)) else list(targets)
+    if isinstance(targets, str) or _index(targets) is not None:
+        items = [targets if isinstance(targets, str) else _index(targets)]
+    elif isinstance(targets, (list, tuple)):
+        items = [t if isinstance(t, str) or _index(t) is None else _index(t) for t in targets]
+    else:
+        raise ValueError(f"targets must be a token string, a token id, a list of them or a [batch, pos(, T)] id "
+                         f"tensor, got {type(targets).__name__} ({targets!r:.80}).")
     if not items:
         raise ValueError("targets is empty; pass a token, a list of tokens, or None.")
     ids = torch.tensor([access.to_single_token(t) for t in items], dtype=torch.long)
     return ids.view(1, 1, -1).expand(B, P, -1).contiguous()
 
 
-def _stack_from_cache(cache: Any, sites: dict[str, str], tokens: Tokens) -> torch.Tensor:
+def _stack_from_cache(cache: Any, sites: dict[str, str], tokens: Tokens, d_model: int) -> torch.Tensor:
+    if isinstance(cache, (torch.Tensor, str, bytes, list, tuple)) or not hasattr(cache, "__getitem__"):
+        raise TypeError(f"cache must be an ActivationCache (or a dict of hook name -> activation), got "
+                        f"{type(cache).__name__}. Make one with _, cache = model.run_with_cache(tokens).")
     slabs = []
     for label, name in sites.items():
         try:
@@ -124,6 +153,11 @@ def _stack_from_cache(cache: Any, sites: dict[str, str], tokens: Tokens) -> torc
                 f"the cache has no activation {name!r} (needed for {label}). Cache the residual "
                 f"stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."
             ) from err
+        if not isinstance(act, torch.Tensor):
+            raise TypeError(f"cached {name} must be a tensor, got {type(act).__name__}.")
+        if act.ndim == 3 and tuple(act.shape[:2]) == tuple(tokens.ids.shape) and act.shape[2] != d_model:
+            raise ValueError(f"cached {name} has {act.shape[2]} features, but this model's d_model is {d_model}: "
+                             "the cache comes from another model. Pass a cache of this model's run.")
         if act.ndim != 3 or tuple(act.shape[:2]) != tuple(tokens.ids.shape):
             raise ValueError(
                 f"cached {name} has shape {tuple(act.shape)}, but the input tokenizes to "
@@ -269,7 +303,7 @@ def build_lenses(access: ModelAccess, lenses: Sequence[Any], temperature: float,
 
 def _collect(plan: _Plan, cache: Any, verify_cache: bool = True) -> torch.Tensor:
     if cache is not None:
-        stack = _stack_from_cache(cache, plan.sites, plan.tokens)
+        stack = _stack_from_cache(cache, plan.sites, plan.tokens, plan.access.d_model)
         if check_bool(verify_cache, "verify_cache"):
             plan.access.check_cache_tokens(cache, plan.tokens.ids)
         return stack
