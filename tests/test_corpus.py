@@ -129,6 +129,17 @@ def test_bad_corpus_items(model):
         tokenize_corpus(model, ["ab"], seq_len=16)
 
 
+def test_file_paths_in_a_list_are_read_and_a_missing_corpus_file_is_an_error(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("first document\n")
+    b.write_text('{"text": "second"}\n')
+    assert list(iter_texts([str(a), "a text of its own", b])) == ["first document\n", "a text of its own", "second"]
+    for corpus in (str(tmp_path / "corpsu.txt"), ["text", str(tmp_path / "missing.jsonl")]):
+        with pytest.raises(FileNotFoundError, match=r"corpus file .*(corpsu.txt|missing.jsonl)' does not exist"):
+            list(iter_texts(corpus))
+    assert list(iter_texts(["see notes.txt for more"])) == ["see notes.txt for more"]  # text that names a file
+
+
 def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, monkeypatch):
     bom = "\ufeff".encode("utf-8")
     jsonl = tmp_path / "bom.jsonl"

@@ -128,15 +128,29 @@ def _iter_dataset(dataset: Any) -> Iterator[str]:
         yield from (row["text"] for row in dataset if isinstance(row.get("text"), str))
 
 
+def _names_a_file(s: str) -> bool:
+    """Whether the string ``s`` is a file path rather than text: one line naming an existing file, or a
+    ``.txt``/``.jsonl`` name (then a missing file is an error, not a document of one word)."""
+    if "\n" in s or len(s) >= 4096:
+        return False
+    if Path(s).is_file():
+        return True
+    if s.strip().lower().endswith((".txt", ".jsonl")) and len(s.split()) == 1:
+        raise FileNotFoundError(f"corpus file {s!r} does not exist. Fix the path; a text that is only a file "
+                                "name is not read as a document.")
+    return False
+
+
 def iter_texts(corpus: Any) -> Iterator[str]:
     """The documents of a corpus, read lazily: nothing is read past what the caller consumes.
 
     ``corpus`` is a text; a file path (``.jsonl`` lines or plain-text blocks); a ``datasets`` object with a
-    ``"text"`` column; or an iterable of texts, ``Path`` objects and ``{"text": ...}`` rows. A corpus read twice
+    ``"text"`` column; or an iterable of texts, file paths and ``{"text": ...}`` rows (a string is a path when
+    it is one line naming an existing file, or a ``.txt``/``.jsonl`` name). A corpus read twice
     (the report's) must be re-iterable: a list, a path, a dataset.
     """
-    if isinstance(corpus, str) and ("\n" in corpus or len(corpus) >= 4096 or not Path(corpus).is_file()):
-        yield corpus  # a string is text unless it names an existing file
+    if isinstance(corpus, str) and not _names_a_file(corpus):
+        yield corpus
     elif isinstance(corpus, (str, Path)):
         yield from _iter_file(Path(corpus))
     elif getattr(corpus, "column_names", None) is not None:
@@ -146,8 +160,8 @@ def iter_texts(corpus: Any) -> Iterator[str]:
                          f"{{'text': ...}} rows, or a [n, seq_len] token tensor; got {type(corpus).__name__}.")
     else:
         for item in corpus:
-            if isinstance(item, Path):
-                yield from _iter_file(item)
+            if isinstance(item, Path) or (isinstance(item, str) and _names_a_file(item)):
+                yield from _iter_file(Path(item))
             elif isinstance(item, str):
                 yield item
             elif isinstance(item, dict) and isinstance(item.get("text"), str):
