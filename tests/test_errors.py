@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,15 @@ def test_target_without_its_leading_space_warns(smol):
         warnings.simplefilter("error")
         tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets=" Paris", layers=[-1])
         tll.logit_lens(smol, "The Eiffel Tower is in the city of", targets=paris[0], layers=[-1])
+
+
+@pytest.mark.integration
+def test_a_position_counted_from_the_end_warns_where_it_is_padding(smol):
+    prompts = ["The Eiffel Tower is in the city of", "Hi"]
+    with pytest.warns(UserWarning, match=r"pos=-1 selects padding in batch rows \[1\]"):
+        r = tll.logit_lens(smol, prompts, pos=-1)
+    assert r.mask.tolist() == [[True], [False]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tll.logit_lens(smol, prompts, pos=0)  # every row's first token: no padding read
+        tll.logit_lens(smol, prompts)  # all positions: padding is expected and masked

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tl_latentspaces.checks import check_bool, check_int
+from tl_latentspaces.checks import check_bool, check_int, warn_user
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jacobian_lens
 from tl_latentspaces.lenses.embedding import CenteredEmbeddingLens, EmbeddingLens
@@ -201,6 +201,12 @@ def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targ
     all_labels = [label for label, _ in sites]
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
+    padded = (~tokens.mask[:, positions]).any(1).nonzero().flatten().tolist()
+    if pos is not None and padded:
+        warn_user(f"pos={pos!r} selects padding in batch rows {padded}: those prompts are shorter, and texts are "
+                  "right-padded, so a position counted from the end is not their last token. The cells have mask "
+                  "False (summary() leaves them out). Fix: read prompts of different lengths one by one, or "
+                  "select positions from the start.")
     collect = set(all_labels[i] for i in entries) | {all_labels[-1]}
     collected = {label: name for label, name in sites if label in collect}
     resolved = _resolve_targets(access, targets, (tokens.ids.shape[0], len(positions)))
