@@ -359,3 +359,14 @@ def test_cut_short_model_folder_is_named_with_the_fix(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"cannot be read: model\.safetensors is .* bytes long.*save_pretrained"):
         tll.load_model(str(tmp_path / "llama"), progress=False)
+
+
+def test_an_unwritable_cache_dir_fails_before_the_conversion(tmp_path, monkeypatch):
+    converted = []
+    monkeypatch.setattr(default_model, "_convert_gguf", lambda *args: converted.append(args))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"the default model's cache: cannot create the folder .*afile.* is a file\. "
+                                         "Pass cache_dir="):
+        tll.load_default_model(cache_dir=afile, progress=False)
+    assert converted == [] and afile.read_text() == "x"

@@ -116,23 +116,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _check_can_write_in(folder: Path, what: str, fix: str) -> None:
-    """``folder`` exists and is writable, or can be created: its nearest existing ancestor is a writable folder."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
-    try:  # permission bits do not tell everything (root on /proc, some network mounts): write a probe file
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise PermissionError(f"{what}: cannot write in the folder {str(existing)!r} ({err.strerror or err}). "
-                              f"{fix}") from None
-
-
 def _check_json_out(value: str) -> None:
     """An ``--out`` JSON file: a ``.json`` name, not a folder, in a folder that is or can be made writable."""
     p = Path(value).expanduser()
@@ -143,7 +126,7 @@ def _check_json_out(value: str) -> None:
     if p.is_dir():
         example = str(p / "results.json")
         raise ValueError(f"{what} is an existing folder; name a .json file, e.g. --out {example!r}.")
-    _check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
+    files.check_can_write_in(p.parent, what, "Pass a path in a writable folder.")
 
 
 def _check_folder_out(value: str, option: str, *, marker: Optional[str] = None) -> None:
@@ -159,7 +142,7 @@ def _check_folder_out(value: str, option: str, *, marker: Optional[str] = None) 
     elif p.suffix.lower() in _FILE_SUFFIXES:
         raise ValueError(f"{what} names a {p.suffix} file, but this writes a folder; pass a folder path, e.g. "
                          f"{option} {str(p.with_suffix(''))!r}.")
-    _check_can_write_in(p, what, "Pass a path in a writable folder.")
+    files.check_can_write_in(p, what, "Pass a path in a writable folder.")
 
 
 def _check_targets(args: argparse.Namespace) -> None:
@@ -191,7 +174,7 @@ def _check_targets(args: argparse.Namespace) -> None:
         if cache.exists() and not cache.is_dir():
             raise ValueError(f"{what} is a file, not a folder. Pass --cache-dir or set TL_LATENTSPACES_CACHE to a "
                              "folder.")
-        _check_can_write_in(cache, what, "Pass --cache-dir or set TL_LATENTSPACES_CACHE to a writable folder.")
+        files.check_can_write_in(cache, what, "Pass --cache-dir or set TL_LATENTSPACES_CACHE to a writable folder.")
 
 
 def _write_or_keep(target: Path, write: Callable[[Path], Path], dump: Optional[Callable[[], str]] = None) -> Path:

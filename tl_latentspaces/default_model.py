@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tl_latentspaces.conversion import (HOOKED_ARCHITECTURES, HOOKED_MAX_N_CTX, check_hooked_config,
                                         check_transformers_read, hooked_from_hf, quiet, tokenizer_from_json)
-from tl_latentspaces.files import replace_folder_atomic
+from tl_latentspaces.files import check_can_write_in, replace_folder_atomic
 from tl_latentspaces.model import available_kinds, transformer_lens_version
 
 __all__ = ["load_default_model", "load_model", "default_cache_dir", "DEFAULT_MODEL_NAME", "GGUF_FILE",
@@ -291,6 +291,9 @@ def load_default_model(*, kind: Optional[str] = None, cache_dir: Union[str, Path
     hf_logging.disable_progress_bar()  # transformers draws its own per-tensor bars; ours says what is happening
     try:
         complete = _cache_complete(folder)
+        if not complete:  # fail before the conversion's seconds, not after
+            check_can_write_in(folder.parent, "the default model's cache",
+                               "Pass cache_dir= (or set TL_LATENTSPACES_CACHE) to a writable folder.")
         with tqdm(total=1 if complete else 3, desc=f"loading {DEFAULT_MODEL_NAME}", disable=not progress) as bar:
             if not complete:  # missing, older, cut short or damaged: rebuilt from the GGUF file, atomically
                 _convert_gguf(folder, bar)

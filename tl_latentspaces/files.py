@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["json_safe", "read_torch_dict", "torch_bytes", "write_bytes_atomic", "write_files_atomic",
-           "write_into_folder", "replace_folder_atomic", "sha256_hex"]
+__all__ = ["check_can_write_in", "json_safe", "read_torch_dict", "torch_bytes", "write_bytes_atomic",
+           "write_files_atomic", "write_into_folder", "replace_folder_atomic", "sha256_hex"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -174,6 +174,23 @@ def write_into_folder(path: PathLike, files: Sequence[tuple[str, bytes]], *, own
             folder.rmdir()
         raise
     return folder
+
+
+def check_can_write_in(folder: Path, what: str, fix: str) -> None:
+    """``folder`` exists and is writable, or can be created: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: cannot create the folder {str(folder)!r} because {str(existing)!r} is a file. {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: the folder {str(existing)!r} is not writable. {fix}")
+    try:  # permission bits do not tell everything (root on /proc, some network mounts): write a probe file
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what}: cannot write in the folder {str(existing)!r} ({err.strerror or err}). "
+                              f"{fix}") from None
 
 
 def replace_folder_atomic(path: PathLike, write: Callable[[Path], None], *, own_marker: Optional[str],
