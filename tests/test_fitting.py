@@ -233,9 +233,11 @@ def test_nan_loss_stops_names_layer_and_step_and_keeps_checkpoint(tmp_path, monk
         (torch.randint(0, 100, (40, 32)), {"damping": float("nan")}, "damping must be"),
         (torch.randint(0, 100, (40, 32)), {"massive_factor": 1.0}, "massive_factor must be"),
         (torch.randint(0, 100, (40, 32)), {"seq_len": 16}, "seq_len=16"),
+        (torch.randint(0, 100, (40, 32)), {"ridge": "0.1"}, r"ridge strength must be a finite number >= 0.0, got str \('0.1'\)"),
+        (torch.randint(0, 100, (40, 32)), {"device": "banana"}, "unknown device 'banana'; use 'cpu', 'cuda'"),
     ],
     ids=["empty", "too-few-positions", "one-sequence", "seq-too-short", "max-tokens", "no-ridge", "neg-ridge",
-         "val-fraction", "damping", "massive", "width-mismatch"],
+         "val-fraction", "damping", "massive", "width-mismatch", "str-ridge", "bad-device"],
 )
 def test_bad_input_is_a_clear_error(corpus, kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float", "check_finite", "as_float64",
-           "warn_user"]
+           "check_device", "warn_user"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -99,3 +99,18 @@ def as_float64(x: Any, name: str, *, ndim: Optional[int] = None, shape_hint: str
     x = x.to(torch.float64)
     check_finite(x, name)
     return x
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` if it names a CPU, or a CUDA or MPS device that is available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return dev

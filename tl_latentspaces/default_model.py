@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tl_latentspaces.conversion import (HOOKED_ARCHITECTURES, HOOKED_MAX_N_CTX, check_hooked_config,
                                         check_transformers_read, hooked_from_hf, quiet, tokenizer_from_json)
+from tl_latentspaces.checks import check_device
 from tl_latentspaces.files import check_can_write_in, replace_folder_atomic
 from tl_latentspaces.model import available_kinds, transformer_lens_version
 
@@ -83,17 +84,7 @@ def _check_options(kind: Optional[str], device: Union[str, torch.device], dtype:
     if n_ctx is not None and kind != "hooked":
         raise ValueError("n_ctx applies to a HookedTransformer (kind='hooked') only; the bridge has the model's "
                          "full context.")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but CUDA is not available here; use --device cpu.")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} was asked for, but MPS is not available here; use --device cpu.")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    return kind, dev
+    return kind, check_device(device)
 
 
 def _first_line(err: BaseException) -> str:

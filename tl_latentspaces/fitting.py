@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from tl_latentspaces.checkpoints import load_checkpoint, save_checkpoint
-from tl_latentspaces.checks import check_float, check_int
+from tl_latentspaces.checks import check_device, check_float, check_int
 from tl_latentspaces.corpus import default_corpus, tokenize_corpus
 from tl_latentspaces.distributed import current_context, shard_batches
 from tl_latentspaces.files import json_safe
@@ -99,7 +99,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
                                       open_minimum=True)
     damping = check_float(damping, "damping", minimum=0.0, open_minimum=True)
     massive_factor = check_float(massive_factor, "massive_factor", minimum=1.0, open_minimum=True)
-    ridges = (ridge,) if isinstance(ridge, (int, float)) and not isinstance(ridge, bool) else tuple(ridge)
+    ridges = tuple(ridge) if isinstance(ridge, (list, tuple)) else (ridge,)  # check_float names a wrong type
     if not ridges:
         raise ValueError("ridge is empty; pass a relative ridge strength such as 1e-2, or a few of them.")
     ridges = tuple(check_float(r, "each ridge strength", minimum=0.0) for r in ridges)
@@ -113,7 +113,7 @@ def fit_tuned_lens(model: Any, corpus: Any = None, *, max_tokens: int = 16384, s
             "the corpus is empty: pass texts (a list of strings), file paths or a [n, seq_len] "
             "token tensor, or None for the default offline corpus."
         )
-    dev = torch.device(device) if device is not None else access.device
+    dev = check_device(device) if device is not None else access.device
     settings = FitSettings(max_tokens, seq_len, batch_size, validation_fraction, ridges, refine_steps, refine_tokens,
                            refine_vocab, damping, massive_factor, seed)
     seqs = tokenize_corpus(access, corpus, seq_len=seq_len, max_tokens=max_tokens)
