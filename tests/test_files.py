@@ -29,6 +29,13 @@ def test_write_bytes_without_parents_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder .*missing.* does not exist"):
         write_bytes_atomic(tmp_path / "missing" / "a.html", b"x", make_parents=False)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*: it is a folder\. Pass a file path in it"):
+        write_bytes_atomic(tmp_path, b"x")
+    (tmp_path / "afile").write_bytes(b"keep")
+    for make_parents in (True, False):
+        with pytest.raises(NotADirectoryError, match=r"afile' is a file, not a folder"):
+            write_bytes_atomic(tmp_path / "afile" / "a.html", b"x", make_parents=make_parents)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_bytes() == b"keep"
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])

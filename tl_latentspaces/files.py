@@ -58,6 +58,11 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = True
     """Write ``data`` to ``path`` atomically; returns the path. ``make_parents=False``: a missing folder raises."""
     target = Path(path)
     folder = target.parent
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a folder. Pass a file path in it, e.g. "
+                                f"{str(target / 'out')!r}.")
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {str(target)!r}: {str(folder)!r} is a file, not a folder.")
     if make_parents:
         folder.mkdir(parents=True, exist_ok=True)
     elif not folder.is_dir():
