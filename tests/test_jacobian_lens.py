@@ -3,6 +3,7 @@ readout against TransformerLens's own, hooks, save/load and the TransformerLens 
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -239,11 +240,16 @@ def test_save_load_round_trip_and_refusals(tmp_path, tiny):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(FileNotFoundError, match="not a Jacobian lens folder"):
         JacobianLens.load(tmp_path / "mine", tiny)
+    good = json.loads((path / "jacobian_lens.json").read_text())
     for damaged, match in (("[1, 2]", "holds a JSON list, not the object"), ("{", "not valid JSON"),
-                           ('{"format": "other"}', "is not a")):
-        (path / "jacobian_lens.json").write_text(damaged)
+                           ('{"format": "other"}', "is not a"), (b"\xff\xfe", "not valid JSON .*utf-8"),
+                           (json.dumps({**good, "info": [1]}), "'info' must be a JSON object, got list")):
+        target = path / "jacobian_lens.json"
+        target.write_bytes(damaged) if isinstance(damaged, bytes) else target.write_text(damaged)
         with pytest.raises(ValueError, match=match):
             JacobianLens.load(path, tiny)
+    with pytest.raises(TypeError, match="info must be a dict of JSON-serialisable notes, got list"):
+        JacobianLens(lens.identity, lens.matrices, info=[1])
 
 
 # ---------------------------------------------------------------------- TransformerLens 4.3

@@ -316,6 +316,14 @@ def test_non_finite_lens_is_never_saved_nor_loaded(tmp_path):
     (good / "tuned_lens.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"weight holds NaN or inf values in the translator\(s\) of layer\(s\) \[2\]"):
         TunedLens.load(good, model)
+    # a config whose info is not an object is damaged, and says which file
+    other = _random_lens(model).save(tmp_path / "other")
+    config = json.loads((other / "tuned_lens.json").read_text())
+    (other / "tuned_lens.json").write_text(json.dumps({**config, "info": [1, 2]}))
+    with pytest.raises(ValueError, match=r"tuned_lens.json: 'info' must be a JSON object, got list"):
+        TunedLens.load(other, model)
+    with pytest.raises(TypeError, match="info must be a dict of JSON-serialisable notes, got list"):
+        TunedLens(lens.identity, info=[1, 2])
 
 
 def test_save_over_a_lens_folder_keeps_other_files(tmp_path):

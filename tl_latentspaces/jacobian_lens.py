@@ -118,6 +118,8 @@ class JacobianLens:
         self.identity = identity
         self.matrices = {label: matrices[label].detach().to("cpu", torch.float32).contiguous()
                          for label in _in_stack_order(matrices)}
+        if info is not None and not isinstance(info, dict):
+            raise TypeError(f"info must be a dict of JSON-serialisable notes, got {type(info).__name__}.")
         self.info = dict(info or {})
         self.name = name
         self._checked: Optional[tuple] = None

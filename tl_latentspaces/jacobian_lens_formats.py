@@ -70,11 +70,14 @@ def read_lens_folder(folder: Path) -> tuple[ModelIdentity, dict[str, torch.Tenso
         )
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
         raise ValueError(f"{cfg_path} is not valid JSON ({err}); the folder is damaged.") from err
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path} holds a JSON {type(config).__name__}, not the object a {_FORMAT} config "
                          "is; the folder is damaged: save the lens again.")
+    if not isinstance(config.get("info", {}), dict):
+        raise ValueError(f"{cfg_path}: 'info' must be a JSON object, got {type(config['info']).__name__}; the folder "
+                         "is damaged: save the lens again.")
     if config.get("format") != _FORMAT:
         raise ValueError(f"{cfg_path} is not a {_FORMAT} config (format {config.get('format')!r}).")
     if config.get("format_version") != _FORMAT_VERSION:
@@ -205,5 +208,8 @@ def read_transformer_lens_file(path: PathLike) -> Any:
     meta = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
     if "target_layer" in payload and "target_layer" not in meta:
         meta = {**meta, "target_layer": payload["target_layer"]}
+    bad = [k for k in jac if not (isinstance(k, int) or (isinstance(k, str) and k.isdigit()))]
+    if bad:
+        raise ValueError(f"{path}: the keys of 'J' must be layer numbers, got {bad[:4]}; the file is damaged.")
     return TLJacobianLens({int(k): v for k, v in jac.items()}, n_prompts=int(n_prompts or 0),
                           d_model=int(payload.get("d_model", d)), metadata=meta)

@@ -83,6 +83,8 @@ class TunedLens(torch.nn.Module):
         self.identity = identity
         self.weight = torch.nn.Parameter(weight.detach().to(torch.float32).clone())
         self.bias = torch.nn.Parameter(bias.detach().to(torch.float32).clone())
+        if info is not None and not isinstance(info, dict):
+            raise TypeError(f"info must be a dict of JSON-serialisable notes, got {type(info).__name__}.")
         self.info = dict(info or {})
         self._checked: Optional[tuple] = None
 
@@ -300,6 +302,9 @@ def _read_folder(folder: Path) -> tuple[ModelIdentity, dict, dict]:
             "from another lens or edited, or a save was cut off). Save the lens again, or copy both files from the "
             "same lens folder."
         )
+    if not isinstance(config.get("info", {}), dict):
+        raise ValueError(f"{cfg_path}: 'info' must be a JSON object, got {type(config['info']).__name__}. The lens "
+                         "folder is damaged; save it again.")
     return identity, tensors, config.get("info") or {}
 
 
