@@ -340,3 +340,31 @@ def test_eval_reads_in_bfloat16_on_request(char_model, corpus_file, tmp_path, mo
     with pytest.raises(SystemExit):
         cli.main([*argv, "--readout-dtype", "float16"])
     assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_report_refuses_files_of_its_names_it_did_not_write(tmp_path, monkeypatch, capsys):
+    from tl_latentspaces import report as report_module
+
+    import tl_latentspaces as tll
+
+    monkeypatch.setattr(tll, "load_default_model", lambda *a, **k: "a model")
+    runs = []
+
+    def build_report(model, **kwargs):
+        runs.append(1)
+        data = {"run": len(runs), "evaluation": {"lenses": ["logit"], "labels": ["0_pre"], "kl_to_final": [[0.5]]}}
+        return report_module.Report(data=data, html=f"<title>tl_latentspaces report: run {len(runs)}</title>")
+
+    monkeypatch.setattr(report_module, "build_report", build_report)
+    out = tmp_path / "out"
+    argv = ["report", "--no-tuned", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0  # a report is replaced by the next
+    assert json.loads((out / "report.json").read_text())["run"] == 2
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"my": "results"}')
+    capsys.readouterr()
+    assert cli.main(["report", "--no-tuned", "--quiet", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "holds ['report.json'], which no tl_latentspaces report wrote" in err and len(runs) == 2  # refused first
+    assert (mine / "report.json").read_text() == '{"my": "results"}' and [p.name for p in mine.iterdir()] == ["report.json"]

@@ -149,6 +149,7 @@ def _check_targets(args: argparse.Namespace) -> None:
     """Check every path the command will write (and the inputs that are only read late) before any work."""
     if args.command == "report":
         _check_folder_out(args.out, "--out")
+        report.check_report_folder(args.out)
     elif args.command == "fit-tuned-lens":
         _check_folder_out(args.out, "--out", marker=CONFIG_FILE)
     elif args.command in ("eval", "align") and args.out is not None:

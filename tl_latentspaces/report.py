@@ -30,7 +30,7 @@ from tl_latentspaces.views import (
 )
 
 __all__ = [
-    "Report", "alignment_data", "build_report", "write_report", "DEFAULT_PROMPTS", "to_jsonable",
+    "Report", "alignment_data", "build_report", "check_report_folder", "write_report", "DEFAULT_PROMPTS", "to_jsonable",
     "tuned_lens_for",
 ]
 
@@ -267,11 +267,36 @@ def alignment_data(alignment: Any) -> Any:
     return data
 
 
-def write_report(report: Report, out_dir: Union[str, Path]) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed) atomically; return their paths."""
-    out = Path(out_dir)
+def _written_by_a_report(path: Path) -> bool:
+    """Whether ``path`` (a ``report.json`` or ``report.html``) is a report this package wrote."""
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and "evaluation" in data
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return "tl_latentspaces report" in fh.read(4096)
+    except (OSError, ValueError):
+        return False
+
+
+def check_report_folder(out_dir: Union[str, Path]) -> None:
+    """Refuse a folder that is a file, or whose ``report.json``/``report.html`` no report wrote (they would be
+    replaced); a report written there before is replaced."""
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder; pass a folder path.")
+    foreign = [name for name in ("report.json", "report.html")
+               if (out / name).exists() and not _written_by_a_report(out / name)]
+    if foreign:
+        raise FileExistsError(f"{str(out)!r} holds {foreign}, which no tl_latentspaces report wrote; the report "
+                              "would replace them. Pass another folder, or move those files.")
+
+
+def write_report(report: Report, out_dir: Union[str, Path]) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed) atomically; return their paths.
+    Files of those names that no report wrote are refused (:func:`check_report_folder`)."""
+    out = Path(out_dir)
+    check_report_folder(out)
     write_files_atomic(out, {
         "report.json": json.dumps(report.data, indent=1, allow_nan=False).encode("utf-8"),
         "report.html": report.html.encode("utf-8"),
