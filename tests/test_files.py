@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -172,3 +173,17 @@ def test_torch_bytes_reads_back_and_refuses_what_a_safe_load_would_refuse(tmp_pa
     with pytest.raises(TypeError, match=r"state entry \['states'\]\['align'\]\['bad'\] has type object"):
         save_checkpoint(tmp_path, "runner", 0, {"done": 1}, {"align": {"bad": object()}})
     assert list(tmp_path.iterdir()) == [] and load_checkpoint(tmp_path, "runner", 0) is None
+
+
+def test_a_pickle_is_refused_without_advice_to_unpickle_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "pwned"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state": Evil()}))
+    with pytest.raises(ValueError, match=r"refusing to load .*evil.pt: .*rejected it: \w") as info:
+        files.read_torch_dict(tmp_path / "evil.pt", holds="a state")
+    assert "weights_only" not in str(info.value) and "nothing in it was executed" in str(info.value)
+    assert not marker.exists()

@@ -134,10 +134,13 @@ def read_torch_dict(path: PathLike, *, holds: str, fix: str = "") -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False; quote only what it rejected
+        reason = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        reason = " ".join(reason.split())[:200] or "content other than tensors and containers"
         raise ValueError(
             f"refusing to load {path}: it is not a plain tensor file (the unpickler, restricted to tensors "
-            f"and containers, rejected it: {str(err).splitlines()[0][:200]}). A pickle can run arbitrary "
-            f"code, so nothing in it was executed.{tail}"
+            f"and containers, rejected it: {reason}). A pickle can run arbitrary code, so nothing in it was "
+            f"executed.{tail}"
         ) from None
     except Exception as err:  # a damaged or foreign file can fail anywhere inside the unpickler
         raise ValueError(f"cannot read {path} as a torch.save file ({type(err).__name__}: {err}); it is damaged or "
