@@ -618,6 +618,9 @@ def test_evaluation_bad_input(tiny):
         evaluate_lenses(tiny, (), torch.randint(0, 100, (3, 8)), progress=False)
     with pytest.raises(ValueError, match="max_tokens must be an int"):
         evaluate_lenses(tiny, ("logit",), torch.randint(0, 100, (3, 8)), max_tokens=0, progress=False)
+    with pytest.warns(UserWarning, match=r"max_tokens=5 is less than one sequence of seq_len=8; evaluating one whole"):
+        ev = evaluate_lenses(tiny, ("logit",), torch.randint(0, 100, (3, 8)), max_tokens=5, progress=False)
+    assert ev.n_sequences == 1
 
 
 @pytest.mark.skipif(not hasattr(tll, "TunedLens"), reason="the tuned-lens exports are not in tl_latentspaces/__init__.py yet")

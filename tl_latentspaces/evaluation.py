@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from jaxtyping import Float
 
-from tl_latentspaces.checks import check_int
+from tl_latentspaces.checks import check_int, warn_user
 from tl_latentspaces.corpus import default_corpus
 from tl_latentspaces.lenses import LogitLens, build_lenses
 from tl_latentspaces.model import ModelAccess
@@ -234,6 +234,9 @@ def evaluate_lenses(model: Any, lenses: Sequence[Any] = ("logit",), corpus: Any 
     if seq_len is None:
         seq_len = int(corpus.shape[1]) if isinstance(corpus, torch.Tensor) and corpus.ndim == 2 else 128
     seq_len = check_int(seq_len, "seq_len", minimum=3, why=" (BOS, a read position and its next token)")
+    if max_tokens < seq_len:
+        warn_user(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}; evaluating one whole "
+                  f"sequence ({seq_len} tokens). Pass seq_len={max_tokens} to evaluate {max_tokens} tokens.")
     template = LensEvalAccumulator(access, lenses, chunk_rows=chunk_rows, readout_dtype=readout_dtype)
     runner = CorpusRunner(access, corpus, seq_len=seq_len, batch_size=batch_size,
                           max_tokens=max(max_tokens, seq_len), progress=progress, desc="held-out evaluation")
