@@ -9,6 +9,7 @@ import torch
 
 import tl_latentspaces as tll
 from tl_latentspaces import hook_counts
+from tl_latentspaces.hooks import readout_hook_names
 from tl_latentspaces.model import ModelAccess
 
 
@@ -344,7 +345,7 @@ def test_a_pass_that_skips_the_embedding_is_not_read_as_the_sessions(tiny, token
 def test_a_hook_that_changes_the_final_norm_is_named_in_a_warning(tiny, tokens):
     """Lenses apply the model's own final norm and W_U: a change made after the last residual is not in them,
     and the read says so, while a hook there that only looks changes nothing and warns of nothing."""
-    names = ModelAccess.of(tiny).readout_hook_names()
+    names = readout_hook_names(ModelAccess.of(tiny))
     assert "ln_final.hook_normalized" in names
     clean = tll.logit_lens(tiny, tokens)
     looked = []

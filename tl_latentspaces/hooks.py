@@ -15,7 +15,7 @@ import torch
 from tl_latentspaces.checks import warn_user
 from tl_latentspaces.model import ModelAccess
 
-__all__ = ["HookSession", "ResidualCollector", "hook_counts"]
+__all__ = ["HookSession", "ResidualCollector", "hook_counts", "readout_hook_names"]
 
 #: The first hook point of every forward pass on tokens: its input is the raw token embedding.
 EMBED_HOOK = "hook_embed"
@@ -31,6 +31,18 @@ def hook_counts(model: Any) -> dict[str, int]:
         seen.add(id(hp))
         counts[name] = len(hp._forward_hooks) + len(hp._forward_pre_hooks)
     return counts
+
+
+def readout_hook_names(access: ModelAccess) -> list[str]:
+    """The hook points between the last residual and the logits (the final norm's and the unembedding's),
+    one name per point (bridge aliases left out)."""
+    seen: set[int] = set()
+    out = []
+    for name, hp in access.hook_dict.items():
+        if name.startswith(("ln_final.", "unembed.")) and id(hp) not in seen:
+            seen.add(id(hp))
+            out.append(name)
+    return out
 
 
 class _StopForward(Exception):
@@ -152,7 +164,7 @@ class ResidualCollector:
             session.capture(hook_name, self._make_capture(label))
         self._last: Optional[_Pass] = None  # the pass completed last, on any tokens
         if expect is not None:
-            for name in session.access.readout_hook_names():
+            for name in readout_hook_names(session.access):
                 self._watch_readout(session, name)
 
     def _watch_readout(self, session: HookSession, name: str) -> None:

@@ -234,17 +234,6 @@ class ModelAccess:
         out.append(("final_post", self.site_name(self.n_layers - 1, "resid_post")))
         return out
 
-    def readout_hook_names(self) -> list[str]:
-        """The hook points between the last residual and the logits (the final norm's and the unembedding's),
-        one name per point (bridge aliases left out)."""
-        seen: set[int] = set()
-        out = []
-        for name, hp in self.hook_dict.items():
-            if name.startswith(("ln_final.", "unembed.")) and id(hp) not in seen:
-                seen.add(id(hp))
-                out.append(name)
-        return out
-
     def hook_point(self, name: str) -> Any:
         """The ``HookPoint`` called ``name``; an unknown name is an error listing close matches."""
         hp = self.hook_dict.get(name)
