@@ -138,6 +138,8 @@ def test_file_paths_in_a_list_are_read_and_a_missing_corpus_file_is_an_error(tmp
         with pytest.raises(FileNotFoundError, match=r"corpus file .*(corpsu.txt|missing.jsonl)' does not exist"):
             list(iter_texts(corpus))
     assert list(iter_texts(["see notes.txt for more"])) == ["see notes.txt for more"]  # text that names a file
+    long_line = "word " * 600  # too long a name for the file system: text
+    assert list(iter_texts([long_line])) == [long_line] == list(iter_texts(long_line))
 
 
 def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, monkeypatch):

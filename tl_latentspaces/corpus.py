@@ -133,8 +133,11 @@ def _names_a_file(s: str) -> bool:
     ``.txt``/``.jsonl`` name (then a missing file is an error, not a document of one word)."""
     if "\n" in s or len(s) >= 4096:
         return False
-    if Path(s).is_file():
-        return True
+    try:
+        if Path(s).is_file():
+            return True
+    except OSError:  # a name too long for the file system is text
+        return False
     if s.strip().lower().endswith((".txt", ".jsonl")) and len(s.split()) == 1:
         raise FileNotFoundError(f"corpus file {s!r} does not exist. Fix the path; a text that is only a file "
                                 "name is not read as a document.")
