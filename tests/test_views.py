@@ -445,6 +445,12 @@ def test_difference_mode_errors(runs):
     flipped = dataclasses.replace(patched["logit"], tokens=patched["logit"].tokens.flip(1))
     with pytest.raises(ValueError, match="input tokens differ"):
         views.lens_grid(clean["logit"], flipped, diff=True)
+    # runs read with other targets: a target metric of one would be labelled with the other's token
+    swapped = dataclasses.replace(patched["logit"], target_ids=patched["logit"].target_ids.flip(-1))
+    for grid in (lambda: views.lens_grid(clean["logit"], swapped, diff=True),
+                 lambda: views.lens_grid(clean["logit"].diff(swapped))):
+        with pytest.raises(ValueError, match=r"differs from 'logit' in the targets \('logit''s two runs\)"):
+            grid()
 
 
 # ---------------------------------------------------------------------- offline HTML

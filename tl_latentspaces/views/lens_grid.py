@@ -87,11 +87,17 @@ def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
                 problems.append(f"the read positions ({r.positions} vs {ref.positions})")
             if r.labels != ref.labels:
                 problems.append(f"the stack entries ({r.labels} vs {ref.labels})")
+            first = rs[0]  # the two runs of a difference share their targets (each lens may have its own)
+            same_targets = (r.target_ids is None) == (first.target_ids is None) and (
+                r.target_ids is None or torch.equal(r.target_ids, first.target_ids))
+            if not same_targets:
+                problems.append(f"the targets ({name!r}'s two runs)")
             if problems:
                 raise ValueError(
                     f"lens_grid shows lenses read on one input; {name!r} differs from {ref_name!r} in "
                     f"{' and '.join(problems)}. Read them in one call, e.g. "
-                    "tll.read_lenses(model, input, lenses=('logit', 'embedding', tuned)), with the same layers and pos."
+                    "tll.read_lenses(model, input, lenses=('logit', 'embedding', tuned)), with the same layers, pos and "
+                    "targets."
                 )
 
 
