@@ -7,6 +7,7 @@ that *is* the embedding) is recovered, and the user's hooks are respected and le
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -535,6 +536,11 @@ def test_dataframes_and_layer_matrix(tiny, tokens):
     np.testing.assert_allclose(frame["cos_q50"], r.drift.cos_quantiles[:, r.drift.quantile_levels.index(0.5)].numpy())
     assert np.isfinite(frame.drop(columns=["cka_next", "cka_next_debiased", "procrustes_next",
                                            "procrustes_next_scaled"]).to_numpy()).all()
+    # z-scores against the null: defined where random subspaces differ, NaN at k = d_model where none does
+    np.testing.assert_allclose(frame["var_embed_z"], ((r.variance.embed - r.variance.null_mean) / r.variance.null_std)
+                               .numpy(), rtol=1e-12)
+    flat = dataclasses.replace(r.variance, null_std=torch.full_like(r.variance.null_std, 7e-17)).to_dataframe()
+    assert flat["var_embed_z"].isna().all() and flat["var_unembed_z"].isna().all()  # rounding over rounding
     matrix = r.cka.layer_dataframe()
     assert matrix.shape == (4, 4) and list(matrix.columns) == r.labels
     np.testing.assert_allclose(np.diag(matrix.to_numpy()), 1.0, atol=1e-12)

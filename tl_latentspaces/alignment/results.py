@@ -77,8 +77,9 @@ class VarianceFractions:
     n_null_samples: int
 
     def to_dataframe(self) -> Any:
-        """Per-entry fractions with the null mean, spread and z-scores."""
-        std = self.null_std.clamp_min(1e-300)
+        """Per-entry fractions with the null mean, spread and z-scores (NaN where random subspaces all hold the
+        same fraction, as at ``k = d_model`` or for an isotropic covariance: no spread to measure against)."""
+        std = torch.where(self.null_std > 1e-9, self.null_std, torch.full_like(self.null_std, math.nan))
         return label_frame(
             self.labels,
             {
