@@ -167,6 +167,13 @@ def test_fit_bad_input(tiny):
         fit_jacobian_lens(tiny, ids, seq_len=12, skip_first_positions=11, progress=False)
     with pytest.raises(ValueError, match="layers must hold"):
         fit_jacobian_lens(tiny, ids, seq_len=12, layers=["3_mid"], skip_first_positions=2, progress=False)
+    for seed, needle in ((1.7, "seed must be an int >= 0, got float"), (-1, "seed must be an int >= 0, got -1")):
+        with pytest.raises(ValueError, match=needle):
+            fit_jacobian_lens(tiny, ids, seq_len=12, skip_first_positions=2, seed=seed, progress=False)
+    # probes belong to the sketch: an exact fit ignores them
+    kw = dict(seq_len=12, skip_first_positions=3, max_tokens=None, progress=False, layers=[0], dim_batch=64)
+    exact = fit_jacobian_lens(tiny, ids[:1], probes=1000, **kw)
+    assert torch.equal(exact.matrices["0_pre"], fit_jacobian_lens(tiny, ids[:1], **kw).matrices["0_pre"])
     tiny.train()
     try:
         with pytest.raises(ValueError, match="eval mode"):
@@ -176,6 +183,18 @@ def test_fit_bad_input(tiny):
 
 
 # ---------------------------------------------------------------------- readout
+def test_transform_hidden_refuses_what_is_not_a_stack_label(tiny):
+    lens = _random_jlens(tiny)
+    h = torch.randn(3, tiny.cfg.d_model)
+    torch.testing.assert_close(lens.transform_hidden(h, "1_pre"), h @ lens.matrices["1_pre"].T)
+    assert torch.equal(lens.transform_hidden(h, "final_post"), h)
+    for label in (1, "foo", f"{tiny.cfg.n_layers}_pre"):  # an int is TransformerLens's layer numbering
+        with pytest.raises(ValueError, match=r"reads the stack labels '0_pre'\.\..* and 'final_post'; got"):
+            lens.transform_hidden(h, label)
+    with pytest.raises(ValueError, match="incl_mid=False"):
+        lens.translate(h, "1_mid")
+
+
 def _random_jlens(model, seed: int = 0, labels=None) -> JacobianLens:
     g = torch.Generator().manual_seed(seed)
     d, L = model.cfg.d_model, model.cfg.n_layers

@@ -150,7 +150,13 @@ class JacobianLens:
         return JacobianLens(self.identity, self.matrices, info=self.info, name=name)
 
     def transform_hidden(self, h: Float[torch.Tensor, "... d_model"], label: str) -> Float[torch.Tensor, "... d_model"]:
-        """``J h`` for the residuals ``h`` of stack entry ``label`` (unchanged without a matrix), float32."""
+        """``J h`` for the residuals ``h`` of stack entry ``label`` (``"{l}_pre"``; unchanged without a matrix and
+        for ``"final_post"``), float32."""
+        if not isinstance(label, str) or (label != "final_post" and pre_layer(label, self.n_layers) is None):
+            raise ValueError(
+                f"the Jacobian lens reads the stack labels '0_pre'..'{self.n_layers - 1}_pre' and 'final_post'; got "
+                f"{label!r}. (TransformerLens's JacobianLens numbers layers from 0 for our '1_pre'.)"
+            )
         if h.shape[-1] != self.d_model:
             raise ValueError(f"residual vectors must have d_model={self.d_model} features, got shape {tuple(h.shape)}.")
         x = h.to(torch.float32)
@@ -160,7 +166,7 @@ class JacobianLens:
     def translate(self, x: Float[torch.Tensor, "n d_model"], label: str) -> Float[torch.Tensor, "n d_model"]:
         """The :class:`~tl_latentspaces.Lens` protocol: ``x @ J[label].T`` (unchanged for ``"final_post"``
         and for a ``"{l}_pre"`` entry without a matrix); a ``"{l}_mid"`` label raises ``ValueError``."""
-        if label != "final_post" and pre_layer(label, self.n_layers) is None:
+        if isinstance(label, str) and label.endswith("_mid"):
             raise ValueError(
                 f"the Jacobian lens has no matrix for stack entry {label!r}: it reads the "
                 "'{l}_pre' entries and 'final_post'. Read it with incl_mid=False."
@@ -425,10 +431,10 @@ def fit_jacobian_lens(model: Any, corpus: Any = None, *, mode: str = "exact", se
         )
     dim_batch = check_int(dim_batch, "dim_batch", minimum=1)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
-    probes = check_int(probes, "probes", minimum=1, maximum=d, why=" (d_model)")
+    probes = check_int(probes, "probes", minimum=1, maximum=d, why=" (d_model)") if mode == "sketch" else None
     if max_tokens is not None:
         max_tokens = check_int(max_tokens, "max_tokens", minimum=seq_len, why=" (seq_len: one sequence)")
-    seed = int(seed)
+    seed = check_int(seed, "seed", minimum=0)
     sources = _resolve_sources(access, layers)
     target_name = f"blocks.{L - 1}.hook_resid_post"
     corpus = default_corpus("train") if corpus is None else corpus
