@@ -477,6 +477,10 @@ def test_bad_cache_and_tokens(tiny, tokens):
 
     with pytest.raises(ValueError, match="the cache has no activation 'blocks.0.hook_resid_pre'"):
         alignment_from_cache(tiny, Missing(), tokens, k=4)
+    with pytest.raises(TypeError, match="cache must be an ActivationCache .* got NoneType"):
+        alignment_from_cache(tiny, None, tokens, k=4)
+    with pytest.raises(ValueError, match="Fix: cache a longer or larger batch or k <= "):
+        alignment_from_cache(tiny, cache, tokens, k=60)
 
 
 def test_bad_accumulator_input(tiny, tokens):

@@ -653,6 +653,19 @@ def test_layer_predictions_needs_the_next_tokens(runs):
         views.layer_predictions(gappy, 0)
     with pytest.raises(ValueError, match="out of range"):
         views.layer_predictions(clean["logit"], 17)
+    with pytest.raises(ValueError, match=r"takes one LensResult, got dict\. Pick one lens's result"):
+        views.layer_predictions(clean, 0)
+    with pytest.raises(ValueError, match="takes one LensResult, got LensDiff"):
+        views.layer_predictions(clean["logit"].diff(clean["logit"]), 0)
+
+
+def test_one_entry_and_empty_inputs_of_the_token_views(runs):
+    clean, _ = runs
+    one = views.drift_tokens(clean["logit"], layers="final_post").props
+    assert one == views.drift_tokens(clean["logit"], layers=-1).props == views.drift_tokens(
+        clean["logit"], layers=["final_post"]).props
+    with pytest.raises(ValueError, match="the read_lenses dict given is empty"):
+        views.lens_grid({})
 
 
 # ---------------------------------------------------------------------- figures

@@ -53,12 +53,13 @@ def check_seq_len(seq_len: int, skip: int) -> None:
         )
 
 
-def check_rows_for_k(n_rows: int, k: int, center: bool, where: str) -> None:
+def check_rows_for_k(n_rows: int, k: int, center: bool, where: str,
+                     more: str = "pass more tokens (max_tokens)") -> None:
     # A centred covariance of n rows has rank <= n - 1; an uncentred second moment rank <= n.
     limit = n_rows - 1 if center else n_rows
     if k > limit:
         raise ValueError(
             f"k={k} exceeds the {'n - 1' if center else 'n'} = {limit} principal directions that "
             f"{n_rows} token(s) {where} can define ({'centred ' if center else ''}covariance rank). "
-            f"Fix: pass more tokens (max_tokens) or k <= {max(limit, 0)}."
+            f"Fix: {more} or k <= {max(limit, 0)}."
         )

@@ -82,7 +82,10 @@ def _cache_entries(access: ModelAccess, cache: Any, ids: Tensor, names: Dict[str
     for label, name in names.items():
         try:
             act = cache[name]
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError) as err:
+            if not hasattr(cache, "__getitem__"):
+                raise TypeError(f"cache must be an ActivationCache (or a dict of hook name -> activation), got "
+                                f"{type_name(cache)}. Make one with _, cache = model.run_with_cache(tokens).") from None
             raise ValueError(
                 f"the cache has no activation {name!r} (needed for {label}). Fix: cache the residual "
                 "stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."
@@ -205,7 +208,8 @@ def alignment_from_cache(
                progress=progress)
     ids = _as_ids(tokens, access)
     check_seq_len(ids.shape[1], settings.skip_positions)
-    check_rows_for_k(ids.shape[0] * (ids.shape[1] - settings.skip_positions), settings.k, settings.center, "in tokens")
+    check_rows_for_k(ids.shape[0] * (ids.shape[1] - settings.skip_positions), settings.k, settings.center, "in tokens",
+                     more="cache a longer or larger batch")
     names = dict(access.stack_sites())
     acts = _cache_entries(access, cache, ids, names)
     if check_bool(verify_cache, "verify_cache"):

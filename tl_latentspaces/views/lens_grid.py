@@ -60,6 +60,8 @@ def _grid_runs(results: tuple[Any, ...], diff: bool, labels: Optional[Sequence[s
                 named.append((str(name) or lens, item))
         if len({isinstance(item, LensDiff) for _, item in named}) > 1:
             raise ValueError("lens_grid cannot mix LensResults and LensDiffs: show either readouts or differences.")
+    if not named:
+        raise ValueError("lens_grid needs at least one LensResult; the read_lenses dict given is empty.")
     names = [name for name, _ in named]
     if labels is not None:
         if isinstance(labels, str) or len(labels) != len(named) or not all(isinstance(s, str) for s in labels):
@@ -96,8 +98,8 @@ def _check_same_input(names: list[str], runs: list[list[LensResult]]) -> None:
                 raise ValueError(
                     f"lens_grid shows lenses read on one input; {name!r} differs from {ref_name!r} in "
                     f"{' and '.join(problems)}. Read them in one call, e.g. "
-                    "tll.read_lenses(model, input, lenses=('logit', 'embedding', tuned)), with the same layers, pos and "
-                    "targets."
+                    "tll.read_lenses(model, input, lenses=('logit', 'embedding', tuned)), with the same layers, "
+                    "pos and targets."
                 )
 
 

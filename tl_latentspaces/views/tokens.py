@@ -191,6 +191,8 @@ def drift_tokens(result: LensResult, metric: Optional[str] = None, *, batch: int
             f"{[m['key'] for m in offered]}."
         )
     m = chosen[0]
+    if isinstance(layers, (str, int)):
+        layers = [layers]  # one entry
     entries = list(range(len(result.labels))) if layers is None else [entry_index(result, e) for e in layers]
     if not entries:
         raise ValueError("layers is empty; pass at least one stack entry, or None for all.")
@@ -220,6 +222,9 @@ def layer_predictions(result: LensResult, label: Selector, *, batch: int = 0) ->
         ids = model.to_tokens(text)
         result = tll.logit_lens(model, ids, targets=ids.roll(-1, dims=1))
     """
+    if not isinstance(result, LensResult):
+        hint = " Pick one lens's result, e.g. results['logit']." if isinstance(result, dict) else ""
+        raise ValueError(f"layer_predictions takes one LensResult, got {type(result).__name__}.{hint}")
     e = entry_index(result, label)
     b = batch_index(batch, result.tokens.shape[0])
     keep = real_positions(result, b)
