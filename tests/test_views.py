@@ -14,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -691,6 +692,8 @@ def test_cka_matrix_view():
         views.cka_matrix_view(torch.zeros(3, 3), ["a", "b"])
     with pytest.raises(ValueError, match="vmax must be greater than vmin"):
         views.cka_matrix_view(torch.eye(2), ["a", "b"], vmin=1, vmax=1)
+    with pytest.raises(TypeError, match=r"vmin must be a finite number, got str \('0'\)"):
+        views.cka_matrix_view(torch.eye(2), ["a", "b"], vmin="0")
     with pytest.raises(ValueError, match="finite"):
         views.cka_matrix_view(torch.eye(2), ["a", "b"], vmax=float("inf"))
     big = views.cka_matrix_view(torch.rand(31, 31), [f"{i}_pre" for i in range(30)] + ["final_post"])
@@ -729,6 +732,20 @@ def test_layer_curves_view():
         views.layer_curves_view(labels, {})
     with pytest.raises(ValueError, match="ymax must be greater than ymin"):
         views.layer_curves_view(labels, {"a": [1, 2, 3, 4]}, ymin=5, ymax=5)
+    # one bound beyond every value: the range starts (or ends) there and reaches past it
+    above = views.layer_curves_view(labels, {"a": [0, 1, 2, 0]}, ymin=5).props
+    below = views.layer_curves_view(labels, {"a": [0, 1, 2, 0]}, ymax=-5).props
+    assert above["ymin"] == 5 < above["ymax"] and below["ymin"] < below["ymax"] == -5
+    for bad, needle in ((dict(ymin=float("nan")), "ymin must be a finite number, got nan"),
+                        (dict(ymin="0"), r"ymin must be a finite number, got str \('0'\)"),
+                        (dict(title=5), "a view's title must be a string, got int")):
+        with pytest.raises(ValueError if "nan" in needle else TypeError, match=needle):
+            views.layer_curves_view(labels, {"a": [1, 2, 3, 4]}, **bad)
+    # a curve's key as an int names its null baseline the same way; a pandas column is a curve
+    keyed = views.layer_curves_view(labels, {1: [1, 2, 3, 4]}, {1: (0.0, 1.0)}).props["series"][0]
+    assert keyed["name"] == "1" and keyed["baseline"]["mean"] == [0.0] * 4
+    column = pd.Series([1.0, 2.0, 3.0, 4.0], index=labels)
+    assert views.layer_curves_view(labels, {"a": column}).props["series"][0]["values"] == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_nice_ticks():

@@ -64,13 +64,15 @@ def check_bool(value: Any, name: str) -> bool:
 def check_float(value: Any, name: str, *, minimum: float, maximum: float = math.inf, open_minimum: bool = False,
                 why: str = "") -> float:
     """``value`` as a float if it is a finite real number within the bounds (``> minimum`` when open)."""
-    bound = f"{'>' if open_minimum else '>='} {minimum}" + (f" and <= {maximum}" if maximum != math.inf else "")
+    parts = [f"{'>' if open_minimum else '>='} {minimum}" if minimum != -math.inf else "",
+             f"<= {maximum}" if maximum != math.inf else ""]
+    bound = "".join(f" {p}" if i == 0 or not parts[0] else f" and {p}" for i, p in enumerate(parts) if p)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"{name} must be a finite number {bound}{why}, got {type_name(value)} ({value!r:.80}).")
+        raise ArgumentTypeError(f"{name} must be a finite number{bound}{why}, got {type_name(value)} ({value!r:.80}).")
     value = float(value)
     ok = math.isfinite(value) and (value > minimum if open_minimum else value >= minimum) and value <= maximum
     if not ok:
-        raise ValueError(f"{name} must be a finite number {bound}{why}, got {value!r}.")
+        raise ValueError(f"{name} must be a finite number{bound}{why}, got {value!r}.")
     return value
 
 

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from tl_latentspaces.checks import check_float
 from tl_latentspaces.views.data import num, nums
 from tl_latentspaces.views.render import HTMLView, render_component
 
@@ -16,6 +17,8 @@ ArrayLike = Any  # a torch.Tensor, numpy array or nested list of numbers
 
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
+    if hasattr(x, "to_numpy") and not isinstance(x, torch.Tensor):
+        x = x.to_numpy()  # a pandas column, as to_dataframe() gives
     try:
         return torch.as_tensor(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -47,6 +50,9 @@ def cka_matrix_view(matrix: ArrayLike, labels: Sequence[str], title: str = "CKA 
     L = m.shape[0]
     names = _check_labels(labels, L, "matrix")
     finite = m[torch.isfinite(m)]
+    for name, bound in (("vmin", vmin), ("vmax", vmax)):
+        if bound is not None:
+            check_float(bound, name, minimum=-math.inf)
     lo = (min(0.0, finite.min().item()) if finite.numel() else 0.0) if vmin is None else vmin
     hi = (max(1.0, finite.max().item()) if finite.numel() else 1.0) if vmax is None else vmax
     if not hi > lo:
@@ -107,9 +113,10 @@ def layer_curves_view(labels: Sequence[str], curves: Mapping[str, ArrayLike],
         raise ValueError("curves must be a non-empty dict {name: [L] values}.")
     data = {str(k): _curve_values(v, L, f"curve {k!r}") for k, v in curves.items()}
     nulls: dict[str, dict[str, list[Optional[float]]]] = {}
-    for k, pair in (null or {}).items():
+    for key, pair in (null or {}).items():
+        k = str(key)  # curve names are strings, as in data
         if k not in data:
-            raise ValueError(f"null baseline {k!r} has no curve of that name; curves are {list(data)}.")
+            raise ValueError(f"null baseline {key!r} has no curve of that name; curves are {list(data)}.")
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"null[{k!r}] must be a (mean, std) pair, got {type(pair).__name__}.")
         nulls[k] = {"mean": _curve_values(pair[0], L, f"null[{k!r}] mean"),
@@ -119,8 +126,15 @@ def layer_curves_view(labels: Sequence[str], curves: Mapping[str, ArrayLike],
         for mu, sd in zip(nb["mean"], nb["std"]):
             if mu is not None:
                 seen += [mu - (sd or 0.0), mu + (sd or 0.0)]
-    lo = min(seen) if ymin is None and seen else (0.0 if ymin is None else ymin)
-    hi = max(seen) if ymax is None and seen else (1.0 if ymax is None else ymax)
+    for name, bound in (("ymin", ymin), ("ymax", ymax)):
+        if bound is not None:
+            check_float(bound, name, minimum=-math.inf)
+    if ymin is not None and ymax is not None and not ymax > ymin:
+        raise ValueError(f"ymax must be greater than ymin, got ymin={ymin}, ymax={ymax}.")
+    lo = min(seen) if ymin is None and seen else (0.0 if ymin is None else float(ymin))
+    hi = max(seen) if ymax is None and seen else (1.0 if ymax is None else float(ymax))
+    if not hi > lo:  # one bound given beyond all the data: the range reaches past it
+        lo, hi = (lo, lo + (abs(lo) * 0.1 or 1.0)) if ymax is None else (hi - (abs(hi) * 0.1 or 1.0), hi)
     margin = 0.04 * (hi - lo)
     y0, y1, ticks, dec = nice_ticks(lo - (margin if ymin is None else 0.0), hi + (margin if ymax is None else 0.0))
     if ymin is not None:

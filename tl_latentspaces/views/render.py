@@ -116,6 +116,8 @@ def one_bundle_per_page(fragments: Sequence[str]) -> str:
 
 def render_component(component: str, props: dict[str, Any], *, title: str, circuitsvis: bool = False) -> HTMLView:
     """Render a component as CircuitsVis's ``render_local`` does, offline; ``circuitsvis``: one of CircuitsVis's."""
+    if not isinstance(title, str):
+        raise TypeError(f"a view's title must be a string, got {type(title).__name__} ({title!r:.80}).")
     prefix, name = ("circuits-vis-", "CircuitsVis") if circuitsvis else ("tl-latentspaces-", BUNDLE_GLOBAL)
     uid = prefix + uuid.uuid4().hex[:13]
     src = (f'<div id="{uid}" style="margin: 15px 0;"></div>\n{bundle_script(circuitsvis)}'
