@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -745,7 +746,11 @@ def test_layer_curves_view():
     keyed = views.layer_curves_view(labels, {1: [1, 2, 3, 4]}, {1: (0.0, 1.0)}).props["series"][0]
     assert keyed["name"] == "1" and keyed["baseline"]["mean"] == [0.0] * 4
     column = pd.Series([1.0, 2.0, 3.0, 4.0], index=labels)
-    assert views.layer_curves_view(labels, {"a": column}).props["series"][0]["values"] == [1.0, 2.0, 3.0, 4.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable NumPy array" warning from torch
+        assert views.layer_curves_view(labels, {"a": column}).props["series"][0]["values"] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="curve 'a' must be a tensor, array or list of numbers, got Series"):
+        views.layer_curves_view(labels, {"a": pd.Series(list("abcd"))})
 
 
 def test_nice_ticks():

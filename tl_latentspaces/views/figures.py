@@ -17,9 +17,9 @@ ArrayLike = Any  # a torch.Tensor, numpy array or nested list of numbers
 
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
-    if hasattr(x, "to_numpy") and not isinstance(x, torch.Tensor):
-        x = x.to_numpy()  # a pandas column, as to_dataframe() gives
     try:
+        if hasattr(x, "to_numpy") and not isinstance(x, torch.Tensor):
+            x = x.to_numpy(dtype="float64", copy=True)  # a pandas column, as to_dataframe() gives (writable)
         return torch.as_tensor(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{what} must be a tensor, array or list of numbers, got {type(x).__name__}.") from err
