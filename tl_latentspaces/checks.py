@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["ArgumentTypeError", "type_name", "check_int", "check_bool", "check_float", "check_finite", "as_float64",
-           "check_device", "warn_user"]
+           "check_cache", "check_device", "warn_user"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -64,9 +64,9 @@ def check_bool(value: Any, name: str) -> bool:
 def check_float(value: Any, name: str, *, minimum: float, maximum: float = math.inf, open_minimum: bool = False,
                 why: str = "") -> float:
     """``value`` as a float if it is a finite real number within the bounds (``> minimum`` when open)."""
-    parts = [f"{'>' if open_minimum else '>='} {minimum}" if minimum != -math.inf else "",
-             f"<= {maximum}" if maximum != math.inf else ""]
-    bound = "".join(f" {p}" if i == 0 or not parts[0] else f" and {p}" for i, p in enumerate(parts) if p)
+    parts = ([f"{'>' if open_minimum else '>='} {minimum}"] if minimum != -math.inf else []) + (
+        [f"<= {maximum}"] if maximum != math.inf else [])
+    bound = " " + " and ".join(parts) if parts else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a finite number{bound}{why}, got {type_name(value)} ({value!r:.80}).")
     value = float(value)
@@ -116,3 +116,10 @@ def check_device(device: Any) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     return dev
+
+
+def check_cache(cache: Any) -> None:
+    """Raise ``TypeError`` unless ``cache`` looks up activations by hook name (an ``ActivationCache``, a dict)."""
+    if isinstance(cache, (torch.Tensor, str, bytes, list, tuple)) or not hasattr(cache, "__getitem__"):
+        raise TypeError(f"cache must be an ActivationCache (or a dict of hook name -> activation), got "
+                        f"{type_name(cache)}. Make one with _, cache = model.run_with_cache(tokens).")

@@ -155,6 +155,7 @@ class ResidualCollector:
         self._expect = expect
         self._open: list[_Pass] = []  # passes begun and not complete, innermost last
         self._done: Optional[_Pass] = None  # the last complete pass on the expected tokens
+        self._last: Optional[_Pass] = None  # the pass completed last, on any tokens
         self._seq = 0
         self._foreign: list[tuple[int, ...]] = []  # shapes of passes on other tokens
         self._tracks_passes = EMBED_HOOK in session.access.hook_dict
@@ -162,7 +163,6 @@ class ResidualCollector:
             session.watch_input(EMBED_HOOK, self._new_pass)
         for label, hook_name in self.names.items():
             session.capture(hook_name, self._make_capture(label))
-        self._last: Optional[_Pass] = None  # the pass completed last, on any tokens
         if expect is not None:
             for name in readout_hook_names(session.access):
                 self._watch_readout(session, name)

@@ -130,14 +130,15 @@ def _bf16_products(on: bool):
     (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, restored on exit; the setting is process-wide
     while it lasts). Where oneDNN has no bfloat16 path (AVX2-only CPUs) the products stay float32."""
     setting = _fp32_math_setting() if on else None
-    before = setting.fp32_precision if setting is not None else None
-    if setting is not None:
-        setting.fp32_precision = "bf16"
+    if setting is None:
+        yield
+        return
+    before = setting.fp32_precision
+    setting.fp32_precision = "bf16"
     try:
         yield
     finally:
-        if setting is not None:
-            setting.fp32_precision = before
+        setting.fp32_precision = before
 
 
 def _tiles(d_vocab: int) -> list[tuple[int, int]]:
@@ -407,11 +408,11 @@ def _empty_output(E: int, N: int, top_k: int, T: Optional[int], own: bool,
     def new(*shape: int, dtype: torch.dtype = torch.float32, when: bool = True) -> Optional[torch.Tensor]:
         return torch.empty(E, N, *shape, dtype=dtype, device=device) if when else None
 
-    per_target = dict(when=T is not None)
+    targeted = T is not None
     return ReadoutTensors(
         top_ids=new(top_k, dtype=torch.long), top_probs=new(top_k), top_scores=new(top_k), entropy=new(),
-        kl_to_final=new(), target_probs=new(T, **per_target), target_ranks=new(T, dtype=torch.long, **per_target),
-        own_scores=new(when=own), own_ranks=new(dtype=torch.long, when=own), target_log_probs=new(T, **per_target),
+        kl_to_final=new(), target_probs=new(T, when=targeted), target_ranks=new(T, dtype=torch.long, when=targeted),
+        own_scores=new(when=own), own_ranks=new(dtype=torch.long, when=own), target_log_probs=new(T, when=targeted),
     )
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from tl_latentspaces.alignment.accumulator import AlignmentAccumulator
 from tl_latentspaces.alignment.options import INT_DTYPES, Settings, check_rows_for_k, check_seq_len
 from tl_latentspaces.alignment.results import AlignmentResult
-from tl_latentspaces.checks import check_bool, check_int, type_name
+from tl_latentspaces.checks import check_bool, check_cache, check_int, type_name
 from tl_latentspaces.corpus import Corpus, default_corpus, tokenize_corpus
 from tl_latentspaces.model import ModelAccess
 from tl_latentspaces.runner import CorpusRunner
@@ -78,14 +78,12 @@ def _check_run(*, standardize: bool, batch_size: int, n_null_samples: int, seed:
 
 
 def _cache_entries(access: ModelAccess, cache: Any, ids: Tensor, names: Dict[str, str]) -> List[Tensor]:
+    check_cache(cache)
     acts = []
     for label, name in names.items():
         try:
             act = cache[name]
-        except (KeyError, ValueError, TypeError) as err:
-            if not hasattr(cache, "__getitem__"):
-                raise TypeError(f"cache must be an ActivationCache (or a dict of hook name -> activation), got "
-                                f"{type_name(cache)}. Make one with _, cache = model.run_with_cache(tokens).") from None
+        except (KeyError, ValueError) as err:
             raise ValueError(
                 f"the cache has no activation {name!r} (needed for {label}). Fix: cache the residual "
                 "stream, e.g. model.run_with_cache(tokens, names_filter=lambda n: 'resid' in n)."

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tl_latentspaces.checks import check_bool, check_int, warn_user
+from tl_latentspaces.checks import check_bool, check_cache, check_int, warn_user
 from tl_latentspaces.hooks import HookSession, ResidualCollector
 from tl_latentspaces.jacobian_lens import JacobianLens, is_transformer_lens_jacobian_lens
 from tl_latentspaces.lenses.embedding import CenteredEmbeddingLens, EmbeddingLens
@@ -57,9 +57,8 @@ def _select_entries(all_labels: list[str], layers: LayerSel) -> list[int]:
             if item not in all_labels:
                 raise ValueError(f"unknown stack entry {item!r}; valid labels are {all_labels}.")
             out.append(all_labels.index(item))
-        elif _index(item) is not None:
-            item = _index(item)
-            idx = item + len(all_labels) if item < 0 else item
+        elif (i := _index(item)) is not None:
+            idx = i + len(all_labels) if i < 0 else i
             if not 0 <= idx < len(all_labels):
                 raise ValueError(
                     f"layer {item} is out of range for the stack of {len(all_labels)} entries "
@@ -86,10 +85,9 @@ def _select_positions(pos: Positions, seq_len: int) -> list[int]:
     else:
         raise ValueError(f"pos must be an int, a slice or a list of ints, got {type(pos).__name__} ({pos!r:.80}).")
     out = []
-    for p in items:
-        if _index(p) is None:
-            raise ValueError(f"positions must be ints, got {p!r}.")
-        p = _index(p)
+    for item in items:
+        if (p := _index(item)) is None:
+            raise ValueError(f"positions must be ints, got {item!r}.")
         idx = p + seq_len if p < 0 else p
         if not 0 <= idx < seq_len:
             raise ValueError(
@@ -130,7 +128,7 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
     if isinstance(targets, str) or _index(targets) is not None:
         items = [targets if isinstance(targets, str) else _index(targets)]
     elif isinstance(targets, (list, tuple)):
-        items = [t if isinstance(t, str) or _index(t) is None else _index(t) for t in targets]
+        items = [t if isinstance(t, str) or (i := _index(t)) is None else i for t in targets]
     else:
         raise ValueError(f"targets must be a token string, a token id, a list of them or a [batch, pos(, T)] id "
                          f"tensor, got {type(targets).__name__} ({targets!r:.80}).")
@@ -141,9 +139,7 @@ def _resolve_targets(access: ModelAccess, targets: Targets, shape: tuple[int, in
 
 
 def _stack_from_cache(cache: Any, sites: dict[str, str], tokens: Tokens, d_model: int) -> torch.Tensor:
-    if isinstance(cache, (torch.Tensor, str, bytes, list, tuple)) or not hasattr(cache, "__getitem__"):
-        raise TypeError(f"cache must be an ActivationCache (or a dict of hook name -> activation), got "
-                        f"{type(cache).__name__}. Make one with _, cache = model.run_with_cache(tokens).")
+    check_cache(cache)
     slabs = []
     for label, name in sites.items():
         try:
@@ -201,8 +197,7 @@ def _plan(model: Any, input: Input, *, operation: str, top_k: int, targets: Targ
     all_labels = [label for label, _ in sites]
     entries = _select_entries(all_labels, layers)
     positions = _select_positions(pos, tokens.ids.shape[1])
-    padded = (~tokens.mask[:, positions]).any(1).nonzero().flatten().tolist()
-    if pos is not None and padded:
+    if pos is not None and (padded := (~tokens.mask[:, positions]).any(1).nonzero().flatten().tolist()):
         warn_user(f"pos={pos!r} selects padding in batch rows {padded}: those prompts are shorter, and texts are "
                   "right-padded, so a position counted from the end is not their last token. The cells have mask "
                   "False (summary() leaves them out). Fix: read prompts of different lengths one by one, or "
